@@ -1,0 +1,56 @@
+# ovirt-borg: set-up, tests, demo and benchmarks.
+# `make demo` and `make test` install what is missing on a Debian machine (as root), then run.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+LABDIR ?= $(CURDIR)/lab
+
+APT_PACKAGES := qemu-utils libxml2-dev liblz4-dev libzstd-dev libxxhash-dev libacl1-dev \
+                libssl-dev pkg-config build-essential python3-dev fuse3 libfuse3-dev \
+                e2fsprogs openssl systemd util-linux
+
+.PHONY: setup apt venv test demo bench install clean lab-up lab-down
+
+setup: apt venv
+
+# Install the Debian packages that are missing (needs root; skipped when all are present).
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -e '.[lab,test,fuse]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/pytest -ra
+
+demo: setup
+	$(PY) -m ovirt_borg.demo --dir $(LABDIR)
+
+bench: setup
+	$(PY) -m bench
+
+lab-up: setup
+	$(VENV)/bin/ovirt-borg-lab up --dir $(LABDIR)
+
+lab-down:
+	$(VENV)/bin/ovirt-borg-lab down --dir $(LABDIR)
+
+# Install the systemd units (the package itself: pip install .).
+install:
+	install -m 0644 systemd/ovirt-borg@.service systemd/ovirt-borg@.timer /etc/systemd/system/
+	install -d -m 0700 /etc/ovirt-borg /var/lib/ovirt-borg
+	systemctl daemon-reload
+
+clean:
+	rm -rf $(VENV) build *.egg-info
