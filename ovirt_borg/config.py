@@ -1,0 +1,316 @@
+"""Configuration: one TOML file per job, validated into frozen dataclasses.
+
+Every option is declared once, here, with its type, default and a one-line description; the
+loader checks types, rejects unknown keys and reports the file, the key and what is expected.
+``sample_config()`` renders the documented sample that ``ovirt-borg generate-config`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ovirt_borg.errors import ConfigError
+
+DEFAULT_CONFIG_DIR = Path("/etc/ovirt-borg")
+DEFAULT_STATE_DIR = "/var/lib/ovirt-borg"
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Given ``4M``, ``64KiB``, ``1G`` or an int, return bytes; raises ValueError."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*", text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 4M, 64K, 1G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def opt(default: Any, help: str, example: Any = None) -> Any:
+    """A config option: its default, a one-line description and an example for the sample."""
+    factory = None
+    if isinstance(default, (list, dict)):
+        factory = lambda d=default: type(d)(d)  # noqa: E731
+    meta = {"help": help, "example": example}
+    if factory:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+REQUIRED = dataclasses.MISSING
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to reach the oVirt engine."""
+
+    url: str = opt(REQUIRED, "engine API URL", "https://engine.example.com/ovirt-engine/api")
+    user: str = opt("admin@internal", "engine user (user@profile)", "backup@internal")
+    password_file: str = opt(
+        "", "file holding the engine password (or use the systemd credential 'engine-password')",
+        "/etc/ovirt-borg/engine.password")
+    ca_file: str = opt("", "CA certificate of the engine (default: the system trust store)",
+                       "/etc/pki/ovirt-engine/ca.pem")
+    insecure: bool = opt(False, "skip TLS verification of the engine and imageio (never in production)")
+    allow_http: bool = opt(False, "allow a plain http:// engine URL (credentials then travel unencrypted)")
+    timeout: int = opt(300, "seconds to wait for an engine operation (backup ready, transfer, disk)")
+    poll_interval: float = opt(1.0, "seconds between polls of engine state")
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """The Borg repository and how archives are written."""
+
+    location: str = opt("", "Borg repository: a path or ssh://user@host/path (default: $BORG_REPO)",
+                        "ssh://backup@borg.example.com/./ovirt")
+    passcommand: str = opt("", "command printing the passphrase (BORG_PASSCOMMAND)",
+                           "cat /etc/ovirt-borg/borg.passphrase")
+    passphrase_file: str = opt("", "file holding the passphrase (or systemd credential 'borg-passphrase')")
+    borgmatic_config: str = opt("", "take location and passcommand from this borgmatic config",
+                                "/etc/borgmatic/config.yaml")
+    rsh: str = opt("", "ssh command for remote repositories (BORG_RSH)", "ssh -i /root/.ssh/borg")
+    remote_path: str = opt("", "borg executable on the remote side (BORG_REMOTE_PATH)")
+    prefix: str = opt("ovirt-", "prefix of every archive name this job writes, prunes or lists")
+    compression: str = opt("lz4", "Borg compression spec", "zstd,3")
+    block_size: str = opt("4M", "fixed block (chunk) size of disk images; a power of two, 64K..64M")
+    writer: str = opt("internal", "'internal' (synthetic full, incremental) or 'cli' (borg import-tar, full reads)")
+    lock_wait: int = opt(60, "seconds to wait for the repository lock held by another borg")
+
+    @property
+    def block_bytes(self) -> int:
+        return parse_size(self.block_size)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which VMs and disks are backed up by `backup --all`."""
+
+    names: list[str] = opt([], "VM names or glob patterns", ["web-*", "db1"])
+    tags: list[str] = opt([], "VMs carrying any of these engine tags", ["backup-nightly"])
+    clusters: list[str] = opt([], "VMs in any of these clusters", ["Default"])
+    exclude: list[str] = opt([], "VM names or glob patterns never backed up", ["*-scratch"])
+    exclude_disks: list[str] = opt([], "disk aliases or ids never backed up", ["swap-*"])
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    """How backups are made."""
+
+    enable_incremental: bool = opt(True, "enable incremental backup on qcow2 disks that lack it")
+    verify_sample: int = opt(4, "clean blocks re-read per disk on incrementals to check the dirty bitmap")
+    full_every_days: int = opt(0, "force a full read when the last full is this old (0: never)", 30)
+    cold_backup: bool = opt(True, "use the backup API for powered-off VMs when the engine allows it")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The imageio data path."""
+
+    readers: int = opt(4, "parallel imageio connections per disk (capped by the host's max_readers)")
+    connect_timeout: float = opt(10.0, "seconds to connect to imageio")
+    read_timeout: float = opt(60.0, "seconds to wait for data of one request")
+    extents_timeout: float = opt(600.0, "seconds to wait for the extents of a disk (slow on huge disks)")
+    retries: int = opt(5, "retries of a failed range before giving up (with backoff)")
+    use_proxy: bool = opt(False, "always go through the engine's imageio proxy (proxy_url)")
+    bandwidth_limit: str = opt("", "cap on imageio bytes per second, e.g. 100M (empty: none)")
+    inactivity_timeout: int = opt(120, "seconds the engine keeps an idle image transfer")
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """Keep rules of `ovirt-borg prune`, applied per VM (Borg's prune options)."""
+
+    keep_within: str = opt("", "keep all archives within this time (e.g. 2d)")
+    keep_daily: int = opt(7, "daily archives to keep")
+    keep_weekly: int = opt(4, "weekly archives to keep")
+    keep_monthly: int = opt(6, "monthly archives to keep")
+    keep_yearly: int = opt(0, "yearly archives to keep")
+
+
+@dataclass(frozen=True)
+class CheckpointsConfig:
+    """Engine checkpoints."""
+
+    keep: int = opt(1, "checkpoints to keep on the engine (the one the next incremental needs counts)")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Local state: the checkpoint sidecars."""
+
+    directory: str = opt(DEFAULT_STATE_DIR, "where the per-VM sidecars are kept")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole job configuration."""
+
+    engine: EngineConfig
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    hooks: dict[str, dict] = field(default_factory=dict)
+    path: str = ""
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("hooks", "path")}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, str(tp))
+
+
+def _check_value(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is list:
+        return isinstance(value, list) and all(_check_value(v, typing.get_args(tp)[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _build_section(cls: type, data: Any, where: str, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key '{where}.{key}'; known keys in [{where}]: "
+                + ", ".join(sorted(known)))
+        tp = hints[key]
+        if not _check_value(value, tp):
+            raise ConfigError(
+                f"{source}: '{where}.{key}' must be {_type_name(tp)}, got {value!r}")
+        values[key] = float(value) if tp is float else value
+    for name, f in known.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{where}.{name}' ({f.metadata['help']})")
+    return cls(**values)
+
+
+def from_dict(data: dict, source: str = "<config>") -> Config:
+    """Given the parsed TOML, return a validated Config; raises ConfigError."""
+    sections = {}
+    for key, value in data.items():
+        if key == "hooks":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"{source}: [hooks] must hold one table per plugin, like [hooks.healthchecks]")
+            continue
+        if key not in _SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section [{key}]; known sections: " + ", ".join(sorted(_SECTIONS) + ["hooks"]))
+        sections[key] = _build_section(_SECTIONS[key], value, key, source)
+    if "engine" not in sections:
+        raise ConfigError(f"{source}: missing section [engine] (at least engine.url)")
+    config = Config(**sections, hooks=dict(data.get("hooks", {})), path=source)
+    _validate(config, source)
+    return config
+
+
+def _validate(config: Config, source: str) -> None:
+    engine, repo = config.engine, config.repository
+    if not re.match(r"^https?://", engine.url):
+        raise ConfigError(f"{source}: 'engine.url' must start with https:// (got {engine.url!r})")
+    if engine.url.startswith("http://") and not engine.allow_http:
+        raise ConfigError(
+            f"{source}: 'engine.url' is plain http://: the password would travel unencrypted; "
+            "use https:// or set engine.allow_http = true")
+    try:
+        block = repo.block_bytes
+    except ValueError as e:
+        raise ConfigError(f"{source}: 'repository.block_size': {e}") from None
+    if block < 64 * 1024 or block > 64 * 1024 * 1024 or block & (block - 1):
+        raise ConfigError(f"{source}: 'repository.block_size' must be a power of two from 64K to 64M "
+                          f"(got {repo.block_size!r})")
+    if repo.writer not in ("internal", "cli"):
+        raise ConfigError(f"{source}: 'repository.writer' must be 'internal' or 'cli' (got {repo.writer!r})")
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", repo.prefix):
+        raise ConfigError(f"{source}: 'repository.prefix' may hold only letters, digits, '.', '_' and '-'")
+    if config.transfer.readers < 1 or config.transfer.readers > 16:
+        raise ConfigError(f"{source}: 'transfer.readers' must be from 1 to 16")
+    if config.transfer.bandwidth_limit:
+        try:
+            parse_size(config.transfer.bandwidth_limit)
+        except ValueError as e:
+            raise ConfigError(f"{source}: 'transfer.bandwidth_limit': {e}") from None
+    for name in ("retries", "inactivity_timeout"):
+        if getattr(config.transfer, name) < 0:
+            raise ConfigError(f"{source}: 'transfer.{name}' must not be negative")
+    if config.backup.verify_sample < 0 or config.backup.full_every_days < 0:
+        raise ConfigError(f"{source}: 'backup.verify_sample' and 'backup.full_every_days' must not be negative")
+    if config.checkpoints.keep < 1:
+        raise ConfigError(f"{source}: 'checkpoints.keep' must be at least 1")
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and validate a TOML config file; raises ConfigError naming the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found (create one with "
+                          "'ovirt-borg generate-config > FILE')") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: configuration file is not readable by this user") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data, str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sample_config() -> str:
+    """Return the documented sample configuration: every option, its default and an example."""
+    lines = ["# ovirt-borg job configuration (/etc/ovirt-borg/<name>.toml).",
+             "# Every option is shown with its default; uncomment and change what you need.", ""]
+    for section, cls in _SECTIONS.items():
+        lines.append(f"[{section}]")
+        lines.append(f"# {cls.__doc__.strip()}")
+        for f in dataclasses.fields(cls):
+            lines.append(f"# {f.metadata['help']}")
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            example = f.metadata.get("example")
+            if default is None:
+                lines.append(f"{f.name} = {_toml_value(example)}")
+                continue
+            if example is not None and example != default:
+                lines.append(f"#   example: {f.name} = {_toml_value(example)}")
+            lines.append(f"#{f.name} = {_toml_value(default)}")
+        lines.append("")
+    lines += ["# Plugins are enabled by their section, for example:",
+              "#[hooks.healthchecks]", '#url = "https://hc-ping.com/<uuid>"', ""]
+    return "\n".join(lines)
