@@ -1,0 +1,546 @@
+"""The oVirt engine control plane, through ovirtsdk4.
+
+Everything ovirt-borg asks of the engine goes through this module: VM and disk inventory,
+backups and their checkpoints, image transfers, and (for restore) disks and VMs. SDK errors are
+turned into the typed errors of ``ovirt_borg.errors`` with messages that say what was asked of
+which object; nothing here logs a password, a token or an imageio ticket URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TypeVar
+
+import ovirtsdk4 as sdk
+import ovirtsdk4.types as types
+
+from ovirt_borg.errors import AuthError, CheckpointError, EngineError, NotFound, TransferError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    url: str
+    user: str
+    password: str = field(repr=False)
+    ca_file: str = ""
+    insecure: bool = False
+    timeout: float = 300.0
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    id: str
+    name: str
+    status: str  # "up", "down", ...
+    cluster: str = ""
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    id: str
+    alias: str
+    format: str  # "cow" or "raw"
+    provisioned_size: int
+    backup: str  # "incremental" or "none"
+    interface: str = "virtio_scsi"
+    bootable: bool = False
+    active: bool = True
+    status: str = "ok"
+
+    @property
+    def incremental_capable(self) -> bool:
+        return self.format == "cow" and self.backup == "incremental"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    id: str
+    parent_id: str | None
+    state: str
+    created: float
+
+
+@dataclass(frozen=True)
+class Transfer:
+    id: str
+    transfer_url: str = field(repr=False)
+    proxy_url: str | None = field(repr=False)
+
+
+class CheckpointRefused(CheckpointError):
+    """The engine refused the checkpoint an incremental backup was to start from."""
+
+
+class ColdBackupRefused(EngineError):
+    """The engine cannot back up this powered-off VM through the backup API."""
+
+
+class BackupBusy(EngineError):
+    """The VM has a backup in progress."""
+
+
+def _enum(value) -> str:
+    return value.value if hasattr(value, "value") else str(value or "")
+
+
+def _fault_text(error: sdk.Error) -> str:
+    text = str(error)
+    # The SDK renders faults as 'Fault reason is "...". Fault detail is "...". HTTP response code is N.'
+    return text.replace("\n", " ")
+
+
+def engine_error(error: Exception, doing: str) -> Exception:
+    """Map an SDK exception raised while ``doing`` something to a typed error."""
+    if isinstance(error, sdk.AuthError):
+        return AuthError(f"the engine refused the credentials while {doing}: {_fault_text(error)}; "
+                         "check engine.user and the password file")
+    if isinstance(error, sdk.NotFoundError):
+        return NotFound(f"not found on the engine while {doing}")
+    if isinstance(error, sdk.ConnectionError):
+        return EngineError(f"cannot reach the engine while {doing}: {error}; check engine.url, "
+                           "the network and the CA file")
+    if isinstance(error, sdk.Error):
+        code = getattr(error, "code", None)
+        return EngineError(f"the engine failed while {doing} (HTTP {code}): {_fault_text(error)}")
+    return error
+
+
+@contextlib.contextmanager
+def _calling(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except sdk.Error as e:
+        raise engine_error(e, doing) from None
+
+
+class Engine:
+    """A connection to the engine; use as a context manager."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self._connection: sdk.Connection | None = None
+
+    def __enter__(self) -> "Engine":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        s = self.settings
+        with _calling(f"connecting to {s.url}"):
+            self._connection = sdk.Connection(
+                url=s.url, username=s.user, password=s.password,
+                ca_file=s.ca_file or None, insecure=s.insecure, timeout=int(s.timeout),
+            )
+            self._connection.test(raise_exception=True)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # logging out is a courtesy; never hide the real outcome
+                log.debug("engine logout failed", exc_info=True)
+            self._connection = None
+
+    @property
+    def system(self):
+        assert self._connection is not None, "engine connection is not open"
+        return self._connection.system_service()
+
+    # -- polling -----------------------------------------------------------------------------
+
+    def _poll(self, get: Callable[[], T], done: Callable[[T], bool], what: str,
+              failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None) -> T:
+        """Call ``get`` until ``done`` holds; raise EngineError when ``failed`` says why or on timeout."""
+        deadline = time.monotonic() + (timeout or self.settings.timeout)
+        while True:
+            value = get()
+            if done(value):
+                return value
+            reason = failed(value)
+            if reason:
+                raise EngineError(f"{what}: {reason}")
+            if time.monotonic() > deadline:
+                raise EngineError(f"{what}: timed out after {timeout or self.settings.timeout:.0f} s")
+            time.sleep(self.settings.poll_interval)
+
+    # -- inventory ---------------------------------------------------------------------------
+
+    def list_vms(self, search: str | None = None, *, with_tags: bool = False) -> list[VmInfo]:
+        """VMs matching an engine search (all when None); tags are fetched only when asked."""
+        with _calling("listing VMs"):
+            vms = self.system.vms_service().list(search=search)
+            clusters = {c.id: c.name for c in self.system.clusters_service().list()} if vms else {}
+            result = []
+            for vm in vms:
+                tags: tuple[str, ...] = ()
+                if with_tags:
+                    tag_list = self.system.vms_service().vm_service(vm.id).tags_service().list()
+                    tags = tuple(t.name for t in tag_list if t.name)
+                cluster = ""
+                if vm.cluster is not None:
+                    cluster = vm.cluster.name or clusters.get(vm.cluster.id, "")
+                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags))
+        return result
+
+    def get_vm(self, vm_id: str) -> VmInfo:
+        with _calling(f"reading VM {vm_id}"):
+            vm = self.system.vms_service().vm_service(vm_id).get()
+        return VmInfo(vm.id, vm.name, _enum(vm.status))
+
+    def find_vm(self, name: str) -> VmInfo:
+        for vm in self.list_vms(search=f"name={name}"):
+            if vm.name == name:
+                return vm
+        raise NotFound(f"no VM named {name!r} on the engine; check the name with the engine's UI")
+
+    def vm_ovf(self, vm_id: str) -> str:
+        """Return the VM's OVF configuration (all_content)."""
+        with _calling(f"reading the configuration of VM {vm_id}"):
+            vm = self.system.vms_service().vm_service(vm_id).get(all_content=True)
+        config = vm.initialization.configuration if vm.initialization else None
+        if config is None or not config.data:
+            raise EngineError(f"the engine returned no OVF for VM {vm.name}")
+        return config.data
+
+    def vm_disks(self, vm_id: str) -> list[DiskInfo]:
+        """Return the VM's attached disks with their properties."""
+        result = []
+        with _calling(f"listing the disks of VM {vm_id}"):
+            attachments = self.system.vms_service().vm_service(vm_id).disk_attachments_service().list()
+            for attachment in attachments:
+                disk = self.system.disks_service().disk_service(attachment.disk.id).get()
+                result.append(DiskInfo(
+                    id=disk.id, alias=disk.alias or disk.name or disk.id, format=_enum(disk.format),
+                    provisioned_size=int(disk.provisioned_size or 0), backup=_enum(disk.backup) or "none",
+                    interface=_enum(attachment.interface) or "virtio_scsi",
+                    bootable=bool(attachment.bootable), active=attachment.active is not False,
+                    status=_enum(disk.status) or "ok"))
+        return result
+
+    def enable_incremental(self, disk: DiskInfo) -> DiskInfo:
+        """Turn on incremental backup for a qcow2 disk; return the updated DiskInfo."""
+        with _calling(f"enabling incremental backup on disk {disk.alias}"):
+            self.system.disks_service().disk_service(disk.id).update(
+                types.Disk(backup=types.DiskBackup.INCREMENTAL))
+        return DiskInfo(**{**disk.__dict__, "backup": "incremental"})
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpoints(self, vm_id: str) -> list[Checkpoint]:
+        """The VM's checkpoints, oldest first."""
+        with _calling(f"listing checkpoints of VM {vm_id}"):
+            items = self.system.vms_service().vm_service(vm_id).checkpoints_service().list()
+        result = [Checkpoint(c.id, c.parent_id, _enum(c.state) or "created",
+                             c.creation_date.timestamp() if c.creation_date else 0.0) for c in items]
+        return _chain_order(result)
+
+    def delete_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
+        service = self.system.vms_service().vm_service(vm_id).checkpoints_service().checkpoint_service(checkpoint_id)
+        with _calling(f"deleting checkpoint {checkpoint_id}"):
+            try:
+                service.remove()
+            except sdk.NotFoundError:
+                return
+
+        def gone() -> bool:
+            try:
+                service.get()
+                return False
+            except sdk.NotFoundError:
+                return True
+
+        with _calling(f"waiting for checkpoint {checkpoint_id} to be deleted"):
+            self._poll(gone, bool, f"deleting checkpoint {checkpoint_id}")
+
+    def purge_checkpoints(self, vm_id: str, keep_id: str, keep: int = 1) -> list[str]:
+        """Delete checkpoints older than ``keep_id`` (oldest first), keeping ``keep`` in all.
+
+        Returns the ids deleted. The checkpoint the next incremental starts from is never deleted.
+        """
+        chain = self.checkpoints(vm_id)
+        ids = [c.id for c in chain]
+        if keep_id not in ids:
+            return []
+        older = ids[: ids.index(keep_id)]
+        removable = older[: max(0, len(older) - (keep - 1))]
+        for checkpoint_id in removable:
+            self.delete_checkpoint(vm_id, checkpoint_id)
+            log.info("deleted engine checkpoint %s of VM %s", checkpoint_id, vm_id)
+        return removable
+
+    # -- backups -----------------------------------------------------------------------------
+
+    def _backups_service(self, vm_id: str):
+        return self.system.vms_service().vm_service(vm_id).backups_service()
+
+    def open_backups(self, vm_id: str) -> list[tuple[str, str]]:
+        """(id, phase) of the VM's backups that are not finished."""
+        with _calling(f"listing backups of VM {vm_id}"):
+            backups = self._backups_service(vm_id).list()
+        return [(b.id, _enum(b.phase)) for b in backups
+                if _enum(b.phase) not in ("succeeded", "failed")]
+
+    def finalize_stale_backups(self, vm_id: str) -> list[str]:
+        """Finalize backups left open (ready) on the VM by an earlier run; return their ids."""
+        finalized = []
+        for backup_id, phase in self.open_backups(vm_id):
+            if phase == "ready":
+                log.warning("finalizing a stale backup %s left open on VM %s", backup_id, vm_id)
+                self.finalize_backup(vm_id, backup_id)
+                finalized.append(backup_id)
+            elif phase == "finalizing":
+                log.warning("waiting for backup %s of VM %s to finish finalizing", backup_id, vm_id)
+                self._wait_backup_end(vm_id, backup_id)
+                finalized.append(backup_id)
+        return finalized
+
+    def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None) -> str:
+        """Start a backup of ``disk_ids``; return its id.
+
+        Raises CheckpointRefused when the engine refuses ``from_checkpoint``, ColdBackupRefused
+        when it cannot back up the (powered-off) VM, BackupBusy when a backup is in progress.
+        """
+        backup = types.Backup(disks=[types.Disk(id=d) for d in disk_ids],
+                              from_checkpoint_id=from_checkpoint)
+        try:
+            created = self._backups_service(vm_id).add(backup)
+        except sdk.Error as e:
+            text = _fault_text(e)
+            code = getattr(e, "code", None)
+            if from_checkpoint and code == 400 and "heckpoint" in text:
+                raise CheckpointRefused(f"the engine refused checkpoint {from_checkpoint}: {text}") from None
+            if code == 409 and "during a backup" in text:
+                raise BackupBusy(f"VM {vm_id} already has a backup in progress: {text}") from None
+            if code == 409:
+                raise ColdBackupRefused(f"the engine cannot back up VM {vm_id} now: {text}") from None
+            raise engine_error(e, f"starting a backup of VM {vm_id}") from None
+        return created.id
+
+    def wait_backup_ready(self, vm_id: str, backup_id: str) -> str | None:
+        """Wait for the backup to be ready; return its to_checkpoint_id (None for raw-only)."""
+        service = self._backups_service(vm_id).backup_service(backup_id)
+        with _calling(f"waiting for backup {backup_id} of VM {vm_id}"):
+            backup = self._poll(
+                service.get, lambda b: _enum(b.phase) == "ready",
+                f"backup {backup_id} of VM {vm_id}",
+                failed=lambda b: f"phase {_enum(b.phase)}" if _enum(b.phase) in ("failed", "succeeded") else None)
+        return backup.to_checkpoint_id
+
+    def backup_disk_modes(self, vm_id: str, backup_id: str) -> dict[str, str]:
+        """disk id -> backup_mode ("full" or "incremental") the engine chose for each disk."""
+        service = self._backups_service(vm_id).backup_service(backup_id).disks_service()
+        with _calling(f"listing the disks of backup {backup_id}"):
+            return {d.id: _enum(d.backup_mode) or "full" for d in service.list()}
+
+    def finalize_backup(self, vm_id: str, backup_id: str) -> None:
+        """Finalize the backup and wait until the engine is done with it."""
+        service = self._backups_service(vm_id).backup_service(backup_id)
+        with _calling(f"finalizing backup {backup_id} of VM {vm_id}"):
+            try:
+                service.finalize()
+            except sdk.NotFoundError:
+                return
+        self._wait_backup_end(vm_id, backup_id)
+
+    def _wait_backup_end(self, vm_id: str, backup_id: str) -> None:
+        service = self._backups_service(vm_id).backup_service(backup_id)
+
+        def phase() -> str:
+            try:
+                return _enum(service.get().phase)
+            except sdk.NotFoundError:  # engines before 4.4.7 delete finished backups
+                return "succeeded"
+
+        with _calling(f"waiting for backup {backup_id} to finish"):
+            end = self._poll(phase, lambda p: p in ("succeeded", "failed"), f"finalizing backup {backup_id}")
+        if end == "failed":
+            log.warning("the engine reports backup %s of VM %s as failed after finalize", backup_id, vm_id)
+
+    # -- image transfers ---------------------------------------------------------------------
+
+    def start_transfer(self, disk_id: str, *, direction: str, backup_id: str | None = None,
+                       inactivity_timeout: int = 120) -> Transfer:
+        """Create an image transfer and wait until it is transferring.
+
+        On any failure the transfer is cancelled before TransferError is raised.
+        """
+        request = types.ImageTransfer(
+            disk=types.Disk(id=disk_id),
+            backup=types.Backup(id=backup_id) if backup_id else None,
+            direction=types.ImageTransferDirection(direction),
+            format=types.DiskFormat.RAW,
+            inactivity_timeout=inactivity_timeout,
+        )
+        with _calling(f"starting the {direction} transfer of disk {disk_id}"):
+            created = self.system.image_transfers_service().add(request)
+        service = self.system.image_transfers_service().image_transfer_service(created.id)
+        try:
+            with _calling(f"waiting for the transfer of disk {disk_id}"):
+                transfer = self._poll(
+                    service.get, lambda t: _enum(t.phase) == "transferring",
+                    f"image transfer of disk {disk_id}",
+                    failed=lambda t: (f"it went to phase {_enum(t.phase)}"
+                                      if _enum(t.phase) in _TRANSFER_FAILED else None))
+        except (EngineError, NotFound) as e:
+            self.cancel_transfer(created.id)
+            raise TransferError(f"the image transfer of disk {disk_id} did not start: {e}") from None
+        return Transfer(created.id, transfer.transfer_url, transfer.proxy_url)
+
+    def finalize_transfer(self, transfer_id: str) -> None:
+        """Finalize a transfer and wait for finished_success; raises TransferError otherwise."""
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
+        with _calling(f"finalizing image transfer {transfer_id}"):
+            service.finalize()
+
+        def phase() -> str:
+            try:
+                return _enum(service.get().phase)
+            except sdk.NotFoundError:  # some engines drop finished transfers
+                return "finished_success"
+
+        with _calling(f"waiting for image transfer {transfer_id} to finish"):
+            end = self._poll(phase, lambda p: p.startswith("finished") or p.startswith("cancelled"),
+                             f"finalizing image transfer {transfer_id}")
+        if end != "finished_success":
+            raise TransferError(f"image transfer {transfer_id} ended in phase {end}")
+
+    def cancel_transfer(self, transfer_id: str) -> None:
+        """Cancel a transfer; used on failure paths, so it logs instead of raising."""
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
+        try:
+            service.cancel()
+        except sdk.NotFoundError:
+            return
+        except sdk.Error as e:
+            log.warning("could not cancel image transfer %s: %s", transfer_id, _fault_text(e))
+            return
+        try:
+            self._poll(lambda: _enum(service.get().phase),
+                       lambda p: p.startswith("finished") or p.startswith("cancelled"),
+                       f"cancelling image transfer {transfer_id}", timeout=60)
+        except sdk.NotFoundError:
+            pass
+        except (sdk.Error, EngineError) as e:
+            log.warning("image transfer %s did not finish cancelling: %s", transfer_id, e)
+
+    @contextlib.contextmanager
+    def transfer(self, disk_id: str, *, direction: str, backup_id: str | None = None,
+                 inactivity_timeout: int = 120) -> Iterator[Transfer]:
+        """A transfer that is finalized on success and cancelled on error."""
+        transfer = self.start_transfer(disk_id, direction=direction, backup_id=backup_id,
+                                       inactivity_timeout=inactivity_timeout)
+        try:
+            yield transfer
+        except BaseException:
+            self.cancel_transfer(transfer.id)
+            raise
+        self.finalize_transfer(transfer.id)
+
+    # -- restore -----------------------------------------------------------------------------
+
+    def storage_domain_exists(self, name: str) -> bool:
+        with _calling(f"looking up storage domain {name}"):
+            return any(sd.name == name for sd in self.system.storage_domains_service().list())
+
+    def create_disk(self, name: str, provisioned_size: int, storage_domain: str,
+                    initial_size: int | None = None) -> str:
+        """Create a qcow2 sparse disk with incremental backup enabled; wait until ok; return id."""
+        disk = types.Disk(
+            name=name, format=types.DiskFormat.COW, sparse=True, provisioned_size=provisioned_size,
+            initial_size=initial_size, backup=types.DiskBackup.INCREMENTAL,
+            content_type=types.DiskContentType.DATA,
+            storage_domains=[types.StorageDomain(name=storage_domain)])
+        with _calling(f"creating disk {name} on storage domain {storage_domain}"):
+            created = self.system.disks_service().add(disk)
+        self.wait_disk_ok(created.id)
+        return created.id
+
+    def wait_disk_ok(self, disk_id: str) -> None:
+        service = self.system.disks_service().disk_service(disk_id)
+        with _calling(f"waiting for disk {disk_id}"):
+            self._poll(service.get, lambda d: _enum(d.status) == "ok", f"disk {disk_id}",
+                       failed=lambda d: "it became illegal" if _enum(d.status) == "illegal" else None)
+
+    def remove_disk(self, disk_id: str) -> None:
+        try:
+            self.system.disks_service().disk_service(disk_id).remove()
+        except sdk.NotFoundError:
+            pass
+        except sdk.Error as e:
+            log.warning("could not remove disk %s: %s", disk_id, _fault_text(e))
+
+    def create_vm_from_ovf(self, ovf: str, name: str, cluster: str) -> str:
+        """Create a VM from a saved OVF with new ids under ``name``; return its id."""
+        vm = types.Vm(
+            name=name,
+            cluster=types.Cluster(name=cluster),
+            initialization=types.Initialization(
+                configuration=types.Configuration(type=types.ConfigurationType.OVF, data=ovf),
+                regenerate_ids=True),
+        )
+        with _calling(f"creating VM {name} from its saved configuration"):
+            return self.system.vms_service().add(vm).id
+
+    def attach_disk(self, vm_id: str, disk: DiskInfo, new_disk_id: str) -> None:
+        attachment = types.DiskAttachment(
+            disk=types.Disk(id=new_disk_id), active=True, bootable=disk.bootable,
+            interface=types.DiskInterface(disk.interface))
+        with _calling(f"attaching disk {new_disk_id} to VM {vm_id}"):
+            self.system.vms_service().vm_service(vm_id).disk_attachments_service().add(attachment)
+
+    def remove_vm(self, vm_id: str) -> None:
+        try:
+            self.system.vms_service().vm_service(vm_id).remove()
+        except sdk.NotFoundError:
+            pass
+        except sdk.Error as e:
+            log.warning("could not remove VM %s: %s", vm_id, _fault_text(e))
+
+    def start_vm(self, vm_id: str) -> None:
+        with _calling(f"starting VM {vm_id}"):
+            self.system.vms_service().vm_service(vm_id).start()
+
+
+_TRANSFER_FAILED = {"finished_failure", "paused_system", "cancelled", "cancelled_system",
+                    "cancelled_user", "finalizing_failure", "finished_cleanup", "unknown"}
+
+
+def _chain_order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Order checkpoints from the root of the parent chain; fall back to creation time."""
+    by_parent = {c.parent_id: c for c in checkpoints}
+    ids = {c.id for c in checkpoints}
+    roots = [c for c in checkpoints if c.parent_id not in ids]
+    if len(roots) != 1:
+        return sorted(checkpoints, key=lambda c: c.created)
+    chain = [roots[0]]
+    while chain[-1].id in by_parent and len(chain) < len(checkpoints):
+        chain.append(by_parent[chain[-1].id])
+    if len(chain) != len(checkpoints):
+        return sorted(checkpoints, key=lambda c: c.created)
+    return chain
+
+
+def select_vms(vms: list[VmInfo], *, names: list[str], tags: list[str], clusters: list[str],
+               exclude: list[str]) -> list[VmInfo]:
+    """Pure selection: VMs matching any name pattern, tag or cluster, minus exclusions, by name."""
+    chosen = []
+    for vm in vms:
+        wanted = (any(fnmatch.fnmatchcase(vm.name, p) for p in names)
+                  or any(t in tags for t in vm.tags)
+                  or (vm.cluster in clusters))
+        if wanted and not any(fnmatch.fnmatchcase(vm.name, p) for p in exclude):
+            chosen.append(vm)
+    return sorted(chosen, key=lambda v: v.name)

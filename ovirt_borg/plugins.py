@@ -1,0 +1,107 @@
+"""Builds the plugin manager: hook specs, built-in plugins, entry points, ready hooks.
+
+Built-in behaviour is registered as plugins with ``trylast=True`` so that users can override
+it. Third-party plugins come from the ``ovirt_borg`` entry-point group. The ready plugins in the
+project's ``hooks/`` directory (or a directory listed in ``[hooks] plugin_dirs``... see
+``ready_plugin_dirs``) are loaded when the config has a section for them, ``[hooks.NAME]``;
+the section is handed to the plugin's ``configure(options)`` if it has one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from ovirt_borg import hookspecs
+from ovirt_borg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+hookimpl = pluggy.HookimplMarker("ovirt_borg")
+
+NOTIFY_HOOKS = ("ovirt_borg_run_started", "ovirt_borg_vm_finished", "ovirt_borg_backup_failed",
+                "ovirt_borg_run_finished")
+
+
+class DefaultBehaviour:
+    """ovirt-borg's own answers to the decision hooks (registered last)."""
+
+    @hookimpl(trylast=True)
+    def ovirt_borg_select_vms(self, config, vms, requested, all_vms):
+        from ovirt_borg.engine import select_vms
+
+        if requested:
+            return [vm for vm in vms if vm.name in requested]
+        sel = config.selection
+        if not (sel.names or sel.tags or sel.clusters):
+            return [vm for vm in vms if not any(fnmatch.fnmatchcase(vm.name, p) for p in sel.exclude)]
+        return select_vms(vms, names=sel.names, tags=sel.tags, clusters=sel.clusters, exclude=sel.exclude)
+
+    @hookimpl(trylast=True)
+    def ovirt_borg_archive_name(self, config, vm, timestamp):
+        return f"{config.repository.prefix}{vm.name}-{timestamp}"
+
+
+def ready_plugin_dirs() -> list[Path]:
+    """Where the ready plugins live: the source tree's hooks/ and the installed share dir."""
+    return [Path(__file__).resolve().parent.parent / "hooks",
+            Path(sys.prefix) / "share" / "ovirt-borg" / "hooks"]
+
+
+def _load_file_plugin(name: str, dirs: list[Path]) -> Any:
+    for directory in dirs:
+        path = directory / f"{name}.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(f"ovirt_borg_hooks.{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+    return None
+
+
+def build_manager(hooks_config: dict[str, dict] | None = None,
+                  extra_dirs: list[Path] | None = None) -> pluggy.PluginManager:
+    """Return a plugin manager with specs, built-ins, entry points and configured ready hooks.
+
+    Raises ConfigError when a ``[hooks.NAME]`` section names no known plugin or its options are
+    refused by the plugin's ``configure``.
+    """
+    pm = pluggy.PluginManager("ovirt_borg")
+    pm.add_hookspecs(hookspecs)
+    pm.register(DefaultBehaviour(), name="ovirt_borg.default")
+    pm.load_setuptools_entrypoints("ovirt_borg")
+    dirs = list(extra_dirs or []) + ready_plugin_dirs()
+    for name, options in (hooks_config or {}).items():
+        if pm.get_plugin(name) is not None:
+            plugin = pm.get_plugin(name)
+        else:
+            plugin = _load_file_plugin(name, dirs)
+            if plugin is None:
+                raise ConfigError(f"[hooks.{name}]: no plugin named {name!r} (looked in "
+                                  + ", ".join(str(d) for d in dirs) + " and the 'ovirt_borg' entry points)")
+            pm.register(plugin, name=name)
+        configure = getattr(plugin, "configure", None)
+        if configure is not None:
+            try:
+                configure(dict(options))
+            except (ValueError, TypeError, KeyError) as e:
+                raise ConfigError(f"[hooks.{name}]: {e}") from None
+    pm.check_pending()
+    return pm
+
+
+def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call a notification hook on every plugin; a plugin's error is logged, never raised."""
+    assert hook_name in NOTIFY_HOOKS
+    hook = getattr(pm.hook, hook_name)
+    for impl in reversed(hook.get_hookimpls()):
+        try:
+            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        except Exception as e:  # a monitoring plugin never fails a backup
+            log.warning("plugin %s failed in %s: %s", impl.plugin_name, hook_name, e)
