@@ -1,0 +1,481 @@
+"""Backup of oVirt VMs into Borg archives, each disk a complete image (a synthetic full).
+
+Policy lives here; the engine, imageio, archive and sidecar modules do the talking. For one VM:
+
+1. list its disks, enable incremental backup on qcow2 disks that lack it;
+2. decide full or incremental from the last committed sidecar (``decide_mode``);
+3. finalize stale backups, start the backup (or, for a powered-off VM on an engine that
+   refuses cold backups, use plain image transfers through the engine's proxy);
+4. per disk: image transfer, extents, read plan, stream into the archive writer;
+5. commit the archive, store the sidecar, finalize the backup, purge old checkpoints.
+
+A failure anywhere leaves no archive, the previous sidecar untouched, and no backup or transfer
+open on the engine.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterator, Sequence
+
+from ovirt_borg import archive, borgcli, plan, sidecar as sc
+from ovirt_borg.archive import Reuse
+from ovirt_borg.engine import (CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo)
+from ovirt_borg.errors import CheckpointError, OvirtBorgError
+from ovirt_borg.imageio import ImageioClient, TransferSettings
+from ovirt_borg.progress import Progress
+
+log = logging.getLogger(__name__)
+
+PATH_BACKUP = "backup"
+PATH_ENGINE_TRANSFER = "engine-transfer"
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """What a backup run needs from the configuration (no argparse, no Config below here)."""
+
+    block_size: int = 4 << 20
+    writer: str = "internal"
+    enable_incremental: bool = True
+    verify_sample: int = 4
+    full_every_days: int = 0
+    cold_backup: bool = True
+    exclude_disks: tuple[str, ...] = ()
+    checkpoints_keep: int = 1
+    inactivity_timeout: int = 120
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+
+
+@dataclass(frozen=True)
+class ModeDecision:
+    mode: str  # "full" or "incremental"
+    reason: str
+    from_checkpoint: str | None = None
+
+
+@dataclass
+class DiskResult:
+    id: str
+    alias: str
+    mode: str
+    size: int
+    blocks: int = 0
+    holes: int = 0
+    reused: int = 0
+    stored: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class VmResult:
+    vm: str
+    vm_id: str
+    ok: bool = False
+    mode: str = ""
+    reason: str = ""
+    path: str = ""
+    archive: str = ""
+    checkpoint: str | None = None
+    disks: list[DiskResult] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""
+    exit_code: int = 0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["disks"] = [x.as_dict() for x in self.disks]
+        return d
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def archive_timestamp(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def vm_archive_glob(prefix: str, vm_name: str) -> str:
+    """The Borg glob matching exactly this VM's archives (not those of a VM named 'NAME-2')."""
+    return f"{prefix}{vm_name}-[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*"
+
+
+def safe_name(name: str) -> str:
+    """A name usable as one path component inside the archive."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "_"
+
+
+def image_path(vm_name: str, disk: DiskInfo) -> str:
+    return f"{safe_name(vm_name)}/disks/{safe_name(disk.alias)}-{disk.id}.raw"
+
+
+def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: dict[str, str],
+                archive_present: bool, full_every_days: int, now: datetime,
+                block_size: int) -> ModeDecision:
+    """Decide full or incremental for a VM.
+
+    Given the last committed sidecar (or None), whether --full was asked, the engine's
+    checkpoints of the VM (id -> state), whether the previous archive is still in the
+    repository, the periodic full setting, the time and the configured block size, return the
+    mode, the reason and the checkpoint to start from.
+    """
+    if previous is None:
+        return ModeDecision("full", "no previous backup of this VM in this repository")
+    if force_full:
+        return ModeDecision("full", "a full backup was requested (--full)")
+    if previous.path != PATH_BACKUP or not previous.checkpoint_id:
+        return ModeDecision("full", "the previous archive has no engine checkpoint")
+    if previous.block_size != block_size:
+        return ModeDecision("full", f"the block size changed ({previous.block_size} -> {block_size})")
+    state = checkpoints.get(previous.checkpoint_id)
+    if state is None:
+        return ModeDecision("full", f"checkpoint {previous.checkpoint_id} no longer exists on the engine")
+    if state != "created":
+        return ModeDecision("full", f"checkpoint {previous.checkpoint_id} is {state} on the engine")
+    if not archive_present:
+        return ModeDecision("full", f"the previous archive {previous.archive} is no longer in the repository")
+    if full_every_days:
+        last_full = datetime.strptime(previous.last_full, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        if now - last_full >= timedelta(days=full_every_days):
+            return ModeDecision("full", f"periodic full read (the last one is older than {full_every_days} days)")
+    return ModeDecision("incremental", f"from checkpoint {previous.checkpoint_id} of {previous.archive}",
+                        previous.checkpoint_id)
+
+
+class VmBackup:
+    """Backs up one VM; ``run()`` returns a VmResult or raises an OvirtBorgError."""
+
+    def __init__(self, engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
+                 vm: VmInfo, archive_name: str, *, force_full: bool = False, rng: random.Random | None = None):
+        self.engine = engine
+        self.repo = repo
+        self.state = state
+        self.settings = settings
+        self.vm = vm
+        self.archive_name = archive_name
+        self.force_full = force_full
+        self.rng = rng or random.Random()
+        self.result = VmResult(vm=vm.name, vm_id=vm.id, archive=archive_name)
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def _disks(self) -> list[DiskInfo]:
+        disks = []
+        for disk in self.engine.vm_disks(self.vm.id):
+            if any(fnmatch.fnmatchcase(disk.alias, p) or p == disk.id for p in self.settings.exclude_disks):
+                log.info("VM %s: disk %s is excluded by the configuration", self.vm.name, disk.alias)
+                continue
+            if disk.format == "cow" and disk.backup != "incremental" and self.settings.enable_incremental:
+                log.info("VM %s: enabling incremental backup on disk %s", self.vm.name, disk.alias)
+                disk = self.engine.enable_incremental(disk)
+            disks.append(disk)
+        return disks
+
+    def _decide(self, previous: sc.Sidecar | None, now: datetime) -> ModeDecision:
+        checkpoints = {}
+        archive_present = False
+        if previous is not None and not self.force_full:
+            checkpoints = {c.id: c.state for c in self.engine.checkpoints(self.vm.id)}
+            archive_present = borgcli.archive_exists(self.repo, previous.archive)
+        return decide_mode(previous, force_full=self.force_full, checkpoints=checkpoints,
+                           archive_present=archive_present, full_every_days=self.settings.full_every_days,
+                           now=now, block_size=self.settings.block_size)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> VmResult:
+        started = utc_now()
+        t0 = time.monotonic()
+        disks = self._disks()
+        if not disks:
+            raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
+        previous = self.state.load(self.vm.id)
+        decision = self._decide(previous, started)
+        ovf = self.engine.vm_ovf(self.vm.id)
+        self.engine.finalize_stale_backups(self.vm.id)
+
+        use_backup_api = self.vm.status != "down" or self.settings.cold_backup
+        backup_id = to_checkpoint = None
+        path = PATH_BACKUP
+        if use_backup_api:
+            try:
+                backup_id, decision = self._start_backup(disks, decision)
+            except ColdBackupRefused as e:
+                if self.vm.status != "down":
+                    raise
+                log.warning("VM %s is powered off and the engine cannot back it up (%s); "
+                            "reading its disks through engine image transfers instead", self.vm.name, e)
+        if backup_id is None:
+            path = PATH_ENGINE_TRANSFER
+            decision = ModeDecision("full", "powered-off VM read through engine image transfers "
+                                    "(the engine refused a cold backup)")
+        self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
+        log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name, decision.reason)
+
+        committed = False
+        try:
+            modes: dict[str, str] = {}
+            if backup_id is not None:
+                to_checkpoint = self.engine.wait_backup_ready(self.vm.id, backup_id)
+                modes = self.engine.backup_disk_modes(self.vm.id, backup_id)
+            base = previous.archive if decision.mode == "incremental" else None
+            with archive.open_writer(self.repo, self.archive_name, block_size=self.settings.block_size,
+                                     base_archive=base, kind=self.settings.writer,
+                                     comment=f"ovirt-borg {decision.mode} backup of VM {self.vm.name}") as writer:
+                records, digests = [], {}
+                for disk in disks:
+                    record, disk_digests = self._disk(writer, disk, backup_id, modes.get(disk.id, "full"),
+                                                      previous if base else None)
+                    records.append(record)
+                    digests[disk.id] = disk_digests
+                finished = utc_now()
+                last_full = iso(started)
+                if decision.mode == "incremental" and previous is not None:
+                    last_full = previous.last_full
+                sidecar = sc.Sidecar(
+                    vm_id=self.vm.id, vm_name=self.vm.name, archive=self.archive_name, mode=decision.mode,
+                    reason=decision.reason, path=path, block_size=self.settings.block_size,
+                    started=iso(started), finished=iso(finished), last_full=last_full, disks=tuple(records),
+                    previous_archive=base, checkpoint_id=to_checkpoint,
+                    from_checkpoint_id=decision.from_checkpoint, backup_id=backup_id)
+                vm_dir = safe_name(self.vm.name)
+                writer.add_file(f"{vm_dir}/vm.ovf", ovf.encode())
+                for record in records:
+                    writer.add_file(record.blocks_file, digests[record.id])
+                writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
+                writer.commit()
+            committed = True
+            self.state.store(sidecar, digests)
+        finally:
+            if backup_id is not None:
+                self._finalize_quietly(backup_id, raise_errors=committed)
+        if to_checkpoint:
+            try:
+                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
+            except OvirtBorgError as e:
+                log.warning("VM %s: could not purge old checkpoints: %s", self.vm.name, e)
+        self.result.checkpoint = to_checkpoint
+        self.result.seconds = round(time.monotonic() - t0, 3)
+        self.result.ok = True
+        return self.result
+
+    def _finalize_quietly(self, backup_id: str, raise_errors: bool) -> None:
+        """Finalize the backup; on a failure path an error here must not hide the first one."""
+        try:
+            self.engine.finalize_backup(self.vm.id, backup_id)
+        except OvirtBorgError as e:
+            if raise_errors:
+                raise OvirtBorgError(f"VM {self.vm.name}: the archive {self.archive_name} is committed, "
+                                     f"but finalizing engine backup {backup_id} failed: {e}") from None
+            log.error("VM %s: could not finalize engine backup %s: %s", self.vm.name, backup_id, e)
+
+    def _start_backup(self, disks: list[DiskInfo], decision: ModeDecision) -> tuple[str, ModeDecision]:
+        disk_ids = [d.id for d in disks]
+        try:
+            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint), decision
+        except CheckpointRefused as e:
+            log.warning("VM %s: %s; falling back to a full backup", self.vm.name, e)
+            decision = ModeDecision("full", f"the engine refused checkpoint {decision.from_checkpoint}")
+            try:
+                return self.engine.start_backup(self.vm.id, disk_ids, None), decision
+            except CheckpointRefused as e2:
+                raise CheckpointError(f"VM {self.vm.name}: the engine refused a full backup: {e2}") from None
+
+    # -- one disk ----------------------------------------------------------------------------
+
+    def _disk(self, writer: archive.ArchiveWriter, disk: DiskInfo, backup_id: str | None,
+              engine_mode: str, previous: sc.Sidecar | None) -> tuple[sc.DiskRecord, bytes]:
+        t0 = time.monotonic()
+        path = image_path(self.vm.name, disk)
+        size = disk.provisioned_size
+        block_size = self.settings.block_size
+        base_record = previous.disk(disk.id) if previous else None
+        base_digests = None
+        reason = ""
+        if previous is None:
+            reason = "full backup"
+        elif engine_mode != "incremental":
+            reason = f"the engine reads this disk in {engine_mode} mode"
+        elif base_record is None:
+            reason = "the disk is not in the previous archive"
+        else:
+            base_digests = self._base_digests(previous, base_record)
+            if base_digests is None:
+                reason = "the previous block digests are not available"
+            elif not writer.base_image(base_record.image, base_record.provisioned_size):
+                reason = "the previous image is not block-aligned"
+                base_digests = None
+        incremental = base_digests is not None
+        if not incremental and previous is not None:
+            log.info("VM %s disk %s: reading in full (%s)", self.vm.name, disk.alias, reason)
+
+        settings = self.settings.transfer
+        if backup_id is None:
+            settings = TransferSettings(**{**settings.__dict__, "force_proxy": True})
+        with self.engine.transfer(disk.id, direction="download", backup_id=backup_id,
+                                  inactivity_timeout=self.settings.inactivity_timeout) as transfer, \
+                ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
+            extents = [plan.Extent(e.start, e.length, e.zero, e.dirty if incremental else True)
+                       for e in client.extents("dirty" if incremental else "zero")]
+            blocks = plan.plan_blocks(size, block_size, extents,
+                                      base_size=base_record.provisioned_size if incremental else None)
+            if incremental and self.settings.verify_sample:
+                blocks = self._check_sample(client, blocks, base_digests, disk)
+                if blocks is None:  # the bitmap lied: read everything
+                    incremental = False
+                    zero_extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
+                    blocks = plan.plan_blocks(size, block_size, zero_extents)
+            summary = plan.summarize(blocks)
+            log.info("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)", self.vm.name,
+                     disk.alias, summary.blocks, summary.holes, summary.reused, summary.read, summary.bytes_to_read)
+            progress = Progress(f"{self.vm.name}/{disk.alias}", size)
+            digests = bytearray()
+            stream = self._stream(client, blocks, base_digests if incremental else None, digests, progress)
+            stats = writer.add_image(path, size, stream)
+            progress.finish()
+            bytes_read = client.bytes_read
+        digest_bytes = bytes(digests)
+        mode = "incremental" if incremental else "full"
+        result = DiskResult(disk.id, disk.alias, mode, size, stats.blocks, stats.holes, stats.reused,
+                            stats.stored, bytes_read, round(time.monotonic() - t0, 3))
+        self.result.disks.append(result)
+        record = sc.DiskRecord(
+            id=disk.id, alias=disk.alias, format=disk.format, provisioned_size=size, backup_mode=mode,
+            image=path, blocks_file=path[:-len(".raw")] + ".blocks", blocks_sha256=sc.digests_sha256(digest_bytes),
+            bytes_read=bytes_read, holes=stats.holes, reused=stats.reused, stored=stats.stored,
+            blocks=stats.blocks, interface=disk.interface, bootable=disk.bootable)
+        return record, digest_bytes
+
+    def _base_digests(self, previous: sc.Sidecar, record: sc.DiskRecord) -> bytes | None:
+        data = self.state.load_digests(previous.vm_id, record)
+        if data is None:
+            try:
+                data = borgcli.read_file(self.repo, previous.archive, record.blocks_file)
+            except OvirtBorgError as e:
+                log.warning("cannot read the block digests of %s from %s: %s", record.alias, previous.archive, e)
+                return None
+            if sc.digests_sha256(data) != record.blocks_sha256:
+                log.warning("the block digests of %s in %s do not match the sidecar", record.alias, previous.archive)
+                return None
+        if len(data) != plan.block_count(record.provisioned_size, previous.block_size) * sc.DIGEST_SIZE:
+            return None
+        return data
+
+    def _check_sample(self, client: ImageioClient, blocks: list[plan.Block], base_digests: bytes,
+                      disk: DiskInfo) -> list[plan.Block] | None:
+        """Re-read a few clean blocks and compare with the previous digests.
+
+        Returns the plan unchanged when they match, None when the dirty bitmap missed a change.
+        """
+        sample = plan.choose_sample(blocks, self.settings.verify_sample, self.rng)
+        if not sample:
+            return blocks
+        sampled = [b for b in plan.with_sample(blocks, sample) if b.sampled]
+        for block, data in zip(sampled, _assemble(client, sampled)):
+            expected = base_digests[block.index * sc.DIGEST_SIZE:(block.index + 1) * sc.DIGEST_SIZE]
+            if hashlib.sha256(data).digest() != expected:
+                log.error("VM %s disk %s: block %d changed although the dirty bitmap says it did not; "
+                          "the bitmap cannot be trusted: reading the whole disk", self.vm.name, disk.alias, block.index)
+                return None
+        log.debug("VM %s disk %s: %d sampled clean blocks match", self.vm.name, disk.alias, len(sampled))
+        return blocks
+
+    def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], base_digests: bytes | None,
+                digests: bytearray, progress: Progress) -> Iterator[None | Reuse | bytes]:
+        """Yield the writer's blocks in order, collecting each block's sha256 into ``digests``."""
+        reads = [b for b in blocks if b.action is plan.Action.READ]
+        data_iter = _assemble(client, reads)
+        for block in blocks:
+            if block.action is plan.Action.HOLE:
+                digests += sc.zero_digest(block.length)
+                progress.update(block.length, 0)
+                yield None
+            elif block.action is plan.Action.REUSE:
+                assert base_digests is not None
+                digests += base_digests[block.index * sc.DIGEST_SIZE:(block.index + 1) * sc.DIGEST_SIZE]
+                progress.update(block.length, 0)
+                yield Reuse(block.index)
+            else:
+                data = next(data_iter)
+                digests += hashlib.sha256(data).digest()
+                progress.update(block.length, block.bytes_to_read)
+                yield data
+
+
+def _assemble(client: ImageioClient, blocks: Sequence[plan.Block]) -> Iterator[bytes]:
+    """Read the data segments of READ blocks and yield each whole block (zeros filled in)."""
+    ranges = plan.read_ranges(blocks, max(b.length for b in blocks) if blocks else 1)
+    pieces = client.read_ranges(ranges)
+    for block in blocks:
+        if len(block.segments) == 1 and block.segments[0] == (block.offset, block.length):
+            offset, data = next(pieces)
+            yield data
+            continue
+        buffer = bytearray(block.length)
+        remaining = block.bytes_to_read
+        while remaining:
+            offset, data = next(pieces)
+            start = offset - block.offset
+            buffer[start:start + len(data)] = data
+            remaining -= len(data)
+        yield bytes(buffer)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    results: list[VmResult]
+    exit_code: int
+
+
+def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
+                vms: list[VmInfo], name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool = False) -> RunOutcome:
+    """Back up each VM in turn; one VM's failure does not stop the others.
+
+    ``name_for(vm)`` gives the archive name. Returns every VM's result and the run's exit code
+    (0, or the failed VMs' exit code; 2 when they differ). Interrupts propagate at once.
+    """
+    from ovirt_borg.plugins import notify
+
+    results: list[VmResult] = []
+    codes = set()
+    for vm in vms:
+        vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
+        if vetoes:
+            log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))
+            results.append(VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {'; '.join(vetoes)}", exit_code=1))
+            codes.add(1)
+            continue
+        job = VmBackup(engine, repo, state, settings, vm, name_for(vm), force_full=force_full)
+        try:
+            result = job.run()
+        except OvirtBorgError as e:
+            log.error("VM %s: backup failed: %s", vm.name, e)
+            job.result.error, job.result.exit_code = str(e), e.exit_code
+            results.append(job.result)
+            codes.add(e.exit_code)
+            notify(pm, "ovirt_borg_backup_failed", config=config, vm=vm, error=str(e), exit_code=e.exit_code)
+            continue
+        results.append(result)
+        notify(pm, "ovirt_borg_vm_finished", config=config, vm=vm, result=result.as_dict())
+    failures = codes - {1}
+    if failures:
+        exit_code = failures.pop() if len(failures) == 1 else 2
+    else:
+        exit_code = 1 if codes else 0
+    return RunOutcome(results, exit_code)

@@ -1,0 +1,254 @@
+"""The ``ovirt-borg`` command line: the one place that parses arguments, prints and exits."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from ovirt_borg import __version__, archive, borgcli, config as config_mod, credentials, logs, sidecar as sc
+from ovirt_borg.errors import EXIT_ERROR, EXIT_OK, ConfigError, Interrupted, JobLocked, OvirtBorgError
+
+log = logging.getLogger("ovirt_borg")
+
+EPILOG = """\
+exit codes:
+  0   success
+  1   warning: finished, but something needs attention (a VM skipped, a plugin failed)
+  2   error
+  3   configuration error          4   engine error
+  5   authentication error          6   repository busy (lock held by another borg)
+  7   checkpoint problem            8   image transfer / imageio error
+  9   Borg repository error         10  verify found a mismatch
+  11  VM, disk or archive not found 12  another run of this job is in progress
+  128+n  stopped by signal n (130 SIGINT, 143 SIGTERM)
+
+files:
+  /etc/ovirt-borg/NAME.toml       a job's configuration (ovirt-borg generate-config)
+  /var/lib/ovirt-borg/            sidecars: where each VM's next incremental starts
+environment:
+  BORG_REPO, BORG_PASSCOMMAND, BORG_PASSPHRASE, BORG_RSH, BORG_REMOTE_PATH are honoured as Borg
+  honours them; CREDENTIALS_DIRECTORY (systemd LoadCredential=) may hold 'engine-password' and
+  'borg-passphrase'. Secrets are never taken from the command line.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ovirt-borg",
+        description="Back up oVirt / RHV virtual machines into Borg repositories. Every archive "
+                    "holds each disk as one complete, sparse raw image (a synthetic full), while "
+                    "nightly incrementals read and store only the blocks that changed.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ovirt-borg {__version__}")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="job configuration (TOML); default /etc/ovirt-borg/default.toml")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more detail in the log (-vv: also the libraries' debug output)")
+    parser.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("backup", help="back up VMs (full or incremental, one archive per VM)",
+                       description="Back up the named VMs, or with --all every VM the configuration "
+                                   "selects. Each VM gets one archive, PREFIX<vm>-<UTC time>. The run "
+                                   "is incremental where the last committed archive's checkpoint is "
+                                   "still valid on the engine, full otherwise (the reason is logged).")
+    p.add_argument("vms", nargs="*", metavar="VM", help="VM names (default with --all: the selection)")
+    p.add_argument("--all", action="store_true", help="every VM selected by the configuration")
+    p.add_argument("--full", action="store_true", help="read every disk in full (still deduplicated)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary per VM on stdout")
+
+    p = sub.add_parser("list", help="list this job's archives per VM",
+                       description="List the archives this job wrote (matching its prefix), per VM.")
+    p.add_argument("vms", nargs="*", metavar="VM", help="only these VMs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("generate-config", help="print a sample configuration with every option",
+                   description="Print a documented configuration with every option, its default and "
+                               "an example. Save it as /etc/ovirt-borg/NAME.toml and edit it.")
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _load_config(path: str | None) -> config_mod.Config:
+    return config_mod.load(path or config_mod.DEFAULT_CONFIG_DIR / "default.toml")
+
+
+def _repo(config: config_mod.Config) -> archive.Repo:
+    env = credentials.borg_env(config)
+    if env.get("BORG_PASSPHRASE"):
+        logs.add_secret(env["BORG_PASSPHRASE"])
+    location = env.pop("BORG_REPO")
+    return archive.Repo(location=location, env=env, lock_wait=config.repository.lock_wait,
+                        compression=config.repository.compression)
+
+
+def _engine(config: config_mod.Config):
+    from ovirt_borg.engine import Engine, EngineSettings
+
+    password = credentials.engine_password(config)
+    logs.add_secret(password)
+    if config.engine.insecure:
+        log.warning("engine.insecure is set: TLS certificates of the engine and imageio are NOT verified")
+    return Engine(EngineSettings(url=config.engine.url, user=config.engine.user, password=password,
+                                 ca_file=config.engine.ca_file, insecure=config.engine.insecure,
+                                 timeout=config.engine.timeout, poll_interval=config.engine.poll_interval))
+
+
+@contextlib.contextmanager
+def _job_lock(config: config_mod.Config) -> Iterator[None]:
+    """Hold the job's lock so that two runs of the same job never overlap."""
+    state = Path(config.state.directory)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    name = hashlib.sha256(os.path.abspath(config.path).encode()).hexdigest()[:16]
+    path = state / f"job-{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobLocked(f"another run of the job {config.path} is in progress (lock {path}); "
+                            "this run did nothing") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _state_dir(config: config_mod.Config, repo: archive.Repo) -> sc.StateDir:
+    return sc.StateDir(Path(config.state.directory), borgcli.repo_id(repo))
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg import backup, plugins
+    from ovirt_borg.imageio import TransferSettings
+
+    if not args.vms and not args.all:
+        raise ConfigError("name the VMs to back up, or use --all for the configured selection")
+    pm = plugins.build_manager(config.hooks)
+    t = config.transfer
+    settings = backup.BackupSettings(
+        block_size=config.repository.block_bytes, writer=config.repository.writer,
+        enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
+        full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
+        exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
+        inactivity_timeout=t.inactivity_timeout,
+        transfer=TransferSettings(
+            readers=t.readers, connect_timeout=t.connect_timeout, read_timeout=t.read_timeout,
+            extents_timeout=t.extents_timeout, retries=t.retries, force_proxy=t.use_proxy,
+            ca_file=config.engine.ca_file or None, verify=not config.engine.insecure,
+            bandwidth_limit=config_mod.parse_size(t.bandwidth_limit) if t.bandwidth_limit else None))
+    repo = _repo(config)
+    with _job_lock(config), _engine(config) as engine:
+        state = _state_dir(config, repo)
+        all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
+        if args.vms:
+            known = {vm.name for vm in all_vms}
+            missing = [n for n in args.vms if n not in known]
+            if missing:
+                from ovirt_borg.errors import NotFound
+
+                raise NotFound("no VM named " + ", ".join(repr(n) for n in missing) + " on the engine")
+        vms = pm.hook.ovirt_borg_select_vms(config=config, vms=all_vms, requested=list(args.vms),
+                                            all_vms=args.all)
+        if not vms:
+            log.warning("the selection matches no VM; nothing to back up")
+            return 1
+        plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
+        timestamp = backup.archive_timestamp(backup.utc_now())
+        outcome = None
+        try:
+            outcome = backup.run_backups(
+                engine, repo, state, settings, vms,
+                lambda vm: pm.hook.ovirt_borg_archive_name(config=config, vm=vm, timestamp=timestamp),
+                pm, config, force_full=args.full)
+        finally:
+            if outcome is None:
+                plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
+                               results=[], exit_code=EXIT_ERROR)
+        plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
+                       results=[r.as_dict() for r in outcome.results], exit_code=outcome.exit_code)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in outcome.results], indent=2))
+    else:
+        for r in outcome.results:
+            if r.ok:
+                read = sum(d.bytes_read for d in r.disks)
+                from ovirt_borg.progress import human_size
+
+                print(f"{r.vm}: {r.mode} backup in {r.seconds:.1f} s, read {human_size(read)}, archive {r.archive}")
+            else:
+                print(f"{r.vm}: FAILED: {r.error}")
+    return outcome.exit_code
+
+
+def cmd_list(args: argparse.Namespace, config: config_mod.Config) -> int:
+    repo = _repo(config)
+    prefix = config.repository.prefix
+    archives = borgcli.list_archives(repo, f"{prefix}*")
+    rows = []
+    for a in archives:
+        rest = a["name"][len(prefix):]
+        vm = rest.rsplit("-", 3)[0] if rest.count("-") >= 3 else rest
+        if args.vms and vm not in args.vms:
+            continue
+        rows.append({"vm": vm, **a})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        for row in rows:
+            print(f"{row['vm']:<24} {row['name']:<56} {row.get('start', '')}")
+    return EXIT_OK
+
+
+def cmd_generate_config(args: argparse.Namespace) -> int:
+    print(config_mod.sample_config())
+    return EXIT_OK
+
+
+COMMANDS = {"backup": cmd_backup, "list": cmd_list}
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run one command, map errors to exit codes. The only exit point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.verbose, args.log_json)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        if args.command == "generate-config":
+            code = cmd_generate_config(args)
+        else:
+            config = _load_config(args.config)
+            code = COMMANDS[args.command](args, config)
+    except KeyboardInterrupt:
+        log.error("interrupted by SIGINT; nothing was committed for the VM in progress")
+        code = 128 + signal.SIGINT
+    except OvirtBorgError as e:
+        log.error("%s", e)
+        code = e.exit_code
+    except Exception:
+        log.exception("unexpected error (please report it with this trace)")
+        code = EXIT_ERROR
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
