@@ -23,8 +23,8 @@ EPILOG = """\
 exit codes:
   0   success
   1   warning: finished, but something needs attention (a VM skipped, a plugin failed)
-  2   error
-  3   configuration error          4   engine error
+  2   error, including a configuration error or a bad argument
+  4   engine error
   5   authentication error          6   repository busy (lock held by another borg)
   7   checkpoint problem            8   image transfer / imageio error
   9   Borg repository error         10  verify found a mismatch

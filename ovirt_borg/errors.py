@@ -9,8 +9,7 @@ Exit codes (documented in ``ovirt-borg --help``):
 ==== =========================================================================
 0    success
 1    warning: the run finished but something needs attention (see the log)
-2    error (generic)
-3    configuration error
+2    error, including a configuration error or a bad argument
 4    engine error (the oVirt engine refused or failed a request)
 5    authentication error (engine user/password, Borg passphrase)
 6    repository busy (another Borg process holds the lock)
@@ -47,7 +46,7 @@ class OvirtBorgError(Exception):
 class ConfigError(OvirtBorgError):
     """The configuration file or a command-line argument is wrong."""
 
-    exit_code = 3
+    exit_code = EXIT_ERROR
 
 
 class EngineError(OvirtBorgError):
