@@ -35,7 +35,7 @@ test: setup
 	$(VENV)/bin/pytest -ra
 
 demo: setup
-	$(PY) -m ovirt_borg.demo --dir $(LABDIR)
+	$(PY) -m ovirt_borg.lab.demo --dir $(LABDIR)
 
 bench: setup
 	$(PY) -m bench

@@ -71,6 +71,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vms", nargs="*", metavar="VM", help="only these VMs")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser(
+        "restore", help="restore a VM, one disk, or disks to local files",
+        description="Restore from ARCHIVE. With --vm-name: recreate the VM from its saved configuration "
+                    "under a new name with new ids, its disks uploaded to --storage-domain. With --disk and "
+                    "--to-storage-domain: one disk into oVirt, attached to no VM. With --to-dir: the disks "
+                    "as local sparse files (no engine needed). Holes are never read nor sent.")
+    p.add_argument("archive", metavar="ARCHIVE", help="archive name (see 'ovirt-borg list')")
+    p.add_argument("--vm-name", metavar="NEW", help="name of the recreated VM")
+    p.add_argument("--cluster", default="Default", help="cluster of the recreated VM (default: Default)")
+    p.add_argument("--storage-domain", metavar="SD", help="storage domain of the new disks")
+    p.add_argument("--disk", action="append", metavar="ID", help="only this disk (id or alias); repeatable")
+    p.add_argument("--to-storage-domain", metavar="SD", help="restore the --disk into SD, attached to no VM")
+    p.add_argument("--to-dir", metavar="DIR", type=Path, help="write the disks as sparse files into DIR")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="file format with --to-dir")
+    p.add_argument("--start", action="store_true", help="start the recreated VM")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    p = sub.add_parser("verify", help="re-read archives and compare with the hashes taken at backup time",
+                       description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM) "
+                                   "from the repository and compare each block with the sha256 recorded "
+                                   "at backup time. Exit 10 on a mismatch.")
+    p.add_argument("archive", nargs="?", metavar="ARCHIVE")
+    p.add_argument("--vm", help="verify this VM's newest archives")
+    p.add_argument("--last", type=int, default=1, metavar="N", help="with --vm: how many (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("mount", help="mount an archive and its disks' file systems read-only",
+                       description="borg mount ARCHIVE at MOUNTPOINT/.archive, attach each disk image to a "
+                                   "read-only loop device with partition scanning, and mount every file "
+                                   "system found read-only at MOUNTPOINT/<disk alias>[-pN]. Needs root.")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    p = sub.add_parser("umount", help="undo 'ovirt-borg mount'",
+                       description="Unmount the file systems, detach the loop devices, unmount the archive.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+
     sub.add_parser("generate-config", help="print a sample configuration with every option",
                    description="Print a documented configuration with every option, its default and "
                                "an example. Save it as /etc/ovirt-borg/NAME.toml and edit it.")
@@ -133,7 +169,6 @@ def _state_dir(config: config_mod.Config, repo: archive.Repo) -> sc.StateDir:
 
 def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import backup, plugins
-    from ovirt_borg.imageio import TransferSettings
 
     if not args.vms and not args.all:
         raise ConfigError("name the VMs to back up, or use --all for the configured selection")
@@ -144,12 +179,7 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
         enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
         full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
-        inactivity_timeout=t.inactivity_timeout,
-        transfer=TransferSettings(
-            readers=t.readers, connect_timeout=t.connect_timeout, read_timeout=t.read_timeout,
-            extents_timeout=t.extents_timeout, retries=t.retries, force_proxy=t.use_proxy,
-            ca_file=config.engine.ca_file or None, verify=not config.engine.insecure,
-            bandwidth_limit=config_mod.parse_size(t.bandwidth_limit) if t.bandwidth_limit else None))
+        inactivity_timeout=t.inactivity_timeout, transfer=_transfer_settings(config))
     repo = _repo(config)
     with _job_lock(config), _engine(config) as engine:
         state = _state_dir(config, repo)
@@ -213,12 +243,118 @@ def cmd_list(args: argparse.Namespace, config: config_mod.Config) -> int:
     return EXIT_OK
 
 
+def _transfer_settings(config: config_mod.Config):
+    from ovirt_borg.imageio import TransferSettings
+
+    t = config.transfer
+    return TransferSettings(
+        readers=t.readers, connect_timeout=t.connect_timeout, read_timeout=t.read_timeout,
+        extents_timeout=t.extents_timeout, retries=t.retries, force_proxy=t.use_proxy,
+        ca_file=config.engine.ca_file or None, verify=not config.engine.insecure,
+        bandwidth_limit=config_mod.parse_size(t.bandwidth_limit) if t.bandwidth_limit else None)
+
+
+def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg import restore
+
+    repo = _repo(config)
+    prefix = config.repository.prefix
+    if args.to_dir:
+        result = restore.restore_to_dir(repo, args.archive, prefix, args.to_dir, fmt=args.format,
+                                        disk_ids=args.disk)
+    elif args.to_storage_domain:
+        if not args.disk or len(args.disk) != 1:
+            raise ConfigError("--to-storage-domain restores one disk: name it with --disk ID")
+        with _engine(config) as engine:
+            result = restore.restore_disk(engine, repo, args.archive, prefix, args.disk[0],
+                                          args.to_storage_domain, _transfer_settings(config))
+    elif args.vm_name:
+        if not args.storage_domain:
+            raise ConfigError("--vm-name needs --storage-domain SD for the new disks")
+        with _engine(config) as engine:
+            result = restore.restore_vm(engine, repo, args.archive, prefix, vm_name=args.vm_name,
+                                        cluster=args.cluster, storage_domain=args.storage_domain,
+                                        settings=_transfer_settings(config), disk_ids=args.disk,
+                                        start=args.start)
+    else:
+        raise ConfigError("say where to restore: --vm-name NEW, --disk ID --to-storage-domain SD, or --to-dir DIR")
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for disk in result.disks:
+            where = disk.path or f"new disk {disk.new_id}"
+            print(f"{disk.alias}: restored to {where} in {disk.seconds:.1f} s")
+        if result.vm_id:
+            print(f"VM {result.vm_name} created ({result.vm_id})")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg import restore
+    from ovirt_borg.backup import vm_archive_glob
+
+    repo = _repo(config)
+    prefix = config.repository.prefix
+    if args.archive:
+        names = [args.archive]
+    elif args.vm:
+        names = [a["name"] for a in borgcli.list_archives(repo, vm_archive_glob(prefix, args.vm))][-args.last:]
+        if not names:
+            from ovirt_borg.errors import NotFound
+
+            raise NotFound(f"no archives of VM {args.vm!r} in the repository")
+    else:
+        raise ConfigError("name an ARCHIVE, or --vm VM [--last N]")
+    report = []
+    failed = None
+    for name in names:
+        try:
+            disks = restore.verify_archive(repo, name, prefix)
+            report.append({"archive": name, "ok": True, "disks": [d.__dict__ for d in disks]})
+        except OvirtBorgError as e:
+            failed = failed or e
+            report.append({"archive": name, "ok": False, "error": str(e)})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for item in report:
+            if item["ok"]:
+                print(f"{item['archive']}: OK (" + ", ".join(
+                    f"{d['alias']} {d['blocks']} blocks" for d in item["disks"]) + ")")
+            else:
+                print(f"{item['archive']}: FAILED: {item['error']}")
+    if failed:
+        raise failed
+    return EXIT_OK
+
+
+def cmd_mount(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg import mount
+
+    disks = mount.mount_archive(_repo(config), args.archive, args.mountpoint)
+    print(f"archive mounted at {args.mountpoint / mount.ARCHIVE_DIR}")
+    for disk in disks:
+        print(f"{disk.image} -> {disk.loop} (read-only)")
+        for fs in disk.filesystems:
+            print(f"  file system mounted read-only at {fs}")
+    print(f"when done: ovirt-borg -c {config.path} umount {args.mountpoint}")
+    return EXIT_OK
+
+
+def cmd_umount(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg import mount
+
+    mount.umount_archive(args.mountpoint)
+    return EXIT_OK
+
+
 def cmd_generate_config(args: argparse.Namespace) -> int:
     print(config_mod.sample_config())
     return EXIT_OK
 
 
-COMMANDS = {"backup": cmd_backup, "list": cmd_list}
+COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore, "verify": cmd_verify,
+            "mount": cmd_mount, "umount": cmd_umount}
 
 
 def _raise_interrupted(signum: int, frame) -> None:

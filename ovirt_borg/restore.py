@@ -1,0 +1,302 @@
+"""Restore: a whole VM or one disk into oVirt, disks to local files, and verify.
+
+Images are read block by block from the archive (``archive.read_image``): a block stored as
+Borg's all-zero chunk is a hole and is never read from the repository, never sent (an imageio
+``zero`` request in oVirt, a skipped range in a local sparse file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ovirt_borg import archive, borgcli, sidecar as sc
+from ovirt_borg.engine import DiskInfo, Engine
+from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, TransferError, VerifyMismatch
+from ovirt_borg.imageio import ImageioClient, TransferSettings
+from ovirt_borg.progress import Progress
+
+log = logging.getLogger(__name__)
+
+_TIMESTAMP = re.compile(r"-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+@dataclass
+class RestoredDisk:
+    id: str
+    alias: str
+    new_id: str = ""
+    path: str = ""
+    bytes_sent: int = 0
+    holes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RestoreResult:
+    archive: str
+    vm_name: str = ""
+    vm_id: str = ""
+    disks: list[RestoredDisk] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["disks"] = [dict(x.__dict__) for x in self.disks]
+        return d
+
+
+def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> sc.Sidecar:
+    """Read and validate the sidecar stored in an archive; raises NotFound or OvirtBorgError."""
+    if not borgcli.archive_exists(repo, archive_name):
+        raise NotFound(f"no archive named {archive_name!r} in the repository; "
+                       "see 'ovirt-borg list' for the archive names")
+    vm_dir = _vm_dir(archive_name, prefix)
+    try:
+        data = borgcli.read_file(repo, archive_name, f"{vm_dir}/{sc.SIDECAR_NAME}")
+    except OvirtBorgError as e:
+        raise OvirtBorgError(f"archive {archive_name} has no readable ovirt-borg sidecar "
+                             f"({vm_dir}/{sc.SIDECAR_NAME}): {e}; is it an ovirt-borg archive?") from None
+    try:
+        return sc.parse(data)
+    except sc.SidecarInvalid as e:
+        raise OvirtBorgError(f"the sidecar in archive {archive_name} is damaged: {e}") from None
+
+
+def _vm_dir(archive_name: str, prefix: str) -> str:
+    from ovirt_borg.backup import safe_name
+
+    name = archive_name[len(prefix):] if archive_name.startswith(prefix) else archive_name
+    return safe_name(_TIMESTAMP.sub("", name))
+
+
+def _pick_disks(sidecar: sc.Sidecar, disk_ids: list[str] | None) -> list[sc.DiskRecord]:
+    if not disk_ids:
+        return list(sidecar.disks)
+    chosen = []
+    for wanted in disk_ids:
+        record = next((d for d in sidecar.disks if wanted in (d.id, d.alias)), None)
+        if record is None:
+            raise NotFound(f"archive {sidecar.archive} has no disk {wanted!r}; it has: "
+                           + ", ".join(f"{d.alias} ({d.id})" for d in sidecar.disks))
+        chosen.append(record)
+    return chosen
+
+
+def _runs(blocks: Iterator[tuple[int, int, bytes | None]]) -> Iterator[tuple[int, int, bytes | None]]:
+    """Merge consecutive holes into one zero run; data blocks pass through."""
+    hole_start = hole_len = 0
+    for offset, length, data in blocks:
+        if data is None:
+            if hole_len and hole_start + hole_len == offset:
+                hole_len += length
+                continue
+            if hole_len:
+                yield hole_start, hole_len, None
+            hole_start, hole_len = offset, length
+            continue
+        if hole_len:
+            yield hole_start, hole_len, None
+            hole_len = 0
+        yield offset, length, data
+    if hole_len:
+        yield hole_start, hole_len, None
+
+
+# -- to oVirt ------------------------------------------------------------------------------------
+
+
+def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
+                storage_domain: str, settings: TransferSettings, name: str | None = None,
+                inactivity_timeout: int = 120) -> RestoredDisk:
+    """Create a new disk on ``storage_domain`` and upload the image into it.
+
+    On failure the transfer is cancelled (the engine removes the new disk) and the disk is
+    removed if it is still there; the error is raised.
+    """
+    t0 = time.monotonic()
+    result = RestoredDisk(record.id, record.alias)
+    new_id = engine.create_disk(name or record.alias, record.provisioned_size, storage_domain)
+    result.new_id = new_id
+    try:
+        with engine.transfer(new_id, direction="upload", inactivity_timeout=inactivity_timeout) as transfer, \
+                ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
+            progress = Progress(f"restore {record.alias}", record.provisioned_size)
+
+            def items() -> Iterator[tuple[int, int, bytes | None]]:
+                for offset, length, data in _runs(archive.read_image(repo, archive_name, record.image)):
+                    if data is None:
+                        result.holes += 1
+                    progress.update(length, 0 if data is None else length)
+                    yield offset, length, data
+
+            client.write_ranges(items())
+            progress.finish()
+            result.bytes_sent = client.bytes_written
+        engine.wait_disk_ok(new_id)
+    except BaseException:
+        engine.remove_disk(new_id)
+        raise
+    result.seconds = round(time.monotonic() - t0, 3)
+    return result
+
+
+def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: str, *, vm_name: str,
+               cluster: str, storage_domain: str, settings: TransferSettings,
+               disk_ids: list[str] | None = None, start: bool = False) -> RestoreResult:
+    """Recreate the VM of an archive under ``vm_name`` with new ids and its disks uploaded.
+
+    On failure, every disk created so far and a half-created VM are removed.
+    """
+    sidecar = load_archive_sidecar(repo, archive_name, prefix)
+    records = _pick_disks(sidecar, disk_ids)
+    if not engine.storage_domain_exists(storage_domain):
+        raise NotFound(f"storage domain {storage_domain!r} does not exist on the engine")
+    ovf = borgcli.read_file(repo, archive_name, f"{_vm_dir(archive_name, prefix)}/vm.ovf").decode()
+    result = RestoreResult(archive_name, vm_name)
+    done: list[RestoredDisk] = []
+    vm_id = None
+    try:
+        for record in records:
+            done.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
+                                    name=f"{vm_name}_{record.alias}"))
+        vm_id = engine.create_vm_from_ovf(ovf, vm_name, cluster)
+        for record, disk in zip(records, done):
+            engine.attach_disk(vm_id, DiskInfo(id=record.id, alias=record.alias, format="cow",
+                                               provisioned_size=record.provisioned_size, backup="incremental",
+                                               interface=record.interface, bootable=record.bootable), disk.new_id)
+        if start:
+            engine.start_vm(vm_id)
+    except BaseException:
+        log.error("restore of %s failed; removing what was created", archive_name)
+        if vm_id:
+            engine.remove_vm(vm_id)
+        for disk in done:
+            engine.remove_disk(disk.new_id)
+        raise
+    result.vm_id = vm_id
+    result.disks = done
+    return result
+
+
+def restore_disk(engine: Engine, repo: archive.Repo, archive_name: str, prefix: str, disk_id: str,
+                 storage_domain: str, settings: TransferSettings) -> RestoreResult:
+    """Upload one disk of an archive into a new disk on ``storage_domain``, attached to no VM."""
+    sidecar = load_archive_sidecar(repo, archive_name, prefix)
+    [record] = _pick_disks(sidecar, [disk_id])
+    if not engine.storage_domain_exists(storage_domain):
+        raise NotFound(f"storage domain {storage_domain!r} does not exist on the engine")
+    result = RestoreResult(archive_name, sidecar.vm_name)
+    result.disks.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings))
+    return result
+
+
+# -- to local files ------------------------------------------------------------------------------
+
+
+def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory: Path, *,
+                   fmt: str = "raw", disk_ids: list[str] | None = None) -> RestoreResult:
+    """Write each disk as a local sparse file (holes preserved); no engine needed.
+
+    ``fmt`` is ``raw`` or ``qcow2`` (converted with qemu-img from a sparse raw temporary).
+    """
+    if fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"--format must be raw or qcow2, not {fmt!r}")
+    sidecar = load_archive_sidecar(repo, archive_name, prefix)
+    directory.mkdir(parents=True, exist_ok=True)
+    result = RestoreResult(archive_name, sidecar.vm_name)
+    for record in _pick_disks(sidecar, disk_ids):
+        t0 = time.monotonic()
+        raw = directory / f"{record.alias}-{record.id}.raw"
+        target = raw if fmt == "raw" else directory / f"{record.alias}-{record.id}.qcow2"
+        disk = RestoredDisk(record.id, record.alias, path=str(target))
+        tmp = raw.with_name("." + raw.name + ".part")
+        try:
+            disk.bytes_sent, disk.holes = _write_sparse(repo, archive_name, record, tmp)
+            if fmt == "qcow2":
+                _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tmp), str(target)])
+                tmp.unlink()
+            else:
+                os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        disk.seconds = round(time.monotonic() - t0, 3)
+        result.disks.append(disk)
+    return result
+
+
+def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, path: Path) -> tuple[int, int]:
+    written = holes = 0
+    progress = Progress(f"restore {record.alias}", record.provisioned_size)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, record.provisioned_size)
+        for offset, length, data in archive.read_image(repo, archive_name, record.image):
+            if data is None:
+                holes += 1
+            else:
+                os.pwrite(fd, data, offset)
+                written += length
+            progress.update(length, 0 if data is None else length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        progress.finish()
+    return written, holes
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise OvirtBorgError(f"{cmd[0]} failed: {proc.stderr.strip()}")
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerifiedDisk:
+    alias: str
+    id: str
+    ok: bool
+    blocks: int
+    bad_blocks: list[int] = field(default_factory=list)
+    message: str = ""
+
+
+def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[VerifiedDisk]:
+    """Re-read every image of an archive and compare with the digests recorded at backup time.
+
+    Returns one VerifiedDisk per disk; raises VerifyMismatch if any differs.
+    """
+    sidecar = load_archive_sidecar(repo, archive_name, prefix)
+    results = []
+    for record in sidecar.disks:
+        digests = borgcli.read_file(repo, archive_name, record.blocks_file)
+        check = VerifiedDisk(record.alias, record.id, True, len(digests) // sc.DIGEST_SIZE)
+        if sc.digests_sha256(digests) != record.blocks_sha256:
+            check.ok, check.message = False, "the block digests file does not match the sidecar"
+            results.append(check)
+            continue
+        index = -1
+        for index, (offset, length, data) in enumerate(archive.read_image(repo, archive_name, record.image)):
+            actual = sc.zero_digest(length) if data is None else hashlib.sha256(data).digest()
+            if actual != digests[index * sc.DIGEST_SIZE:(index + 1) * sc.DIGEST_SIZE]:
+                check.bad_blocks.append(index)
+        if index + 1 != check.blocks:
+            check.ok, check.message = False, f"the image has {index + 1} blocks, the digests {check.blocks}"
+        if check.bad_blocks:
+            check.ok = False
+            check.message = f"{len(check.bad_blocks)} blocks differ (first: block {check.bad_blocks[0]})"
+        results.append(check)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise VerifyMismatch(f"archive {archive_name}: " + "; ".join(f"disk {r.alias}: {r.message}" for r in bad))
+    return results
