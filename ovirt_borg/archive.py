@@ -1,0 +1,854 @@
+"""The Borg archive writer: every archive holds each disk as one complete raw image.
+
+A disk image is cut into fixed-size, aligned blocks (``block_size``, one Borg chunk each) and
+given to :meth:`ArchiveWriter.add_image` in order, each block being one of:
+
+- ``None``: a hole (all zeros, not read). The item references the all-zero chunk of that
+  length, stored once per repository, so ``borg extract --sparse`` writes a hole;
+- ``Reuse(i)``: block ``i`` of the same image in the base archive (see
+  :meth:`ArchiveWriter.base_image`). Its chunk id is referenced: no read, no upload;
+- bytes-like data of the block. It is hashed, compressed, encrypted and stored as a new chunk,
+  or referenced if the repository has that chunk already.
+
+Only the last block may be shorter than ``block_size``. The result is an archive whose items
+look like regular files (mode 0o100600, owner root, mtime = time of the backup) below
+directories for their parent paths, so ``borg list``, ``extract``, ``extract --sparse``,
+``mount``, ``check --verify-data``, ``prune``, ``delete`` and ``compact`` treat it like any
+other archive: a *synthetic full*.
+
+Two writers share this interface, chosen with ``open_writer(kind=...)``:
+
+``internal`` (default)
+    Borg 1.4's Python internals (``Repository``/``RemoteRepository``, ``Manifest``, ``Cache``,
+    ``Archive``, ``Item``). This is the only module of ovirt-borg that imports them; Borg 2
+    (``borg create --map/--reuse-from``) could replace it behind the same interface.
+``cli``
+    No internals: a tar stream piped into ``borg import-tar --chunker-params fixed,<block>``.
+    Holes are sent as zero bytes and nothing can be reused, so it reads every block.
+
+Both write nothing visible unless :meth:`ArchiveWriter.commit` is called inside the ``with``
+block: leaving it otherwise (an exception, ``KeyboardInterrupt``) rolls the repository back and
+releases its lock.
+
+Speed (Borg 1.4.5 sources, measured on 2 cores): chunk-id hashing (``hashlib`` blake2b /
+HMAC-SHA256) releases the GIL, so it runs in worker threads in parallel. ``key.encrypt``
+(compression, AES-CTR, MAC) can not run twice at once: the cipher carries the nonce counter,
+the AES call keeps the GIL, and Borg's compressors share one module-global output buffer.
+So the workers hash in parallel and take turns encrypting under a lock, while the calling
+thread writes to the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, NamedTuple, Union
+
+from ovirt_borg import borgcli
+from ovirt_borg.borgcli import PASSPHRASE_SOURCES, SECRET_ENV, Repo
+from ovirt_borg.errors import ConfigError, OvirtBorgError, RepositoryError
+
+__all__ = ["ArchiveWriter", "Block", "ImageStats", "Repo", "Reuse", "open_writer"]
+
+log = logging.getLogger(__name__)
+
+#: Borg versions whose internals this module was written against (>= first, < second).
+SUPPORTED_BORG = ((1, 4), (1, 5))
+
+#: Mode, owner and directory mode of the items written.
+FILE_MODE = stat.S_IFREG | 0o600
+DIR_MODE = stat.S_IFDIR | 0o700
+OWNER = "root"
+
+# Worker threads hashing and encrypting data blocks; with 2 cores more only adds contention.
+_WORKERS = max(1, min(2, os.cpu_count() or 1))
+# Data blocks in flight (each holds its data and, once encrypted, its ciphertext).
+_IN_FLIGHT = 2 * _WORKERS + 2
+
+
+class Reuse(NamedTuple):
+    """Reuse block ``index`` of the base image (its chunk is referenced, not read or sent)."""
+
+    index: int
+
+
+#: One block of an image as given to ``add_image``: a hole, a reuse, or the block's data.
+Block = Union[None, Reuse, bytes, bytearray, memoryview]
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """What ``add_image`` did with the blocks of one image.
+
+    ``blocks`` = ``holes`` + ``reused`` + ``stored``; ``stored`` counts the data blocks given
+    and ``bytes_new`` their bytes. Of those, ``deduplicated`` blocks were already in the
+    repository; ``bytes_stored`` is what the others took in it (compressed and encrypted; 0 for
+    the command-line writer, which cannot tell).
+    """
+
+    blocks: int
+    holes: int
+    reused: int
+    stored: int
+    bytes_new: int
+    bytes_stored: int = 0
+    deduplicated: int = 0
+
+
+def open_writer(repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
+                comment: str = "", kind: str = "internal") -> ArchiveWriter:
+    """Return a writer for the new archive ``archive_name`` in ``repo``; use it with ``with``.
+
+    Given the repository, the archive name, the block (chunk) size of the images, the name of
+    the archive whose images blocks may be reused from (or None), the archive comment and the
+    writer kind (``internal`` or ``cli``). The repository is opened (and locked) when the
+    ``with`` block is entered. Raises ``ConfigError`` for a bad kind, name or block size.
+    """
+    if not archive_name or "/" in archive_name or len(archive_name) > 255 or archive_name != archive_name.strip():
+        raise ConfigError(f"invalid archive name {archive_name!r}: it must be 1..255 characters, without "
+                          f"'/' or surrounding blanks")
+    if not 64 <= block_size <= 20971478:
+        raise ConfigError(f"invalid block size {block_size}: Borg needs 64 bytes .. 20 MiB")
+    if kind == "internal":
+        return _InternalWriter(repo, archive_name, block_size=block_size, base_archive=base_archive,
+                               comment=comment)
+    if kind == "cli":
+        return _CliWriter(repo, archive_name, block_size=block_size, base_archive=base_archive,
+                          comment=comment)
+    raise ConfigError(f"unknown archive writer {kind!r}: use 'internal' or 'cli'")
+
+
+class ArchiveWriter(ABC):
+    """Writes one archive: images, small files, then ``commit()``; a context manager.
+
+    Entering opens and locks the repository (raising ``RepositoryBusy``, ``AuthError`` or
+    ``RepositoryError``); leaving without ``commit()`` leaves no archive and releases the lock.
+    """
+
+    def __init__(self, repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
+                 comment: str):
+        self.repo = repo
+        self.archive_name = archive_name
+        self.block_size = block_size
+        self.base_archive = base_archive
+        self.comment = comment
+        self._state = "new"  # new -> open -> committed | aborted
+        self._paths: set[str] = set()
+        self._dirs: set[str] = set()
+        self._mtime_ns = time.time_ns()
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> ArchiveWriter:
+        if self._state != "new":
+            raise RuntimeError("an ArchiveWriter can be entered only once")
+        self._open()
+        self._state = "open"
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        if exc_type is None:
+            log.warning("archive %s was not committed: nothing was written to %s",
+                        self.archive_name, self.repo.location)
+        else:
+            log.info("archive %s aborted (%s): rolling back %s", self.archive_name,
+                     exc_type.__name__, self.repo.location)
+        try:
+            self._abort(exc_type, exc, tb)
+        except Exception:
+            # Cleanup must not hide the error that made us abort.
+            if exc_type is None:
+                raise
+            log.exception("rollback of archive %s in %s failed", self.archive_name, self.repo.location)
+
+    # -- interface -------------------------------------------------------------------------
+
+    @abstractmethod
+    def base_image(self, path: str, size: int) -> bool:
+        """Say whether ``Reuse`` blocks may refer to ``path`` of the base archive.
+
+        Given the image path and its size now. Returns True if the base archive has ``path`` as
+        a fixed-aligned image of this block size (the item exists, every chunk but the last is
+        exactly ``block_size``, the chunk count is ``ceil(size / block_size)``, the size is the
+        same and all its chunks are known to the repository); otherwise False, logging why.
+        """
+
+    def add_image(self, path: str, size: int, blocks: Iterable[Block]) -> ImageStats:
+        """Add the image ``path`` of ``size`` bytes, given as its blocks in order.
+
+        Each block is ``None`` (a hole), ``Reuse(i)`` (only after ``base_image(path, size)``
+        returned True) or the block's bytes; there must be ``ceil(size / block_size)`` of them,
+        all ``block_size`` long but the last. Data blocks are copied if they are not ``bytes``
+        (the caller may reuse its buffers). Returns what was done. Raises ``ValueError`` for
+        blocks that do not fit, typed errors for repository failures, and whatever the block
+        iterator raises; the archive must then be abandoned (leave the ``with`` block).
+        """
+        self._require_open()
+        self._claim(path)
+        if size < 0:
+            raise ValueError(f"negative size {size} for {path}")
+        self._ensure_parents(path)
+        return self._write_image(path, size, blocks, reusable=True)
+
+    def add_file(self, path: str, data: bytes) -> None:
+        """Add a small regular file (the OVF, the sidecar) with content ``data``.
+
+        Raises ``ValueError`` for a bad or repeated path, typed errors for repository failures.
+        """
+        self._require_open()
+        self._claim(path)
+        self._ensure_parents(path)
+        data = bytes(data)
+        pieces = [data[offset:offset + self.block_size] for offset in range(0, len(data), self.block_size)]
+        self._write_image(path, len(data), pieces, reusable=False)
+
+    @abstractmethod
+    def commit(self) -> str:
+        """Commit the archive; return its id (64 hex digits) and release the repository.
+
+        Raises typed errors if Borg fails (then nothing was committed).
+        """
+
+    # -- shared helpers --------------------------------------------------------------------
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"archive writer for {self.archive_name} is {self._state}, not open "
+                               f"(use it inside 'with', before commit())")
+
+    def _claim(self, path: str) -> None:
+        parts = path.split("/")
+        if not path or path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"invalid archive path {path!r}: it must be relative, without '.', '..' or '//'")
+        if path in self._paths or path in self._dirs:
+            raise ValueError(f"{path} is already in archive {self.archive_name}")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in self._paths:
+                raise ValueError(f"{path}: its parent is a file in archive {self.archive_name}")
+        self._paths.add(path)
+
+    def _ensure_parents(self, path: str) -> None:
+        # Borg create writes a directory before its contents; do the same so extract and
+        # mount give the directories sensible modes.
+        parts = path.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            directory = "/".join(parts[:depth])
+            if directory not in self._dirs:
+                self._dirs.add(directory)
+                self._write_directory(directory)
+
+    def _block_length(self, position: int, size: int, path: str) -> int:
+        remaining = size - position * self.block_size
+        if remaining <= 0:
+            raise ValueError(f"{path}: more blocks than {size} bytes in blocks of {self.block_size} hold")
+        return min(self.block_size, remaining)
+
+    def _block_count(self, size: int) -> int:
+        return math.ceil(size / self.block_size)
+
+    @abstractmethod
+    def _open(self) -> None: ...
+
+    @abstractmethod
+    def _abort(self, exc_type, exc, tb) -> None: ...
+
+    @abstractmethod
+    def _write_directory(self, path: str) -> None: ...
+
+    @abstractmethod
+    def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
+        """Write the item ``path`` from its blocks; ``reusable``: ``Reuse`` blocks are allowed."""
+
+
+# ============================================================================================
+# The writer on Borg's internals
+
+
+class _BorgInternals:
+    """The Borg 1.4 names this module uses, imported on first use (Borg is a heavy import)."""
+
+    def __init__(self):
+        import borg
+        import borg.logger
+        from borg.archive import Archive
+        from borg.cache import Cache, ChunkListEntry
+        from borg.compress import CompressionSpec
+        from borg.constants import zeros
+        from borg.helpers import Error, Manifest, bin_to_hex
+        from borg.helpers.parseformat import ChunkerParams, Location
+        from borg.item import Item
+        from borg.remote import RemoteRepository
+        from borg.repository import Repository
+
+        version = tuple(int(part) for part in borg.__version__.split(".")[:2])
+        if not SUPPORTED_BORG[0] <= version < SUPPORTED_BORG[1]:
+            raise RepositoryError(
+                f"borgbackup {borg.__version__} is installed, but the archive writer needs "
+                f">= {'.'.join(map(str, SUPPORTED_BORG[0]))}, < {'.'.join(map(str, SUPPORTED_BORG[1]))}; "
+                f"install a supported version or use the 'cli' writer")
+        self.Archive = Archive
+        self.Cache = Cache
+        self.ChunkListEntry = ChunkListEntry
+        self.CompressionSpec = CompressionSpec
+        self.zeros = zeros
+        self.Error = Error
+        self.Manifest = Manifest
+        self.bin_to_hex = bin_to_hex
+        self.ChunkerParams = ChunkerParams
+        self.Location = Location
+        self.Item = Item
+        self.RemoteRepository = RemoteRepository
+        self.Repository = Repository
+        # Borg's loggers refuse to log until borg.logger.setup_logging() ran, which would
+        # install Borg's own root handler. Let its records flow into the application's logging.
+        if not borg.logger.configured:
+            borg.logger.configured = True
+        borg_logger = logging.getLogger("borg")
+        if not hasattr(borg_logger, "json"):
+            borg_logger.json = False
+
+
+_internals: _BorgInternals | None = None
+# os.environ is process-wide: one internal writer at a time per process.
+_internal_writer_lock = threading.Lock()
+
+
+def _borg() -> _BorgInternals:
+    global _internals
+    if _internals is None:
+        _internals = _BorgInternals()
+    return _internals
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block (Borg's internals read it), then restore."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class _Prepared(NamedTuple):
+    chunk_id: bytes
+    size: int
+    encrypted: bytes | None  # None: the repository had the chunk when it was hashed
+
+
+class _InternalWriter(ArchiveWriter):
+    """ArchiveWriter on Borg 1.4's Python internals (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stack = contextlib.ExitStack()
+        self._pool: ThreadPoolExecutor | None = None
+        self._encrypt_lock = threading.Lock()
+        self._zero_ids: dict[int, bytes] = {}
+        self._base = None  # borg Archive of base_archive, loaded on first base_image()
+        self._base_items: dict[str, object] | None = None
+        self._base_images: dict[str, list] = {}  # path -> chunk list accepted by base_image()
+        self._env_held = False
+
+    # -- open / close ----------------------------------------------------------------------
+
+    def _translate(self, exc: BaseException) -> OvirtBorgError:
+        return borgcli.translate_error(type(exc).__qualname__, str(exc), repo=self.repo,
+                                       archive=self.archive_name)
+
+    @contextlib.contextmanager
+    def _borg_errors(self) -> Iterator[None]:
+        """Turn Borg's exceptions raised in the block into typed errors."""
+        borg = _borg()
+        from borg.locking import LockError, LockErrorT
+        from borg.crypto.low_level import IntegrityError
+        from borg.remote import RemoteRepository
+        try:
+            yield
+        except (borg.Error, LockError, LockErrorT, IntegrityError, RemoteRepository.RPCError) as exc:
+            raise self._translate(exc) from exc
+
+    def _open(self) -> None:
+        if not _internal_writer_lock.acquire(blocking=False):
+            raise RuntimeError("another internal archive writer is open in this process")
+        self._stack.callback(_internal_writer_lock.release)
+        try:
+            with self._borg_errors():
+                self._open_repository()
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _open_repository(self) -> None:
+        borg = _borg()
+        settings = {name: value for name, value in self.repo.env.items() if name not in SECRET_ENV}
+        secrets = {name: value for name, value in self.repo.env.items() if name in SECRET_ENV}
+        if not any(name in secrets or name in os.environ for name in PASSPHRASE_SOURCES):
+            # Never let Borg stop to ask on a terminal: no passphrase means the empty one.
+            secrets["BORG_PASSPHRASE"] = ""
+        self._stack.enter_context(_environment(settings))
+        try:
+            compressor = borg.CompressionSpec(self.repo.compression).compressor
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid Borg compression {self.repo.compression!r}: {exc}") from exc
+        location = borg.Location(self.repo.location)
+        started = time.monotonic()
+        if location.proto == "ssh":
+            import argparse
+            # RemoteRepository reads these options from Borg's parsed command line; BORG_RSH and
+            # BORG_REMOTE_PATH come from the environment set above.
+            options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,
+                                         debug_topics=[])
+            repository = borg.RemoteRepository(location, exclusive=True, lock_wait=self.repo.lock_wait,
+                                               args=options)
+        else:
+            repository = borg.Repository(location.path, exclusive=True, lock_wait=self.repo.lock_wait)
+        self._repository = self._stack.enter_context(repository)
+        log.debug("locked repository %s in %.1f s", self.repo.location, time.monotonic() - started)
+        # The secrets are in os.environ only while the key is read: the ssh started above must
+        # not inherit them, and nothing later needs them.
+        with _environment(secrets):
+            self._manifest, self._key = borg.Manifest.load(self._repository, (borg.Manifest.Operation.WRITE,))
+        self._key.compressor = compressor
+        self._cache = self._stack.enter_context(
+            borg.Cache(self._repository, self._key, self._manifest, lock_wait=self.repo.lock_wait))
+        # Leaving with an exception must undo the chunk references counted in this transaction.
+        self._stack.push(lambda exc_type, exc, tb: self._cache.rollback() if exc_type else None)
+        self._archive = borg.Archive(self._repository, self._key, self._manifest, self.archive_name,
+                                     cache=self._cache, create=True, checkpoint_interval=0,
+                                     chunker_params=borg.ChunkerParams(f"fixed,{self.block_size}"))
+        self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-chunks")
+        self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
+        log.info("writing archive %s to %s (block size %d, base %s)", self.archive_name,
+                 self.repo.location, self.block_size, self.base_archive or "none")
+
+    def _abort(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            exc_type, exc = _NotCommitted, _NotCommitted()
+        # Borg's Repository rolls its transaction back when left with an exception.
+        self._stack.__exit__(exc_type, exc, tb)
+
+    def commit(self) -> str:
+        self._require_open()
+        borg = _borg()
+        try:
+            with self._borg_errors():
+                self._archive.save(comment=self.comment)
+            archive_id = borg.bin_to_hex(self._archive.id)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        self._state = "committed"
+        self._stack.close()
+        stats = self._archive.stats
+        log.info("committed archive %s (%s) to %s: %d files, %d bytes, %d bytes new in the repository",
+                 self.archive_name, archive_id, self.repo.location, stats.nfiles, stats.osize, stats.usize)
+        return archive_id
+
+    # -- base archive ----------------------------------------------------------------------
+
+    def base_image(self, path: str, size: int) -> bool:
+        self._require_open()
+        if not self.base_archive:
+            return False
+        with self._borg_errors():
+            items = self._load_base_items()
+            if items is None:
+                return False
+            item = items.get(path)
+            why = self._base_unusable(item, size)
+            if why:
+                log.info("not reusing %s of base archive %s: %s", path, self.base_archive, why)
+                return False
+        self._base_images[path] = list(item.chunks)
+        log.debug("reusing blocks of %s from base archive %s", path, self.base_archive)
+        return True
+
+    def _load_base_items(self) -> dict[str, object] | None:
+        if self._base_items is not None:
+            return self._base_items
+        borg = _borg()
+        if self.base_archive not in self._manifest.archives:
+            log.warning("base archive %s is not in %s: every block will be read", self.base_archive,
+                        self.repo.location)
+            return None
+        base = borg.Archive(self._repository, self._key, self._manifest, self.base_archive, cache=self._cache)
+        self._base_items = {item.path: item for item in base.iter_items()
+                            if stat.S_ISREG(item.mode) and "chunks" in item}
+        return self._base_items
+
+    def _base_unusable(self, item, size: int) -> str | None:
+        """Return why ``item`` of the base archive cannot be reused for an image of ``size``."""
+        if item is None:
+            return "it is not in the base archive"
+        if item.get("size") != size:
+            return f"its size changed ({item.get('size')} -> {size} bytes)"
+        chunks = item.chunks
+        if len(chunks) != self._block_count(size):
+            return (f"it has {len(chunks)} chunks, {self._block_count(size)} blocks of "
+                    f"{self.block_size} bytes expected")
+        for position, chunk in enumerate(chunks):
+            expected = min(self.block_size, size - position * self.block_size)
+            if chunk.size != expected:
+                return f"chunk {position} has {chunk.size} bytes, not {expected}: not cut in aligned blocks"
+        for chunk in chunks:
+            if not self._cache.seen_chunk(chunk.id):
+                return "the repository lost some of its chunks (run borg check)"
+        return None
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _write_directory(self, path: str) -> None:
+        borg = _borg()
+        with self._borg_errors():
+            item = borg.Item(path=path, mode=DIR_MODE, uid=0, gid=0, user=OWNER, group=OWNER,
+                             mtime=self._mtime_ns, ctime=self._mtime_ns)
+            self._archive.add_item(item, show_progress=False)
+
+    def _prepare(self, data: bytes) -> _Prepared:
+        """Hash a data block and, unless the repository has it, compress and encrypt it.
+
+        Runs in a worker thread. The hash runs in parallel (hashlib releases the GIL); the
+        encryption is serialised (one cipher, one nonce counter, one compression buffer).
+        """
+        chunk_id = self._key.id_hash(data)
+        # A lookup in Borg's C hash index is atomic under the GIL; a stale "not seen" only costs
+        # an encryption, the calling thread checks again before storing.
+        if self._cache.seen_chunk(chunk_id):
+            return _Prepared(chunk_id, len(data), None)
+        with self._encrypt_lock:
+            encrypted = self._key.encrypt(data)
+        return _Prepared(chunk_id, len(data), encrypted)
+
+    def _store(self, prepared: _Prepared, counters: dict) -> object:
+        """Store a prepared block (or reference it if the repository has it); return its chunk entry.
+
+        This is ``LocalCache.add_chunk`` with the encryption already done by a worker.
+        """
+        borg = _borg()
+        cache = self._cache
+        if prepared.encrypted is None or cache.seen_chunk(prepared.chunk_id, prepared.size):
+            counters["deduplicated"] += 1
+            return cache.chunk_incref(prepared.chunk_id, self._archive.stats)
+        if not cache.txn_active:
+            cache.begin_txn()
+        stored_size = len(prepared.encrypted)
+        self._repository.put(prepared.chunk_id, prepared.encrypted, wait=False)
+        cache.chunks.add(prepared.chunk_id, 1, prepared.size, stored_size)
+        self._archive.stats.update(prepared.size, stored_size, True)
+        self._repository.async_response(wait=False)
+        counters["bytes_stored"] += stored_size
+        return borg.ChunkListEntry(prepared.chunk_id, prepared.size, stored_size)
+
+    def _hole(self, length: int):
+        chunk_id = self._zero_ids.get(length)
+        if chunk_id is None:
+            zero_block = memoryview(_borg().zeros)[:length]
+            chunk_id = self._key.id_hash(zero_block)
+            self._zero_ids[length] = chunk_id
+            # add_chunk stores the all-zero chunk if the repository does not have it yet; it
+            # encrypts in this thread, so it takes its turn with the workers.
+            with self._encrypt_lock:
+                return self._cache.add_chunk(chunk_id, zero_block, self._archive.stats, wait=False)
+        return self._cache.chunk_incref(chunk_id, self._archive.stats)
+
+    def _reuse(self, base_chunks: list | None, reuse: Reuse, length: int, path: str):
+        if base_chunks is None:
+            raise ValueError(f"{path}: Reuse given but base_image() did not accept {path}")
+        if not 0 <= reuse.index < len(base_chunks):
+            raise ValueError(f"{path}: Reuse({reuse.index}) is outside the base image "
+                             f"({len(base_chunks)} blocks)")
+        chunk = base_chunks[reuse.index]
+        if chunk.size != length:
+            raise ValueError(f"{path}: Reuse({reuse.index}) has {chunk.size} bytes where {length} are needed")
+        return self._cache.chunk_incref(chunk.id, self._archive.stats)
+
+    def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
+        borg = _borg()
+        base_chunks = self._base_images.get(path) if reusable else None
+        counters = {"holes": 0, "reused": 0, "stored": 0, "bytes_new": 0, "bytes_stored": 0, "deduplicated": 0}
+        entries: list = []
+        # In block order: chunk entries done, or futures of data blocks being prepared.
+        pending: deque[object] = deque()
+        in_flight = 0
+        started = time.monotonic()
+
+        def settle(limit: int) -> None:
+            nonlocal in_flight
+            while pending and (not isinstance(pending[0], Future) or in_flight > limit):
+                head = pending.popleft()
+                if isinstance(head, Future):
+                    in_flight -= 1
+                    head = self._store(head.result(), counters)
+                entries.append(head)
+
+        count = 0
+        try:
+            with self._borg_errors():
+                for position, block in enumerate(blocks):
+                    count = position + 1
+                    length = self._block_length(position, size, path)
+                    if block is None:
+                        counters["holes"] += 1
+                        pending.append(self._hole(length))
+                    elif isinstance(block, Reuse):
+                        counters["reused"] += 1
+                        pending.append(self._reuse(base_chunks, block, length, path))
+                    else:
+                        data = block if isinstance(block, bytes) else bytes(block)
+                        if len(data) != length:
+                            raise ValueError(f"{path}: block {position} has {len(data)} bytes, {length} expected")
+                        counters["stored"] += 1
+                        counters["bytes_new"] += length
+                        pending.append(self._pool.submit(self._prepare, data))
+                        in_flight += 1
+                    settle(_IN_FLIGHT)
+                if count != self._block_count(size):
+                    raise ValueError(f"{path}: {count} blocks given, {self._block_count(size)} expected "
+                                     f"for {size} bytes")
+                settle(0)
+                item = borg.Item(path=path, mode=FILE_MODE, uid=0, gid=0, user=OWNER, group=OWNER,
+                                 mtime=self._mtime_ns, ctime=self._mtime_ns, size=size,
+                                 chunks=entries, hardlink_master=False)
+                self._archive.stats.nfiles += 1
+                self._archive.add_item(item, show_progress=False)
+        except BaseException:
+            for waiting in pending:
+                if isinstance(waiting, Future):
+                    waiting.cancel()
+            # Let running workers finish before the caller rolls back what they depend on.
+            for waiting in pending:
+                if isinstance(waiting, Future) and not waiting.cancelled():
+                    with contextlib.suppress(BaseException):
+                        waiting.result()
+            raise
+        elapsed = time.monotonic() - started
+        result = ImageStats(blocks=count, **counters)
+        log.info("%s: %d blocks (%d holes, %d reused, %d read, %d already stored), %d bytes new, "
+                 "%.1f MB/s", path, result.blocks, result.holes, result.reused, result.stored,
+                 result.deduplicated, result.bytes_new, size / 1e6 / elapsed if elapsed > 0 else 0.0)
+        return result
+
+
+class _NotCommitted(Exception):
+    """Stands for 'left without commit()' when Borg's cleanup needs an exception to roll back."""
+
+
+# ============================================================================================
+# The writer on the command line
+
+
+class _CountingPipe:
+    """Write-only file object over a pipe that knows its position (tarfile asks ``tell()``)."""
+
+    def __init__(self, pipe: IO[bytes]):
+        self._pipe = pipe
+        self._position = 0
+
+    def write(self, data) -> int:
+        self._pipe.write(data)
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        self._pipe.flush()
+
+
+class _ImageReader:
+    """Read-only file object giving an image's bytes from its blocks (holes as zeros)."""
+
+    def __init__(self, writer: _CliWriter, path: str, size: int, blocks: Iterable[Block]):
+        self._writer = writer
+        self._path = path
+        self._size = size
+        self._blocks = iter(enumerate(blocks))
+        self._buffer = memoryview(b"")
+        self.exhausted = False
+        self.counters = {"holes": 0, "reused": 0, "stored": 0, "bytes_new": 0}
+        self.count = 0
+
+    def _next_block(self) -> bytes | memoryview | None:
+        try:
+            position, block = next(self._blocks)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        self.count = position + 1
+        length = self._writer._block_length(position, self._size, self._path)
+        if block is None:
+            self.counters["holes"] += 1
+            return self._writer._zero_block(length)
+        if isinstance(block, Reuse):
+            raise ValueError(f"{self._path}: the command-line writer cannot reuse blocks")
+        if len(block) != length:
+            raise ValueError(f"{self._path}: block {position} has {len(block)} bytes, {length} expected")
+        self.counters["stored"] += 1
+        self.counters["bytes_new"] += length
+        return block if isinstance(block, bytes) else bytes(block)
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            raise ValueError("the image reader reads in blocks only")
+        if not self._buffer:
+            block = self._next_block()
+            if block is None:
+                return b""
+            if len(block) == size:
+                return block  # the usual case: tarfile reads exactly one block
+            self._buffer = memoryview(block)
+        piece, self._buffer = self._buffer[:size], self._buffer[size:]
+        return bytes(piece)
+
+    def finish(self) -> None:
+        """Raise ``ValueError`` if blocks were left over or missing."""
+        if self._buffer or self._next_block() is not None:
+            raise ValueError(f"{self._path}: more blocks than {self._size} bytes hold")
+        expected = self._writer._block_count(self._size)
+        if self.count != expected:
+            raise ValueError(f"{self._path}: {self.count} blocks given, {expected} expected")
+
+
+# Borg failures that happen before borg import-tar could write anything.
+_NEVER_WROTE = frozenset({"LockTimeout", "PassphraseWrong", "NoPassphraseFailure", "PasscommandFailure",
+                          "Repository.DoesNotExist", "Repository.InvalidRepository", "Archive.AlreadyExists"})
+
+
+class _CliWriter(ArchiveWriter):
+    """ArchiveWriter streaming a tar into ``borg import-tar`` (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._process: borgcli.BorgProcess | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._zeros: dict[int, bytes] = {}
+
+    def _open(self) -> None:
+        args = ["import-tar", "--json", "--checkpoint-interval", "0",
+                "--chunker-params", f"fixed,{self.block_size}", "--compression", self.repo.compression]
+        if self.comment:
+            args += ["--comment", self.comment]
+        args += [borgcli.archive_location(self.repo, self.archive_name), "-"]
+        self._process = borgcli.BorgProcess(self.repo, *args, stdin=subprocess.PIPE, archive=self.archive_name)
+        try:
+            # PAX headers carry sizes beyond 8 GiB; reading a whole block at a time keeps it fast.
+            self._tar = tarfile.open(fileobj=_CountingPipe(self._process.proc.stdin), mode="w",
+                                     format=tarfile.PAX_FORMAT, copybufsize=self.block_size)
+        except BaseException:
+            self._process.terminate()
+            raise
+        log.info("writing archive %s to %s through borg import-tar (block size %d)", self.archive_name,
+                 self.repo.location, self.block_size)
+
+    def _zero_block(self, length: int) -> bytes:
+        block = self._zeros.get(length)
+        if block is None:
+            block = self._zeros[length] = bytes(length)
+        return block
+
+    def base_image(self, path: str, size: int) -> bool:
+        self._require_open()
+        if self.base_archive:
+            log.info("not reusing %s of base archive %s: the command-line writer reads every block",
+                     path, self.base_archive)
+        return False
+
+    def _tarinfo(self, path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
+        info = tarfile.TarInfo(path)
+        info.type = kind
+        info.mode = stat.S_IMODE(mode)
+        info.size = size
+        info.mtime = self._mtime_ns // 1_000_000_000
+        info.uid = info.gid = 0
+        info.uname = info.gname = OWNER
+        return info
+
+    @contextlib.contextmanager
+    def _borg_pipe(self) -> Iterator[None]:
+        """Turn a write to a borg that has exited into borg's own error."""
+        try:
+            yield
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            returncode = self._process.wait()
+            borgcli.raise_for_borg(self.repo, returncode or 2, self._process.log, archive=self.archive_name,
+                                   allow_warning=False)
+            raise RepositoryError(f"borg import-tar stopped reading: {exc}") from exc
+
+    def _write_directory(self, path: str) -> None:
+        with self._borg_pipe():
+            self._tar.addfile(self._tarinfo(path, tarfile.DIRTYPE, DIR_MODE, 0))
+
+    def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
+        reader = _ImageReader(self, path, size, blocks)
+        started = time.monotonic()
+        with self._borg_pipe():
+            try:
+                self._tar.addfile(self._tarinfo(path, tarfile.REGTYPE, FILE_MODE, size), reader if size else None)
+            except OSError as exc:
+                if reader.exhausted:
+                    raise ValueError(f"{path}: {reader.count} blocks given, {self._block_count(size)} "
+                                     f"expected for {size} bytes") from exc
+                raise
+        reader.finish()
+        result = ImageStats(blocks=reader.count, **reader.counters)
+        elapsed = time.monotonic() - started
+        log.info("%s: %d blocks (%d holes, %d read) sent to borg, %.1f MB/s", path, result.blocks,
+                 result.holes, result.stored, size / 1e6 / elapsed if elapsed > 0 else 0.0)
+        return result
+
+    def commit(self) -> str:
+        self._require_open()
+        try:
+            with self._borg_pipe():
+                self._tar.close()
+                self._process.proc.stdin.close()
+            output = self._process.proc.stdout.read()
+            self._process.check(allow_warning=True)
+            archive_id = json.loads(output)["archive"]["id"]
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        self._process.proc.stdout.close()
+        self._state = "committed"
+        log.info("committed archive %s (%s) to %s", self.archive_name, archive_id, self.repo.location)
+        return archive_id
+
+    def _abort(self, exc_type, exc, tb) -> None:
+        process = self._process
+        process.terminate()
+        created = process.proc.returncode == 0
+        msgid, _ = process.log.error()
+        if msgid in _NEVER_WROTE:
+            return
+        # Borg writes no checkpoint with --checkpoint-interval 0 and SIGTERM, but a checkpoint
+        # or (if it got that far) the archive itself must not outlive an aborted run.
+        leftovers = [entry["name"] for entry in borgcli.list_archives(self.repo)
+                     if entry["name"].startswith(self.archive_name + ".checkpoint")
+                     or (created and entry["name"] == self.archive_name)]
+        for name in leftovers:
+            log.warning("deleting %s left in %s by the aborted borg import-tar", name, self.repo.location)
+            borgcli.delete_archive(self.repo, name)

@@ -1,0 +1,498 @@
+"""Talk to Borg through its command line (``--json`` / ``--log-json``).
+
+Everything in ovirt-borg that reads, lists, prunes or maintains a Borg repository goes through
+this module; only :mod:`ovirt_borg.archive` writes archives with Borg's Python internals.
+
+Secrets (``BORG_PASSPHRASE``, ``BORG_PASSCOMMAND``) travel in the environment of the ``borg``
+process, never on its command line, and are never logged. Borg runs with
+``BORG_EXIT_CODES=modern`` and ``--log-json`` so that a failure is recognised by its message id
+(``LockTimeout``, ``PassphraseWrong``, ``Repository.DoesNotExist``, ...) and turned into one of
+the typed errors of :mod:`ovirt_borg.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+from ovirt_borg.errors import AuthError, ConfigError, NotFound, OvirtBorgError, RepositoryBusy, RepositoryError
+
+__all__ = [
+    "Repo",
+    "archive_exists",
+    "check",
+    "compact",
+    "delete_archive",
+    "extract_to",
+    "init",
+    "list_archives",
+    "open_stream",
+    "prune",
+    "read_file",
+    "repo_id",
+    "translate_error",
+]
+
+log = logging.getLogger(__name__)
+
+#: Environment variables that carry a Borg secret: passed to Borg, never logged.
+SECRET_ENV = frozenset({"BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD", "BORG_NEW_PASSPHRASE"})
+
+#: Where Borg may read a passphrase from without asking on a terminal.
+PASSPHRASE_SOURCES = ("BORG_PASSPHRASE", "BORG_PASSCOMMAND", "BORG_PASSPHRASE_FD")
+
+# How long a borg process gets to roll back and release its lock after SIGTERM.
+_TERMINATE_GRACE = 30
+
+
+@dataclass(frozen=True)
+class Repo:
+    """A Borg repository and how to reach it.
+
+    ``location`` is a local path or ``ssh://user@host[:port]/path``; ``env`` holds the Borg
+    environment for it (``BORG_PASSPHRASE`` / ``BORG_PASSCOMMAND`` / ``BORG_RSH`` /
+    ``BORG_REMOTE_PATH`` / ``BORG_BASE_DIR`` ...). ``env`` is left out of ``repr`` because it
+    usually holds the passphrase.
+    """
+
+    location: str
+    env: Mapping[str, str] = field(repr=False)
+    lock_wait: int = 60
+    compression: str = "lz4"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def translate_error(msgid: str | None, message: str, *, repo: Repo, archive: str | None = None,
+                    exit_code: int | None = None) -> OvirtBorgError:
+    """Turn a Borg failure into the typed ovirt-borg error for it.
+
+    Given Borg's message id (the error's class ``__qualname__``, which is also the ``msgid`` of
+    its ``--log-json`` error line), Borg's own message, the repository and archive concerned and,
+    for the command line, the exit code (``BORG_EXIT_CODES=modern``). Returns the error to raise
+    (it does not raise). Unknown failures become a ``RepositoryError`` carrying Borg's message.
+    """
+    where = f"repository {repo.location}"
+    detail = f" (borg: {message})" if message else ""
+    if msgid == "LockTimeout" or exit_code == 73:
+        return RepositoryBusy(
+            f"{where} is busy: another borg process holds its lock; try again later or raise "
+            f"lock_wait{detail}")
+    if msgid == "PassphraseWrong" or exit_code == 52:
+        return AuthError(
+            f"the Borg passphrase for {where} is wrong or missing; check BORG_PASSPHRASE / "
+            f"BORG_PASSCOMMAND in the configuration")
+    if msgid in ("NoPassphraseFailure", "PasswordRetriesExceeded") or exit_code in (50, 53):
+        return AuthError(
+            f"no usable Borg passphrase for {where}; set BORG_PASSPHRASE or BORG_PASSCOMMAND "
+            f"in the configuration{detail}")
+    if msgid == "PasscommandFailure" or exit_code == 51:
+        return AuthError(f"the BORG_PASSCOMMAND for {where} failed; fix the command{detail}")
+    if msgid in ("KeyfileNotFoundError", "KeyfileInvalidError", "KeyfileMismatchError",
+                 "RepoKeyNotFoundError") or exit_code in (40, 41, 42, 44):
+        return AuthError(f"the Borg key for {where} is missing or does not match{detail}")
+    if msgid in ("Repository.DoesNotExist", "Repository.InvalidRepository",
+                 "Repository.InvalidRepositoryConfig", "Repository.ParentPathDoesNotExist",
+                 "NoManifestError") or exit_code in (13, 15, 16, 18):
+        return RepositoryError(
+            f"{where} does not exist or is not a Borg repository; create it (borg init) or fix "
+            f"the location{detail}")
+    if msgid in ("Repository.AlreadyExists", "Repository.PathAlreadyExists") or exit_code in (10, 19):
+        return RepositoryError(f"{where} already exists; use it or choose another location{detail}")
+    if msgid == "Archive.DoesNotExist" or exit_code == 31:
+        return NotFound(f"archive {archive or '?'} does not exist in {where}{detail}")
+    if msgid == "Archive.AlreadyExists" or exit_code == 30:
+        return RepositoryError(
+            f"archive {archive or '?'} already exists in {where}; choose another archive name")
+    if msgid in ("Repository.StorageQuotaExceeded", "Repository.InsufficientFreeSpaceError") \
+            or exit_code in (14, 20):
+        return RepositoryError(f"{where} is full; prune and compact it or give it more space{detail}")
+    if msgid in ("ConnectionClosed", "ConnectionClosedWithHint", "PathNotAllowed",
+                 "RemoteRepository.RPCServerOutdated", "RPCServerOutdated"):
+        return RepositoryError(f"cannot talk to the borg server for {where}; check ssh and "
+                               f"BORG_RSH / BORG_REMOTE_PATH{detail}")
+    if msgid in ("IntegrityError", "Repository.CheckNeeded", "Repository.ObjectNotFound") \
+            or exit_code in (12, 17):
+        return RepositoryError(f"{where} looks damaged; run borg check on it{detail}")
+    if msgid in ("Cache.RepositoryAccessAborted",):
+        return RepositoryError(
+            f"Borg refused to use {where}: it was known under another location or is unknown "
+            f"and unencrypted; set BORG_RELOCATED_REPO_ACCESS_IS_OK=yes or "
+            f"BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes if that is intended{detail}")
+    if msgid and msgid.startswith("Cache."):
+        return RepositoryError(f"the Borg cache for {where} does not match the repository{detail}")
+    code = f" (exit code {exit_code})" if exit_code is not None else ""
+    return RepositoryError(f"borg failed on {where}{code}: {message or msgid or 'no message'}")
+
+
+# --------------------------------------------------------------------------------------------
+# Running borg
+
+
+def borg_executable() -> str:
+    """Return the path of the ``borg`` program to run.
+
+    The ``borg`` installed next to the running Python (the venv's bin directory) is preferred,
+    so the command line and the internals are the same Borg version; otherwise ``borg`` on
+    ``PATH``. Raises ``RepositoryError`` if there is none.
+    """
+    candidate = Path(sys.executable).parent / "borg"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("borg")
+    if found:
+        return found
+    raise RepositoryError("the borg program was not found next to Python nor on PATH; install borgbackup")
+
+
+def borg_environment(repo: Repo) -> dict[str, str]:
+    """Return the environment for a ``borg`` process working on ``repo``.
+
+    Given the repository; returns ``os.environ`` overlaid with ``repo.env``, with modern exit
+    codes, and with an empty ``BORG_PASSPHRASE`` when no passphrase source is configured, so
+    Borg never stops to ask on a terminal (an encrypted repository then fails with a clear
+    ``AuthError``).
+    """
+    env = dict(os.environ)
+    env.update(repo.env)
+    env["BORG_EXIT_CODES"] = "modern"
+    if not any(name in env for name in PASSPHRASE_SOURCES):
+        env["BORG_PASSPHRASE"] = ""
+    return env
+
+
+def borg_command(repo: Repo, *args: str) -> list[str]:
+    """Return the argv for running ``borg <args>`` on ``repo`` (common options included)."""
+    return [borg_executable(), "--log-json", "--lock-wait", str(repo.lock_wait), *args]
+
+
+def archive_location(repo: Repo, archive: str) -> str:
+    """Return the ``REPOSITORY::ARCHIVE`` argument for an archive of ``repo``."""
+    return f"{repo.location}::{archive}"
+
+
+@dataclass
+class BorgLog:
+    """What a borg process said on stderr with ``--log-json``."""
+
+    messages: list[dict] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+
+    def feed(self, line: str) -> None:
+        """Take one stderr line: keep JSON log messages and forward them to our log."""
+        line = line.rstrip("\n")
+        if not line:
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            # ssh and the borg server can print plain lines; they carry no secrets of ours.
+            self.other.append(line)
+            log.debug("borg: %s", line)
+            return
+        if record.get("type") != "log_message":
+            return
+        self.messages.append(record)
+        level = logging.getLevelName(record.get("levelname", "INFO"))
+        if not isinstance(level, int):
+            level = logging.INFO
+        # Borg's INFO lines (key advice, file lists) are detail for us, not news.
+        log.log(level if level >= logging.WARNING else logging.DEBUG, "borg: %s", record.get("message", ""))
+
+    def error(self) -> tuple[str | None, str]:
+        """Return (msgid, message) of the last error Borg logged, or (None, last plain line)."""
+        for record in reversed(self.messages):
+            if record.get("levelname") in ("ERROR", "CRITICAL"):
+                return record.get("msgid"), record.get("message", "")
+        return None, (self.other[-1] if self.other else "")
+
+    def lines(self, logger_name: str) -> list[str]:
+        """Return the messages Borg logged to ``logger_name`` (e.g. ``borg.output.list``)."""
+        return [m.get("message", "") for m in self.messages if m.get("name") == logger_name]
+
+
+def raise_for_borg(repo: Repo, returncode: int, borg_log: BorgLog, *, archive: str | None = None,
+                   allow_warning: bool = True) -> None:
+    """Raise the typed error for a finished borg process, if it failed.
+
+    Given the repository, the exit code and what borg logged; an exit code of 0 (and, with
+    ``allow_warning``, Borg's warning codes 1 and 100..127) is success. Raises an
+    ``OvirtBorgError`` subclass otherwise.
+    """
+    if returncode == 0:
+        return
+    if allow_warning and (returncode == 1 or 100 <= returncode <= 127):
+        log.warning("borg finished with warnings (exit code %d) on repository %s", returncode, repo.location)
+        return
+    msgid, message = borg_log.error()
+    if returncode < 0:
+        message = f"borg was killed by signal {-returncode}" + (f"; {message}" if message else "")
+    raise translate_error(msgid, message, repo=repo, archive=archive, exit_code=returncode)
+
+
+def _run(repo: Repo, *args: str, archive: str | None = None, cwd: str | os.PathLike | None = None,
+         allow_warning: bool = True) -> tuple[bytes, BorgLog]:
+    """Run ``borg <args>`` to completion; return (stdout bytes, its log) or raise a typed error."""
+    argv = borg_command(repo, *args)
+    log.debug("running %s", " ".join(argv))
+    proc = subprocess.run(argv, env=borg_environment(repo), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, check=False)
+    borg_log = BorgLog()
+    for line in proc.stderr.decode("utf-8", "replace").splitlines():
+        borg_log.feed(line)
+    raise_for_borg(repo, proc.returncode, borg_log, archive=archive, allow_warning=allow_warning)
+    return proc.stdout, borg_log
+
+
+class BorgProcess:
+    """A running ``borg`` process whose stderr log is collected by a background thread.
+
+    Given the repository and the borg arguments; ``stdin``/``stdout`` as for ``subprocess.Popen``.
+    The process runs in its own session so that a Ctrl-C meant for ovirt-borg does not make
+    Borg write a checkpoint archive; ovirt-borg stops it itself with :meth:`terminate`.
+    """
+
+    def __init__(self, repo: Repo, *args: str, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 archive: str | None = None):
+        self.repo = repo
+        self.archive = archive
+        self.log = BorgLog()
+        argv = borg_command(repo, *args)
+        log.debug("starting %s", " ".join(argv))
+        self.proc = subprocess.Popen(argv, env=borg_environment(repo), stdin=stdin, stdout=stdout,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self._stderr_thread = threading.Thread(target=self._drain_stderr, name="borg-stderr", daemon=True)
+        self._stderr_thread.start()
+
+    def _drain_stderr(self) -> None:
+        for raw in self.proc.stderr:
+            self.log.feed(raw.decode("utf-8", "replace"))
+
+    def wait(self) -> int:
+        """Wait for the process and its log; return the exit code."""
+        returncode = self.proc.wait()
+        self._stderr_thread.join()
+        self.proc.stderr.close()
+        return returncode
+
+    def check(self, allow_warning: bool = True) -> None:
+        """Wait for the process; raise the typed error if it failed."""
+        raise_for_borg(self.repo, self.wait(), self.log, archive=self.archive, allow_warning=allow_warning)
+
+    def terminate(self) -> None:
+        """Stop the process (SIGTERM: Borg rolls back and releases its lock), then reap it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=_TERMINATE_GRACE)
+            except subprocess.TimeoutExpired:
+                log.warning("borg did not stop within %d s after SIGTERM; killing it", _TERMINATE_GRACE)
+                self.proc.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        self.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Repository operations
+
+
+def init(repo: Repo, encryption: str = "repokey-blake2") -> None:
+    """Create a new Borg repository at ``repo.location``.
+
+    Given the repository and the encryption mode (``borg init --encryption``). Raises
+    ``AuthError`` when an encrypting mode is asked for without a passphrase source in
+    ``repo.env`` (Borg would otherwise create a repository with an empty passphrase), and
+    ``RepositoryError`` if it exists already or cannot be created.
+    """
+    if encryption not in ("none", "authenticated", "authenticated-blake2") \
+            and not any(name in repo.env or name in os.environ for name in PASSPHRASE_SOURCES):
+        raise AuthError(f"refusing to create repository {repo.location} with encryption {encryption} "
+                        f"and no passphrase: set BORG_PASSPHRASE or BORG_PASSCOMMAND")
+    _run(repo, "init", "--encryption", encryption, repo.location)
+    log.info("created Borg repository %s (%s)", repo.location, encryption)
+
+
+def repo_id(repo: Repo) -> str:
+    """Return the repository id (64 hex digits) of ``repo``.
+
+    Uses ``borg list --json --last 1``, which reports the same ``repository.id`` as ``borg info
+    --json`` without syncing the local chunks cache first. Raises a typed error on failure.
+    """
+    out, _ = _run(repo, "list", "--json", "--last", "1", repo.location)
+    return json.loads(out)["repository"]["id"]
+
+
+def _parse_time(text: str) -> datetime:
+    # Borg prints naive local times in --json output.
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.astimezone(timezone.utc)
+
+
+def list_archives(repo: Repo, glob: str | None = None) -> list[dict]:
+    """Return the archives of ``repo``, oldest first.
+
+    Given an optional shell-style ``glob`` on archive names (``borg list --glob-archives``).
+    Each archive is a dict with ``name`` (str), ``id`` (hex str) and ``start`` (aware UTC
+    ``datetime``). Raises a typed error on failure.
+    """
+    args = ["list", "--json"]
+    if glob:
+        args += ["--glob-archives", glob]
+    out, _ = _run(repo, *args, repo.location)
+    return [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"])}
+            for entry in json.loads(out)["archives"]]
+
+
+def archive_exists(repo: Repo, name: str) -> bool:
+    """Return whether an archive called exactly ``name`` exists in ``repo``."""
+    return any(entry["name"] == name for entry in list_archives(repo))
+
+
+def _require_item(repo: Repo, archive: str, pattern: str, path: str) -> None:
+    # borg extract of a path that is not in the archive succeeds silently; look first.
+    out, _ = _run(repo, "list", "--json-lines", archive_location(repo, archive), pattern, archive=archive)
+    if not out.strip():
+        raise NotFound(f"{path} is not in archive {archive} of repository {repo.location}")
+
+
+def read_file(repo: Repo, archive: str, path: str) -> bytes:
+    """Return the content of the file ``path`` in ``archive`` (for small files: OVF, sidecar).
+
+    Raises ``NotFound`` if the archive or the path does not exist, other typed errors on failure.
+    """
+    _require_item(repo, archive, f"pf:{path}", path)
+    out, _ = _run(repo, "extract", "--stdout", archive_location(repo, archive), f"pf:{path}", archive=archive)
+    return out
+
+
+def extract_to(repo: Repo, archive: str, path: str, dest_dir: str | os.PathLike, sparse: bool = True) -> Path:
+    """Extract ``path`` (a file or a directory) of ``archive`` below ``dest_dir``.
+
+    With ``sparse`` all-zero chunks become holes (``borg extract --sparse``). Returns the path
+    of the extracted copy (``dest_dir / path``). Raises ``NotFound`` if the archive or path does
+    not exist, other typed errors on failure.
+    """
+    _require_item(repo, archive, f"pp:{path}", path)
+    args = ["extract"] + (["--sparse"] if sparse else []) + [archive_location(repo, archive), f"pp:{path}"]
+    _run(repo, *args, archive=archive, cwd=dest_dir)
+    return Path(dest_dir) / path
+
+
+@contextlib.contextmanager
+def open_stream(repo: Repo, archive: str, path: str) -> Iterator[IO[bytes]]:
+    """Stream the file ``path`` of ``archive`` (``borg extract --stdout``) for a restore.
+
+    A context manager giving a binary file object to read from. Leaving the block before the
+    end stops borg; reaching the end checks borg's exit status. Raises ``NotFound`` if the
+    archive or path does not exist, other typed errors if borg fails.
+    """
+    _require_item(repo, archive, f"pf:{path}", path)
+    process = BorgProcess(repo, "extract", "--stdout", archive_location(repo, archive), f"pf:{path}",
+                          archive=archive)
+    try:
+        yield process.proc.stdout
+    except BaseException:
+        process.terminate()
+        raise
+    if process.proc.stdout.read(1):
+        # The reader stopped early: that is its choice, not a failure of borg.
+        log.debug("stream of %s from archive %s closed before its end", path, archive)
+        process.terminate()
+        return
+    process.proc.stdout.close()
+    process.check()
+
+
+_PRUNED_LINE = re.compile(r"^(?:Would prune|Pruning archive \(\d+/\d+\)):\s+(?P<rest>.*?)\s*$")
+_ARCHIVE_ID = re.compile(r"\[(?P<id>[0-9a-f]{64})\]$")
+_KEEP_RULE = re.compile(r"^[a-z0-9]+$")
+
+
+def prune(repo: Repo, glob: str, keep: Mapping[str, int | str], dry_run: bool = False) -> list[str]:
+    """Prune the archives of ``repo`` whose names match ``glob`` with Borg's retention rules.
+
+    ``keep`` maps rule names to values, e.g. ``{"daily": 7, "weekly": 4, "within": "2d"}``
+    (``keep_daily`` / ``keep-daily`` are accepted too) and becomes ``--keep-daily 7`` ...
+    Returns the names of the archives pruned (with ``dry_run``: that would be pruned). Raises
+    ``ConfigError`` for an empty or malformed ``keep``, typed errors if borg fails.
+    """
+    if not glob:
+        raise ConfigError("prune needs an archive name glob, so it never touches other archives")
+    args = ["prune", "--list", "--glob-archives", glob]
+    for rule, value in keep.items():
+        name = rule.lower().replace("_", "-").removeprefix("keep-")
+        if not _KEEP_RULE.match(name):
+            raise ConfigError(f"unknown retention rule {rule!r}")
+        args += [f"--keep-{name}", str(value)]
+    if len(args) == 4:
+        raise ConfigError("prune needs at least one keep rule (e.g. daily = 7)")
+    if dry_run:
+        args.append("--dry-run")
+    names_by_id = {entry["id"]: entry["name"] for entry in list_archives(repo, glob)}
+    _, borg_log = _run(repo, *args, repo.location)
+    pruned = []
+    for line in borg_log.lines("borg.output.list"):
+        match = _PRUNED_LINE.match(line)
+        if not match:
+            continue
+        found = _ARCHIVE_ID.search(match["rest"])
+        if found and found["id"] in names_by_id:
+            pruned.append(names_by_id[found["id"]])
+        else:
+            # Borg pads the name to 36 columns and follows it with the time: the first word.
+            pruned.append(match["rest"].split()[0])
+    log.info("%s %d archive(s) matching %s in %s", "would prune" if dry_run else "pruned",
+             len(pruned), glob, repo.location)
+    return pruned
+
+
+def compact(repo: Repo) -> None:
+    """Free the space of deleted archives in ``repo`` (``borg compact``). Raises typed errors."""
+    _run(repo, "compact", repo.location)
+
+
+def delete_archive(repo: Repo, name: str) -> None:
+    """Delete the archive ``name`` from ``repo``.
+
+    Raises ``NotFound`` if it does not exist, other typed errors on failure. The space is only
+    given back by :func:`compact`.
+    """
+    _run(repo, "delete", archive_location(repo, name), archive=name, allow_warning=False)
+    log.info("deleted archive %s from %s", name, repo.location)
+
+
+def check(repo: Repo, verify_data: bool = False) -> None:
+    """Check the consistency of ``repo`` (``borg check``; ``--verify-data`` reads every chunk).
+
+    Returns when the repository is clean. Raises ``RepositoryError`` when Borg finds problems,
+    other typed errors when it cannot run.
+    """
+    args = ["check"] + (["--verify-data"] if verify_data else []) + [repo.location]
+    try:
+        _run(repo, *args, allow_warning=False)
+    except RepositoryError as exc:
+        raise RepositoryError(f"borg check found problems in repository {repo.location}; see the log "
+                              f"and consider borg check --repair ({exc})") from exc
+
