@@ -1,0 +1,178 @@
+"""``ovirt-borg-lab``: bring a lab up or down and drive it from a shell.
+
+Every subcommand takes ``--dir DIR`` (default ``$OVIRT_BORG_LAB_DIR`` or ``./lab``). Results
+are printed as JSON on stdout; errors go to stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ovirt_borg.lab import LabError
+from ovirt_borg.lab.control import Lab
+from ovirt_borg.lab.sample import parse_size
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``ovirt-borg-lab``."""
+    parser = argparse.ArgumentParser(
+        prog="ovirt-borg-lab",
+        description="A simulated oVirt engine with real imageio daemons, qemu-nbd exports and "
+                    "qcow2 dirty bitmaps, for tests, the demo and benchmarks.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    default_dir = os.environ.get("OVIRT_BORG_LAB_DIR", "lab")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--dir", type=Path, default=Path(default_dir),
+                       help=f"lab directory (default: {default_dir})")
+        return p
+
+    def vm_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = command(name, help)
+        p.add_argument("vm", metavar="VM", help="VM name")
+        return p
+
+    p = command("up", "create the lab (once) and start its engine; prints lab.json")
+    p.add_argument("--vms", type=int, default=2, help="number of sample VMs (default 2)")
+    p.add_argument("--disk-size", type=_size, default="64M",
+                   help="size of each sample disk: 64M, 1G, 1T (default 64M)")
+    p.add_argument("--plain-http", action="store_true", help="serve http:// instead of https://")
+
+    command("down", "stop the engine, its imageio daemons and exports")
+    command("status", "print lab.json and whether the engine answers")
+
+    p = command("serve", "run the engine in the foreground (what 'up' starts)")
+    p.add_argument("--plain-http", action="store_true")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
+
+    p = vm_command("write", "write to a VM disk as its guest; prints the written ranges")
+    p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--percent", type=float, help="write this percent of the disk, scattered")
+    what.add_argument("--offset", type=_size, help="start of the range (with --length)")
+    p.add_argument("--length", type=_size, help="length of the range (with --offset)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--zero", action="store_true", help="write zeroes instead of random data")
+    kind.add_argument("--discard", action="store_true", help="discard instead of writing data")
+    p.add_argument("--seed", type=int, help="seed for the random offsets and data")
+
+    p = vm_command("image", "write a VM disk's current content as a raw file")
+    p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
+    p.add_argument("--out", type=Path, required=True, help="raw file to write")
+
+    command("stats", "print imageio bytes, open backups and transfers, checkpoints, calls")
+
+    p = command("fault", "turn a fault switch on or off, or list them")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="fault name, e.g. transfer_fail or engine_500:backups.add")
+    p.add_argument("--off", action="store_true", help="turn the fault off")
+    p.add_argument("--vm", help="VM for checkpoint and stale-backup faults (default: all / vm1)")
+    p.add_argument("--times", type=int, help="how many events the fault lasts")
+    p.add_argument("--list", action="store_true", help="list active and known faults")
+    p.add_argument("--clear", action="store_true", help="turn every fault off")
+
+    p = vm_command("add-disk", "create a disk and attach it to a VM")
+    p.add_argument("--size", type=_size, default="64M", help="disk size (default 64M)")
+    p.add_argument("--format", choices=("cow", "raw"), default="cow")
+
+    p = vm_command("detach-disk", "detach a disk from a VM (it stays as a floating disk)")
+    p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
+
+    vm_command("delete-vm", "delete a VM and its disks at once")
+    vm_command("start-vm", "set a VM's status to up")
+    vm_command("stop-vm", "set a VM's status to down")
+    return parser
+
+
+def _disk_arg(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _run(args: argparse.Namespace) -> Any:
+    if args.command == "serve":
+        from ovirt_borg.lab.server import serve
+        serve(args.dir, plain_http=args.plain_http, port=args.port)
+        return None
+    if args.command == "up":
+        lab = Lab.up(args.dir, vms=args.vms, disk_size=args.disk_size,
+                     plain_http=args.plain_http)
+        return lab.info
+    lab = Lab.open(args.dir)
+    if args.command == "down":
+        lab.down()
+        return {"dir": str(lab.dir), "running": False}
+    if args.command == "status":
+        return {**lab.info, "running": lab.running}
+    if args.command == "write":
+        if args.percent is None and (args.offset is None or args.length is None):
+            raise LabError("write needs --percent, or --offset and --length")
+        ranges = lab.write(args.vm, _disk_arg(args.disk), percent=args.percent,
+                           offset=args.offset, length=args.length, zero=args.zero,
+                           discard=args.discard, seed=args.seed)
+        return {"vm": args.vm, "disk": args.disk, "ranges": ranges,
+                "bytes": sum(r["length"] for r in ranges)}
+    if args.command == "image":
+        out = lab.image(args.vm, _disk_arg(args.disk), out=args.out)
+        return {"vm": args.vm, "disk": args.disk, "out": str(out)}
+    if args.command == "stats":
+        return lab.stats()
+    if args.command == "fault":
+        if args.list:
+            return lab.faults()
+        if args.clear:
+            lab.clear_faults()
+            return {"active": {}}
+        if not args.name:
+            raise LabError("fault needs a NAME, --list or --clear")
+        return lab.fault(args.name, on=not args.off, vm=args.vm, times=args.times)
+    if args.command == "add-disk":
+        return lab.add_disk(args.vm, size=args.size, format=args.format)
+    if args.command == "detach-disk":
+        return lab.detach_disk(args.vm, _disk_arg(args.disk))
+    if args.command == "delete-vm":
+        return lab.delete_vm(args.vm)
+    if args.command == "start-vm":
+        return lab.start_vm(args.vm)
+    if args.command == "stop-vm":
+        return lab.stop_vm(args.vm)
+    raise LabError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ovirt-borg-lab``; return the exit code (0 ok, 2 error, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if args.command == "serve":
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=level if args.verbose else logging.WARNING,
+                            format="%(levelname)s: %(message)s")
+    try:
+        result = _run(args)
+    except LabError as e:
+        print(f"ovirt-borg-lab {args.command}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if result is not None:
+        print(json.dumps(result, indent=1))
+    return EXIT_OK

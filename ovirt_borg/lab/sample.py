@@ -1,0 +1,193 @@
+"""Sample VMs for a new lab: real qcow2 disks, one with a real ext4 file system.
+
+- ``vm1`` (up, tagged ``prod``): disk 1 is an ext4 file system made with ``mkfs.ext4`` on a
+  raw file, with ``/hello.txt`` and ``/data/random.bin`` written by ``debugfs``, converted to
+  qcow2; disk 2 is a qcow2 with data in a few regions and holes elsewhere.
+- ``vm2`` (down, tagged ``test``): one qcow2 disk with some data.
+- ``vm3``... (``vms`` > 2): alternately up and down, one data disk each.
+
+All disks are qcow2 with incremental backup enabled, under ``DIR/storage``. The sha256 of the
+files in vm1's file system (and of every disk's initial raw content) go to ``sample.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ovirt_borg.lab import LabError, qemu
+from ovirt_borg.lab.model import (
+    Attachment, Cluster, Disk, Host, Inventory, LabLayout, StorageDomain, Tag, Vm, new_id,
+    timestamp,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DISK_SIZE = 64 << 20
+MIN_DISK_SIZE = 8 << 20  # mkfs.ext4 and the sample regions need a few MiB
+HELLO_TEXT = b"Hello from the ovirt-borg lab!\n"
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Given ``64M``, ``1G``, ``1T``, ``512K`` or a number of bytes, return bytes.
+
+    Raises ValueError for anything else.
+    """
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text.upper())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 64M, 1G, 1T)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def create_sample(layout: LabLayout, *, vms: int = 2,
+                  disk_size: int = DEFAULT_DISK_SIZE, seed: int = 1) -> Inventory:
+    """Create the sample inventory and disk images in the lab directory.
+
+    Given the lab layout, the number of VMs (at least 1), the size of each disk (a multiple of
+    64 KiB, at least 8 MiB) and a seed for the sample content. Writes the images under
+    ``storage/``, ``engine-state.json`` and ``sample.json``; returns the inventory.
+    Raises ValueError for bad arguments and ``LabError`` when a tool (qemu-img, qemu-io,
+    mkfs.ext4, debugfs) fails.
+    """
+    if vms < 1:
+        raise ValueError("a lab needs at least one VM")
+    if disk_size < MIN_DISK_SIZE or disk_size % (64 << 10):
+        raise ValueError(f"disk size must be a multiple of 64 KiB and at least "
+                         f"{MIN_DISK_SIZE >> 20} MiB, got {disk_size}")
+    rng = random.Random(seed)
+    layout.storage.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(id=new_id(), name="Default")
+    host = Host(id=new_id(), name="host1", address="127.0.0.1", cluster_id=cluster.id)
+    sd = StorageDomain(id=new_id(), name="data1", path=str(layout.storage))
+    tags = {name: Tag(id=new_id(), name=name) for name in ("prod", "test")}
+    inv = Inventory(clusters=[cluster], hosts=[host], storage_domains=[sd],
+                    tags=list(tags.values()))
+    sample: dict[str, Any] = {"disk_size": disk_size, "vms": {}}
+
+    def new_disk(vm: Vm, index: int) -> Disk:
+        disk_id = new_id()
+        disk = Disk(id=disk_id, image_id=new_id(), name=f"{vm.name}_Disk{index}", format="cow",
+                    provisioned_size=disk_size, path=str(layout.storage / f"{disk_id}.qcow2"),
+                    storage_domain_id=sd.id, backup="incremental", created=timestamp())
+        inv.disks.append(disk)
+        vm.attachments.append(Attachment(disk_id=disk_id, bootable=index == 1))
+        return disk
+
+    for number in range(1, vms + 1):
+        status = "up" if number % 2 == 1 else "down"
+        vm = Vm(id=new_id(), name=f"vm{number}", status=status, cluster_id=cluster.id,
+                memory=(2 if number == 1 else 1) << 30, sockets=2 if number == 1 else 1,
+                description=f"lab sample VM {number}", creation_time=timestamp())
+        if number == 1:
+            vm.tags.append(tags["prod"].id)
+        elif number == 2:
+            vm.tags.append(tags["test"].id)
+        inv.vms.append(vm)
+        info: dict[str, Any] = {"id": vm.id, "status": status, "disks": {}}
+        if number == 1:
+            fs_disk = new_disk(vm, 1)
+            files = _make_ext4_disk(Path(fs_disk.path), disk_size, rng)
+            info["disks"]["1"] = {"id": fs_disk.id, "files": files}
+            data_disk = new_disk(vm, 2)
+            regions = _make_data_disk(Path(data_disk.path), disk_size, rng, sparse=True)
+            info["disks"]["2"] = {"id": data_disk.id, "regions": regions}
+        else:
+            data_disk = new_disk(vm, 1)
+            regions = _make_data_disk(Path(data_disk.path), disk_size, rng, sparse=False)
+            info["disks"]["1"] = {"id": data_disk.id, "regions": regions}
+        for key, entry in info["disks"].items():
+            entry["initial_sha256"] = _raw_sha256(Path(inv_disk(inv, entry["id"]).path))
+        sample["vms"][vm.name] = info
+
+    inv.save(layout.engine_state)
+    layout.sample.write_text(json.dumps(sample, indent=1))
+    log.info("created %d sample VMs with %d disks of %d bytes", vms, len(inv.disks), disk_size)
+    return inv
+
+
+def inv_disk(inv: Inventory, disk_id: str) -> Disk:
+    """Return the inventory's disk with this id; raises KeyError."""
+    for disk in inv.disks:
+        if disk.id == disk_id:
+            return disk
+    raise KeyError(disk_id)
+
+
+def _make_ext4_disk(path: Path, size: int, rng: random.Random) -> dict[str, dict[str, Any]]:
+    """Make an ext4 qcow2 image with two known files; return {path: {size, sha256}}."""
+    random_bin = rng.randbytes(min(1 << 20, size // 16))
+    files = {"/hello.txt": HELLO_TEXT, "/data/random.bin": random_bin}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sample-") as tmp:
+        tmp_dir = Path(tmp)
+        raw = tmp_dir / "fs.raw"
+        with open(raw, "wb") as f:
+            f.truncate(size)
+        _tool("mkfs.ext4", "-q", "-F", "-L", "vm1-root", "-E", "root_owner=0:0", str(raw))
+        hello = tmp_dir / "hello.txt"
+        hello.write_bytes(HELLO_TEXT)
+        data = tmp_dir / "random.bin"
+        data.write_bytes(random_bin)
+        commands = tmp_dir / "debugfs.cmd"
+        commands.write_text(f"write {hello} hello.txt\nmkdir data\ncd data\n"
+                            f"write {data} random.bin\n")
+        _tool("debugfs", "-w", "-f", str(commands), str(raw))
+        _tool("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    return {name: {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+            for name, content in files.items()}
+
+
+def _make_data_disk(path: Path, size: int, rng: random.Random, *,
+                    sparse: bool) -> list[dict[str, int]]:
+    """Make a qcow2 image with random data in a few regions; return the regions.
+
+    ``sparse`` leaves most of the disk as holes (three small regions); otherwise about a
+    quarter of the disk holds data.
+    """
+    qemu.create_image(path, size, "qcow2")
+    mib = 1 << 20
+    if sparse:
+        regions = [(0, mib), (size // 2, 256 << 10), (size - 2 * mib, 128 << 10)]
+    else:
+        regions = [(mib, size // 8), (size // 2, size // 8)]
+    for offset, length in regions:
+        qemu.write(path, offset, length, fmt="qcow2", data=rng.randbytes(length))
+    # A zeroed range: allocated as zero clusters, never data.
+    qemu.write(path, size // 4, 64 << 10, fmt="qcow2", zero=True)
+    return [{"offset": o, "length": n} for o, n in regions]
+
+
+def _raw_sha256(path: Path) -> str:
+    """Return the sha256 of the image's guest-visible content (qemu-img convert to raw)."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sample-") as tmp:
+        raw = Path(tmp) / "disk.raw"
+        qemu.to_raw(path, raw, "qcow2")
+        return file_sha256(raw)
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _tool(*cmd: str) -> None:
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError as e:
+        raise LabError(f"{cmd[0]} is not installed (Debian packages e2fsprogs, qemu-utils)") from e
+    except subprocess.CalledProcessError as e:
+        raise LabError(f"{' '.join(cmd[:2])} failed: {(e.stderr or e.stdout).strip()}") from e
