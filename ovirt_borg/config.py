@@ -80,7 +80,7 @@ class RepositoryConfig:
     remote_path: str = opt("", "borg executable on the remote side (BORG_REMOTE_PATH)")
     prefix: str = opt("ovirt-", "prefix of every archive name this job writes, prunes or lists")
     compression: str = opt("lz4", "Borg compression spec", "zstd,3")
-    block_size: str = opt("4M", "fixed block (chunk) size of disk images; a power of two, 64K..64M")
+    block_size: str = opt("4M", "fixed block (chunk) size of disk images; a power of two, 64K..16M")
     writer: str = opt("internal", "'internal' (synthetic full, incremental) or 'cli' (borg import-tar, full reads)")
     lock_wait: int = opt(60, "seconds to wait for the repository lock held by another borg")
 
@@ -165,13 +165,13 @@ class Config:
     path: str = ""
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("hooks", "path")}
+_SECTIONS = {name: tp for name, tp in typing.get_type_hints(Config).items() if name not in ("hooks", "path")}
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        return "a list of " + _type_name(typing.get_args(tp)[0]).split(" ", 1)[1] + "s"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
         tp, str(tp))
 
@@ -239,8 +239,8 @@ def _validate(config: Config, source: str) -> None:
         block = repo.block_bytes
     except ValueError as e:
         raise ConfigError(f"{source}: 'repository.block_size': {e}") from None
-    if block < 64 * 1024 or block > 64 * 1024 * 1024 or block & (block - 1):
-        raise ConfigError(f"{source}: 'repository.block_size' must be a power of two from 64K to 64M "
+    if block < 64 * 1024 or block > 16 * 1024 * 1024 or block & (block - 1):
+        raise ConfigError(f"{source}: 'repository.block_size' must be a power of two from 64K to 16M "
                           f"(got {repo.block_size!r})")
     if repo.writer not in ("internal", "cli"):
         raise ConfigError(f"{source}: 'repository.writer' must be 'internal' or 'cli' (got {repo.writer!r})")

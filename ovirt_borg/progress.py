@@ -40,7 +40,7 @@ class Progress:
         self.tty = self.stream.isatty()
         self.interval = 0.25 if self.tty else interval
         self.started = time.monotonic()
-        self._last = 0.0
+        self._last = self.started
 
     def update(self, done: int, moved: int) -> None:
         self.done += done

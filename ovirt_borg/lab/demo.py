@@ -56,12 +56,12 @@ def run(directory: Path, disk_size: str) -> int:
         full_seconds = time.monotonic() - t0
         _step("the guest of vm1 writes 1% of its second disk")
         lab.write("vm1", disk=2, percent=1)
-        before = lab.stats()["imageio"]["host"]["bytes"]
+        before = lab.stats()["imageio.host.bytes"]
         _step("incremental backup of all lab VMs")
         t0 = time.monotonic()
         incr = _ovirt_borg(config, "backup", "--all", "--json")
         incr_seconds = time.monotonic() - t0
-        incr_bytes = lab.stats()["imageio"]["host"]["bytes"] - before
+        incr_bytes = lab.stats()["imageio.host.bytes"] - before
         _step("restoring the newest archive of each VM to local files and comparing with the lab's disks")
         with tempfile.TemporaryDirectory(dir=directory) as scratch:
             for result in incr:
