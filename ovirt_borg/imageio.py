@@ -87,8 +87,9 @@ class TransferSettings:
     """How ovirt-borg talks to imageio.
 
     ``readers`` parallel HTTP connections (capped by the server's ``max_readers`` or
-    ``max_writers``); ``connect_timeout``/``read_timeout`` per request, ``extents_timeout`` for
-    the extents query, which is slow on huge disks; ``retries`` per range with exponential
+    ``max_writers``); ``connect_timeout`` to establish a connection, ``read_timeout`` the longest
+    silence from the server within a request, ``extents_timeout`` the same for the extents
+    query, which is slow on huge disks; ``retries`` per range with exponential
     backoff; ``force_proxy`` uses the proxy URL only; ``ca_file`` is the CA to trust (when unset
     the system CAs are used); ``verify=False`` disables TLS verification (only for a user's
     explicit "insecure"); ``bandwidth_limit`` in bytes/s over all connections.
