@@ -15,6 +15,7 @@ open on the engine.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import logging
@@ -314,6 +315,8 @@ class VmBackup:
             reason = f"the engine reads this disk in {engine_mode} mode"
         elif base_record is None:
             reason = "the disk is not in the previous archive"
+        elif base_record.image != path:
+            reason = "the disk was renamed since the previous archive"
         else:
             base_digests = self._base_digests(previous, base_record)
             if base_digests is None:
@@ -327,7 +330,7 @@ class VmBackup:
 
         settings = self.settings.transfer
         if backup_id is None:
-            settings = TransferSettings(**{**settings.__dict__, "force_proxy": True})
+            settings = dataclasses.replace(settings, force_proxy=True)
         with self.engine.transfer(disk.id, direction="download", backup_id=backup_id,
                                   inactivity_timeout=self.settings.inactivity_timeout) as transfer, \
                 ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
@@ -335,12 +338,11 @@ class VmBackup:
                        for e in client.extents("dirty" if incremental else "zero")]
             blocks = plan.plan_blocks(size, block_size, extents,
                                       base_size=base_record.provisioned_size if incremental else None)
-            if incremental and self.settings.verify_sample:
-                blocks = self._check_sample(client, blocks, base_digests, disk)
-                if blocks is None:  # the bitmap lied: read everything
-                    incremental = False
-                    zero_extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
-                    blocks = plan.plan_blocks(size, block_size, zero_extents)
+            if incremental and self.settings.verify_sample and not self._check_sample(
+                    client, writer, base_record.image, blocks, disk):
+                incremental = False
+                zero_extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
+                blocks = plan.plan_blocks(size, block_size, zero_extents)
             summary = plan.summarize(blocks)
             log.info("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)", self.vm.name,
                      disk.alias, summary.blocks, summary.holes, summary.reused, summary.read, summary.bytes_to_read)
@@ -377,24 +379,24 @@ class VmBackup:
             return None
         return data
 
-    def _check_sample(self, client: ImageioClient, blocks: list[plan.Block], base_digests: bytes,
-                      disk: DiskInfo) -> list[plan.Block] | None:
-        """Re-read a few clean blocks and compare with the previous digests.
+    def _check_sample(self, client: ImageioClient, writer: archive.ArchiveWriter, path: str,
+                      blocks: list[plan.Block], disk: DiskInfo) -> bool:
+        """Re-read pieces of a few clean blocks and compare them with the base archive.
 
-        Returns the plan unchanged when they match, None when the dirty bitmap missed a change.
+        Returns True when they match, False when the dirty bitmap missed a change.
         """
         sample = plan.choose_sample(blocks, self.settings.verify_sample, self.rng)
-        if not sample:
-            return blocks
-        sampled = [b for b in plan.with_sample(blocks, sample) if b.sampled]
-        for block, data in zip(sampled, _assemble(client, sampled)):
-            expected = base_digests[block.index * sc.DIGEST_SIZE:(block.index + 1) * sc.DIGEST_SIZE]
-            if hashlib.sha256(data).digest() != expected:
+        pieces = client.read_ranges([(s.offset, s.length) for s in sample])
+        for piece, (_, data) in zip(sample, pieces):
+            start = piece.offset - piece.block.offset
+            base = writer.base_block(path, piece.block.index)[start:start + piece.length]
+            if base != data:
                 log.error("VM %s disk %s: block %d changed although the dirty bitmap says it did not; "
-                          "the bitmap cannot be trusted: reading the whole disk", self.vm.name, disk.alias, block.index)
-                return None
-        log.debug("VM %s disk %s: %d sampled clean blocks match", self.vm.name, disk.alias, len(sampled))
-        return blocks
+                          "the bitmap cannot be trusted: reading the whole disk",
+                          self.vm.name, disk.alias, piece.block.index)
+                return False
+        log.debug("VM %s disk %s: %d sampled pieces of clean blocks match", self.vm.name, disk.alias, len(sample))
+        return True
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], base_digests: bytes | None,
                 digests: bytearray, progress: Progress) -> Iterator[None | Reuse | bytes]:

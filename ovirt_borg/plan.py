@@ -7,7 +7,8 @@ one may be short). Given imageio's extents, each block becomes:
   all-zero chunk.
 - ``REUSE``: the block did not change since the base archive (no dirty extent touches it), and
   the base archive holds it with the same length: its chunk is referenced, nothing is read.
-  Its ``segments`` are kept so that a sample of clean blocks can be re-read as a check.
+  Its ``segments`` are kept so that pieces of clean blocks can be re-read as a check of the
+  dirty bitmap (``choose_sample``).
 - ``READ``: the block is read from imageio and stored. Only its non-zero ``segments`` are
   fetched; the zero parts are filled in locally, so zero extents never cross the wire.
 """
@@ -49,7 +50,6 @@ class Block:
     length: int
     action: Action
     segments: tuple[tuple[int, int], ...] = ()
-    sampled: bool = False  # a clean block read only to check the dirty bitmap
 
     @property
     def bytes_to_read(self) -> int:
@@ -134,21 +134,35 @@ def _base_block_length(index: int, base_size: int | None, block_size: int) -> in
     return min(block_size, base_size - index * block_size)
 
 
-def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random) -> set[int]:
-    """Pick up to ``count`` indexes of REUSE blocks to re-read as a check of the dirty bitmap."""
-    candidates = [b.index for b in blocks if b.action is Action.REUSE]
-    if len(candidates) <= count:
-        return set(candidates)
-    return set(rng.sample(candidates, count))
+SAMPLE_LENGTH = 64 * 1024
 
 
-def with_sample(blocks: Sequence[Block], sample: set[int]) -> list[Block]:
-    """Turn the sampled REUSE blocks into READ blocks marked ``sampled``."""
-    return [
-        Block(b.index, b.offset, b.length, Action.READ, b.segments, sampled=True)
-        if b.index in sample else b
-        for b in blocks
-    ]
+@dataclass(frozen=True)
+class SampleRange:
+    """A piece of a clean (REUSE) block to re-read and compare with the base archive."""
+
+    block: Block
+    offset: int
+    length: int
+
+
+def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random,
+                  length: int = SAMPLE_LENGTH) -> list[SampleRange]:
+    """Pick up to ``count`` REUSE blocks holding data and, in each, a ``length`` piece of data.
+
+    The piece starts at a ``length``-aligned offset inside one of the block's data segments,
+    so re-reading it costs ``length`` bytes on the wire, not a whole block.
+    """
+    candidates = [b for b in blocks if b.action is Action.REUSE and b.segments]
+    chosen = candidates if len(candidates) <= count else rng.sample(candidates, count)
+    sample = []
+    for block in sorted(chosen, key=lambda b: b.index):
+        start, seg_length = rng.choice(block.segments)
+        first = -(-start // length) * length
+        last = (start + seg_length - length) // length * length
+        offset = rng.randrange(first, last + 1, length) if last >= first else start
+        sample.append(SampleRange(block, offset, min(length, start + seg_length - offset)))
+    return sample
 
 
 def summarize(blocks: Iterable[Block]) -> PlanSummary:

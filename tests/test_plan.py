@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from ovirt_borg.plan import Action, Extent, plan_blocks, read_ranges, summarize, with_sample, choose_sample
+from ovirt_borg.plan import Action, Extent, choose_sample, plan_blocks, read_ranges, summarize
 
 MiB = 1 << 20
 B = 4 * MiB
@@ -62,15 +62,16 @@ def test_extents_must_cover_disk():
         plan_blocks(2 * B, B, [Extent(0, B, False), Extent(B + 1, B - 1, False)])
 
 
-def test_sample_turns_reused_blocks_into_reads():
-    extents = [Extent(0, 8 * B, zero=False, dirty=False)]
+def test_sample_picks_small_aligned_pieces_of_clean_data_blocks():
+    extents = [Extent(0, 6 * B, zero=False, dirty=False), Extent(6 * B, 2 * B, zero=True, dirty=False)]
     blocks = plan_blocks(8 * B, B, extents, base_size=8 * B)
     sample = choose_sample(blocks, 3, random.Random(1))
     assert len(sample) == 3
-    sampled = with_sample(blocks, sample)
-    assert sum(b.sampled for b in sampled) == 3
-    assert all(b.action is Action.READ for b in sampled if b.sampled)
-    assert all(b.segments == ((b.offset, B),) for b in sampled if b.sampled)
+    for piece in sample:
+        assert piece.block.action is Action.REUSE and piece.block.index < 6  # never a hole
+        assert piece.length == 64 * 1024 and piece.offset % (64 * 1024) == 0
+        assert piece.block.offset <= piece.offset < piece.block.offset + B
+    assert len(choose_sample(blocks, 10, random.Random(1))) == 6
 
 
 def test_read_ranges_split_long_segments():
