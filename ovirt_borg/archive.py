@@ -40,6 +40,7 @@ thread writes to the repository.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -411,12 +412,11 @@ class _InternalWriter(ArchiveWriter):
         self._stack.enter_context(_environment(settings))
         try:
             compressor = borg.CompressionSpec(self.repo.compression).compressor
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"invalid Borg compression {self.repo.compression!r}: {exc}") from exc
         location = borg.Location(self.repo.location)
         started = time.monotonic()
         if location.proto == "ssh":
-            import argparse
             # RemoteRepository reads these options from Borg's parsed command line; BORG_RSH and
             # BORG_REMOTE_PATH come from the environment set above.
             options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,

@@ -1,0 +1,127 @@
+"""Borg repository fixtures for tests: real repositories, local and reached over ``ssh://``.
+
+Use them from a test module with ``from fixtures_borg import borg_env, local_repo, ssh_repo``
+(or list ``"fixtures_borg"`` in ``pytest_plugins``).
+
+- ``borg_env``: the Borg environment of a test (passphrase, ``BORG_BASE_DIR`` below tmp_path,
+  so caches, keys and security data never touch the user's home).
+- ``local_repo``: a fresh repokey-blake2 repository in tmp_path, as a ``Repo``.
+- ``ssh_repo``: a fresh repokey-blake2 repository reached as ``ssh://backup@borg.test:2222/...``
+  through Borg's ``RemoteRepository`` and a real ``borg serve``: ``BORG_RSH`` is a small script
+  that drops the ssh options and the host and runs the rest here, ``BORG_REMOTE_PATH`` is the
+  venv's borg.
+- ``run_borg(repo, *args)``: run the venv's borg on a repository, for checking what the code
+  under test did with independent means.
+- ``lock_holder(repo)``: a context manager in which another borg process (``borg with-lock``)
+  holds the repository's exclusive lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ovirt_borg.borgcli import Repo
+
+PASSPHRASE = "test passphrase: correct horse battery staple"
+BORG = str(Path(sys.executable).parent / "borg")
+
+_FAKE_SSH = """#!/bin/sh
+# Stands in for ssh: drop the options and the host, run the remote command here.
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -p|-o|-i|-l|-F|-E|-J|-b|-c|-e|-m|-O|-Q|-S|-W|-w) shift 2 ;;
+        -*) shift ;;
+        *) shift; break ;;
+    esac
+done
+exec "$@"
+"""
+
+
+def run_borg(repo: Repo, *args: str, check: bool = True, cwd: str | os.PathLike | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the venv's ``borg <args>`` with the environment of ``repo``; return the result.
+
+    ``{repo}`` in an argument is replaced by the repository location. With ``check`` a failure
+    raises ``AssertionError`` carrying borg's stderr.
+    """
+    argv = [BORG, *(arg.replace("{repo}", repo.location) for arg in args)]
+    full_env = {**os.environ, **repo.env, **(env or {})}
+    result = subprocess.run(argv, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed with {result.returncode}: "
+                             f"{result.stderr.decode(errors='replace')}")
+    return result
+
+
+def archive_names(repo: Repo) -> list[str]:
+    """Return the names of all archives in ``repo`` (checkpoints included), via ``borg list``."""
+    out = run_borg(repo, "list", "--json", "--consider-checkpoints", "{repo}").stdout
+    return [entry["name"] for entry in json.loads(out)["archives"]]
+
+
+@pytest.fixture
+def borg_env(tmp_path: Path) -> dict[str, str]:
+    """The Borg environment of one test: passphrase and a private BORG_BASE_DIR."""
+    base = tmp_path / "borg-home"
+    base.mkdir()
+    return {"BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(base)}
+
+
+@pytest.fixture
+def local_repo(tmp_path: Path, borg_env: dict[str, str]) -> Repo:
+    """A fresh local repokey-blake2 repository."""
+    repo = Repo(location=str(tmp_path / "repo"), env=dict(borg_env), lock_wait=5)
+    run_borg(repo, "init", "--encryption", "repokey-blake2", "{repo}")
+    return repo
+
+
+@pytest.fixture
+def ssh_repo(tmp_path: Path, borg_env: dict[str, str]) -> Repo:
+    """A fresh repokey-blake2 repository reached as ssh:// through a local borg serve."""
+    fake_ssh = tmp_path / "fake-ssh"
+    fake_ssh.write_text(_FAKE_SSH)
+    fake_ssh.chmod(0o755)
+    env = dict(borg_env, BORG_RSH=str(fake_ssh), BORG_REMOTE_PATH=BORG)
+    repo = Repo(location=f"ssh://backup@borg.test:2222{tmp_path}/ssh-repo", env=env, lock_wait=5)
+    run_borg(repo, "init", "--encryption", "repokey-blake2", "{repo}")
+    return repo
+
+
+@contextlib.contextmanager
+def lock_holder(repo: Repo, timeout: float = 20) -> Iterator[subprocess.Popen]:
+    """Hold the exclusive lock of the local ``repo`` with another borg process inside the block."""
+    lock_dir = Path(repo.location) / "lock.exclusive"
+    proc = subprocess.Popen([BORG, "with-lock", repo.location, "sleep", "600"], env={**os.environ, **repo.env},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (lock_dir.is_dir() and any(lock_dir.iterdir())):
+            if proc.poll() is not None:
+                raise AssertionError(f"borg with-lock exited: {proc.stderr.read().decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise AssertionError("borg with-lock did not take the lock in time")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        # The whole session: borg and the sleep it runs.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()

@@ -1,0 +1,472 @@
+"""The archive writer against real Borg repositories (local and ssh://), both writer kinds."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_borg import BORG, PASSPHRASE, archive_names, borg_env, local_repo, lock_holder, run_borg, ssh_repo  # noqa: F401
+from ovirt_borg.archive import ImageStats, Repo, Reuse, open_writer
+from ovirt_borg.errors import AuthError, ConfigError, RepositoryBusy, RepositoryError
+
+BLOCK = 256 * 1024
+DISK = "vm1/disks/root-0001.raw"
+KINDS = ["internal", "cli"]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_image(seed: int, layout: str, tail: int = 12345) -> tuple[list, bytes]:
+    """Blocks and bytes of an image: layout has one letter per block, 'D' data, 'Z' hole.
+
+    The last block is ``tail`` bytes long (a short block) unless tail is 0.
+    """
+    rnd = random.Random(seed)
+    blocks = []
+    for position, kind in enumerate(layout):
+        length = tail if tail and position == len(layout) - 1 else BLOCK
+        blocks.append(None if kind == "Z" else rnd.randbytes(length))
+    sizes = [tail if tail and i == len(layout) - 1 else BLOCK for i in range(len(layout))]
+    image = b"".join(bytes(n) if b is None else b for b, n in zip(blocks, sizes))
+    return blocks, image
+
+
+def extract(repo: Repo, archive: str, dest: Path, *, sparse: bool = False, path: str = DISK) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    args = ["extract"] + (["--sparse"] if sparse else []) + [f"{{repo}}::{archive}", path]
+    run_borg(repo, *args, cwd=dest)
+    return dest / path
+
+
+def write_archive(repo, name, blocks, size, *, kind="internal", base=None, reuse_ok=None, ovf=b"<ovf/>"):
+    with open_writer(repo, name, block_size=BLOCK, base_archive=base, comment="test", kind=kind) as writer:
+        if reuse_ok is not None:
+            assert writer.base_image(DISK, size) is reuse_ok
+        stats = writer.add_image(DISK, size, blocks)
+        writer.add_file("vm1/vm.ovf", ovf)
+        archive_id = writer.commit()
+    return stats, archive_id
+
+
+# --------------------------------------------------------------------------------------------
+# what the writer relies on in Borg's internals
+
+
+def test_borg_internals_are_what_the_writer_was_written_for():
+    """Fails loudly when a Borg upgrade changes the internals archive.py uses."""
+    import borg
+    import borg.compress
+    import borg.logger
+    from borg.archive import Archive
+    from borg.cache import Cache, ChunkListEntry, LocalCache
+    from borg.helpers import Manifest
+    from borg.item import Item
+    from borg.remote import RemoteRepository
+    from borg.repository import Repository
+
+    major_minor = tuple(int(p) for p in borg.__version__.split(".")[:2])
+    assert (1, 4) <= major_minor < (1, 5), borg.__version__
+
+    def params(func):
+        return list(inspect.signature(func).parameters)
+
+    assert params(Repository.__init__)[:5] == ["self", "path", "create", "exclusive", "lock_wait"]
+    assert params(RemoteRepository.__init__)[:5] == ["self", "location", "create", "exclusive", "lock_wait"]
+    assert "args" in params(RemoteRepository.__init__)
+    assert params(Manifest.load)[:2] == ["repository", "operations"]
+    assert Manifest.Operation.WRITE
+    assert "lock_wait" in params(Cache.__new__)
+    archive_params = params(Archive.__init__)
+    for name in ("repository", "key", "manifest", "name", "cache", "create", "chunker_params",
+                 "checkpoint_interval"):
+        assert name in archive_params
+    assert params(Archive.add_item)[:3] == ["self", "item", "show_progress"]
+    assert "comment" in params(Archive.save)
+    assert params(LocalCache.add_chunk)[:6] == ["self", "id", "chunk", "stats", "overwrite", "wait"]
+    assert params(LocalCache.seen_chunk) == ["self", "id", "size"]
+    assert params(LocalCache.chunk_incref)[:4] == ["self", "id", "stats", "size"]
+    assert params(LocalCache.rollback) == ["self"]
+    assert ChunkListEntry._fields == ("id", "size", "csize")
+    # The writer stores encrypted chunks itself exactly the way add_chunk does.
+    add_chunk = inspect.getsource(LocalCache.add_chunk)
+    for step in ("self.begin_txn()", "self.key.encrypt(chunk)", "self.repository.put(id, data, wait=wait)",
+                 "self.chunks.add(id, 1, size, csize)", "stats.update(size, csize, not refcount)"):
+        assert step in add_chunk, step
+    for key in ("path", "mode", "uid", "gid", "user", "group", "mtime", "ctime", "size", "chunks",
+                "hardlink_master"):
+        assert key in Item.VALID_KEYS, key
+    # Borg's loggers are enabled by this flag rather than by setup_logging().
+    assert hasattr(borg.logger, "configured")
+    # The compressors share one output buffer: the reason encryption is serialised.
+    assert isinstance(borg.compress.buffer, borg.helpers.Buffer)
+
+
+# --------------------------------------------------------------------------------------------
+# full images
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_image_with_holes_extracts_identically_and_sparse(local_repo, tmp_path, kind):
+    blocks, image = make_image(1, "DZZDDZZZDZZD")
+    stats, archive_id = write_archive(local_repo, "full", blocks, len(image), kind=kind)
+
+    assert stats.blocks == 12 and stats.holes == 7 and stats.stored == 5 and stats.reused == 0
+    assert stats.bytes_new == 4 * BLOCK + 12345
+    assert len(archive_id) == 64
+    listing = json.loads(run_borg(local_repo, "list", "--json", "{repo}").stdout)["archives"]
+    assert [(a["name"], a["id"]) for a in listing] == [("full", archive_id)]
+
+    items = [json.loads(line) for line in
+             run_borg(local_repo, "list", "--json-lines", "{repo}::full").stdout.splitlines()]
+    by_path = {item["path"]: item for item in items}
+    assert [item["path"] for item in items] == ["vm1", "vm1/disks", DISK, "vm1/vm.ovf"]
+    assert by_path[DISK]["mode"] == "-rw-------" and by_path[DISK]["size"] == len(image)
+    assert by_path["vm1/disks"]["type"] == "d"
+    assert by_path[DISK]["uid"] == 0 and by_path[DISK]["user"] == "root"
+
+    plain = extract(local_repo, "full", tmp_path / "plain")
+    assert file_sha256(plain) == sha256(image)
+    sparse = extract(local_repo, "full", tmp_path / "sparse", sparse=True)
+    assert file_sha256(sparse) == sha256(image)
+    # 7 of 12 blocks are holes: the sparse copy allocates about 5 blocks, the plain one all.
+    assert sparse.stat().st_blocks * 512 <= 5 * BLOCK + 64 * 1024
+    assert plain.stat().st_blocks * 512 >= len(image)
+    ovf = extract(local_repo, "full", tmp_path / "ovf", path="vm1/vm.ovf")
+    assert ovf.read_bytes() == b"<ovf/>"
+
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+
+def test_holes_share_one_zero_chunk_stored_once(local_repo):
+    blocks, image = make_image(2, "ZZZZZZZZ", tail=0)
+    with open_writer(local_repo, "zeros", block_size=BLOCK, base_archive=None) as writer:
+        stats = writer.add_image(DISK, len(image), blocks)
+        writer.commit()
+    assert stats == ImageStats(blocks=8, holes=8, reused=0, stored=0, bytes_new=0, bytes_stored=0, deduplicated=0)
+    info = json.loads(run_borg(local_repo, "info", "--json", "{repo}::zeros").stdout)
+    archive_stats = info["archives"][0]["stats"]
+    assert archive_stats["original_size"] == 8 * BLOCK
+    # One compressed zero chunk plus the archive metadata: far below one block.
+    assert archive_stats["deduplicated_size"] < BLOCK // 8
+
+
+def test_repeated_data_blocks_in_flight_are_stored_once(local_repo, tmp_path):
+    rnd = random.Random(3)
+    same = rnd.randbytes(BLOCK)
+    blocks = [same, same, rnd.randbytes(BLOCK), same, bytearray(same), memoryview(same)]
+    image = b"".join(bytes(b) for b in blocks)
+    with open_writer(local_repo, "repeats", block_size=BLOCK, base_archive=None) as writer:
+        stats = writer.add_image(DISK, len(image), blocks)
+        writer.commit()
+    assert stats.stored == 6 and stats.deduplicated == 4
+    assert stats.bytes_stored < 2 * BLOCK + 4096
+    assert file_sha256(extract(local_repo, "repeats", tmp_path / "x")) == sha256(image)
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+
+def test_writer_and_borg_mount(local_repo, tmp_path):
+    if not Path("/dev/fuse").exists():
+        pytest.fail("/dev/fuse is missing: borg mount cannot be tested on this machine")
+    blocks, image = make_image(4, "DZD")
+    write_archive(local_repo, "mountable", blocks, len(image))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    run_borg(local_repo, "mount", "{repo}::mountable", str(mountpoint))
+    try:
+        assert file_sha256(mountpoint / DISK) == sha256(image)
+        assert (mountpoint / "vm1" / "vm.ovf").read_bytes() == b"<ovf/>"
+    finally:
+        run_borg(local_repo, "umount", str(mountpoint))
+
+
+# --------------------------------------------------------------------------------------------
+# incrementals
+
+
+def test_incremental_reuse_equals_new_source_and_survives_deleting_the_base(local_repo, tmp_path):
+    layout = "DDZDDDZDDD"
+    blocks1, image1 = make_image(10, layout)
+    write_archive(local_repo, "monday", blocks1, len(image1))
+
+    # Tuesday: block 1 rewritten, block 2 (a hole) written, block 4 zeroed, the rest unchanged.
+    rnd = random.Random(11)
+    new1, new2 = rnd.randbytes(BLOCK), rnd.randbytes(BLOCK)
+    blocks2 = [Reuse(i) if b is not None else None for i, b in enumerate(blocks1)]
+    blocks2[1], blocks2[2], blocks2[4] = new1, new2, None
+    expected = bytearray(image1)
+    expected[1 * BLOCK:2 * BLOCK] = new1
+    expected[2 * BLOCK:3 * BLOCK] = new2
+    expected[4 * BLOCK:5 * BLOCK] = bytes(BLOCK)
+
+    stats, _ = write_archive(local_repo, "tuesday", blocks2, len(image1), base="monday", reuse_ok=True)
+    assert (stats.reused, stats.stored, stats.holes) == (6, 2, 2)
+    assert stats.bytes_new == 2 * BLOCK
+    assert 2 * BLOCK <= stats.bytes_stored < 2 * BLOCK + 4096
+
+    assert file_sha256(extract(local_repo, "tuesday", tmp_path / "t")) == sha256(bytes(expected))
+    assert file_sha256(extract(local_repo, "monday", tmp_path / "m")) == sha256(image1)
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+    run_borg(local_repo, "delete", "{repo}::monday")
+    run_borg(local_repo, "compact", "{repo}")
+    assert archive_names(local_repo) == ["tuesday"]
+    assert file_sha256(extract(local_repo, "tuesday", tmp_path / "t2", sparse=True)) == sha256(bytes(expected))
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+
+def test_incremental_chain_of_synthetic_fulls(local_repo, tmp_path):
+    """Each night reuses the previous night: every archive stays a complete image."""
+    blocks, image = make_image(20, "DDDDDD", tail=0)
+    write_archive(local_repo, "night0", blocks, len(image))
+    current = bytearray(image)
+    rnd = random.Random(21)
+    for night in range(1, 4):
+        changed = night % 6
+        fresh = rnd.randbytes(BLOCK)
+        current[changed * BLOCK:(changed + 1) * BLOCK] = fresh
+        plan = [fresh if i == changed else Reuse(i) for i in range(6)]
+        stats, _ = write_archive(local_repo, f"night{night}", plan, len(current), base=f"night{night - 1}",
+                                 reuse_ok=True)
+        assert stats.reused == 5 and stats.stored == 1
+    run_borg(local_repo, "delete", "{repo}::night0")
+    run_borg(local_repo, "delete", "{repo}::night1")
+    run_borg(local_repo, "compact", "{repo}")
+    assert file_sha256(extract(local_repo, "night3", tmp_path / "n3")) == sha256(bytes(current))
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+
+def test_base_image_refuses_what_cannot_be_reused(local_repo, tmp_path):
+    blocks, image = make_image(30, "DDZD")
+    write_archive(local_repo, "base", blocks, len(image))
+    with open_writer(local_repo, "next", block_size=BLOCK, base_archive="base") as writer:
+        assert writer.base_image(DISK, len(image)) is True
+        assert writer.base_image(DISK, len(image) + 1) is False           # size changed
+        assert writer.base_image("vm1/disks/other.raw", len(image)) is False  # not in the base
+        assert writer.base_image("vm1/vm.ovf", 6) is True                # a one-chunk file is aligned
+    assert archive_names(local_repo) == ["base"]
+    with open_writer(local_repo, "next", block_size=BLOCK // 2, base_archive="base") as writer:
+        assert writer.base_image(DISK, len(image)) is False               # other block size
+    with open_writer(local_repo, "next", block_size=BLOCK, base_archive="gone") as writer:
+        assert writer.base_image(DISK, len(image)) is False               # no such archive
+    with open_writer(local_repo, "next", block_size=BLOCK, base_archive=None) as writer:
+        assert writer.base_image(DISK, len(image)) is False
+        with pytest.raises(ValueError, match="base_image"):
+            writer.add_image(DISK, len(image), [Reuse(0), None, None, None])
+    assert archive_names(local_repo) == ["base"]
+
+
+def test_misaligned_base_from_plain_borg_create_is_refused(local_repo, tmp_path):
+    # A file archived by borg create with the default (buzhash) chunker: chunks are not aligned.
+    source = tmp_path / "src"
+    disk = source / DISK
+    disk.parent.mkdir(parents=True)
+    size = 6 * 1024 * 1024
+    disk.write_bytes(random.Random(40).randbytes(size))
+    run_borg(local_repo, "create", "--chunker-params", "buzhash,10,23,16,4095", "{repo}::plain", "vm1",
+             cwd=source)
+    chunks = json.loads(run_borg(local_repo, "list", "--json-lines", "--format", "{num_chunks}",
+                                 "{repo}::plain", DISK).stdout)["num_chunks"]
+    assert chunks > 1
+    with open_writer(local_repo, "next", block_size=BLOCK, base_archive="plain") as writer:
+        assert writer.base_image(DISK, size) is False
+    # ... while one made with borg create and the same fixed chunker is usable.
+    run_borg(local_repo, "create", "--chunker-params", f"fixed,{BLOCK}", "{repo}::fixed", "vm1", cwd=source)
+    with open_writer(local_repo, "next", block_size=BLOCK, base_archive="fixed") as writer:
+        assert writer.base_image(DISK, size) is True
+        writer.add_image(DISK, size, [Reuse(i) for i in range(size // BLOCK)])
+        writer.commit()
+    assert file_sha256(extract(local_repo, "next", tmp_path / "n")) == file_sha256(disk)
+
+
+# --------------------------------------------------------------------------------------------
+# failures: nothing committed, repository consistent, lock released
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("exc_type", [Boom, KeyboardInterrupt])
+def test_exception_inside_leaves_no_archive_and_releases_the_lock(local_repo, tmp_path, kind, exc_type):
+    blocks, image = make_image(50, "DZDDDDDD")
+
+    def failing_blocks():
+        for position, block in enumerate(blocks):
+            if position == 5:
+                raise exc_type("reading the disk failed")
+            yield block
+
+    with pytest.raises(exc_type):
+        with open_writer(local_repo, "broken", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+            writer.add_file("vm1/vm.ovf", b"<ovf/>")
+            writer.add_image(DISK, len(image), failing_blocks())
+    assert archive_names(local_repo) == []
+    run_borg(local_repo, "check", "{repo}")
+    # The lock is free: a writer with no patience gets it at once and can commit.
+    good = Repo(local_repo.location, local_repo.env, lock_wait=0)
+    write_archive(good, "after", blocks, len(image), kind=kind)
+    assert archive_names(local_repo) == ["after"]
+    assert file_sha256(extract(local_repo, "after", tmp_path / "a")) == sha256(image)
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_leaving_without_commit_or_with_bad_blocks_leaves_no_archive(local_repo, kind):
+    blocks, image = make_image(51, "DDD")
+    with open_writer(local_repo, "forgotten", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+        writer.add_image(DISK, len(image), blocks)
+    with pytest.raises(ValueError, match="expected"):
+        with open_writer(local_repo, "short", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+            writer.add_image(DISK, len(image), blocks[:2])
+    with pytest.raises(ValueError, match="more blocks"):
+        with open_writer(local_repo, "long", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+            writer.add_image(DISK, len(image), blocks + [blocks[0]])
+    with pytest.raises(ValueError, match="bytes"):
+        with open_writer(local_repo, "badblock", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+            writer.add_image(DISK, len(image), [blocks[0], blocks[1][:100], blocks[2]])
+    assert archive_names(local_repo) == []
+    run_borg(local_repo, "check", "{repo}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lock_held_by_another_borg_raises_repository_busy_quickly(local_repo, kind):
+    busy = Repo(local_repo.location, local_repo.env, lock_wait=1)
+    blocks, image = make_image(60, "DD")
+    with lock_holder(local_repo):
+        started = time.monotonic()
+        with pytest.raises(RepositoryBusy, match="busy: another borg process holds its lock"):
+            with open_writer(busy, "blocked", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+                writer.add_image(DISK, len(image), blocks)
+                writer.commit()
+        assert time.monotonic() - started < 10
+    assert archive_names(local_repo) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_passphrase_is_an_auth_error(local_repo, kind):
+    wrong = Repo(local_repo.location, {**local_repo.env, "BORG_PASSPHRASE": "wrong"}, lock_wait=1)
+    blocks, image = make_image(61, "D")
+    with pytest.raises(AuthError, match="passphrase"):
+        with open_writer(wrong, "x", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+            writer.add_image(DISK, len(image), blocks)
+            writer.commit()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_repository_is_a_repository_error(tmp_path, borg_env, kind):
+    missing = Repo(str(tmp_path / "nothere"), borg_env, lock_wait=1)
+    blocks, image = make_image(62, "D")
+    with pytest.raises(RepositoryError, match="does not exist"):
+        with open_writer(missing, "x", block_size=BLOCK, base_archive=None, kind=kind) as writer:
+            writer.add_image(DISK, len(image), blocks)
+            writer.commit()
+
+
+def test_existing_archive_name_is_refused(local_repo):
+    blocks, image = make_image(63, "D")
+    write_archive(local_repo, "taken", blocks, len(image))
+    with pytest.raises(RepositoryError, match="already exists"):
+        with open_writer(local_repo, "taken", block_size=BLOCK, base_archive=None) as writer:
+            writer.commit()
+
+
+def test_bad_arguments_are_config_errors(local_repo):
+    with pytest.raises(ConfigError):
+        open_writer(local_repo, "a/b", block_size=BLOCK, base_archive=None)
+    with pytest.raises(ConfigError):
+        open_writer(local_repo, "x", block_size=32, base_archive=None)
+    with pytest.raises(ConfigError):
+        open_writer(local_repo, "x", block_size=BLOCK, base_archive=None, kind="borg2")
+    bad_compression = Repo(local_repo.location, local_repo.env, compression="nonsense")
+    with pytest.raises(ConfigError, match="compression"):
+        with open_writer(bad_compression, "x", block_size=BLOCK, base_archive=None):
+            pass
+    with open_writer(local_repo, "x", block_size=BLOCK, base_archive=None) as writer:
+        for path in ("/abs", "a/../b", "a//b", ""):
+            with pytest.raises(ValueError):
+                writer.add_file(path, b"")
+        writer.add_file("vm1/vm.ovf", b"")
+        with pytest.raises(ValueError, match="already"):
+            writer.add_file("vm1/vm.ovf", b"")
+
+
+# --------------------------------------------------------------------------------------------
+# secrets and remote repositories
+
+
+def test_secrets_stay_out_of_logs_and_environment(local_repo, caplog):
+    caplog.set_level(logging.DEBUG)
+    before = os.environ.get("BORG_PASSPHRASE")
+    blocks, image = make_image(70, "DZ")
+    with open_writer(local_repo, "quiet", block_size=BLOCK, base_archive=None) as writer:
+        assert os.environ.get("BORG_PASSPHRASE") == before
+        writer.add_image(DISK, len(image), blocks)
+        writer.commit()
+    assert os.environ.get("BORG_BASE_DIR") != local_repo.env["BORG_BASE_DIR"]
+    assert PASSPHRASE not in caplog.text
+    assert "committed archive quiet" in caplog.text
+    assert PASSPHRASE not in repr(local_repo)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ssh_repository_full_and_incremental(ssh_repo, tmp_path, kind):
+    blocks, image = make_image(80, "DZDD")
+    write_archive(ssh_repo, "full", blocks, len(image), kind=kind)
+    new = random.Random(81).randbytes(BLOCK)
+    expected = bytearray(image)
+    expected[BLOCK:2 * BLOCK] = new
+    reusable = kind == "internal"
+    plan = [Reuse(0) if reusable else blocks[0], new, Reuse(2) if reusable else blocks[2],
+            Reuse(3) if reusable else blocks[3]]
+    stats, _ = write_archive(ssh_repo, "incr", plan, len(image), kind=kind, base="full", reuse_ok=reusable)
+    assert stats.reused == (3 if reusable else 0)
+    assert file_sha256(extract(ssh_repo, "incr", tmp_path / "i")) == sha256(bytes(expected))
+    run_borg(ssh_repo, "check", "--verify-data", "{repo}")
+
+
+def test_ssh_repository_lock_held_is_busy(ssh_repo, tmp_path):
+    local_view = Repo(ssh_repo.location.split(":2222", 1)[1], ssh_repo.env, lock_wait=1)
+    busy = Repo(ssh_repo.location, ssh_repo.env, lock_wait=1)
+    with lock_holder(local_view):
+        with pytest.raises(RepositoryBusy):
+            with open_writer(busy, "blocked", block_size=BLOCK, base_archive=None) as writer:
+                writer.commit()
+    # The borg serve started behind the fake ssh is gone with the writer.
+    assert child_processes() == []
+
+
+def child_processes() -> list[str]:
+    """Return the command lines of the live child processes of this test process."""
+    children = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat_file.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            children.append(cmdline)
+    return children
