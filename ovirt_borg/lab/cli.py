@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default="64M", help="disk size (default 64M)")
     p.add_argument("--format", choices=("cow", "raw"), default="cow")
 
+    p = vm_command("add-vm", "create a VM with data disks (random data in two regions each)")
+    p.add_argument("--disks", type=int, default=1, help="number of disks (default 1)")
+    p.add_argument("--size", type=_size, default="64M", help="size of each disk (default 64M)")
+    p.add_argument("--format", choices=("cow", "raw"), default="cow")
+    p.add_argument("--status", choices=("up", "down"), default="up")
+    p.add_argument("--tag", action="append", default=[], help="tag the VM (repeatable)")
+
     p = vm_command("detach-disk", "detach a disk from a VM (it stays as a floating disk)")
     p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
 
@@ -146,6 +153,9 @@ def _run(args: argparse.Namespace) -> Any:
         return lab.fault(args.name, on=not args.off, vm=args.vm, times=args.times)
     if args.command == "add-disk":
         return lab.add_disk(args.vm, size=args.size, format=args.format)
+    if args.command == "add-vm":
+        return lab.add_vm(args.vm, disks=args.disks, size=args.size, format=args.format,
+                          status=args.status, tags=tuple(args.tag))
     if args.command == "detach-disk":
         return lab.detach_disk(args.vm, _disk_arg(args.disk))
     if args.command == "delete-vm":

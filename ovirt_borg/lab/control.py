@@ -300,6 +300,17 @@ class Lab:
         """Create a disk (``cow`` or ``raw``) and attach it to the VM; returns its id and path."""
         return self._call("add-disk", vm=vm, size=parse_size(size), format=format)
 
+    def add_vm(self, name: str, *, disks: int = 1, size: int | str = DEFAULT_DISK_SIZE,
+               format: str = "cow", status: str = "up", tags: tuple[str, ...] = (),
+               seed: int | None = None) -> dict[str, Any]:
+        """Create a VM with ``disks`` data disks (random data in two regions each).
+
+        Tests that change checkpoints or turn faults on use their own VM, so a lab shared by
+        many tests stays predictable. Returns the VM's id, name, status and disk ids.
+        """
+        return self._call("add-vm", vm=name, disks=disks, size=parse_size(size), format=format,
+                          status=status, tags=list(tags), seed=seed)
+
     def detach_disk(self, vm: str, disk: int | str) -> dict[str, Any]:
         """Detach a VM disk (by 1-based index or id); it stays as a floating disk."""
         return self._call("detach-disk", vm=vm, disk=disk)

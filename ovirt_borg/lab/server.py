@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
 import ssl
@@ -37,7 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 from ovirt_borg.lab import LabError, qemu, xmlout
 from ovirt_borg.lab.imageiod import ImageioDaemon, free_port
 from ovirt_borg.lab.model import (
-    API_PATH, ApiFault, AuthFailed, Engine, Inventory, LabLayout, Faults, FAULT_HELP,
+    API_PATH, FAULT_HELP, ApiFault, AuthFailed, Engine, Inventory, LabLayout,
 )
 from ovirt_borg.lab.tls import LabPki, make_lab_pki
 
@@ -673,6 +672,13 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
         disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"))
         return {"vm": args["vm"], "id": disk.id, "name": disk.name, "format": disk.format,
                 "size": disk.provisioned_size, "path": disk.path}
+    if op == "add-vm":
+        vm = e.add_sample_vm(args["vm"], disks=int(args.get("disks", 1)),
+                             size=int(args.get("size", 64 << 20)),
+                             fmt=args.get("format", "cow"), status=args.get("status", "up"),
+                             tags=args.get("tags", ()), seed=args.get("seed"))
+        return {"id": vm.id, "name": vm.name, "status": vm.status,
+                "disks": [a.disk_id for a in vm.attachments]}
     if op == "detach-disk":
         disk = e.vm_disk(args["vm"], args.get("disk", 1))
         e.detach_disk(e.vm_by_name(args["vm"]).id, disk.id)
@@ -980,8 +986,3 @@ def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
-
-
-def new_secret() -> str:
-    """Return a random secret for passwords, passphrases and the control token."""
-    return secrets.token_urlsafe(24)
