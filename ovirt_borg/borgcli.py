@@ -479,6 +479,9 @@ def delete_archive(repo: Repo, name: str) -> None:
     Raises ``NotFound`` if it does not exist, other typed errors on failure. The space is only
     given back by :func:`compact`.
     """
+    # borg delete of a missing archive only warns; say it plainly.
+    if not archive_exists(repo, name):
+        raise NotFound(f"archive {name} does not exist in repository {repo.location}")
     _run(repo, "delete", archive_location(repo, name), archive=name, allow_warning=False)
     log.info("deleted archive %s from %s", name, repo.location)
 
