@@ -401,8 +401,8 @@ class DataPlane(Protocol):
     def add_ticket(self, ticket: dict[str, Any]) -> tuple[str, str]: ...
     def delete_ticket(self, ticket_id: str) -> None: ...
     def restart_host_daemon_during(self, ticket_id: str) -> None: ...
-    def guest_write(self, path: Path, fmt: str, offset: int, length: int, *,
-                    data: bytes | None, zero: bool, discard: bool) -> None: ...
+    def guest_write(self, path: Path, fmt: str, writes: list[tuple[int, int, bytes | None]], *,
+                    zero: bool, discard: bool) -> None: ...
     def to_raw(self, path: Path, out: Path, fmt: str) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def shutdown(self) -> None: ...
@@ -1451,10 +1451,10 @@ class Engine:
                 raise ApiFault(400, f"range {offset}+{length} is outside the disk "
                                f"({size} bytes)")
             ranges = [(offset, length)]
-        for start, count in ranges:
-            data = None if zero or discard else rng.randbytes(count)
-            self.plane.guest_write(Path(target.path), target.qemu_format, start, count,
-                                   data=data, zero=zero, discard=discard)
+        writes = [(start, count, None if zero or discard else rng.randbytes(count))
+                  for start, count in ranges]
+        self.plane.guest_write(Path(target.path), target.qemu_format, writes,
+                               zero=zero, discard=discard)
         log.info("guest wrote %d range(s) to disk %s of VM %s", len(ranges), target.name, vm_name)
         return [{"offset": s, "length": n} for s, n in ranges]
 
@@ -1504,10 +1504,9 @@ class Engine:
         rng = random.Random(seed) if seed is not None else self._rng
         for _ in range(disks):
             disk = self.add_vm_disk(vm.name, size=size, fmt=fmt)
-            for offset in (0, size // 2):
-                length = min(1 << 20, size - offset)
-                self.plane.guest_write(Path(disk.path), disk.qemu_format, offset, length,
-                                       data=rng.randbytes(length), zero=False, discard=False)
+            writes = [(offset, 1 << 20, rng.randbytes(1 << 20)) for offset in (0, size // 2)]
+            self.plane.guest_write(Path(disk.path), disk.qemu_format, writes,
+                                   zero=False, discard=False)
         self.save()
         return vm
 
