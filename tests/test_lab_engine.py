@@ -27,8 +27,6 @@ from ovirt_borg.lab.control import Lab, LabRequestError
 from ovirt_borg.lab.model import BLOCK, ApiFault, _scattered_ranges, parse_search
 from ovirt_borg.lab.sample import HELLO_TEXT, parse_size
 
-pytest_plugins = ["fixtures_lab"]
-
 MiB = 1 << 20
 
 
