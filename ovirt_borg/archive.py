@@ -191,6 +191,15 @@ class ArchiveWriter(ABC):
         same and all its chunks are known to the repository); otherwise False, logging why.
         """
 
+    def base_block(self, path: str, index: int) -> bytes:
+        """Return the content of block ``index`` of ``path`` in the base archive.
+
+        Only after ``base_image(path, size)`` returned True. Used to compare pieces of blocks
+        the dirty bitmap calls clean with what the disk holds now. Raises ``ValueError`` when
+        the image was not accepted as a base, typed errors for repository failures.
+        """
+        raise ValueError(f"{path} has no usable base image in this writer")
+
     def add_image(self, path: str, size: int, blocks: Iterable[Block]) -> ImageStats:
         """Add the image ``path`` of ``size`` bytes, given as its blocks in order.
 
@@ -485,6 +494,15 @@ class _InternalWriter(ArchiveWriter):
         self._base_images[path] = list(item.chunks)
         log.debug("reusing blocks of %s from base archive %s", path, self.base_archive)
         return True
+
+    def base_block(self, path: str, index: int) -> bytes:
+        self._require_open()
+        chunks = self._base_images.get(path)
+        if chunks is None or not 0 <= index < len(chunks):
+            raise ValueError(f"block {index} of {path} is not in the accepted base image")
+        chunk_id = chunks[index].id
+        with self._borg_errors():
+            return bytes(self._key.decrypt(chunk_id, self._repository.get(chunk_id)))
 
     def _load_base_items(self) -> dict[str, object] | None:
         if self._base_items is not None:
