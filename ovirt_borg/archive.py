@@ -375,7 +375,11 @@ class _InternalWriter(ArchiveWriter):
         super().__init__(*args, **kwargs)
         self._stack = contextlib.ExitStack()
         self._pool: ThreadPoolExecutor | None = None
-        self._encrypt_lock = threading.Lock()
+        # Borg's compressors share one output buffer and the cipher carries the nonce counter:
+        # each allows one thread at a time. Taken in this order when both are needed.
+        self._compress_lock = threading.Lock()
+        self._cipher_lock = threading.Lock()
+        self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
         self._zero_ids: dict[int, bytes] = {}
         self._base = None  # borg Archive of base_archive, loaded on first base_image()
         self._base_items: dict[str, object] | None = None
@@ -441,6 +445,7 @@ class _InternalWriter(ArchiveWriter):
         with _environment(secrets):
             self._manifest, self._key = borg.Manifest.load(self._repository, (borg.Manifest.Operation.WRITE,))
         self._key.compressor = compressor
+        self._seal = _sealer(self._key)
         self._cache = self._stack.enter_context(
             borg.Cache(self._repository, self._key, self._manifest, lock_wait=self.repo.lock_wait))
         # Leaving with an exception must undo the chunk references counted in this transaction.
@@ -502,7 +507,10 @@ class _InternalWriter(ArchiveWriter):
             raise ValueError(f"block {index} of {path} is not in the accepted base image")
         chunk_id = chunks[index].id
         with self._borg_errors():
-            return bytes(self._key.decrypt(chunk_id, self._repository.get(chunk_id)))
+            stored = self._repository.get(chunk_id)
+            # Decryption uses the cipher context and the decompression buffer the workers use.
+            with self._compress_lock, self._cipher_lock:
+                return bytes(self._key.decrypt(chunk_id, stored))
 
     def _load_base_items(self) -> dict[str, object] | None:
         if self._base_items is not None:
@@ -548,17 +556,29 @@ class _InternalWriter(ArchiveWriter):
     def _prepare(self, data: bytes) -> _Prepared:
         """Hash a data block and, unless the repository has it, compress and encrypt it.
 
-        Runs in a worker thread. The hash runs in parallel (hashlib releases the GIL); the
-        encryption is serialised (one cipher, one nonce counter, one compression buffer).
+        Runs in a worker thread. The hash runs in parallel (hashlib releases the GIL).
         """
         chunk_id = self._key.id_hash(data)
         # A lookup in Borg's C hash index is atomic under the GIL; a stale "not seen" only costs
         # an encryption, the calling thread checks again before storing.
         if self._cache.seen_chunk(chunk_id):
             return _Prepared(chunk_id, len(data), None)
-        with self._encrypt_lock:
-            encrypted = self._key.encrypt(data)
-        return _Prepared(chunk_id, len(data), encrypted)
+        return _Prepared(chunk_id, len(data), self._encrypt(data))
+
+    def _encrypt(self, data: bytes) -> bytes:
+        """Return ``key.encrypt(data)``, computed so that two threads can share the work.
+
+        Compression and the cipher each admit one thread at a time, but one block can be
+        compressed while another is encrypted. For key types whose ``encrypt`` this module does
+        not know, ``key.encrypt`` runs under both locks.
+        """
+        if self._seal is None:
+            with self._compress_lock, self._cipher_lock:
+                return self._key.encrypt(data)
+        with self._compress_lock:
+            compressed = self._key.compressor.compress(data)
+        with self._cipher_lock:
+            return self._seal(compressed)
 
     def _store(self, prepared: _Prepared, counters: dict) -> object:
         """Store a prepared block (or reference it if the repository has it); return its chunk entry.
@@ -588,7 +608,7 @@ class _InternalWriter(ArchiveWriter):
             self._zero_ids[length] = chunk_id
             # add_chunk stores the all-zero chunk if the repository does not have it yet; it
             # encrypts in this thread, so it takes its turn with the workers.
-            with self._encrypt_lock:
+            with self._compress_lock, self._cipher_lock:
                 return self._cache.add_chunk(chunk_id, zero_block, self._archive.stats, wait=False)
         return self._cache.chunk_incref(chunk_id, self._archive.stats)
 
@@ -668,6 +688,27 @@ class _InternalWriter(ArchiveWriter):
                  "%.1f MB/s", path, result.blocks, result.holes, result.reused, result.stored,
                  result.deduplicated, result.bytes_new, size / 1e6 / elapsed if elapsed > 0 else 0.0)
         return result
+
+
+def _sealer(key):
+    """Return the step of ``key.encrypt`` after compression, as a function, or None.
+
+    ``AESKeyBase.encrypt`` (all encrypting key types of Borg 1.4) is: compress, reserve nonces,
+    ``cipher.encrypt``; the plaintext and authenticated-only key types prefix the type byte to
+    the compressed data. Any other ``encrypt`` is not split (None).
+    """
+    from borg.crypto.key import AESKeyBase, AuthenticatedKeyBase, PlaintextKey
+
+    encrypt = type(key).encrypt
+    if encrypt is AESKeyBase.encrypt:
+        def seal(compressed: bytes) -> bytes:
+            iv = key.nonce_manager.ensure_reservation(key.cipher.next_iv(),
+                                                      key.cipher.block_count(len(compressed)))
+            return key.cipher.encrypt(compressed, header=key.TYPE_STR, iv=iv)
+        return seal
+    if encrypt is PlaintextKey.encrypt or encrypt is AuthenticatedKeyBase.encrypt:
+        return lambda compressed: b"".join([key.TYPE_STR, compressed])
+    return None
 
 
 class _NotCommitted(Exception):

@@ -114,6 +114,18 @@ def test_borg_internals_are_what_the_writer_was_written_for():
     for step in ("self.begin_txn()", "self.key.encrypt(chunk)", "self.repository.put(id, data, wait=wait)",
                  "self.chunks.add(id, 1, size, csize)", "stats.update(size, csize, not refcount)"):
         assert step in add_chunk, step
+    # ... and splits key.encrypt into its compression and cipher steps exactly as they are.
+    from borg.crypto.key import AESKeyBase, AuthenticatedKeyBase, PlaintextKey
+    encrypt = inspect.getsource(AESKeyBase.encrypt)
+    for step in ("data = self.compressor.compress(chunk)",
+                 "next_iv = self.nonce_manager.ensure_reservation(self.cipher.next_iv(),",
+                 "self.cipher.block_count(len(data)))",
+                 "return self.cipher.encrypt(data, header=self.TYPE_STR, iv=next_iv)"):
+        assert step in encrypt, step
+    assert len([line for line in encrypt.splitlines() if line.strip()]) == 5
+    for plain in (PlaintextKey.encrypt, AuthenticatedKeyBase.encrypt):
+        source = [line.strip() for line in inspect.getsource(plain).splitlines() if line.strip()]
+        assert source[1:] == ["data = self.compressor.compress(chunk)", "return b''.join([self.TYPE_STR, data])"]
     for key in ("path", "mode", "uid", "gid", "user", "group", "mtime", "ctime", "size", "chunks",
                 "hardlink_master"):
         assert key in Item.VALID_KEYS, key
@@ -183,6 +195,45 @@ def test_repeated_data_blocks_in_flight_are_stored_once(local_repo, tmp_path):
     assert stats.stored == 6 and stats.deduplicated == 4
     assert stats.bytes_stored < 2 * BLOCK + 4096
     assert file_sha256(extract(local_repo, "repeats", tmp_path / "x")) == sha256(image)
+    run_borg(local_repo, "check", "--verify-data", "{repo}")
+
+
+@pytest.mark.parametrize("encryption", ["repokey", "authenticated-blake2", "none"])
+def test_other_encryption_modes(tmp_path, borg_env, encryption):
+    env = dict(borg_env, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+    repo = Repo(str(tmp_path / encryption), env, lock_wait=5)
+    run_borg(repo, "init", "--encryption", encryption, "{repo}")
+    blocks, image = make_image(5, "DZDD")
+    write_archive(repo, "a", blocks, len(image))
+    new = random.Random(6).randbytes(BLOCK)
+    write_archive(repo, "b", [Reuse(0), None, new, Reuse(3)], len(image), base="a", reuse_ok=True)
+    expected = image[:BLOCK] + bytes(BLOCK) + new + image[3 * BLOCK:]
+    assert file_sha256(extract(repo, "b", tmp_path / "b")) == sha256(expected)
+    run_borg(repo, "check", "--verify-data", "{repo}")
+
+
+def test_base_block_reads_a_block_of_the_base_image(local_repo):
+    blocks, image = make_image(7, "DZD")
+    write_archive(local_repo, "base", blocks, len(image))
+    with open_writer(local_repo, "next", block_size=BLOCK, base_archive="base") as writer:
+        with pytest.raises(ValueError):
+            writer.base_block(DISK, 0)
+        assert writer.base_image(DISK, len(image))
+        assert writer.base_block(DISK, 0) == blocks[0]
+        assert writer.base_block(DISK, 1) == bytes(BLOCK)
+        assert writer.base_block(DISK, 2) == blocks[2]
+        with pytest.raises(ValueError):
+            writer.base_block(DISK, 3)
+        # Reading the base while data blocks are being encrypted by the workers is safe.
+        fresh = [random.Random(8).randbytes(BLOCK), None, blocks[2]]
+
+        def interleaved():
+            for position, block in enumerate(fresh):
+                assert writer.base_block(DISK, position) == (blocks[position] or bytes(BLOCK))
+                yield block
+
+        writer.add_image(DISK, len(image), interleaved())
+        writer.commit()
     run_borg(local_repo, "check", "--verify-data", "{repo}")
 
 
