@@ -733,6 +733,9 @@ def test_cli_up_drive_down_leaves_no_process(tmp_path):
         lab = Lab.open(directory)
         with lab.connection() as connection:
             assert [v.name for v in connection.system_service().vms_service().list()] == ["vm1"]
+            _, service = vm_service(connection, "vm1")
+            backup, backup_service = start_backup(service, vm_disks(connection, service))
+            finalize_backup(backup_service)
         # A second up reuses the running engine.
         assert json.loads(_cli("up", "--dir", directory, "--plain-http").stdout)["pids"] == info["pids"]
 
@@ -754,3 +757,15 @@ def test_cli_up_drive_down_leaves_no_process(tmp_path):
     assert len(pids) == 3
     assert not [pid for pid in pids if _running(pid)]
     assert not (directory / "run" / "engine.json").exists()
+
+    # Up again: a new engine over the same VMs, disks and checkpoints.
+    again = json.loads(_cli("up", "--dir", directory, "--plain-http").stdout)
+    try:
+        assert again["pids"]["engine"] != info["pids"]["engine"]
+        with Lab.open(directory).connection() as connection:
+            vm, service = vm_service(connection, "vm1")
+            assert vm.id == lab.sample["vms"]["vm1"]["id"]
+            assert [c.id for c in checkpoints(service)] == [backup.to_checkpoint_id]
+    finally:
+        _cli("down", "--dir", directory)
+    assert not [pid for pid in again["pids"].values() if pid and _running(pid)]

@@ -537,8 +537,8 @@ def matches_search(groups: list[list[SearchTerm]], fields: Callable[[str], list[
 class Engine:
     """The lab engine's state machine. Callers hold ``engine.lock`` around every call.
 
-    Given the inventory, the data plane, where to save the inventory, the storage directory
-    for new disks and the admin password (checked by ``login``).
+    Given the inventory, the data plane, the file the inventory is saved to after each change,
+    and the admin password (checked by ``login``). New disks go to the storage domain's path.
     """
 
     def __init__(self, inventory: Inventory, plane: DataPlane, *, state_file: Path,
