@@ -278,7 +278,9 @@ def transfer(engine: Engine, t: Transfer) -> ET.Element:
         _ref(el, "backup", t.backup_id)
     _ref(el, "disk", t.disk_id, f"{API_PATH}/disks/{t.disk_id}")
     _ref(el, "host", t.host_id, f"{API_PATH}/hosts/{t.host_id}")
-    _ref(el, "image", t.disk_id, f"{API_PATH}/disks/{t.disk_id}")
+    # The image is the disk's volume; a cancelled upload's disk may be gone already.
+    image_id = next((d.image_id for d in engine.inv.disks if d.id == t.disk_id), t.disk_id)
+    _ref(el, "image", image_id)
     return el
 
 
