@@ -343,12 +343,18 @@ def start_export(
 
 
 def _accepts(socket_path: Path) -> bool:
-    """Return True when something accepts connections on the unix socket ``socket_path``."""
+    """Return True when the NBD export on ``socket_path`` completes a handshake.
+
+    qemu-nbd creates its socket before it checks the export (an inconsistent bitmap is found
+    only then), so a plain connect is not enough: the handshake waits for the export and fails
+    if qemu-nbd gives up.
+    """
     if not socket_path.exists():
         return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(os.fspath(socket_path))
-        except OSError:
-            return False
-    return True
+    from ovirt_imageio._internal import nbd
+
+    try:
+        with nbd.Client(nbd.UnixAddress(os.fspath(socket_path))):
+            return True
+    except (OSError, nbd.Error):
+        return False
