@@ -468,7 +468,7 @@ class _InternalWriter(ArchiveWriter):
         self._require_open()
         borg = _borg()
         try:
-            with self._borg_errors():
+            with self._borg_errors(), self._compress_lock, self._cipher_lock:
                 self._archive.save(comment=self.comment)
             archive_id = borg.bin_to_hex(self._archive.id)
         except BaseException:
@@ -551,6 +551,11 @@ class _InternalWriter(ArchiveWriter):
         with self._borg_errors():
             item = borg.Item(path=path, mode=DIR_MODE, uid=0, gid=0, user=OWNER, group=OWNER,
                              mtime=self._mtime_ns, ctime=self._mtime_ns)
+            self._add_item(item)
+
+    def _add_item(self, item) -> None:
+        # A full item buffer is written out as a chunk: that encrypts in this thread.
+        with self._compress_lock, self._cipher_lock:
             self._archive.add_item(item, show_progress=False)
 
     def _prepare(self, data: bytes) -> _Prepared:
@@ -671,7 +676,7 @@ class _InternalWriter(ArchiveWriter):
                                  mtime=self._mtime_ns, ctime=self._mtime_ns, size=size,
                                  chunks=entries, hardlink_master=False)
                 self._archive.stats.nfiles += 1
-                self._archive.add_item(item, show_progress=False)
+                self._add_item(item)
         except BaseException:
             for waiting in pending:
                 if isinstance(waiting, Future):
@@ -812,7 +817,8 @@ class _CliWriter(ArchiveWriter):
         if self.comment:
             args += ["--comment", self.comment]
         args += [borgcli.archive_location(self.repo, self.archive_name), "-"]
-        self._process = borgcli.BorgProcess(self.repo, *args, stdin=subprocess.PIPE, archive=self.archive_name)
+        self._process = borgcli.BorgProcess(self.repo, *args, stdin=subprocess.PIPE, archive=self.archive_name,
+                                            die_with_parent=True)
         try:
             # PAX headers carry sizes beyond 8 GiB; reading a whole block at a time keeps it fast.
             self._tar = tarfile.open(fileobj=_CountingPipe(self._process.proc.stdin), mode="w",

@@ -264,18 +264,27 @@ def _run(repo: Repo, *args: str, archive: str | None = None, cwd: str | os.PathL
 class BorgProcess:
     """A running ``borg`` process whose stderr log is collected by a background thread.
 
-    Given the repository and the borg arguments; ``stdin``/``stdout`` as for ``subprocess.Popen``.
-    The process runs in its own session so that a Ctrl-C meant for ovirt-borg does not make
+    Given the repository and the borg arguments; ``stdin``/``stdout`` as for ``subprocess.Popen``;
+    ``die_with_parent``: borg gets SIGTERM if the thread that started it dies. The process runs
+    in its own session so that a Ctrl-C meant for ovirt-borg does not make
     Borg write a checkpoint archive; ovirt-borg stops it itself with :meth:`terminate`.
     """
 
     def __init__(self, repo: Repo, *args: str, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                 archive: str | None = None):
+                 archive: str | None = None, die_with_parent: bool = False):
         self.repo = repo
         self.archive = archive
         self.log = BorgLog()
         argv = borg_command(repo, *args)
         log.debug("starting %s", " ".join(argv))
+        setpriv = shutil.which("setpriv") if die_with_parent else None
+        if setpriv:
+            # Borg sees only the end of its input if ovirt-borg is killed; between two tar members
+            # that looks like a complete stream and it would commit. SIGTERM makes it roll back.
+            # (The signal comes when the thread that started borg ends.)
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        elif die_with_parent:
+            log.warning("setpriv (util-linux) is missing: borg will not be stopped if ovirt-borg is killed")
         self.proc = subprocess.Popen(argv, env=borg_environment(repo), stdin=stdin, stdout=stdout,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self._stderr_thread = threading.Thread(target=self._drain_stderr, name="borg-stderr", daemon=True)
@@ -416,7 +425,7 @@ def open_stream(repo: Repo, archive: str, path: str) -> Iterator[IO[bytes]]:
     except BaseException:
         process.terminate()
         raise
-    if process.proc.stdout.read(1):
+    if process.proc.stdout.closed or process.proc.stdout.read(1):
         # The reader stopped early: that is its choice, not a failure of borg.
         log.debug("stream of %s from archive %s closed before its end", path, archive)
         process.terminate()

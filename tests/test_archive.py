@@ -509,6 +509,20 @@ def test_ssh_repository_lock_held_is_busy(ssh_repo, tmp_path):
     assert child_processes() == []
 
 
+def processes_using(location: str) -> list[str]:
+    """Return the command lines of live processes that have ``location`` among their arguments."""
+    found = []
+    for cmdline_file in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline_file.read_bytes().split(b"\0")
+            state = (cmdline_file.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(location.encode() in arg for arg in args):
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
+
+
 def child_processes() -> list[str]:
     """Return the command lines of the live child processes of this test process."""
     children = []
@@ -521,3 +535,44 @@ def child_processes() -> list[str]:
         if int(fields[1]) == os.getpid() and fields[0] != "Z":
             children.append(cmdline)
     return children
+
+
+_KILLED_WRITER = """
+import sys, time
+from ovirt_borg.archive import Repo, open_writer
+repo = Repo(sys.argv[1], {"BORG_PASSPHRASE": sys.argv[2], "BORG_BASE_DIR": sys.argv[3]})
+blocks = [bytes([n]) * 65536 for n in range(1, 9)]
+with open_writer(repo, "killed", block_size=65536, base_archive=None, kind=sys.argv[4]) as writer:
+    writer.add_file("vm1/vm.ovf", b"<ovf/>")
+    writer.add_image("vm1/disks/a.raw", 8 * 65536, blocks)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_killed_writer_leaves_no_archive(local_repo, tmp_path, kind):
+    """ovirt-borg killed with SIGKILL between two images: nothing is committed, the lock heals."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(_KILLED_WRITER)
+    child = subprocess.Popen([sys.executable, str(script), local_repo.location, PASSPHRASE,
+                              local_repo.env["BORG_BASE_DIR"], kind], stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"ready\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    # borg import-tar (cli) gets SIGTERM and rolls back; an internal writer leaves a stale lock
+    # of a dead process, which Borg removes on the next access.
+    deadline = time.monotonic() + 30
+    while processes_using(local_repo.location):
+        assert time.monotonic() < deadline, processes_using(local_repo.location)
+        time.sleep(0.1)
+    assert archive_names(Repo(local_repo.location, local_repo.env, lock_wait=20)) == []
+    run_borg(local_repo, "check", "{repo}")
+    assert child_processes() == []
