@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Unmount the file systems, detach the loop devices, unmount the archive.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
 
+    p = sub.add_parser("prune", help="apply the retention rules per VM, then compact",
+                       description="Prune this job's archives per VM with the [retention] keep rules "
+                                   "(borg prune --glob-archives per VM, so no other archive is ever "
+                                   "touched), then borg compact. The archive the next incremental starts "
+                                   "from is never removed unless a newer one exists.")
+    p.add_argument("vms", nargs="*", metavar="VM", help="only these VMs (default: every VM with archives)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be pruned, change nothing")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("checkpoints", help="list engine checkpoints; purge the ones no backup needs",
+                       description="List each VM's checkpoints on the engine and mark the one the next "
+                                   "incremental starts from. With --purge, delete the older ones.")
+    p.add_argument("vms", nargs="*", metavar="VM", help="only these VMs (default: VMs with a sidecar)")
+    p.add_argument("--purge", action="store_true", help="delete checkpoints older than the one in use")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     sub.add_parser("generate-config", help="print a sample configuration with every option",
                    description="Print a documented configuration with every option, its default and "
                                "an example. Save it as /etc/ovirt-borg/NAME.toml and edit it.")
@@ -348,13 +364,67 @@ def cmd_umount(args: argparse.Namespace, config: config_mod.Config) -> int:
     return EXIT_OK
 
 
+def cmd_prune(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg import retention
+
+    keep = retention.keep_rules(config.retention)
+    if not keep:
+        raise ConfigError(f"{config.path}: [retention] keeps nothing; set at least one keep_* rule")
+    repo = _repo(config)
+    with _job_lock(config):
+        results = retention.prune(repo, _state_dir(config, repo), config.repository.prefix, keep,
+                                  vms=list(args.vms) or None, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        verb = "would prune" if args.dry_run else "pruned"
+        for r in results:
+            if r.skipped:
+                print(f"{r.vm}: skipped: {r.skipped}")
+            else:
+                print(f"{r.vm}: {verb} {len(r.pruned)}, kept {len(r.kept)}")
+                for name in r.pruned:
+                    print(f"  {verb} {name}")
+    return 1 if any(r.skipped and r.skipped != "no archives of this VM" for r in results) else EXIT_OK
+
+
+def cmd_checkpoints(args: argparse.Namespace, config: config_mod.Config) -> int:
+    repo = _repo(config)
+    state = _state_dir(config, repo)
+    sidecars = {s.vm_name: s for s in state.all()}
+    report = []
+    with _engine(config) as engine:
+        names = list(args.vms) or sorted(sidecars)
+        for name in names:
+            vm = engine.find_vm(name)
+            in_use = sidecars[name].checkpoint_id if name in sidecars else None
+            purged = []
+            if args.purge and in_use:
+                purged = engine.purge_checkpoints(vm.id, in_use, config.checkpoints.keep)
+            checkpoints = engine.checkpoints(vm.id)
+            report.append({"vm": name, "in_use": in_use, "purged": purged,
+                           "checkpoints": [{"id": c.id, "state": c.state, "in_use": c.id == in_use}
+                                           for c in checkpoints]})
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for item in report:
+            print(f"{item['vm']}:")
+            for c in item["checkpoints"]:
+                mark = "  <- next incremental starts here" if c["in_use"] else ""
+                print(f"  {c['id']} {c['state']}{mark}")
+            for c in item["purged"]:
+                print(f"  deleted {c}")
+    return EXIT_OK
+
+
 def cmd_generate_config(args: argparse.Namespace) -> int:
     print(config_mod.sample_config())
     return EXIT_OK
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore, "verify": cmd_verify,
-            "mount": cmd_mount, "umount": cmd_umount}
+            "mount": cmd_mount, "umount": cmd_umount, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
 
 
 def _raise_interrupted(signum: int, frame) -> None:

@@ -197,6 +197,17 @@ class StateDir:
             return None
         return sidecar
 
+    def all(self) -> list[Sidecar]:
+        """Every valid sidecar of this repository (invalid ones are logged and skipped)."""
+        if not self._dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self._dir.glob("*.json")):
+            sidecar = self.load(path.stem)
+            if sidecar is not None:
+                found.append(sidecar)
+        return found
+
     def load_digests(self, vm_id: str, record: DiskRecord) -> bytes | None:
         """The block digests of a disk if present locally and matching the sidecar's hash."""
         try:
