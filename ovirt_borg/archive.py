@@ -631,6 +631,7 @@ class _InternalWriter(ArchiveWriter):
     def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
         borg = _borg()
         base_chunks = self._base_images.get(path) if reusable else None
+        zeros = borg.zeros
         counters = {"holes": 0, "reused": 0, "stored": 0, "bytes_new": 0, "bytes_stored": 0, "deduplicated": 0}
         entries: list = []
         # In block order: chunk entries done, or futures of data blocks being prepared.
@@ -665,8 +666,13 @@ class _InternalWriter(ArchiveWriter):
                             raise ValueError(f"{path}: block {position} has {len(data)} bytes, {length} expected")
                         counters["stored"] += 1
                         counters["bytes_new"] += length
-                        pending.append(self._pool.submit(self._prepare, data))
-                        in_flight += 1
+                        if zeros.startswith(data):
+                            # Read but all zero (allocated, never written): no need to hash it.
+                            counters["deduplicated"] += 1
+                            pending.append(self._hole(length))
+                        else:
+                            pending.append(self._pool.submit(self._prepare, data))
+                            in_flight += 1
                     settle(_IN_FLIGHT)
                 if count != self._block_count(size):
                     raise ValueError(f"{path}: {count} blocks given, {self._block_count(size)} expected "

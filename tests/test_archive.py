@@ -184,6 +184,19 @@ def test_holes_share_one_zero_chunk_stored_once(local_repo):
     assert archive_stats["deduplicated_size"] < BLOCK // 8
 
 
+def test_all_zero_data_blocks_become_holes(local_repo, tmp_path):
+    data = random.Random(9).randbytes(BLOCK)
+    blocks = [bytes(BLOCK), data, bytearray(BLOCK), None]
+    with open_writer(local_repo, "zero-data", block_size=BLOCK, base_archive=None) as writer:
+        stats = writer.add_image(DISK, 4 * BLOCK, blocks)
+        writer.commit()
+    assert (stats.stored, stats.deduplicated, stats.holes, stats.bytes_new) == (3, 2, 1, 3 * BLOCK)
+    assert stats.bytes_stored < BLOCK + 4096
+    extracted = extract(local_repo, "zero-data", tmp_path / "z", sparse=True)
+    assert file_sha256(extracted) == sha256(bytes(BLOCK) + data + bytes(2 * BLOCK))
+    assert extracted.stat().st_blocks * 512 <= BLOCK + 65536
+
+
 def test_repeated_data_blocks_in_flight_are_stored_once(local_repo, tmp_path):
     rnd = random.Random(3)
     same = rnd.randbytes(BLOCK)
