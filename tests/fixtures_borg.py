@@ -1,7 +1,7 @@
 """Borg repository fixtures for tests: real repositories, local and reached over ``ssh://``.
 
-Use them from a test module with ``from fixtures_borg import borg_env, local_repo, ssh_repo``
-(or list ``"fixtures_borg"`` in ``pytest_plugins``).
+tests/conftest.py lists ``"fixtures_borg"`` in ``pytest_plugins``, so the fixtures are available to
+every test; the helpers are imported (``from fixtures_borg import run_borg, lock_holder``).
 
 - ``borg_env``: the Borg environment of a test (passphrase, ``BORG_BASE_DIR`` below tmp_path,
   so caches, keys and security data never touch the user's home).

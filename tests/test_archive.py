@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_borg import BORG, PASSPHRASE, archive_names, borg_env, local_repo, lock_holder, run_borg, ssh_repo  # noqa: F401
+from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
 from ovirt_borg.archive import ImageStats, Repo, Reuse, open_writer
 from ovirt_borg.errors import AuthError, ConfigError, RepositoryBusy, RepositoryError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_borg import PASSPHRASE, archive_names, borg_env, local_repo, lock_holder, run_borg, ssh_repo  # noqa: F401
+from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
 from ovirt_borg import borgcli
 from ovirt_borg.borgcli import Repo
 from ovirt_borg.errors import AuthError, ConfigError, NotFound, RepositoryBusy, RepositoryError
