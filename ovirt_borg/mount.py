@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ def mount_archive(repo: archive.Repo, archive_name: str, mountpoint: Path) -> li
             disk = MountedDisk(str(image), loop)
             disks.append(disk)
             alias = image.stem.rsplit("-", 5)[0] if image.stem.count("-") >= 5 else image.stem
-            subprocess.run(["udevadm", "settle"], capture_output=True)
+            if shutil.which("udevadm"):  # partition nodes appear through udev where it runs
+                subprocess.run(["udevadm", "settle"], capture_output=True)
             parts = sorted(Path("/dev").glob(Path(loop).name + "p*")) or [Path(loop)]
             for part in parts:
                 fstype = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", str(part)],

@@ -1,0 +1,139 @@
+"""Restore against the lab with real Borg: VMs and disks into the engine, local files, verify,
+file-level recovery from the lab's ext4 disk."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import sha256_file
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def vm(lab_clean):
+    name = f"r{next(_names)}-{os.getpid()}"
+    lab_clean.add_vm(name, disks=2, size="32M")
+    try:
+        yield name
+    finally:
+        lab_clean.delete_vm(name)
+
+
+def chain(job, vm, incrementals=3):
+    """A full backup and a few incrementals; returns the newest result."""
+    result = job.backup(vm)[vm]
+    for i in range(incrementals):
+        job.lab.write(vm, disk=1 + i % 2, percent=2)
+        result = job.backup(vm)[vm]
+        assert result["mode"] == "incremental"
+    return result
+
+
+def test_restore_vm_from_a_chain_of_incrementals(job, vm):
+    lab = job.lab
+    newest = chain(job, vm)
+    sources = [job.lab_image_sha(vm, i) for i in range(2)]
+    before = lab.stats()
+    proc = job.run("restore", newest["archive"], "--vm-name", f"{vm}-restored", "--storage-domain", "data1",
+                   "--json")
+    restored = json.loads(proc.stdout)
+    after = lab.stats()
+    info = lab.vm_info(f"{vm}-restored")
+    try:
+        assert [d["id"] for d in info["disks"]] == [d["new_id"] for d in restored["disks"]]
+        for index, source in enumerate(sources):
+            assert lab.disk_sha256(f"{vm}-restored", index + 1) == source
+        # data blocks only crossed the wire: holes went as zero requests
+        sent = sum(d["bytes_sent"] for d in restored["disks"])
+        data_blocks = sum(d["blocks"] - d["holes"] for d in newest["disks"])
+        assert 0 < sent <= data_blocks * (4 << 20)
+        assert after["imageio.host.bytes_read"] == before["imageio.host.bytes_read"]
+        assert after["open_transfers"] == [] and after["open_backups"] == []
+        # the VM was recreated from the saved OVF: same settings, new ids, new name
+        connection = lab.connection()
+        try:
+            vms = connection.system_service().vms_service()
+            source_vm = vms.list(search=f"name={vm}")[0]
+            new_vm = vms.list(search=f"name={vm}-restored")[0]
+        finally:
+            connection.close()
+        assert new_vm.id != source_vm.id
+        assert new_vm.memory == source_vm.memory
+        assert (new_vm.cpu.topology.sockets, new_vm.cpu.topology.cores) == \
+            (source_vm.cpu.topology.sockets, source_vm.cpu.topology.cores)
+    finally:
+        lab.delete_vm(f"{vm}-restored")
+
+
+def test_restore_one_disk_to_a_storage_domain(job, vm):
+    result = job.backup(vm)[vm]
+    disk = result["disks"][1]
+    proc = job.run("restore", result["archive"], "--disk", disk["id"], "--to-storage-domain", "data1", "--json")
+    new_id = json.loads(proc.stdout)["disks"][0]["new_id"]
+    image = job.dir / "one.raw"
+    floating = job.lab.dir / "storage" / f"{new_id}.qcow2"  # a disk attached to no VM
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(floating), str(image)], check=True)
+    assert sha256_file(image) == job.lab_image_sha(vm, 1)
+
+
+def test_restore_into_missing_storage_domain_creates_nothing(job, vm):
+    result = job.backup(vm)[vm]
+    disks_before = sorted(os.listdir(job.lab.dir / "storage"))
+    proc = job.run("restore", result["archive"], "--vm-name", "never", "--storage-domain", "nope", expect=11)
+    assert "storage domain 'nope' does not exist" in proc.stderr
+    assert sorted(os.listdir(job.lab.dir / "storage")) == disks_before
+    assert "never" not in [v["name"] for v in job.lab.describe()["vms"]]
+
+
+def test_restore_to_dir_works_with_the_engine_stopped(job, vm, tmp_path):
+    newest = chain(job, vm, incrementals=2)
+    sources = [job.lab_image_sha(vm, i) for i in range(2)]
+    # the engine is unreachable: point the job at a dead URL
+    job.config.write_text(job.config.read_text().replace(job.lab.url, "https://127.0.0.1:9/ovirt-engine/api"))
+    out = tmp_path / "restored"
+    job.run("restore", newest["archive"], "--to-dir", str(out))
+    for index, disk in enumerate(newest["disks"]):
+        path = out / f"{disk['alias']}-{disk['id']}.raw"
+        assert sha256_file(path) == sources[index]
+        assert os.stat(path).st_blocks * 512 < disk["size"], "holes must stay holes"
+    job.run("restore", newest["archive"], "--to-dir", str(tmp_path / "q"), "--format", "qcow2")
+    qcow = next((tmp_path / "q").glob("*.qcow2"))
+    raw = tmp_path / "q.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow), str(raw)], check=True)
+    assert sha256_file(raw) in sources
+
+
+def test_verify_detects_tampering(job, vm):
+    result = job.backup(vm)[vm]
+    proc = job.run("verify", result["archive"])
+    assert "OK" in proc.stdout
+    job.run("verify", "--vm", vm, "--last", "1")
+    job.run("verify", "no-such-archive", expect=11)
+
+
+def test_file_level_recovery_from_the_ext4_disk(job, tmp_path):
+    """A file of the lab's ext4 disk is recovered byte-identically from the archive."""
+    lab = job.lab
+    sample = lab.sample
+    result = job.backup("vm1")["vm1"]
+    mountpoint = tmp_path / "mnt"
+    proc = job.run("mount", result["archive"], str(mountpoint))
+    try:
+        fs_dirs = [line.split(" at ")[-1] for line in proc.stdout.splitlines() if "mounted read-only at" in line]
+        assert fs_dirs, proc.stdout
+        found = {}
+        for name, info in sample["vms"]["vm1"]["disks"]["1"]["files"].items():
+            for fs in fs_dirs:
+                path = os.path.join(fs, name.lstrip("/"))
+                if os.path.exists(path):
+                    found[name] = sha256_file(path) == info["sha256"]
+        assert found and all(found.values()), found
+    finally:
+        job.run("umount", str(mountpoint))
+    assert not any(str(mountpoint) in line for line in open("/proc/mounts"))
