@@ -188,7 +188,7 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
 
     if not args.vms and not args.all:
         raise ConfigError("name the VMs to back up, or use --all for the configured selection")
-    pm = plugins.build_manager(config.hooks)
+    pm = plugins.build_manager(config.hooks, [Path(d) for d in config.plugins.directories])
     t = config.transfer
     settings = backup.BackupSettings(
         block_size=config.repository.block_bytes, writer=config.repository.writer,

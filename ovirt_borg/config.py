@@ -150,6 +150,14 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class PluginsConfig:
+    """Where plugin files are looked up (besides the ready ones shipped with ovirt-borg)."""
+
+    directories: list[str] = opt([], "directories holding plugin files NAME.py, enabled by [hooks.NAME]",
+                                 ["/etc/ovirt-borg/plugins"])
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole job configuration."""
 
@@ -161,6 +169,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     hooks: dict[str, dict] = field(default_factory=dict)
     path: str = ""
 

@@ -1,10 +1,10 @@
-"""Builds the plugin manager: hook specs, built-in plugins, entry points, ready hooks.
+"""Builds the plugin manager: hook specs, built-in plugins, entry points, plugin files.
 
 Built-in behaviour is registered as plugins with ``trylast=True`` so that users can override
-it. Third-party plugins come from the ``ovirt_borg`` entry-point group. The ready plugins in the
-project's ``hooks/`` directory (or a directory listed in ``[hooks] plugin_dirs``... see
-``ready_plugin_dirs``) are loaded when the config has a section for them, ``[hooks.NAME]``;
-the section is handed to the plugin's ``configure(options)`` if it has one.
+it. Third-party plugins come from the ``ovirt_borg`` entry-point group. A plugin file
+``NAME.py`` (the ready ones in the project's ``hooks/`` directory, or the user's own in a
+directory of ``[plugins] directories``) is loaded when the config has a section for it,
+``[hooks.NAME]``; the section's options are handed to the plugin's ``configure(options)``.
 """
 
 from __future__ import annotations
