@@ -24,12 +24,16 @@ exit codes:
   0   success
   1   warning: finished, but something needs attention (a VM skipped, a plugin failed)
   2   error, including a configuration error or a bad argument
-  4   engine error
-  5   authentication error          6   repository busy (lock held by another borg)
-  7   checkpoint problem            8   image transfer / imageio error
-  9   Borg repository error         10  verify found a mismatch
-  11  VM, disk or archive not found 12  another run of this job is in progress
-  128+n  stopped by signal n (130 SIGINT, 143 SIGTERM)
+  4   engine error: the oVirt engine refused or failed a request
+  5   authentication error: engine credentials or Borg passphrase
+  6   repository busy: another borg holds the repository lock
+  7   checkpoint problem a full backup could not work around
+  8   image transfer / imageio error
+  9   Borg repository error: missing, damaged or full
+  10  verify found a mismatch
+  11  the VM, disk or archive does not exist
+  12  another run of this job is in progress
+  128+n  stopped by signal n (130 SIGINT, 143 SIGTERM); nothing committed for the VM in progress
 
 files:
   /etc/ovirt-borg/NAME.toml       a job's configuration (ovirt-borg generate-config)
@@ -92,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM) "
                                    "from the repository and compare each block with the sha256 recorded "
                                    "at backup time. Exit 10 on a mismatch.")
-    p.add_argument("archive", nargs="?", metavar="ARCHIVE")
+    p.add_argument("archive", nargs="?", metavar="ARCHIVE", help="the archive to verify")
     p.add_argument("--vm", help="verify this VM's newest archives")
     p.add_argument("--last", type=int, default=1, metavar="N", help="with --vm: how many (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -101,11 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="borg mount ARCHIVE at MOUNTPOINT/.archive, attach each disk image to a "
                                    "read-only loop device with partition scanning, and mount every file "
                                    "system found read-only at MOUNTPOINT/<disk alias>[-pN]. Needs root.")
-    p.add_argument("archive", metavar="ARCHIVE")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    p.add_argument("archive", metavar="ARCHIVE", help="the archive to mount (see 'ovirt-borg list')")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory")
     p = sub.add_parser("umount", help="undo 'ovirt-borg mount'",
                        description="Unmount the file systems, detach the loop devices, unmount the archive.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="the directory given to 'mount'")
 
     p = sub.add_parser("prune", help="apply the retention rules per VM, then compact",
                        description="Prune this job's archives per VM with the [retention] keep rules "
