@@ -165,6 +165,9 @@ class Engine:
               failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None) -> T:
         """Call ``get`` until ``done`` holds; raise EngineError when ``failed`` says why or on timeout."""
         deadline = time.monotonic() + (timeout or self.settings.timeout)
+        # Most engine operations finish within a second or two: poll quickly first, then back
+        # off to poll_interval so that long waits do not hammer the engine.
+        delay = min(0.1, self.settings.poll_interval)
         while True:
             value = get()
             if done(value):
@@ -174,7 +177,8 @@ class Engine:
                 raise EngineError(f"{what}: {reason}")
             if time.monotonic() > deadline:
                 raise EngineError(f"{what}: timed out after {timeout or self.settings.timeout:.0f} s")
-            time.sleep(self.settings.poll_interval)
+            time.sleep(delay)
+            delay = min(delay * 1.5, self.settings.poll_interval)
 
     # -- inventory ---------------------------------------------------------------------------
 
