@@ -931,7 +931,7 @@ class _CliWriter(ArchiveWriter):
             return
         # Borg writes no checkpoint with --checkpoint-interval 0 and SIGTERM, but a checkpoint
         # or (if it got that far) the archive itself must not outlive an aborted run.
-        leftovers = [entry["name"] for entry in borgcli.list_archives(self.repo)
+        leftovers = [entry["name"] for entry in borgcli.list_archives(self.repo, checkpoints=True)
                      if entry["name"].startswith(self.archive_name + ".checkpoint")
                      or (created and entry["name"] == self.archive_name)]
         for name in leftovers:

@@ -359,14 +359,15 @@ def _parse_time(text: str) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
-def list_archives(repo: Repo, glob: str | None = None) -> list[dict]:
+def list_archives(repo: Repo, glob: str | None = None, *, checkpoints: bool = False) -> list[dict]:
     """Return the archives of ``repo``, oldest first.
 
-    Given an optional shell-style ``glob`` on archive names (``borg list --glob-archives``).
-    Each archive is a dict with ``name`` (str), ``id`` (hex str) and ``start`` (aware UTC
-    ``datetime``). Raises a typed error on failure.
+    Given an optional shell-style ``glob`` on archive names (``borg list --glob-archives``);
+    with ``checkpoints`` Borg's ``.checkpoint`` archives are listed too. Each archive is a dict
+    with ``name`` (str), ``id`` (hex str) and ``start`` (aware UTC ``datetime``). Raises a
+    typed error on failure.
     """
-    args = ["list", "--json"]
+    args = ["list", "--json"] + (["--consider-checkpoints"] if checkpoints else [])
     if glob:
         args += ["--glob-archives", glob]
     out, _ = _run(repo, *args, repo.location)
@@ -375,8 +376,8 @@ def list_archives(repo: Repo, glob: str | None = None) -> list[dict]:
 
 
 def archive_exists(repo: Repo, name: str) -> bool:
-    """Return whether an archive called exactly ``name`` exists in ``repo``."""
-    return any(entry["name"] == name for entry in list_archives(repo))
+    """Return whether an archive called exactly ``name`` (checkpoints included) exists in ``repo``."""
+    return any(entry["name"] == name for entry in list_archives(repo, checkpoints=True))
 
 
 def _require_item(repo: Repo, archive: str, pattern: str, path: str) -> None:

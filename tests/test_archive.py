@@ -589,3 +589,31 @@ def test_killed_writer_leaves_no_archive(local_repo, tmp_path, kind):
     assert archive_names(Repo(local_repo.location, local_repo.env, lock_wait=20)) == []
     run_borg(local_repo, "check", "{repo}")
     assert child_processes() == []
+
+
+def test_cli_abort_deletes_a_checkpoint_archive_borg_made(local_repo, caplog):
+    """A checkpoint borg import-tar committed (here on SIGINT) does not outlive an abort."""
+    import signal
+
+    repo_dir = Path(local_repo.location)
+    indexes_before = set(repo_dir.glob("index.*"))
+    rnd = random.Random(90)
+
+    def blocks(writer):
+        for position in range(40):
+            if position == 2:
+                writer._process.proc.send_signal(signal.SIGINT)
+            if position > 2 and set(repo_dir.glob("index.*")) != indexes_before:
+                # borg committed a checkpoint transaction: now give up.
+                raise Boom("disk read failed")
+            if position > 2:
+                time.sleep(0.1)
+            yield rnd.randbytes(BLOCK)
+
+    caplog.set_level(logging.INFO, logger="ovirt_borg")
+    with pytest.raises(Boom):
+        with open_writer(local_repo, "interrupted", block_size=BLOCK, base_archive=None, kind="cli") as writer:
+            writer.add_image(DISK, 40 * BLOCK, blocks(writer))
+    assert "deleting interrupted.checkpoint" in caplog.text
+    assert archive_names(local_repo) == []
+    run_borg(local_repo, "check", "{repo}")
