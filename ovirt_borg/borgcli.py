@@ -213,15 +213,31 @@ class BorgLog:
         level = logging.getLevelName(record.get("levelname", "INFO"))
         if not isinstance(level, int):
             level = logging.INFO
-        # Borg's INFO lines (key advice, file lists) are detail for us, not news.
-        log.log(level if level >= logging.WARNING else logging.DEBUG, "borg: %s", record.get("message", ""))
+        # Borg's INFO lines (key advice, file lists) are detail for us, not news; its errors
+        # become the message of the typed error raised, which the caller reports or handles.
+        log.log(logging.WARNING if level == logging.WARNING else logging.DEBUG, "borg: %s",
+                record.get("message", ""))
 
     def error(self) -> tuple[str | None, str]:
-        """Return (msgid, message) of the last error Borg logged, or (None, last plain line)."""
-        for record in reversed(self.messages):
-            if record.get("levelname") in ("ERROR", "CRITICAL"):
-                return record.get("msgid"), record.get("message", "")
-        return None, (self.other[-1] if self.other else "")
+        """Return (msgid, message) of the error Borg logged, or (None, its last plain line).
+
+        For an unexpected exception Borg logs "Local Exception" and then the traceback; the
+        message then ends with the exception line of that traceback.
+        """
+        errors = [r for r in self.messages if r.get("levelname") in ("ERROR", "CRITICAL")]
+        if not errors:
+            return None, (self.other[-1] if self.other else "")
+        identified = [r for r in errors if r.get("msgid")]
+        chosen = identified[-1] if identified else errors[-1]
+        msgid, message = chosen.get("msgid"), chosen.get("message", "").strip()
+        if msgid in ("Exception", "RemoteRepository.RPCError", "RPCError"):
+            for record in errors:
+                text = record.get("message", "")
+                if text.startswith("Traceback"):
+                    # The traceback ends at the first blank line; Borg's system info follows.
+                    message = f"{message}: {text.split(chr(10) + chr(10))[0].strip().splitlines()[-1]}"
+                    break
+        return msgid, message
 
     def lines(self, logger_name: str) -> list[str]:
         """Return the messages Borg logged to ``logger_name`` (e.g. ``borg.output.list``)."""
