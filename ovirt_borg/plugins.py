@@ -14,12 +14,13 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import pluggy
 
-from ovirt_borg import hookspecs
-from ovirt_borg.errors import ConfigError
+from ovirt_borg import hookspecs, logs
+from ovirt_borg.errors import ConfigError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +98,80 @@ def build_manager(hooks_config: dict[str, dict] | None = None,
 
 
 def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
-    """Call a notification hook on every plugin; a plugin's error is logged, never raised."""
+    """Call a notification hook on every plugin; a plugin's error is logged, never raised.
+
+    Only an interrupt (SIGTERM, SIGINT) that arrives while a plugin runs goes through, so that
+    stopping ovirt-borg is not taken for a plugin failure.
+    """
     assert hook_name in NOTIFY_HOOKS
     hook = getattr(pm.hook, hook_name)
     for impl in reversed(hook.get_hookimpls()):
         try:
             impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        except Interrupted:
+            raise
         except Exception as e:  # a monitoring plugin never fails a backup
             log.warning("plugin %s failed in %s: %s", impl.plugin_name, hook_name, e)
+
+
+REQUIRED = object()
+"""The default of a plugin option that must be given (see ``plugin_options``)."""
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    names = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def plugin_options(options: Mapping[str, Any],
+                   spec: Mapping[str, tuple[type | tuple[type, ...], Any]]) -> dict[str, Any]:
+    """Check a plugin's ``[hooks.NAME]`` options against its option spec.
+
+    Given the options and the spec (option name -> (type or types, default), the default
+    ``REQUIRED`` for an option that must be given), return every option of the spec with the
+    defaults filled in. An int is accepted for a float; a bool is never taken for a number.
+    Raises ValueError naming an unknown option (with the known ones), a missing required one,
+    or one of the wrong type; ``build_manager`` turns it into a one-line ConfigError.
+    """
+    unknown = sorted(set(options) - set(spec))
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r}; known options: " + ", ".join(sorted(spec)))
+    values = {}
+    for name, (types, default) in spec.items():
+        types = types if isinstance(types, tuple) else (types,)
+        if name not in options:
+            if default is REQUIRED:
+                raise ValueError(f"missing required option {name!r}")
+            values[name] = default
+            continue
+        value = options[name]
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        elif float in types and isinstance(value, int):
+            ok, value = True, float(value)
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            raise ValueError(f"option {name!r} must be {_type_names(types)}, got {value!r}")
+        values[name] = value
+    return values
+
+
+def secret_url(url: str, option: str = "url") -> str:
+    """Mark the secret parts of a plugin's ``url`` so that no log record shows them.
+
+    Monitoring URLs carry their credential in the path (a healthchecks UUID, an ntfy topic),
+    the query (``?token=``) or the user info. Given the URL, registers those parts with
+    ``logs.add_secret`` and returns a form safe to log (``https://host/****``). Raises
+    ValueError, naming the ``option``, when the URL is not an absolute http(s) URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"option {option!r} must be an http:// or https:// URL with a host "
+                         f"(got {parts.scheme or 'no'} scheme)")
+    for secret in (parts.path.rstrip("/"), parts.query, parts.password):
+        if secret:
+            logs.add_secret(secret)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, host, "/****" if parts.path.strip("/") or parts.query else "", "", ""))
