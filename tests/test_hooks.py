@@ -254,6 +254,14 @@ def test_healthchecks_timeout_is_short_and_only_warns(endpoint, caplog):
     assert "ReadTimeout" in caplog.text and SECRET not in caplog.text
 
 
+def test_healthchecks_down_only_warns_and_never_logs_the_secret(caplog):
+    port = closed_port()
+    pm = manager("healthchecks", {"url": f"http://127.0.0.1:{port}/ping/{SECRET}"})
+    plugins.notify(pm, "ovirt_borg_run_started", config=CONFIG, command="backup", vms=[VM])
+    assert f"the start ping to http://127.0.0.1:{port}/**** failed: ConnectionError" in caplog.text
+    assert "Max retries exceeded" in caplog.text and SECRET not in caplog.text
+
+
 def test_healthchecks_ignores_other_commands(endpoint):
     pm = manager("healthchecks", {"url": f"{endpoint.url}/{SECRET}"})
     plugins.notify(pm, "ovirt_borg_run_started", config=CONFIG, command="prune", vms=[])
