@@ -4,10 +4,10 @@ Enabled by a ``[hooks.command]`` section; each option is one command or a list o
 run in order by ``/bin/sh -c``::
 
     [hooks.command]
-    before_run = "logger -t ovirt-borg 'backup of {vms} starts'"
+    before_run = "logger -t ovirt-borg backup starts: {vms}"
     before_vm = "/usr/local/bin/quiesce-app {vm}"
     after_vm = "echo \\"$OVIRT_BORG_VM -> $OVIRT_BORG_ARCHIVE\\" >> /var/log/ovirt-borg-archives"
-    on_failure = "mail -s 'backup of {vm} failed' root <<< {error}"
+    on_failure = "echo {error} | mail -s \\"backup of $OVIRT_BORG_VM failed\\" root"
     after_run = "/usr/local/bin/report {exit_code}"
     timeout = 300
 

@@ -605,3 +605,18 @@ def test_every_ready_plugin_and_option_is_documented():
         for option in module.OPTIONS:
             assert f"`{option}`" in section, f"option {option} of {name} is not documented"
         assert (module.__doc__ or "").strip() and module.configure.__doc__
+
+
+def test_config_examples_in_the_docs_are_valid():
+    import tomllib
+
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(), re.S)
+    checked = set()
+    for block in blocks:
+        data = tomllib.loads(block)  # every example is valid TOML
+        for name, options in data.get("hooks", {}).items():
+            if (ROOT / "hooks" / f"{name}.py").exists():
+                module = plugins._load_file_plugin(name, [ROOT / "hooks"])
+                plugins.plugin_options(options, module.OPTIONS)  # names and types the plugin takes
+                checked.add(name)
+    assert checked == {"command", "healthchecks", "prometheus", "webhook"}
