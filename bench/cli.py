@@ -1,0 +1,134 @@
+"""``python -m bench``: the command line of the benchmark.
+
+Defaults measure a 4 GiB disk three times and a 1 TiB sparse disk once (about 15-25 minutes
+on 2 cores); ``--quick`` measures a 1 GiB disk once and a 64 GiB sparse disk, without the
+profile (a few minutes). Prints the table and writes ``bench/results/<UTC stamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import report
+from bench.image import Change
+from bench.run import Bench, Options
+
+log = logging.getLogger(__name__)
+
+
+def _size(text: str) -> int:
+    from ovirt_borg.lab.sample import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _percents(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of percentages: {text!r}") from None
+    if not values or any(not 0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError("percentages must be in (0, 100]")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=_size, default=None, help="main disk size (default 4G; 1G with --quick)")
+    p.add_argument("--runs", type=int, default=None, help="runs of the main disk (default 3; 1 with --quick)")
+    p.add_argument("--changes", type=_percents, default=(0.1, 1.0, 10.0),
+                   help="shares of the disk written before each incremental, in %% (default 0.1,1,10)")
+    p.add_argument("--patterns", default="scattered,sequential",
+                   help="write patterns: scattered (64 KiB writes), sequential (one run); default both")
+    p.add_argument("--large", type=_size, default=None,
+                   help="large sparse disk size (default 1T; 64G with --quick; 0 skips it)")
+    p.add_argument("--large-data", type=_size, default=None,
+                   help="data written on the large disk (default 2G; 256M with --quick)")
+    p.add_argument("--large-change", type=float, default=0.01,
+                   help="share of the large disk written before its incremental, in %% (default 0.01)")
+    p.add_argument("--large-runs", type=int, default=1, help="runs of the large disk (default 1)")
+    p.add_argument("--encryption", default="repokey-blake2", choices=("repokey-blake2", "repokey", "none"),
+                   help="borg init --encryption of every repository (default repokey-blake2)")
+    p.add_argument("--compression", default="lz4", help="Borg compression of every contender (default lz4)")
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of a full backup")
+    p.add_argument("--quick", action="store_true", help="small sizes, one run, no profile")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                   help="where the lab, images and repositories go (needs ~4x --size free; default /var/tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, lab) afterwards")
+    p.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--wait-load", type=float, default=None, metavar="LOAD",
+                   help="first wait (up to --wait-max s) until the 1-minute load is below LOAD")
+    p.add_argument("--wait-max", type=float, default=1800)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    quick = args.quick
+    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
+    for pattern in patterns:
+        if pattern not in ("scattered", "sequential"):
+            raise SystemExit(f"python -m bench: unknown write pattern {pattern!r}")
+    size = args.size or ((1 << 30) if quick else (4 << 30))
+    large = args.large if args.large is not None else ((64 << 30) if quick else (1 << 40))
+    return Options(
+        size=size, runs=args.runs or (1 if quick else 3),
+        changes=tuple(Change(pattern, pct) for pattern in patterns for pct in args.changes),
+        large=large, large_data=args.large_data or ((256 << 20) if quick else (2 << 30)),
+        large_change=args.large_change, large_runs=args.large_runs, encryption=args.encryption,
+        compression=args.compression, profile=not (quick or args.no_profile), workdir=args.workdir,
+        results_dir=args.results_dir, keep=args.keep)
+
+
+def wait_for_load(limit: float, longest: float) -> None:
+    deadline = time.monotonic() + longest
+    while (load := os.getloadavg()[0]) >= limit:
+        if time.monotonic() > deadline:
+            log.warning("the 1-minute load is still %.2f after %.0f s; measuring anyway", load, longest)
+            return
+        log.info("1-minute load %.2f >= %.2f: waiting", load, limit)
+        time.sleep(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = options_from(args)
+    if options.runs < 1 or options.size < (64 << 20) or options.size % (1 << 20):
+        raise SystemExit("python -m bench: --runs must be >= 1 and --size a multiple of 1 MiB, at least 64M")
+    if args.wait_load is not None:
+        wait_for_load(args.wait_load, args.wait_max)
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ovirt-borg-bench-", dir=options.workdir))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    log.info("work directory %s", work)
+    bench = Bench(options, work / "lab", work)
+    try:
+        results = bench.run(stamp)
+    except BaseException:
+        log.error("the benchmark failed; its logs are in %s", work / "logs")
+        raise
+    summary = report.summarize(results)
+    results["summary"] = summary
+    results["goals"] = report.goals(summary)
+    options.results_dir.mkdir(parents=True, exist_ok=True)
+    out = options.results_dir / f"{stamp}.json"
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if not options.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report.render(results))
+    print(f"\nresults: {out}")
+    return 0

@@ -1,0 +1,198 @@
+"""Where a full backup spends its time: py-spy profiles of ovirt-borg and the host's imageio.
+
+``record`` runs one ovirt-borg backup under ``py-spy record --format raw --threads
+--subprocesses`` while a second py-spy samples the host imageio daemon (the serving side), and
+sorts the on-CPU samples of both into categories (imageio reads, block sha256, chunk id hash,
+compression, encryption, repository writes, control plane, start-up, Borg command-line
+children). Samples of threads waiting (a lock, a socket, a future) are not on-CPU and are left
+out, so the shares say what kept a core busy. ``flamegraph`` records a second run as an SVG
+flame graph for reading by eye.
+
+py-spy samples Python frames only: time inside a C function (hashlib, lz4, the cipher,
+``ssl.read``) is charged to the Python line that called it, which is how the categories below
+tell compression from encryption (two different lines of ``archive._InternalWriter._encrypt``).
+"""
+
+from __future__ import annotations
+
+import functools
+import linecache
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+
+log = logging.getLogger(__name__)
+
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
+RATE = 250
+
+_FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+# py-spy names files relative to the directory of sys.path they were found in.
+_SEARCH = [Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["stdlib"]),
+           Path(__file__).resolve().parents[1]]
+
+
+def _is(path: str, *names: str) -> bool:
+    """True when ``path`` is one of ``names`` or ends with ``/name``."""
+    return any(path == name or path.endswith("/" + name) for name in names)
+
+
+# (category, test on a frame) in the order they are tried; a category matches when any frame
+# of a sample passes its test. A test gets (function, file, source line text).
+_CLIENT_RULES: list[tuple[str, Any]] = [
+    ("imageio reads (HTTP, TLS, copy into buffers)",
+     lambda f, p, src: _is(p, "http/client.py", "ssl.py", "socket.py")
+     or f in ("_read_range", "attempt") and _is(p, "ovirt_borg/imageio.py")),
+    ("compression (lz4)", lambda f, p, src: "compress(" in src and "decompress" not in src),
+    ("encryption + MAC", lambda f, p, src: f == "seal" or ".encrypt(" in src or "_seal(" in src),
+    ("chunk id hash", lambda f, p, src: f == "id_hash" or "id_hash(" in src),
+    ("block sha256 and assembly (backup.py)", lambda f, p, src: _is(p, "ovirt_borg/backup.py")
+     and f in ("_stream", "_assemble")),
+    ("repository writes and cache", lambda f, p, src: _is(p, "borg/repository.py", "borg/cache.py",
+                                                          "borg/platform/base.py")
+     or f in ("_store", "_hole")),
+    ("archive items (metadata)", lambda f, p, src: _is(p, "borg/archive.py", "borg/item.pyx")),
+    ("engine control plane (SDK)", lambda f, p, src: "ovirtsdk4" in p or _is(p, "ovirt_borg/engine.py")),
+    ("start-up and imports", lambda f, p, src: f == "<module>" or "importlib" in p),
+]
+
+_DAEMON_RULES: list[tuple[str, Any]] = [
+    ("TLS + socket send", lambda f, p, src: _is(p, "ssl.py", "socket.py") or "sendall" in src),
+    ("NBD reads from qemu-nbd", lambda f, p, src: "nbd" in p or "nbdutil" in p),
+    ("HTTP request handling", lambda f, p, src: "http" in p or "images.py" in p or "extents" in f),
+    ("tickets, auth, operations", lambda f, p, src: "auth" in p or "ops" in p or "backends" in p),
+]
+
+
+def _parse(line: str) -> tuple[list[str], int] | None:
+    stack, _, count = line.rstrip("\n").rpartition(" ")
+    if not stack or not count.isdigit():
+        return None
+    return stack.split(";"), int(count)
+
+
+def _frame(text: str) -> tuple[str, str, str]:
+    """(function, file, source line text) of a py-spy frame ``func (file:line)``."""
+    match = _FRAME.match(text.strip())
+    if not match:
+        return text.strip(), "", ""
+    function, path, line = match.group("function"), match.group("file"), match.group("line")
+    source = _source(path, int(line)) if line else ""
+    return function, path, source
+
+
+@functools.lru_cache(maxsize=None)
+def _source(path: str, line: int) -> str:
+    for base in _SEARCH:
+        candidate = base / path
+        if candidate.exists():
+            return linecache.getline(os.fspath(candidate), line).strip()
+    return ""
+
+
+def categorize(raw: Path, rules: list[tuple[str, Any]], main_process: str | None = None) -> dict[str, Any]:
+    """Sort the samples of a py-spy raw (collapsed stacks) file into categories.
+
+    Given the file, the rules, and the command-line marker of the main process (samples of
+    other processes become "child processes"). Returns the total samples, the share of each
+    category in percent, and the top 15 innermost frames.
+    """
+    categories: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        parsed = _parse(line)
+        if parsed is None:
+            continue
+        frames, count = parsed
+        total += count
+        process = next((f for f in frames if f.startswith("process ")), "")
+        if main_process is not None and process and main_process not in process:
+            categories["Borg command-line child processes"] += count
+            continue
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        decoded = [_frame(f) for f in reversed(frames)]
+        if decoded:
+            function, path, _ = decoded[0]
+            leaves[f"{function} ({_short(path)})"] += count
+        for category, test in rules:
+            if any(test(*frame) for frame in decoded):
+                categories[category] += count
+                break
+        else:
+            categories["other"] += count
+    share = {name: round(100 * n / total, 1) for name, n in categories.most_common()} if total else {}
+    top = [{"frame": name, "percent": round(100 * n / total, 1)} for name, n in leaves.most_common(15)] if total else []
+    return {"samples": total, "categories": share, "top_frames": top}
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "/lib/python3"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path.rsplit("/work/main/", 1)[-1]
+
+
+def record(command: list[str], *, env: dict[str, str], daemon_pid: int, out_dir: Path, stamp: str,
+           log_dir: Path) -> dict[str, Any]:
+    """Profile ``command`` (an ovirt-borg backup) and the imageio daemon ``daemon_pid``.
+
+    Writes ``<stamp>-profile-ovirt-borg.txt`` and ``<stamp>-profile-imageio.txt`` (py-spy raw
+    stacks) into ``out_dir``; returns their categories and the run's measurement. Raises
+    ``measure.CommandFailed`` when the backup fails.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client_raw = out_dir / f"{stamp}-profile-ovirt-borg.txt"
+    daemon_raw = out_dir / f"{stamp}-profile-imageio.txt"
+    with open(log_dir / "py-spy-daemon.err", "wb") as err:
+        daemon = subprocess.Popen([PY_SPY, "record", "--pid", str(daemon_pid), "--format", "raw", "--threads",
+                                   "--nonblocking", "--rate", str(RATE), "-o", os.fspath(daemon_raw)],
+                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        measurement, _ = measure.run(
+            "profile-ovirt-borg",
+            [PY_SPY, "record", "--format", "raw", "--threads", "--subprocesses", "--nonblocking", "--rate",
+             str(RATE), "-o", os.fspath(client_raw), "--", *command],
+            env=env, log_dir=log_dir)
+    finally:
+        # py-spy writes its output when interrupted.
+        daemon.send_signal(signal.SIGINT)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+    # The full path: Borg children run from the same venv, but not this script.
+    main_marker = command[0]
+    client = {"raw": client_raw.name, **categorize(client_raw, _CLIENT_RULES, main_marker)}
+    daemon_result: dict[str, Any] = {"error": "py-spy wrote no profile of the daemon"}
+    if daemon_raw.exists():
+        daemon_result = {"raw": daemon_raw.name, **categorize(daemon_raw, _DAEMON_RULES)}
+    # On-CPU samples per second of wall time over the sampling rate: how many threads were busy
+    # on average (2.0 = both cores of this machine).
+    for part in (client, daemon_result):
+        if "samples" in part:
+            part["busy_threads"] = round(part["samples"] / RATE / measurement.wall, 2)
+    return {"wall": measurement.wall, "ovirt_borg": client, "imageio_daemon": daemon_result}
+
+
+def flamegraph(command: list[str], *, env: dict[str, str], out_dir: Path, stamp: str, log_dir: Path) -> str:
+    """Record ``command`` as an SVG flame graph (threads apart); return the file name."""
+    svg = out_dir / f"{stamp}-profile-ovirt-borg.svg"
+    measure.run("profile-flamegraph",
+                [PY_SPY, "record", "--format", "flamegraph", "--threads", "--subprocesses", "--nonblocking",
+                 "--rate", str(RATE), "-o", os.fspath(svg), "--", *command],
+                env=env, log_dir=log_dir)
+    return svg.name

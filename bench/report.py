@@ -1,0 +1,220 @@
+"""Medians, ratios, goals and tables from the steps of a benchmark run.
+
+Ratios compare contenders measured side by side in the same run: for each run the ratio of
+the two wall times is taken, and the median of those ratios is reported (not the ratio of
+medians), so slow phases of a noisy machine hit both sides of a pair alike.
+
+``python -m bench.report bench/results/<stamp>.json [--markdown]`` prints the tables again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from typing import Any
+
+OVIRT_BORG = "ovirt-borg"
+MB = 1e6
+MiB = 1 << 20
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _cases(steps: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for step in steps:
+        if step["case"] not in seen:
+            seen.append(step["case"])
+    return seen
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Return ``{case: {contender: medians...}}`` with the per-run ratios' medians."""
+    steps = results["steps"]
+    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for step in steps:
+        by_key[(step["case"], step["contender"])].append(step)
+    walls = {(s["case"], s["contender"], s["run"]): s["measurement"]["wall"] for s in steps}
+    summary: dict[str, Any] = {}
+    for case in _cases(steps):
+        rows: dict[str, Any] = {}
+        full_case = "large full" if case.startswith("large") else "full"
+        for (step_case, contender), items in by_key.items():
+            if step_case != case:
+                continue
+            m = [s["measurement"] for s in items]
+            wall = _median([x["wall"] for x in m])
+            row = {
+                "runs": len(items),
+                "wall": round(wall, 3),
+                "wall_min": min(x["wall"] for x in m), "wall_max": max(x["wall"] for x in m),
+                "moved": int(_median([s["moved"] for s in items])),
+                "stored": int(_median([s["stored"] for s in items])),
+                "provisioned": items[0]["provisioned"],
+                "moved_mb_s": round(_median([s["moved"] / s["measurement"]["wall"] / MB for s in items]), 1),
+                "provisioned_mb_s": round(_median([s["provisioned"] / s["measurement"]["wall"] / MB
+                                                   for s in items]), 1),
+                "cpu_percent": round(_median([x["cpu_percent"] for x in m]), 1),
+                "lab_cpu_percent": round(_median([100 * sum(x["lab_cpu"].values()) / x["wall"] for x in m]), 1),
+                "imageio_cpu_percent": round(_median([100 * x["lab_cpu"].get("imageio_host", 0) / x["wall"]
+                                                      for x in m]), 1),
+                "machine_busy_percent": round(_median([x["machine_busy_percent"] for x in m]), 1),
+                "peak_rss": int(_median([x["peak_rss"] for x in m])),
+                "peak_rss_tree": int(_median([x["peak_rss_tree"] for x in m])),
+                "scratch": int(_median([s["extra"].get("scratch_bytes", 0) for s in items])),
+            }
+            partner = walls.keys()
+            ratios = [walls[(case, contender, s["run"])] / walls[(case, OVIRT_BORG, s["run"])]
+                      for s in items if (case, OVIRT_BORG, s["run"]) in partner]
+            if ratios and contender != OVIRT_BORG:
+                row["vs_ovirt_borg"] = round(_median(ratios), 3)
+            if "incremental" in case:
+                of_full = [walls[(case, contender, s["run"])] / walls[(full_case, contender, s["run"])]
+                           for s in items if (full_case, contender, s["run"]) in partner]
+                if of_full:
+                    row["of_full"] = round(_median(of_full), 4)
+            for key in ("changed_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks"):
+                values = [s["extra"][key] for s in items if key in s["extra"]]
+                if values:
+                    row[key] = int(_median(values))
+            metadata = [s["extra"]["metadata"] for s in items if "metadata" in s["extra"]]
+            if metadata:
+                row["metadata_bytes"] = int(_median([x["item_bytes"] + x["archive_bytes"] for x in metadata]))
+                row["metadata_chunks"] = int(_median([x["item_chunks"] for x in metadata]))
+            rows[contender] = row
+        summary[case] = rows
+    return summary
+
+
+def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check the goals of the benchmark against the summary; each with its value and verdict."""
+    out: list[dict[str, Any]] = []
+    full = summary.get("full", {})
+    raw = full.get("borg create (local raw)", {})
+    if raw:
+        ratio = raw.get("vs_ovirt_borg", 0)
+        out.append({"goal": "full backup at least as fast as borg create of the local raw file",
+                    "value": f"borg create takes {ratio:.2f}x ovirt-borg's time", "met": ratio >= 1.0})
+    two = full.get("two-step", {})
+    if two:
+        ratio = two.get("vs_ovirt_borg", 0)
+        out.append({"goal": "full backup at least 2x faster than download + borg create, no scratch disk",
+                    "value": f"two-step takes {ratio:.2f}x ovirt-borg's time and {two['scratch'] / MiB:.0f} MiB "
+                             f"of scratch; ovirt-borg none", "met": ratio >= 2.0})
+    for case, rows in summary.items():
+        if case.startswith("incremental 1%") and OVIRT_BORG in rows:
+            share = rows[OVIRT_BORG].get("of_full", 1)
+            out.append({"goal": f"{case}: under 5% of the full backup's time",
+                        "value": f"{100 * share:.1f}% of the full", "met": share < 0.05})
+    restore = summary.get("restore", {})
+    if "client.upload" in restore:
+        ratio = restore["client.upload"].get("vs_ovirt_borg", 0)
+        out.append({"goal": "restore at least as fast as ovirt_imageio.client.upload",
+                    "value": f"upload takes {ratio:.2f}x ovirt-borg's time", "met": ratio >= 1.0})
+    large = summary.get("large full", {}).get(OVIRT_BORG)
+    if large and OVIRT_BORG in full:
+        small_rss, large_rss = full[OVIRT_BORG]["peak_rss"], large["peak_rss"]
+        blocks = large["provisioned"] // (4 << 20)
+        out.append({"goal": "memory bounded, independent of disk size beyond the block map",
+                    "value": f"peak RSS {small_rss / MiB:.0f} MiB at {full[OVIRT_BORG]['provisioned'] >> 30} GiB, "
+                             f"{large_rss / MiB:.0f} MiB at {large['provisioned'] >> 30} GiB "
+                             f"({(large_rss - small_rss) / blocks:.0f} bytes per extra 4 MiB block)",
+                    "met": None})
+    return out
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+COLUMNS = ("case", "contender", "wall s", "vs ovirt-borg", "MB/s moved", "MB/s provisioned", "read/sent",
+           "stored", "scratch", "CPU %", "lab CPU %", "peak RSS")
+
+
+def rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The table rows: one per case and contender."""
+    table = []
+    for case, contenders in summary.items():
+        for contender, row in contenders.items():
+            if contender == OVIRT_BORG:
+                versus = f"{100 * row['of_full']:.1f}% of full" if "of_full" in row else "1"
+            else:
+                versus = f"{row.get('vs_ovirt_borg', float('nan')):.2f}x"
+                if "of_full" in row:
+                    versus += f" ({100 * row['of_full']:.1f}% of full)"
+            table.append([case, contender, f"{row['wall']:.2f}", versus, f"{row['moved_mb_s']:.0f}",
+                          f"{row['provisioned_mb_s']:.0f}", _size(row["moved"]), _size(row["stored"]),
+                          _size(row["scratch"]) if row["scratch"] else "-", f"{row['cpu_percent']:.0f}",
+                          f"{row['lab_cpu_percent']:.0f}", f"{row['peak_rss'] / MiB:.0f} MiB"])
+    return table
+
+
+def text_table(summary: dict[str, Any]) -> str:
+    table = [list(COLUMNS)] + rows(summary)
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i]) for i, cell in enumerate(r))
+             for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(COLUMNS) - 2)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(summary)]
+    return "\n".join(lines)
+
+
+def goals_text(checks: list[dict[str, Any]], markdown: bool = False) -> str:
+    lines = []
+    for check in checks:
+        verdict = {True: "met", False: "NOT met", None: "see value"}[check["met"]]
+        lines.append(f"- {check['goal']}: {check['value']} -> **{verdict}**" if markdown
+                     else f"  [{verdict}] {check['goal']}: {check['value']}")
+    return "\n".join(lines)
+
+
+def machine_text(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    load = results.get("load", {})
+    loads = [v[0] for k, v in load.items() if isinstance(v, (list, tuple))]
+    return (f"{m['nproc']} x {m['cpu']} (AES-NI {'yes' if m.get('aes_ni') else 'no'}, SHA-NI "
+            f"{'yes' if m.get('sha_ni') else 'no'}), {m['memory'] / (1 << 30):.0f} GiB RAM, Linux {m['kernel']}, "
+            f"Python {m['python']}, Borg {m['borg']}, ovirt-imageio {m['ovirt_imageio']}, {m['qemu']}; "
+            f"1-minute load during the run {min(loads):.2f}..{max(loads):.2f}" if loads else "")
+
+
+def render(results: dict[str, Any], markdown: bool = False) -> str:
+    summary = results.get("summary") or summarize(results)
+    opts = results["options"]
+    image = results.get("image", {})
+    head = (f"{opts['runs']} run(s) of a {opts['size'] / (1 << 30):g} GiB disk "
+            f"({_size(image.get('random', 0))} random, {_size(image.get('text', 0))} text, rest holes), "
+            f"large disk {opts['large'] / (1 << 30):g} GiB with {_size(opts['large_data'])} written; "
+            f"repositories {opts['encryption']} + {opts['compression']}, chunker {opts['chunker']}; medians.")
+    checks = results.get("goals") or goals(summary)
+    if markdown:
+        return "\n\n".join([head, machine_text(results), markdown_table(summary), "Goals:", goals_text(checks, True)])
+    return "\n".join([head, machine_text(results), "", text_table(summary), "", "Goals:", goals_text(checks)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="print a benchmark's tables again")
+    parser.add_argument("results", help="a JSON file written by python -m bench")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)
+    print(render(results, markdown=args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""The benchmark cases, run against a lab of their own.
+
+Each run of the main disk (``--size``, default 4 GiB) uses two fresh VMs filled with the same
+content (one backed up by ovirt-borg, one by the two-step way, so their checkpoints never mix)
+and fresh repositories, and measures in this order, rotating the order of the contenders from
+run to run:
+
+- full: ovirt-borg; ``borg create`` of the local raw file; download + ``borg create``;
+- incremental, for each write pattern and share: the same guest writes on both VMs, then
+  ovirt-borg and download(incremental) + ``borg create``;
+- restore of ovirt-borg's newest archive into a new disk, and ``client.upload`` of the same
+  image (the disk's raw content at that point) into another new disk.
+
+The large sparse disk (``--large``) gets its own runs: full and incremental with ovirt-borg
+and the two-step way, and the metadata each ovirt-borg archive adds to the repository.
+
+Every image that a contender produced is checked against the reference: the restored and
+uploaded disks with ``qemu-img compare``, and in the first run the full archive's image by
+sha256 of ``borg extract --stdout``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import borgrepo, image, measure
+from bench.borgrepo import RepoSettings
+from bench.image import Change, Content
+from bench.measure import Measurement
+
+log = logging.getLogger(__name__)
+
+VENV_BIN = Path(sys.executable).parent
+OVIRT_BORG = str(VENV_BIN / "ovirt-borg")
+STORAGE_DOMAIN = "data1"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to measure; see ``bench.cli`` for the command-line options."""
+
+    size: int = 4 << 30
+    runs: int = 3
+    changes: tuple[Change, ...] = tuple(Change(p, pct) for p in ("scattered", "sequential")
+                                        for pct in (0.1, 1.0, 10.0))
+    large: int = 1 << 40
+    large_data: int = 2 << 30
+    large_change: float = 0.01
+    large_runs: int = 1
+    encryption: str = "repokey-blake2"
+    compression: str = "lz4"
+    profile: bool = True
+    workdir: Path = Path("/var/tmp")
+    results_dir: Path = Path(__file__).resolve().parent / "results"
+    keep: bool = False
+    seed: int = 1
+    timeout: float = 3600.0
+
+
+@dataclass
+class Step:
+    """One measured contender in one case: the measurement and what it moved and stored."""
+
+    contender: str
+    case: str
+    measurement: Measurement
+    provisioned: int
+    moved: int  # bytes read from imageio (or from the local file)
+    stored: int  # growth of the contender's repository
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["measurement"] = self.measurement.as_dict()
+        return data
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(4 << 20):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def allocated(path: Path) -> int:
+    """Bytes the file takes on disk."""
+    return os.stat(path).st_blocks * 512
+
+
+def machine() -> dict[str, Any]:
+    """Describe the machine and the versions measured."""
+    import importlib.metadata
+
+    import borg
+
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        memory = int(f.readline().split()[1]) * 1024
+    qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    flags = open("/proc/cpuinfo").read()
+    return {
+        "nproc": os.cpu_count(), "cpu": model or platform.processor(), "memory": memory,
+        "aes_ni": " aes " in flags, "sha_ni": " sha_ni " in flags,
+        "kernel": platform.release(), "python": platform.python_version(), "borg": borg.__version__,
+        "ovirt_imageio": importlib.metadata.version("ovirt-imageio"), "qemu": qemu,
+    }
+
+
+class Bench:
+    """Runs every case and returns the results as a JSON-ready dict."""
+
+    def __init__(self, options: Options, lab_dir: Path, work: Path):
+        self.options = options
+        self.work = work
+        self.logs = work / "logs"
+        self.lab_dir = lab_dir
+        self.settings = RepoSettings(encryption=options.encryption, compression=options.compression)
+        self.content = Content(options.seed)
+        self.lab = None
+        passphrase = work / "passphrase"
+        passphrase.write_text("ovirt-borg benchmark passphrase\n")
+        passphrase.chmod(0o600)
+        self.env = {**os.environ, "BORG_BASE_DIR": os.fspath(work / "borg-home"),
+                    "BORG_PASSCOMMAND": f"cat {passphrase}", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+        for name in ("BORG_PASSPHRASE", "BORG_REPO", "BORG_RSH", "BORG_REMOTE_PATH"):
+            self.env.pop(name, None)
+        self.passphrase = passphrase
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def start_lab(self) -> None:
+        from ovirt_borg.lab.control import Lab
+
+        self.lab = Lab.up(self.lab_dir, vms=1, disk_size="16M")
+
+    def stop_lab(self) -> None:
+        if self.lab is not None:
+            self.lab.down()
+            self.lab = None
+
+    @property
+    def lab_pids(self) -> dict[str, int]:
+        pids = self.lab.pids
+        return {"engine": pids["engine"], "imageio_host": pids["imageio_host"],
+                "imageio_proxy": pids["imageio_proxy"]}
+
+    def contender_args(self) -> list[str]:
+        return [sys.executable, "-m", "bench.contenders", "--url", self.lab.url, "--user", self.lab.user,
+                "--password-file", os.fspath(self.lab.password_file), "--ca-file", os.fspath(self.lab.ca_file)]
+
+    def new_repo(self, path: Path) -> Path:
+        if path.exists():
+            shutil.rmtree(path)
+        borgrepo.init(path, self.settings, self.env)
+        return path
+
+    def job_config(self, directory: Path) -> Path:
+        """An ovirt-borg job writing to ``directory/repo`` with its state in ``directory/state``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        repo = self.new_repo(directory / "repo")
+        config = directory / "job.toml"
+        config.write_text(
+            "[engine]\n"
+            f"url = {json.dumps(self.lab.url)}\nuser = {json.dumps(self.lab.user)}\n"
+            f"password_file = {json.dumps(os.fspath(self.lab.password_file))}\n"
+            f"ca_file = {json.dumps(os.fspath(self.lab.ca_file))}\n"
+            "poll_interval = 0.05\n"
+            "[repository]\n"
+            f"location = {json.dumps(os.fspath(repo))}\n"
+            f"passcommand = {json.dumps('cat ' + os.fspath(self.passphrase))}\n"
+            f"compression = {json.dumps(self.settings.compression)}\n"
+            "lock_wait = 30\n"
+            "[state]\n"
+            f"directory = {json.dumps(os.fspath(directory / 'state'))}\n")
+        return config
+
+    def new_vm(self, name: str, size: int, regions: list[image.Region], reference: Path | None) -> dict:
+        """Create a VM with one qcow2 disk of ``size`` holding ``regions``; return its disk.
+
+        With a ``reference`` raw file, the disk is compared with it (raises on a mismatch).
+        """
+        self.lab.add_vm(name, disks=1, size=size)
+        disk = self.lab.vm_info(name)["disks"][0]
+        image.fill_disk(Path(disk["path"]), size, regions, self.content, self.work)
+        if reference is not None:
+            compare(Path(disk["path"]), reference)
+        return disk
+
+    def imageio_read(self) -> int:
+        """Bytes the host's imageio has served to readers so far."""
+        return int(self.lab.stats()["imageio.host.bytes_read"])
+
+    def imageio_written(self) -> int:
+        """Bytes the host's imageio has received from writers so far."""
+        return int(self.lab.stats()["imageio.host.bytes_written"])
+
+    # -- contenders ----------------------------------------------------------------------------
+
+    def ovirt_borg_backup(self, config: Path, vm: str, case: str, provisioned: int, run: int) -> Step:
+        repo = config.parent / "repo"
+        before = borgrepo.size_on_disk(repo)
+        read0 = self.imageio_read()
+        m, out = measure.run(f"r{run}-{case}-ovirt-borg", [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json"],
+                             env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+        [result] = json.loads(out)
+        if not result.get("ok"):
+            raise measure.CommandFailed(f"ovirt-borg backup of {vm} failed: {result.get('error')}")
+        disk = result["disks"][0]
+        return Step("ovirt-borg", case, m, provisioned, moved=sum(d["bytes_read"] for d in result["disks"]),
+                    stored=borgrepo.size_on_disk(repo) - before,
+                    extra={"mode": result["mode"], "archive": result["archive"], "blocks": disk["blocks"],
+                           "holes": disk["holes"], "reused": disk["reused"], "read_blocks": disk["stored"],
+                           "imageio_bytes_read": self.imageio_read() - read0, "disk_id": disk["id"],
+                           "vm": result["vm"], "alias": disk["alias"]})
+
+    def borg_create(self, repo: Path, source: Path, archive: str, case: str, contender: str, run: int,
+                    provisioned: int) -> Step:
+        before = borgrepo.size_on_disk(repo)
+        cmd = borgrepo.create_command(repo, archive, source, self.settings)
+        m, _ = measure.run(f"r{run}-{case}-{contender}", ["env", "-C", os.fspath(source.parent), *cmd],
+                           env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+        return Step(contender, case, m, provisioned, moved=source.stat().st_size,
+                    stored=borgrepo.size_on_disk(repo) - before)
+
+    def two_step(self, vm: str, repo: Path, scratch: Path, state: Path, case: str, run: int,
+                 provisioned: int, incremental: bool) -> Step:
+        """download (+ incremental) to ``scratch``, then ``borg create`` of it; the sum is the step."""
+        read0 = self.imageio_read()
+        cmd = [*self.contender_args(), "download", "--vm", vm, "--out", os.fspath(scratch),
+               "--state", os.fspath(state)]
+        if incremental:
+            cmd.append("--incremental")
+        download, _ = measure.run(f"r{run}-{case}-download", cmd, env=self.env, log_dir=self.logs,
+                                  lab_pids=self.lab_pids, timeout=self.options.timeout)
+        moved = self.imageio_read() - read0
+        scratch_bytes = allocated(scratch)
+        create = self.borg_create(repo, scratch, f"{vm}-{case.replace(' ', '_').replace('%', 'pct')}", case,
+                                  "borg create of the qcow2", run, provisioned)
+        scratch.unlink()
+        total = combine("download + borg create", download, create.measurement)
+        return Step("two-step", case, total, provisioned, moved=moved, stored=create.stored,
+                    extra={"scratch_bytes": scratch_bytes, "download": download.as_dict(),
+                           "borg_create": create.measurement.as_dict()})
+
+    # -- cases -------------------------------------------------------------------------------
+
+    def main_run(self, run: int, regions: list[image.Region], raw: Path, raw_sha: str) -> list[Step]:
+        size = self.options.size
+        run_dir = self.work / f"run{run}"
+        run_dir.mkdir()
+        ob_vm, ts_vm = f"ob{run}", f"ts{run}"
+        log.info("run %d: filling two %d MiB disks", run + 1, size >> 20)
+        ob_disk = self.new_vm(ob_vm, size, regions, raw)
+        self.new_vm(ts_vm, size, regions, raw)
+        config = self.job_config(run_dir / "ovirt-borg")
+        raw_repo = self.new_repo(run_dir / "borg-raw")
+        ts_repo = self.new_repo(run_dir / "two-step")
+        scratch = run_dir / "scratch.qcow2"
+        ts_state = run_dir / "two-step.state"
+        steps: list[Step] = []
+
+        full = [
+            lambda: self.ovirt_borg_backup(config, ob_vm, "full", size, run),
+            lambda: self.borg_create(raw_repo, raw, "raw", "full", "borg create (local raw)", run, size),
+            lambda: self.two_step(ts_vm, ts_repo, scratch, ts_state, "full", run, size, False),
+        ]
+        shift = run % len(full)
+        for contender in full[shift:] + full[:shift]:
+            steps.append(contender())
+        ob_full = next(s for s in steps if s.contender == "ovirt-borg")
+        if run == 0:
+            self.check_archive(config.parent / "repo", ob_full, raw_sha, size)
+
+        for index, change in enumerate(self.options.changes):
+            seed = self.options.seed * 1000 + run * 100 + index
+            log.info("run %d: guest writes %s", run + 1, change.name)
+            image.apply_change(Path(ob_disk["path"]), size, change, seed, self.work)
+            image.apply_change(Path(self.lab.vm_info(ts_vm)["disks"][0]["path"]), size, change, seed, self.work)
+            case = f"incremental {change.name}"
+            pair = [
+                lambda: self.ovirt_borg_backup(config, ob_vm, case, size, run),
+                lambda: self.two_step(ts_vm, ts_repo, scratch, ts_state, case, run, size, True),
+            ]
+            if (run + index) % 2:
+                pair.reverse()
+            for contender in pair:
+                step = contender()
+                step.extra.update(changed_bytes=change.changed_bytes(size, seed),
+                                  dirty_blocks=change.dirty_blocks(size, seed, 4 << 20),
+                                  pattern=change.pattern, percent=change.percent)
+                steps.append(step)
+            ob_step = next(s for s in steps[-2:] if s.contender == "ovirt-borg")
+            if ob_step.extra["mode"] != "incremental":
+                raise measure.CommandFailed(f"ovirt-borg made a {ob_step.extra['mode']} backup for {case}")
+
+        steps += self.restore_pair(run, config, ob_vm, steps[-1] if steps[-1].contender == "ovirt-borg" else steps[-2])
+        self.lab.delete_vm(ob_vm)
+        self.lab.delete_vm(ts_vm)
+        shutil.rmtree(run_dir)
+        return steps
+
+    def restore_pair(self, run: int, config: Path, vm: str, newest: Step) -> list[Step]:
+        """ovirt-borg restore of ``newest``'s archive and client.upload of the same image."""
+        size = self.options.size
+        reference = self.work / f"restore-reference-{run}.raw"
+        self.lab.image(vm, 1, out=reference)
+        archive, disk_id = newest.extra["archive"], newest.extra["disk_id"]
+
+        def ovirt_borg() -> Step:
+            written0 = self.imageio_written()
+            m, out = measure.run(f"r{run}-restore-ovirt-borg",
+                                 [OVIRT_BORG, "-c", os.fspath(config), "restore", archive, "--disk", disk_id,
+                                  "--to-storage-domain", STORAGE_DOMAIN, "--json"],
+                                 env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+            restored = json.loads(out)["disks"][0]
+            return Step("ovirt-borg", "restore", m, size, moved=restored["bytes_sent"], stored=0,
+                        extra={"disk": restored["new_id"], "holes": restored["holes"],
+                               "imageio_bytes_written": self.imageio_written() - written0})
+
+        def upload() -> Step:
+            written0 = self.imageio_written()
+            m, out = measure.run(f"r{run}-restore-upload",
+                                 [*self.contender_args(), "upload", "--image", os.fspath(reference),
+                                  "--name", f"upload{run}", "--storage-domain", STORAGE_DOMAIN],
+                                 env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+            # It sends the data extents of the raw file (qemu-img convert left the zeros as holes).
+            return Step("client.upload", "restore", m, size, moved=allocated(reference), stored=0,
+                        extra={"disk": json.loads(out)["disk"],
+                               "imageio_bytes_written": self.imageio_written() - written0})
+
+        pair = [ovirt_borg, upload]
+        if run % 2:
+            pair.reverse()
+        steps = [contender() for contender in pair]
+        storage = self.lab.dir / "storage"
+        for step in steps:
+            compare(storage / f"{step.extra['disk']}.qcow2", reference)
+            subprocess.run([*self.contender_args(), "remove-disk", "--disk", step.extra["disk"]], env=self.env,
+                           check=True, capture_output=True)
+        reference.unlink()
+        return steps
+
+    def check_archive(self, repo: Path, step: Step, raw_sha: str, size: int) -> None:
+        """Compare the image in ovirt-borg's archive with the reference (sha256 of all bytes)."""
+        path = f"{step.extra['vm']}/disks/{step.extra['alias']}-{step.extra['disk_id']}.raw"
+        process = subprocess.Popen([borgrepo.BORG, "extract", "--stdout", f"{repo}::{step.extra['archive']}", path],
+                                   env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        digest = hashlib.sha256()
+        total = 0
+        while piece := process.stdout.read(4 << 20):
+            digest.update(piece)
+            total += len(piece)
+        _, err = process.communicate()
+        if process.returncode != 0 or total != size or digest.hexdigest() != raw_sha:
+            raise measure.CommandFailed(f"the image in archive {step.extra['archive']} differs from the reference "
+                                        f"({total} bytes, exit {process.returncode}: {err.decode()[-300:]})")
+        log.info("archive %s holds the reference image (sha256 %s)", step.extra["archive"], raw_sha[:16])
+
+    def large_run(self, run: int) -> list[Step]:
+        """Full and incremental of a large sparse disk, ovirt-borg and the two-step way."""
+        size, opts = self.options.large, self.options
+        regions = image.sparse_layout(size, opts.large_data, seed=opts.seed + run)
+        run_dir = self.work / f"large{run}"
+        run_dir.mkdir()
+        ob_vm, ts_vm = f"big{run}", f"bigts{run}"
+        log.info("large run %d: filling two %d GiB disks with %d MiB of data", run + 1, size >> 30,
+                 image.data_bytes(regions) >> 20)
+        ob_disk = self.new_vm(ob_vm, size, regions, None)
+        ts_disk = self.new_vm(ts_vm, size, regions, None)
+        config = self.job_config(run_dir / "ovirt-borg")
+        ts_repo = self.new_repo(run_dir / "two-step")
+        scratch, ts_state = run_dir / "scratch.qcow2", run_dir / "two-step.state"
+        steps = [self.ovirt_borg_backup(config, ob_vm, "large full", size, run),
+                 self.two_step(ts_vm, ts_repo, scratch, ts_state, "large full", run, size, False)]
+        change = Change("scattered", opts.large_change)
+        seed = opts.seed * 1000 + 900 + run
+        image.apply_change(Path(ob_disk["path"]), size, change, seed, self.work)
+        image.apply_change(Path(ts_disk["path"]), size, change, seed, self.work)
+        case = f"large incremental {change.name}"
+        steps += [self.ovirt_borg_backup(config, ob_vm, case, size, run),
+                  self.two_step(ts_vm, ts_repo, scratch, ts_state, case, run, size, True)]
+        for step in steps:
+            step.extra["data_bytes"] = image.data_bytes(regions)
+            if step.contender == "ovirt-borg":
+                step.extra["metadata"] = borgrepo.archive_metadata(config.parent / "repo", step.extra["archive"],
+                                                                   self.env)
+        steps[2].extra.update(changed_bytes=change.changed_bytes(size, seed),
+                              dirty_blocks=change.dirty_blocks(size, seed, 4 << 20))
+        self.lab.delete_vm(ob_vm)
+        self.lab.delete_vm(ts_vm)
+        shutil.rmtree(run_dir)
+        return steps
+
+    def profile_run(self, regions: list[image.Region], raw: Path, out_dir: Path, stamp: str) -> dict:
+        """Profile one ovirt-borg full backup (and the host imageio daemon) with py-spy."""
+        from bench import profile
+
+        vm = "prof"
+        self.new_vm(vm, self.options.size, regions, raw)
+        prof_dir = self.work / "profile"
+        try:
+            config = self.job_config(prof_dir / "raw")
+            command = [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json", "--full"]
+            result = profile.record(command, env=self.env, daemon_pid=self.lab.pids["imageio_host"],
+                                    out_dir=out_dir, stamp=stamp, log_dir=self.logs)
+            config = self.job_config(prof_dir / "svg")
+            result["flamegraph"] = profile.flamegraph(command, env=self.env, out_dir=out_dir, stamp=stamp,
+                                                      log_dir=self.logs)
+        finally:
+            self.lab.delete_vm(vm)
+            shutil.rmtree(prof_dir, ignore_errors=True)
+        return result
+
+    # -- everything ---------------------------------------------------------------------------
+
+    def run(self, stamp: str) -> dict[str, Any]:
+        opts = self.options
+        started = datetime.now(timezone.utc)
+        results: dict[str, Any] = {
+            "started": started.isoformat(timespec="seconds"), "machine": machine(),
+            "options": {"size": opts.size, "runs": opts.runs, "changes": [c.name for c in opts.changes],
+                        "large": opts.large, "large_data": opts.large_data, "large_change": opts.large_change,
+                        "large_runs": opts.large_runs, "encryption": opts.encryption,
+                        "compression": opts.compression, "chunker": self.settings.chunker,
+                        "block_size": 4 << 20, "seed": opts.seed},
+            "load": {"start": os.getloadavg()}, "steps": [],
+        }
+        self.start_lab()
+        try:
+            regions = image.layout(opts.size)
+            raw = self.work / "image.raw"
+            t0 = time.monotonic()
+            image.write_raw(raw, opts.size, regions, self.content)
+            raw_sha = sha256_file(raw)
+            results["image"] = {"size": opts.size, "data_bytes": image.data_bytes(regions),
+                                "random": sum(r.length for r in regions if r.kind == image.RANDOM),
+                                "text": sum(r.length for r in regions if r.kind == image.TEXT),
+                                "sha256": raw_sha, "seconds_to_make": round(time.monotonic() - t0, 1)}
+            for run in range(opts.runs):
+                results["load"][f"run{run}"] = os.getloadavg()
+                results["steps"] += [dict(s.as_dict(), run=run) for s in self.main_run(run, regions, raw, raw_sha)]
+            if opts.large:
+                for run in range(opts.large_runs):
+                    results["load"][f"large{run}"] = os.getloadavg()
+                    results["steps"] += [dict(s.as_dict(), run=run) for s in self.large_run(run)]
+            if opts.profile:
+                results["load"]["profile"] = os.getloadavg()
+                results["profile"] = self.profile_run(regions, raw, opts.results_dir, stamp)
+            raw.unlink()
+        finally:
+            results["load"]["end"] = os.getloadavg()
+            self.stop_lab()
+        results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return results
+
+
+def combine(name: str, first: Measurement, second: Measurement) -> Measurement:
+    """Two measurements of steps run one after the other, as one."""
+    wall = first.wall + second.wall
+    cpu = first.user + first.system + second.user + second.system
+    lab = {k: round(first.lab_cpu.get(k, 0) + second.lab_cpu.get(k, 0), 3) for k in first.lab_cpu}
+    busy = (first.machine_busy_percent * first.wall + second.machine_busy_percent * second.wall) / wall if wall else 0
+    return Measurement(name=name, wall=round(wall, 3), user=round(first.user + second.user, 3),
+                       system=round(first.system + second.system, 3),
+                       cpu_percent=round(100 * cpu / wall, 1) if wall else 0.0,
+                       peak_rss=max(first.peak_rss, second.peak_rss),
+                       peak_rss_max=max(first.peak_rss_max, second.peak_rss_max),
+                       peak_rss_tree=max(first.peak_rss_tree, second.peak_rss_tree),
+                       machine_busy_percent=round(busy, 1), lab_cpu=lab)
+
+
+def compare(image_path: Path, reference: Path) -> None:
+    """Raise ``CommandFailed`` unless the qcow2 ``image_path`` reads exactly like the raw ``reference``."""
+    result = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", os.fspath(image_path),
+                             os.fspath(reference)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise measure.CommandFailed(f"{image_path} differs from {reference}: {result.stdout}{result.stderr}")
