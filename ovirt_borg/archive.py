@@ -309,7 +309,7 @@ class _BorgInternals:
         from borg.helpers.parseformat import ChunkerParams, Location
         from borg.crypto.low_level import IntegrityError
         from borg.item import Item
-        from borg.locking import LockError, LockErrorT
+        from borg.locking import LockError, LockErrorT, LockTimeout
         from borg.remote import RemoteRepository
         from borg.repository import Repository
 
@@ -330,6 +330,7 @@ class _BorgInternals:
         self.ChunkerParams = ChunkerParams
         self.Location = Location
         self.Item = Item
+        self.LockTimeout = LockTimeout
         self.RemoteRepository = RemoteRepository
         self.Repository = Repository
         #: Everything Borg raises on purpose (translated into ovirt-borg's typed errors).
@@ -391,6 +392,7 @@ class _InternalWriter(ArchiveWriter):
         self._zero_ids: dict[int, bytes] = {}
         self._base_items: dict[str, object] | None = None  # base archive's files, on first use
         self._base_images: dict[str, list] = {}  # path -> chunk list accepted by base_image()
+        self._repository = None
 
     # -- open / close ----------------------------------------------------------------------
 
@@ -438,16 +440,16 @@ class _InternalWriter(ArchiveWriter):
         except ValueError as exc:
             raise ConfigError(f"invalid Borg repository location {self.repo.location!r}: {exc}") from exc
         started = time.monotonic()
-        if location.proto == "ssh":
-            # RemoteRepository reads these options from Borg's parsed command line; BORG_RSH and
-            # BORG_REMOTE_PATH come from the environment set above.
-            options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,
-                                         debug_topics=[])
-            repository = borg.RemoteRepository(location, exclusive=True, lock_wait=self.repo.lock_wait,
-                                               args=options)
-        else:
-            repository = borg.Repository(location.path, exclusive=True, lock_wait=self.repo.lock_wait)
-        self._repository = self._stack.enter_context(repository)
+        if self.repo.lock_wait > 0:
+            # A first try that does not wait tells whether another borg holds the lock, so the
+            # log can say why the run stands still before it waits for up to lock_wait seconds.
+            try:
+                self._repository = self._stack.enter_context(self._locked_repository(location, lock_wait=0))
+            except borg.LockTimeout:
+                borgcli.log_lock_wait(self.repo)
+        if self._repository is None:
+            self._repository = self._stack.enter_context(
+                self._locked_repository(location, lock_wait=self.repo.lock_wait))
         log.debug("locked repository %s in %.1f s", self.repo.location, time.monotonic() - started)
         # The secrets are in os.environ only while the key is read: the ssh started above must
         # not inherit them, and nothing later needs them.
@@ -466,6 +468,20 @@ class _InternalWriter(ArchiveWriter):
         self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
         log.info("writing archive %s to %s (block size %d, base %s)", self.archive_name,
                  self.repo.location, self.block_size, self.base_archive or "none")
+
+    def _locked_repository(self, location, *, lock_wait: int):
+        """Return the repository at ``location``, opened and exclusively locked, or raise LockTimeout.
+
+        A remote repository is opened here; a local one when its context is entered.
+        """
+        borg = _borg()
+        if location.proto == "ssh":
+            # RemoteRepository reads these options from Borg's parsed command line; BORG_RSH and
+            # BORG_REMOTE_PATH come from the environment set by the caller.
+            options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,
+                                         debug_topics=[])
+            return borg.RemoteRepository(location, exclusive=True, lock_wait=lock_wait, args=options)
+        return borg.Repository(location.path, exclusive=True, lock_wait=lock_wait)
 
     def _abort(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -838,7 +854,7 @@ class _CliWriter(ArchiveWriter):
             args += ["--comment", self.comment]
         args += [borgcli.archive_location(self.repo, self.archive_name), "-"]
         self._process = borgcli.BorgProcess(self.repo, *args, stdin=subprocess.PIPE, archive=self.archive_name,
-                                            die_with_parent=True)
+                                            die_with_parent=True, writes=True)
         try:
             # PAX headers carry sizes beyond 8 GiB; reading a whole block at a time keeps it fast.
             self._tar = tarfile.open(fileobj=_CountingPipe(self._process.proc.stdin), mode="w",
@@ -961,6 +977,8 @@ def _open_for_reading(repo: Repo) -> Iterator[tuple[object, object, object]]:
         return borgcli.translate_error(type(exc).__qualname__, str(exc), repo=repo)
 
     with _internal_writer_lock, _environment(settings):
+        if repo.lock_wait > 0 and borgcli.lock_holders(repo, writers_only=True):
+            borgcli.log_lock_wait(repo)
         try:
             location = borg.Location(repo.location)
             if location.proto == "ssh":

@@ -39,6 +39,8 @@ __all__ = [
     "extract_to",
     "init",
     "list_archives",
+    "lock_holders",
+    "log_lock_wait",
     "open_stream",
     "prune",
     "read_file",
@@ -90,9 +92,11 @@ def translate_error(msgid: str | None, message: str, *, repo: Repo, archive: str
     where = f"repository {repo.location}"
     detail = f" (borg: {message})" if message else ""
     if msgid == "LockTimeout" or exit_code == 73:
+        holders = lock_holders(repo)
+        held = f" ({', '.join(holders)})" if holders else ""
         return RepositoryBusy(
-            f"{where} is busy: another borg process holds its lock; try again later or raise "
-            f"lock_wait{detail}")
+            f"{where} is busy: another borg process holds its lock{held}; waited {repo.lock_wait} s "
+            f"(repository.lock_wait); try again later or raise lock_wait{detail}")
     if msgid == "PassphraseWrong" or exit_code == 52:
         return AuthError(
             f"the Borg passphrase for {where} is wrong or missing; check BORG_PASSPHRASE / "
@@ -176,9 +180,55 @@ def borg_environment(repo: Repo) -> dict[str, str]:
     return env
 
 
-def borg_command(repo: Repo, *args: str) -> list[str]:
-    """Return the argv for running ``borg <args>`` on ``repo`` (common options included)."""
-    return [borg_executable(), "--log-json", "--lock-wait", str(repo.lock_wait), *args]
+def borg_command(repo: Repo, *args: str, lock_wait: int | None = None) -> list[str]:
+    """Return the argv for running ``borg <args>`` on ``repo`` (common options included).
+
+    ``lock_wait`` overrides ``repo.lock_wait`` (seconds to wait for the repository lock).
+    """
+    wait = repo.lock_wait if lock_wait is None else lock_wait
+    return [borg_executable(), "--log-json", "--lock-wait", str(wait), *args]
+
+
+def lock_holders(repo: Repo, *, writers_only: bool = False) -> list[str]:
+    """Return who holds the lock of the local repository ``repo`` (``host pid N``), as Borg records it.
+
+    With ``writers_only``, only holders of the exclusive lock (those a reader waits for).
+    Reads Borg's lock roster and exclusive lock directory; returns an empty list for a
+    repository that is not locked, cannot be read, or is remote (``ssh://``, ``user@host:path``).
+    """
+    if "://" in repo.location and not repo.location.startswith("file://"):
+        return []
+    if ":" in repo.location.split("/", 1)[0]:
+        return []
+    base = Path(repo.location.removeprefix("file://"))
+    owners: list[tuple] = []
+    with contextlib.suppress(OSError, ValueError):
+        roster = json.loads((base / "lock.roster").read_text())
+        for kind in ("exclusive",) if writers_only else ("exclusive", "shared"):
+            owners += [tuple(entry) for entry in roster.get(kind, [])]
+    with contextlib.suppress(OSError):
+        # A reader updating the roster holds this directory for a moment, a writer all along.
+        for name in [] if writers_only else os.listdir(base / "lock.exclusive"):
+            # <host>.<pid>-<thread>, the host being <hostname>@<node id>
+            host, _, rest = name.rpartition(".")
+            pid = rest.split("-", 1)[0]
+            if pid.isdigit():
+                owners.append((host, int(pid)))
+    holders = []
+    for owner in owners:
+        if len(owner) < 2:
+            continue
+        described = f"{str(owner[0]).split('@', 1)[0]} pid {owner[1]}"
+        if described not in holders:
+            holders.append(described)
+    return holders
+
+
+def log_lock_wait(repo: Repo) -> None:
+    """Say that ``repo`` is locked by another borg and for how long ovirt-borg will wait."""
+    holders = lock_holders(repo)
+    log.info("repository %s is locked by another borg process%s; waiting up to %d s for its lock",
+             repo.location, f" ({', '.join(holders)})" if holders else "", repo.lock_wait)
 
 
 def archive_location(repo: Repo, archive: str) -> str:
@@ -265,8 +315,24 @@ def raise_for_borg(repo: Repo, returncode: int, borg_log: BorgLog, *, archive: s
 
 def _run(repo: Repo, *args: str, archive: str | None = None, cwd: str | os.PathLike | None = None,
          allow_warning: bool = True) -> tuple[bytes, BorgLog]:
-    """Run ``borg <args>`` to completion; return (stdout bytes, its log) or raise a typed error."""
-    argv = borg_command(repo, *args)
+    """Run ``borg <args>`` to completion; return (stdout bytes, its log) or raise a typed error.
+
+    When another borg holds the repository lock, says so and waits up to ``repo.lock_wait``
+    seconds for it (``RepositoryBusy`` after that).
+    """
+    if repo.lock_wait > 0:
+        # A first try that does not wait tells whether we are about to wait for someone's lock.
+        # A borg that fails to get the lock has done nothing yet, so it may be run again.
+        try:
+            return _run_once(repo, args, archive=archive, cwd=cwd, allow_warning=allow_warning, lock_wait=0)
+        except RepositoryBusy:
+            log_lock_wait(repo)
+    return _run_once(repo, args, archive=archive, cwd=cwd, allow_warning=allow_warning)
+
+
+def _run_once(repo: Repo, args: tuple[str, ...], *, archive: str | None, cwd: str | os.PathLike | None,
+              allow_warning: bool, lock_wait: int | None = None) -> tuple[bytes, BorgLog]:
+    argv = borg_command(repo, *args, lock_wait=lock_wait)
     log.debug("running %s", " ".join(argv))
     proc = subprocess.run(argv, env=borg_environment(repo), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, check=False)
@@ -281,17 +347,21 @@ class BorgProcess:
     """A running ``borg`` process whose stderr log is collected by a background thread.
 
     Given the repository and the borg arguments; ``stdin``/``stdout`` as for ``subprocess.Popen``;
-    ``die_with_parent``: borg gets SIGTERM if the thread that started it dies. The process runs
+    ``die_with_parent``: borg gets SIGTERM if the thread that started it dies; ``writes``: borg
+    takes the exclusive lock (for the notice about waiting for it). The process runs
     in its own session so that a Ctrl-C meant for ovirt-borg does not make
     Borg write a checkpoint archive; ovirt-borg stops it itself with :meth:`terminate`.
     """
 
     def __init__(self, repo: Repo, *args: str, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                 archive: str | None = None, die_with_parent: bool = False):
+                 archive: str | None = None, die_with_parent: bool = False, writes: bool = False):
         self.repo = repo
         self.archive = archive
         self.log = BorgLog()
         argv = borg_command(repo, *args)
+        if repo.lock_wait > 0 and lock_holders(repo, writers_only=not writes):
+            # Borg waits for the lock silently; say why nothing seems to happen.
+            log_lock_wait(repo)
         log.debug("starting %s", " ".join(argv))
         setpriv = shutil.which("setpriv") if die_with_parent else None
         if setpriv:
