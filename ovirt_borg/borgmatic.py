@@ -34,6 +34,7 @@ import re
 import shlex
 import socket
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,10 @@ _ENV_VARIABLE = re.compile(r"(?P<escape>\\)?(?P<whole>\$\{(?P<name>[A-Za-z0-9_]+
 _CONSTANT = re.compile(r"(?P<left>\\)?\{(?P<name>\w+)(?P<right>\\)?\}")
 _CREDENTIAL = re.compile(r"\{credential(?: +(?P<what>.*))?\}")
 _CREDENTIAL_NAME = re.compile(r"[\w.-]+")
-_PLACEHOLDER = re.compile(r"\{(?P<name>[\w-]+)(?::[^}]*)?\}")
+_PLACEHOLDER = re.compile(r"\{(?P<name>[\w-]+)(?::(?P<format>[^}]*))?\}")
 _TIME_PLACEHOLDERS = frozenset({"now", "utcnow", "unixtime", "pid", "uuid4"})
+# ovirt-borg's archive names end with their UTC time: ...T03:00:00Z.
+_OWN_NAME_END = "Z"
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,9 @@ class BorgmaticSettings:
     ``encryption_passcommand`` (None when not set; borgmatic prefers the passphrase when both
     are); ``environment`` the Borg variables borgmatic derives from its options (``BORG_RSH``,
     ``BORG_REMOTE_PATH``, ``BORG_BASE_DIR``, ...). ``archive_name_format``, ``match_archives``
-    and ``prefix`` say which archives borgmatic creates, prunes and checks. ``repositories``
-    lists every repository path of the file.
+    and ``prefix`` say which archives borgmatic creates, prunes and checks, with
+    ``archive_hostname`` / ``archive_username`` standing for Borg's ``{hostname}`` / ``{user}``
+    when set. ``repositories`` lists every repository path of the file.
     """
 
     config_path: str
@@ -111,6 +115,8 @@ class BorgmaticSettings:
     archive_name_format: str | None = None
     match_archives: str | None = None
     prefix: str | None = None
+    archive_hostname: str | None = None
+    archive_username: str | None = None
     lock_wait: int | None = None
     working_directory: str | None = None
     repositories: tuple[str, ...] = ()
@@ -327,10 +333,13 @@ def _credential(value: str, working_directory: str | None, source: Path) -> str:
         words = shlex.split(match["what"] or "")
     except ValueError:
         words = []
-    if len(words) != 2:
+    if len(words) < 2:
         raise ConfigError(f"{source}: encryption_passphrase: cannot read the credential {value!r} "
-                          "(expected {{credential systemd NAME}} or {{credential file PATH}})")
-    kind, name = words
+                          "(expected {credential systemd NAME} or {credential file PATH})")
+    kind, name = words[0], " ".join(words[1:])
+    if kind in ("systemd", "file") and len(words) != 2:
+        raise ConfigError(f"{source}: encryption_passphrase: the {kind} credential takes one name, "
+                          f"got {value!r}")
     if kind == "systemd":
         if not _CREDENTIAL_NAME.fullmatch(name):
             raise ConfigError(f"{source}: encryption_passphrase: invalid systemd credential name {name!r}")
@@ -454,7 +463,9 @@ def load(path: str | os.PathLike, repository: str | None = None) -> BorgmaticSet
         config_path=str(source), repository=location, label=label, passphrase=passphrase or None,
         passcommand=option("encryption_passcommand") or None, environment=environment,
         archive_name_format=option("archive_name_format"), match_archives=option("match_archives"),
-        prefix=option("prefix"), lock_wait=option("lock_wait", int), working_directory=working_directory,
+        prefix=option("prefix"), archive_hostname=option("archive_hostname"),
+        archive_username=option("archive_username"), lock_wait=option("lock_wait", int),
+        working_directory=working_directory,
         repositories=tuple(e["path"] for e in resolved_entries))
     log.debug("borgmatic configuration %s: repository %s%s, passphrase from %s", source, location,
               f" ({label})" if label else "",
@@ -467,7 +478,12 @@ def load(path: str | os.PathLike, repository: str | None = None) -> BorgmaticSet
 # Which archives borgmatic reaches (pure)
 
 
-def _placeholder_values(hostname: str | None, fqdn: str | None, user: str | None) -> dict[str, str]:
+def _placeholder_values(settings: BorgmaticSettings, hostname: str | None, fqdn: str | None,
+                        user: str | None) -> dict[str, str]:
+    """The values Borg gives ``{hostname}``, ``{fqdn}``, ``{reverse-fqdn}`` and ``{user}`` for borgmatic."""
+    # borgmatic hands archive_hostname / archive_username to Borg as BORG_HOSTNAME / BORG_USERNAME.
+    hostname = settings.archive_hostname or hostname
+    user = settings.archive_username or user
     if hostname is None:
         hostname = os.environ.get("BORG_HOSTNAME") or socket.gethostname().split(".")[0]
     if fqdn is None:
@@ -479,22 +495,37 @@ def _placeholder_values(hostname: str | None, fqdn: str | None, user: str | None
     return {"hostname": hostname, "fqdn": fqdn, "reverse-fqdn": ".".join(reversed(fqdn.split("."))), "user": user}
 
 
-def _expand(pattern: str, values: dict[str, str]) -> str:
-    """Expand Borg placeholders in ``pattern``: known ones by value, the others as ``*``."""
-    return _PLACEHOLDER.sub(lambda m: values.get(m["name"], "*") if m["name"] not in _TIME_PLACEHOLDERS else "*",
-                            pattern)
+def _expand(pattern: str, values: dict[str, str], *, sample_times: bool = False) -> str:
+    """Expand Borg placeholders in ``pattern``: known ones by value, the others as ``*``.
+
+    With ``sample_times``, ``{now}``, ``{utcnow}``, ``{unixtime}`` and ``{pid}`` take this
+    moment's values instead (to see how names borgmatic writes begin).
+    """
+    def value(match: re.Match) -> str:
+        name = match["name"]
+        if name in _TIME_PLACEHOLDERS:
+            if not sample_times or name == "uuid4":
+                return "*"
+            moment = datetime.now(timezone.utc) if name == "utcnow" else datetime.now()
+            if name in ("now", "utcnow"):
+                return moment.strftime(match["format"] or "%Y-%m-%dT%H:%M:%S")
+            return str(int(moment.timestamp())) if name == "unixtime" else str(os.getpid())
+        return values.get(name, "*")
+
+    return _PLACEHOLDER.sub(value, pattern)
 
 
 def archive_glob(settings: BorgmaticSettings, *, hostname: str | None = None, fqdn: str | None = None,
                  user: str | None = None) -> str | None:
     """Return the archive glob borgmatic's ``prune`` and ``check`` use with Borg 1.x.
 
-    Given the settings and, for tests, the values of Borg's placeholders (default: this host's).
+    Given the settings and, for tests, the values of Borg's placeholders (default: this host's;
+    borgmatic's ``archive_hostname`` / ``archive_username`` win, as they do in borgmatic).
     Returns the ``--glob-archives`` pattern with placeholders expanded (time placeholders as
     ``*``), or None when borgmatic works on every archive of the repository. A
     ``match_archives`` starting with ``re:`` is returned as it is.
     """
-    values = _placeholder_values(hostname, fqdn, user)
+    values = _placeholder_values(settings, hostname, fqdn, user)
     if settings.prefix:
         return _expand(settings.prefix, values) + "*"
     if settings.match_archives:
@@ -509,9 +540,13 @@ def archive_glob(settings: BorgmaticSettings, *, hostname: str | None = None, fq
 
 def created_names_glob(settings: BorgmaticSettings, *, hostname: str | None = None, fqdn: str | None = None,
                        user: str | None = None) -> str:
-    """Return a glob matching every archive name borgmatic's ``create`` can write (pure)."""
-    values = _placeholder_values(hostname, fqdn, user)
-    return _expand(settings.archive_name_format or DEFAULT_ARCHIVE_NAME_FORMAT, values)
+    """Return how the archive names borgmatic's ``create`` writes look now (a glob).
+
+    Time placeholders take this moment's values (their start is what matters for a prefix),
+    ``{uuid4}`` becomes ``*``.
+    """
+    values = _placeholder_values(settings, hostname, fqdn, user)
+    return _expand(settings.archive_name_format or DEFAULT_ARCHIVE_NAME_FORMAT, values, sample_times=True)
 
 
 def _literal_start(glob: str) -> str:
@@ -520,11 +555,17 @@ def _literal_start(glob: str) -> str:
     return glob if match is None else glob[:match.start()]
 
 
-def _may_match_prefix(glob: str, prefix: str) -> bool:
-    """Whether ``glob`` can match some name starting with ``prefix`` (conservative: may say yes)."""
+def _may_match_prefix(glob: str, prefix: str, *, own_names: bool = False) -> bool:
+    """Whether ``glob`` can match some name starting with ``prefix`` (conservative: may say yes).
+
+    With ``own_names``, only names that also end like ovirt-borg's archive names count.
+    """
     start = _literal_start(glob)
     if start == glob:  # no wildcard: one exact name
-        return glob.startswith(prefix)
+        return glob.startswith(prefix) and (not own_names or glob.endswith(_OWN_NAME_END))
+    end = re.split(r"[*?\]]", glob)[-1]
+    if own_names and end and not end.endswith(_OWN_NAME_END):
+        return False
     return start.startswith(prefix) or prefix.startswith(start)
 
 
@@ -540,7 +581,9 @@ def overlap_warnings(settings: BorgmaticSettings, prefix: str, *, hostname: str 
     warnings = []
     glob = archive_glob(settings, hostname=hostname, fqdn=fqdn, user=user)
     advice = (f"set match_archives (or archive_name_format) in {settings.config_path} to a pattern "
-              f"that only matches borgmatic's own archives, such as \"sh:{{hostname}}-*\"")
+              f"that only matches borgmatic's own archives and no name starting with {prefix!r}, "
+              f"such as archive_name_format \"{{hostname}}-files-{{now}}\" with match_archives "
+              f"\"sh:{{hostname}}-files-*\"")
     if glob is None:
         warnings.append(
             f"borgmatic's prune in {settings.config_path} applies its keep rules to every archive of "
@@ -549,13 +592,13 @@ def overlap_warnings(settings: BorgmaticSettings, prefix: str, *, hostname: str 
         warnings.append(
             f"borgmatic's match_archives {glob!r} in {settings.config_path} is a regular expression, "
             f"which Borg 1.x does not support in --glob-archives; {advice}")
-    elif not prefix or _may_match_prefix(glob, prefix):
+    elif _may_match_prefix(glob, prefix, own_names=True):
         warnings.append(
             f"borgmatic's prune in {settings.config_path} works on archives matching {glob!r}, which "
             f"can include the VM archives ({prefix or 'no prefix'}*): {advice}, or give ovirt-borg "
             f"another repository.prefix")
     created = created_names_glob(settings, hostname=hostname, fqdn=fqdn, user=user)
-    if not prefix or _may_match_prefix(created, prefix):
+    if _may_match_prefix(created, prefix):
         warnings.append(
             f"borgmatic's archive names ({created!r}) in {settings.config_path} can start with "
             f"ovirt-borg's prefix {prefix!r}, so ovirt-borg could take them for VM archives: "
