@@ -32,7 +32,8 @@ _POLL = 0.05
 _TIMEOUT = 600
 
 
-def _connect(args: argparse.Namespace):
+def connect(args: argparse.Namespace):
+    """An ovirtsdk4 connection from the common options (``--url``, ``--user``, ...)."""
     import ovirtsdk4
 
     return ovirtsdk4.Connection(url=args.url, username=args.user,
@@ -40,8 +41,9 @@ def _connect(args: argparse.Namespace):
                                 ca_file=args.ca_file)
 
 
-def _wait(get: Callable[[], Any], done: Callable[[Any], bool], what: str,
+def wait(get: Callable[[], Any], done: Callable[[Any], bool], what: str,
           failed: Callable[[Any], bool] = lambda _: False) -> Any:
+    """Call ``get`` every 50 ms until ``done``; raise RuntimeError on ``failed`` or timeout."""
     deadline = time.monotonic() + _TIMEOUT
     while True:
         value = get()
@@ -52,12 +54,13 @@ def _wait(get: Callable[[], Any], done: Callable[[Any], bool], what: str,
         time.sleep(_POLL)
 
 
-def _phase(obj) -> str:
+def phase(obj) -> str:
+    """The ``phase`` of a backup or image transfer as a string."""
     phase = getattr(obj, "phase", None)
     return phase.value if phase is not None else ""
 
 
-def _transfer(connection, disk_id: str, direction: str, backup_id: str | None):
+def open_transfer(connection, disk_id: str, direction: str, backup_id: str | None):
     """Create an image transfer and wait until it is transferring; return (service, transfer)."""
     from ovirtsdk4 import types
 
@@ -67,14 +70,15 @@ def _transfer(connection, disk_id: str, direction: str, backup_id: str | None):
         direction=types.ImageTransferDirection(direction), format=types.DiskFormat.RAW,
         inactivity_timeout=120))
     service = transfers.image_transfer_service(created.id)
-    transfer = _wait(service.get, lambda t: _phase(t) == "transferring", f"transfer of disk {disk_id}",
-                     failed=lambda t: _phase(t).startswith(("finished", "cancelled", "paused")))
+    transfer = wait(service.get, lambda t: phase(t) == "transferring", f"transfer of disk {disk_id}",
+                    failed=lambda t: phase(t).startswith(("finished", "cancelled", "paused")))
     return service, transfer
 
 
-def _finalize_transfer(service) -> None:
+def finalize_transfer(service) -> None:
+    """Finalize an image transfer and wait until it has finished."""
     service.finalize()
-    _wait(lambda: _phase(service.get()), lambda p: p.startswith("finished"), "transfer finalize")
+    wait(lambda: phase(service.get()), lambda p: p.startswith("finished"), "transfer finalize")
 
 
 def cmd_download(args: argparse.Namespace) -> dict:
@@ -85,7 +89,7 @@ def cmd_download(args: argparse.Namespace) -> dict:
     from_checkpoint = None
     if args.incremental:
         from_checkpoint = json.loads(state_path.read_text())["checkpoint"]
-    connection = _connect(args)
+    connection = connect(args)
     try:
         vms = connection.system_service().vms_service()
         vm = vms.list(search=f"name={args.vm}")[0]
@@ -95,26 +99,26 @@ def cmd_download(args: argparse.Namespace) -> dict:
         backup = backups.add(types.Backup(disks=[types.Disk(id=d) for d in disk_ids],
                                           from_checkpoint_id=from_checkpoint))
         backup_service = backups.backup_service(backup.id)
-        ready = _wait(backup_service.get, lambda b: _phase(b) == "ready", "backup",
-                      failed=lambda b: _phase(b) in ("failed", "succeeded"))
+        ready = wait(backup_service.get, lambda b: phase(b) == "ready", "backup",
+                     failed=lambda b: phase(b) in ("failed", "succeeded"))
         files = []
         try:
             for index, disk_id in enumerate(disk_ids):
                 out = Path(args.out if len(disk_ids) == 1 else f"{args.out}.{index}")
                 out.unlink(missing_ok=True)
-                service, transfer = _transfer(connection, disk_id, "download", backup.id)
+                service, transfer = open_transfer(connection, disk_id, "download", backup.id)
                 try:
                     client.download(transfer.transfer_url, str(out), args.ca_file, fmt="qcow2",
                                     incremental=args.incremental, proxy_url=transfer.proxy_url)
                 except BaseException:
                     service.cancel()
                     raise
-                _finalize_transfer(service)
+                finalize_transfer(service)
                 files.append(str(out))
         finally:
             backup_service.finalize()
-            _wait(lambda: _phase(backup_service.get()), lambda p: p in ("succeeded", "failed"),
-                  "backup finalize")
+            wait(lambda: phase(backup_service.get()), lambda p: p in ("succeeded", "failed"),
+                 "backup finalize")
         checkpoint = ready.to_checkpoint_id
         # Keep only the checkpoint the next incremental starts from, as a nightly script would.
         checkpoints = vm_service.checkpoints_service()
@@ -132,7 +136,7 @@ def cmd_upload(args: argparse.Namespace) -> dict:
     from ovirtsdk4 import types
 
     size = client.info(args.image)["virtual-size"]
-    connection = _connect(args)
+    connection = connect(args)
     try:
         disks = connection.system_service().disks_service()
         disk = disks.add(types.Disk(
@@ -140,22 +144,22 @@ def cmd_upload(args: argparse.Namespace) -> dict:
             backup=types.DiskBackup.INCREMENTAL, content_type=types.DiskContentType.DATA,
             storage_domains=[types.StorageDomain(name=args.storage_domain)]))
         disk_service = disks.disk_service(disk.id)
-        _wait(disk_service.get, lambda d: d.status == types.DiskStatus.OK, "new disk")
-        service, transfer = _transfer(connection, disk.id, "upload", None)
+        wait(disk_service.get, lambda d: d.status == types.DiskStatus.OK, "new disk")
+        service, transfer = open_transfer(connection, disk.id, "upload", None)
         try:
             client.upload(args.image, transfer.transfer_url, args.ca_file, proxy_url=transfer.proxy_url)
         except BaseException:
             service.cancel()
             raise
-        _finalize_transfer(service)
-        _wait(disk_service.get, lambda d: d.status == types.DiskStatus.OK, "uploaded disk")
+        finalize_transfer(service)
+        wait(disk_service.get, lambda d: d.status == types.DiskStatus.OK, "uploaded disk")
     finally:
         connection.close()
     return {"disk": disk.id, "size": size}
 
 
 def cmd_remove_disk(args: argparse.Namespace) -> dict:
-    connection = _connect(args)
+    connection = connect(args)
     try:
         connection.system_service().disks_service().disk_service(args.disk).remove()
     finally:

@@ -48,8 +48,9 @@ def _is(path: str, *names: str) -> bool:
     return any(path == name or path.endswith("/" + name) for name in names)
 
 
-# (category, test on a frame) in the order they are tried; a category matches when any frame
-# of a sample passes its test. A test gets (function, file, source line text).
+# (category, test on a frame): a sample goes to the first category whose test passes on its
+# innermost frame, else on the next frame outwards, and so on. A test gets (function, file,
+# source line text).
 _CLIENT_RULES: list[tuple[str, Any]] = [
     ("imageio reads (HTTP, TLS, copy into buffers)",
      lambda f, p, src: _is(p, "http/client.py", "ssl.py", "socket.py")
@@ -64,7 +65,7 @@ _CLIENT_RULES: list[tuple[str, Any]] = [
      or f in ("_store", "_hole")),
     ("archive items (metadata)", lambda f, p, src: _is(p, "borg/archive.py", "borg/item.pyx")),
     ("engine control plane (SDK)", lambda f, p, src: "ovirtsdk4" in p or _is(p, "ovirt_borg/engine.py")),
-    ("start-up and imports", lambda f, p, src: f == "<module>" or "importlib" in p),
+    ("start-up and imports", lambda f, p, src: "importlib" in p),
 ]
 
 _DAEMON_RULES: list[tuple[str, Any]] = [
@@ -72,6 +73,28 @@ _DAEMON_RULES: list[tuple[str, Any]] = [
     ("NBD reads from qemu-nbd", lambda f, p, src: "nbd" in p or "nbdutil" in p),
     ("HTTP request handling", lambda f, p, src: "http" in p or "images.py" in p or "extents" in f),
     ("tickets, auth, operations", lambda f, p, src: "auth" in p or "ops" in p or "backends" in p),
+]
+
+
+# Where the main thread's wall time goes (waits included), for short runs like incrementals.
+_WALL_RULES: list[tuple[str, Any]] = [
+    ("start-up and imports", lambda f, p, src: "importlib" in p),
+    ("borg command line (borg list: repository id, archive exists; borg extract)",
+     lambda f, p, src: _is(p, "ovirt_borg/borgcli.py")),
+    ("bitmap check (re-read samples, base blocks)", lambda f, p, src: f == "_check_sample"),
+    ("imageio extents", lambda f, p, src: f == "extents" and _is(p, "ovirt_borg/imageio.py")),
+    ("image data (read plan, reads, writer)", lambda f, p, src: f in ("add_image", "_write_image")),
+    ("repository open, lock, cache sync", lambda f, p, src: f in ("_open", "_open_repository", "__enter__")
+     and _is(p, "ovirt_borg/archive.py")),
+    ("archive commit", lambda f, p, src: f == "commit" and _is(p, "ovirt_borg/archive.py")),
+    ("engine: transfers (create, poll, finalize)", lambda f, p, src: f in ("start_transfer", "finalize_transfer",
+                                                                         "transfer", "cancel_transfer")),
+    ("engine: backup (start, poll ready, finalize)", lambda f, p, src: f in (
+        "start_backup", "wait_backup_ready", "finalize_backup", "backup_disk_modes", "finalize_stale_backups")),
+    ("engine: checkpoints (list, purge)", lambda f, p, src: f in ("checkpoints", "purge_checkpoints",
+                                                                 "delete_checkpoint")),
+    ("engine: log in, VMs, disks, OVF", lambda f, p, src: "ovirtsdk4" in p or _is(p, "ovirt_borg/engine.py")),
+    ("sidecar and state", lambda f, p, src: _is(p, "ovirt_borg/sidecar.py")),
 ]
 
 
@@ -101,12 +124,16 @@ def _source(path: str, line: int) -> str:
     return ""
 
 
-def categorize(raw: Path, rules: list[tuple[str, Any]], main_process: str | None = None) -> dict[str, Any]:
+def categorize(raw: Path, rules: list[tuple[str, Any]], main_process: str | None = None,
+               main_thread_only: bool = False, outermost_first: bool = False) -> dict[str, Any]:
     """Sort the samples of a py-spy raw (collapsed stacks) file into categories.
 
     Given the file, the rules, and the command-line marker of the main process (samples of
-    other processes become "child processes"). Returns the total samples, the share of each
-    category in percent, and the top 15 innermost frames.
+    other processes become "child processes"); ``main_thread_only`` keeps the main thread's
+    samples; ``outermost_first`` names a sample by its outermost frame a rule knows (the
+    operation that was waiting) rather than its innermost (the code that was running).
+    Returns the total samples, the share of each category in percent, and the top 15
+    innermost frames.
     """
     categories: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
@@ -117,24 +144,37 @@ def categorize(raw: Path, rules: list[tuple[str, Any]], main_process: str | None
             continue
         frames, count = parsed
         total += count
-        process = next((f for f in frames if f.startswith("process ")), "")
+        # A child's samples carry its parent's process frame first, then its own.
+        process = next((f for f in reversed(frames) if f.startswith("process ")), "")
         if main_process is not None and process and main_process not in process:
+            if main_thread_only:
+                total -= count  # the parent's main thread is charged for waiting on it
+                continue
             categories["Borg command-line child processes"] += count
+            continue
+        if main_thread_only and not any(f.startswith("thread ") and f.endswith("MainThread") for f in frames):
+            total -= count
             continue
         frames = [f for f in frames if not f.startswith(("process ", "thread "))]
         decoded = [_frame(f) for f in reversed(frames)]
         if decoded:
             function, path, _ = decoded[0]
             leaves[f"{function} ({_short(path)})"] += count
-        for category, test in rules:
-            if any(test(*frame) for frame in decoded):
-                categories[category] += count
-                break
-        else:
-            categories["other"] += count
+        categories[_category(decoded[::-1] if outermost_first else decoded, rules)] += count
     share = {name: round(100 * n / total, 1) for name, n in categories.most_common()} if total else {}
     top = [{"frame": name, "percent": round(100 * n / total, 1)} for name, n in leaves.most_common(15)] if total else []
     return {"samples": total, "categories": share, "top_frames": top}
+
+
+def _category(frames: list[tuple[str, str, str]], rules: list[tuple[str, Any]]) -> str:
+    """The category of a sample: the first rule matching the first frame that any rule matches."""
+    for function, path, source in frames:
+        # Rules name plain functions; py-spy gives Class.method or outer.<locals>.inner.
+        name = function.rsplit(".", 1)[-1]
+        for category, test in rules:
+            if test(name, path, source):
+                return category
+    return "other"
 
 
 def _short(path: str) -> str:
@@ -186,6 +226,28 @@ def record(command: list[str], *, env: dict[str, str], daemon_pid: int, out_dir:
         if "samples" in part:
             part["busy_threads"] = round(part["samples"] / RATE / measurement.wall, 2)
     return {"wall": measurement.wall, "ovirt_borg": client, "imageio_daemon": daemon_result}
+
+
+def record_wall(command: list[str], *, env: dict[str, str], out_dir: Path, stamp: str, log_dir: Path,
+                name: str) -> dict[str, Any]:
+    """Profile the wall time of ``command``'s main thread, waits included (``py-spy --idle``).
+
+    Writes ``<stamp>-profile-<name>.txt``; returns the run's wall time and the main thread's
+    time per category in seconds and percent.
+    """
+    raw = out_dir / f"{stamp}-profile-{name}.txt"
+    measurement, _ = measure.run(
+        f"profile-{name}",
+        [PY_SPY, "record", "--format", "raw", "--threads", "--idle", "--subprocesses", "--nonblocking",
+         "--rate", str(RATE), "-o", os.fspath(raw), "--", *command],
+        env=env, log_dir=log_dir)
+    result = categorize(raw, _WALL_RULES, command[0], main_thread_only=True, outermost_first=True)
+    result["seconds"] = {category: round(share * result["samples"] / RATE / 100, 2)
+                         for category, share in result["categories"].items()}
+    # py-spy sees Python frames only once the interpreter is up and it has attached.
+    result["seconds"]["interpreter start before sampling"] = round(
+        max(0.0, measurement.wall - result["samples"] / RATE), 2)
+    return {"raw": raw.name, "wall": measurement.wall, **result}
 
 
 def flamegraph(command: list[str], *, env: dict[str, str], out_dir: Path, stamp: str, log_dir: Path) -> str:

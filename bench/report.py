@@ -78,6 +78,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                            for s in items if (full_case, contender, s["run"]) in partner]
                 if of_full:
                     row["of_full"] = round(_median(of_full), 4)
+            phases = [s for s in items if s["extra"].get("phase_seconds")]
+            if phases:
+                row["phase_seconds"] = round(_median([s["extra"]["phase_seconds"] for s in phases]), 3)
+                row["phase_moved_mb_s"] = round(_median([s["moved"] / s["extra"]["phase_seconds"] / MB
+                                                         for s in phases]), 1)
+                row["phase_provisioned_mb_s"] = round(_median([s["provisioned"] / s["extra"]["phase_seconds"] / MB
+                                                               for s in phases]), 1)
             for key in ("changed_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks"):
                 values = [s["extra"][key] for s in items if key in s["extra"]]
                 if values:
@@ -121,8 +128,8 @@ def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
         small_rss, large_rss = full[OVIRT_BORG]["peak_rss"], large["peak_rss"]
         blocks = large["provisioned"] // (4 << 20)
         out.append({"goal": "memory bounded, independent of disk size beyond the block map",
-                    "value": f"peak RSS {small_rss / MiB:.0f} MiB at {full[OVIRT_BORG]['provisioned'] >> 30} GiB, "
-                             f"{large_rss / MiB:.0f} MiB at {large['provisioned'] >> 30} GiB "
+                    "value": f"peak RSS {small_rss / MiB:.0f} MiB at {_size(full[OVIRT_BORG]['provisioned'])}, "
+                             f"{large_rss / MiB:.0f} MiB at {_size(large['provisioned'])} "
                              f"({(large_rss - small_rss) / blocks:.0f} bytes per extra 4 MiB block)",
                     "met": None})
     return out
@@ -147,7 +154,7 @@ def rows(summary: dict[str, Any]) -> list[list[str]]:
             if contender == OVIRT_BORG:
                 versus = f"{100 * row['of_full']:.1f}% of full" if "of_full" in row else "1"
             else:
-                versus = f"{row.get('vs_ovirt_borg', float('nan')):.2f}x"
+                versus = f"{row['vs_ovirt_borg']:.2f}x" if "vs_ovirt_borg" in row else "-"
                 if "of_full" in row:
                     versus += f" ({100 * row['of_full']:.1f}% of full)"
             table.append([case, contender, f"{row['wall']:.2f}", versus, f"{row['moved_mb_s']:.0f}",
@@ -191,6 +198,66 @@ def machine_text(results: dict[str, Any]) -> str:
             f"1-minute load during the run {min(loads):.2f}..{max(loads):.2f}" if loads else "")
 
 
+def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The full backup's data phase next to each half of it measured alone."""
+    full = summary.get("full", {})
+    halves = summary.get("full: halves of the data path", {})
+    candidates = [("ovirt-borg: the disk phase of its full backup", full.get(OVIRT_BORG)),
+                  ("imageio read only (ImageioClient.read_ranges)", halves.get("imageio read only")),
+                  ("archive writer only (sha256 + ArchiveWriter.add_image)", halves.get("archive writer only"))]
+    out = []
+    for title, row in candidates:
+        if row and "phase_seconds" in row:
+            out.append([title, f"{row['phase_seconds']:.2f}", f"{row['phase_moved_mb_s']:.0f}",
+                        f"{row['phase_provisioned_mb_s']:.0f}"])
+    raw = full.get("borg create (local raw)")
+    if raw:
+        out.append(["borg create of the local raw file (whole command)", f"{raw['wall']:.2f}",
+                    f"{raw['moved_mb_s']:.0f}", f"{raw['provisioned_mb_s']:.0f}"])
+    return out
+
+
+DATA_PATH_COLUMNS = ("data phase", "seconds", "MB/s of data", "MB/s of provisioned")
+
+
+def data_path_text(summary: dict[str, Any], markdown: bool = False) -> str:
+    table = data_path_rows(summary)
+    if not table:
+        return ""
+    if markdown:
+        lines = ["| " + " | ".join(DATA_PATH_COLUMNS) + " |", "|---|---:|---:|---:|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table])
+    table = [list(DATA_PATH_COLUMNS)] + table
+    widths = [max(len(r[i]) for r in table) for i in range(len(DATA_PATH_COLUMNS))]
+    return "\n".join("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+                     for r in table)
+
+
+def profile_text(results: dict[str, Any]) -> str:
+    """Where the profiled full backup spent its on-CPU time, client and imageio daemon."""
+    profile = results.get("profile")
+    if not profile:
+        return ""
+    wall = profile.get("wall") or profile.get("measurement", {}).get("wall", 0)
+    lines = [f"Profile of one full backup ({wall:.1f} s wall, py-spy, on-CPU samples):"]
+    for side, title in (("ovirt_borg", "ovirt-borg"), ("imageio_daemon", "host imageio daemon")):
+        part = profile.get(side, {})
+        if "categories" not in part:
+            lines.append(f"- {title}: {part.get('error', 'no profile')}")
+            continue
+        shares = ", ".join(f"{name} {share:.0f}%" for name, share in part["categories"].items() if share >= 1)
+        lines.append(f"- {title}: {part.get('busy_threads', 0):.2f} threads busy on average; {shares}")
+    incremental = profile.get("incremental")
+    if incremental and "seconds" in incremental:
+        spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in incremental["seconds"].items()
+                          if seconds >= 0.05)
+        lines.append(f"- incremental after a 1% sequential write ({incremental['wall']:.1f} s wall), "
+                     f"main thread: {spent}")
+    if profile.get("flamegraph"):
+        lines.append(f"- flame graph: bench/results/{profile['flamegraph']}")
+    return "\n".join(lines)
+
+
 def render(results: dict[str, Any], markdown: bool = False) -> str:
     summary = results.get("summary") or summarize(results)
     opts = results["options"]
@@ -200,9 +267,13 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
             f"large disk {opts['large'] / (1 << 30):g} GiB with {_size(opts['large_data'])} written; "
             f"repositories {opts['encryption']} + {opts['compression']}, chunker {opts['chunker']}; medians.")
     checks = results.get("goals") or goals(summary)
+    profile = profile_text(results)
+    data_path = data_path_text(summary, markdown)
     if markdown:
-        return "\n\n".join([head, machine_text(results), markdown_table(summary), "Goals:", goals_text(checks, True)])
-    return "\n".join([head, machine_text(results), "", text_table(summary), "", "Goals:", goals_text(checks)])
+        return "\n\n".join(part for part in [head, machine_text(results), markdown_table(summary), data_path,
+                                               "Goals:", goals_text(checks, True), profile] if part)
+    return "\n".join([head, machine_text(results), "", text_table(summary), "", data_path, "", "Goals:",
+                      goals_text(checks), "", profile])
 
 
 def main(argv: list[str] | None = None) -> int:

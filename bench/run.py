@@ -116,11 +116,18 @@ def machine() -> dict[str, Any]:
         memory = int(f.readline().split()[1]) * 1024
     qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     flags = open("/proc/cpuinfo").read()
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", os.fspath(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", os.fspath(root), "status", "--porcelain", "--", "ovirt_borg"],
+                           capture_output=True, text=True).stdout.split("\n")
     return {
         "nproc": os.cpu_count(), "cpu": model or platform.processor(), "memory": memory,
         "aes_ni": " aes " in flags, "sha_ni": " sha_ni " in flags,
         "kernel": platform.release(), "python": platform.python_version(), "borg": borg.__version__,
         "ovirt_imageio": importlib.metadata.version("ovirt-imageio"), "qemu": qemu,
+        # The product code measured: the commit, and its files changed since (work in progress).
+        "git": head, "uncommitted": [line[3:] for line in dirty if line.strip()],
     }
 
 
@@ -138,7 +145,10 @@ class Bench:
         passphrase = work / "passphrase"
         passphrase.write_text("ovirt-borg benchmark passphrase\n")
         passphrase.chmod(0o600)
-        self.env = {**os.environ, "BORG_BASE_DIR": os.fspath(work / "borg-home"),
+        # The contenders' programs are modules of this package: importable from any directory.
+        root = os.fspath(Path(__file__).resolve().parents[1])
+        python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": python_path, "BORG_BASE_DIR": os.fspath(work / "borg-home"),
                     "BORG_PASSCOMMAND": f"cat {passphrase}", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
         for name in ("BORG_PASSPHRASE", "BORG_REPO", "BORG_RSH", "BORG_REMOTE_PATH"):
             self.env.pop(name, None)
@@ -229,7 +239,8 @@ class Bench:
                     extra={"mode": result["mode"], "archive": result["archive"], "blocks": disk["blocks"],
                            "holes": disk["holes"], "reused": disk["reused"], "read_blocks": disk["stored"],
                            "imageio_bytes_read": self.imageio_read() - read0, "disk_id": disk["id"],
-                           "vm": result["vm"], "alias": disk["alias"]})
+                           "vm": result["vm"], "alias": disk["alias"], "vm_seconds": result["seconds"],
+                           "phase_seconds": sum(d["seconds"] for d in result["disks"])})
 
     def borg_create(self, repo: Path, source: Path, archive: str, case: str, contender: str, run: int,
                     provisioned: int) -> Step:
@@ -285,6 +296,7 @@ class Bench:
         shift = run % len(full)
         for contender in full[shift:] + full[:shift]:
             steps.append(contender())
+        steps += self.components(run, ts_vm, raw, run_dir)
         ob_full = next(s for s in steps if s.contender == "ovirt-borg")
         if run == 0:
             self.check_archive(config.parent / "repo", ob_full, raw_sha, size)
@@ -315,6 +327,30 @@ class Bench:
         self.lab.delete_vm(ob_vm)
         self.lab.delete_vm(ts_vm)
         shutil.rmtree(run_dir)
+        return steps
+
+    def components(self, run: int, vm: str, raw: Path, run_dir: Path) -> list[Step]:
+        """The imageio read alone and the archive writer alone, on the same image."""
+        size = self.options.size
+        component = [sys.executable, "-m", "bench.components"]
+        read, out = measure.run(
+            f"r{run}-component-read",
+            [*component, "read", "--url", self.lab.url, "--user", self.lab.user, "--password-file",
+             os.fspath(self.lab.password_file), "--ca-file", os.fspath(self.lab.ca_file), "--vm", vm],
+            env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+        data = json.loads(out)
+        steps = [Step("imageio read only", "full: halves of the data path", read, size, moved=data["bytes"],
+                      stored=0, extra={"phase_seconds": data["seconds"]})]
+        repo = self.new_repo(run_dir / "components")
+        write, out = measure.run(
+            f"r{run}-component-write",
+            [*component, "write", "--raw", os.fspath(raw), "--repo", os.fspath(repo), "--compression",
+             self.settings.compression],
+            env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+        data = json.loads(out)
+        steps.append(Step("archive writer only", "full: halves of the data path", write, size, moved=data["bytes"],
+                          stored=borgrepo.size_on_disk(repo), extra={"phase_seconds": data["seconds"]}))
+        shutil.rmtree(repo)
         return steps
 
     def restore_pair(self, run: int, config: Path, vm: str, newest: Step) -> list[Step]:
@@ -421,6 +457,13 @@ class Bench:
             command = [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json", "--full"]
             result = profile.record(command, env=self.env, daemon_pid=self.lab.pids["imageio_host"],
                                     out_dir=out_dir, stamp=stamp, log_dir=self.logs)
+            # The incremental's wall time, main thread with its waits, after a 1% sequential write.
+            change = Change("sequential", 1.0)
+            disk = self.lab.vm_info(vm)["disks"][0]
+            image.apply_change(Path(disk["path"]), self.options.size, change, self.options.seed, self.work)
+            incremental = [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json"]
+            result["incremental"] = profile.record_wall(incremental, env=self.env, out_dir=out_dir, stamp=stamp,
+                                                        log_dir=self.logs, name="incremental")
             config = self.job_config(prof_dir / "svg")
             result["flamegraph"] = profile.flamegraph(command, env=self.env, out_dir=out_dir, stamp=stamp,
                                                       log_dir=self.logs)

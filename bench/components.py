@@ -1,0 +1,125 @@
+"""The two halves of ovirt-borg's data path, measured alone.
+
+Run as ``python -m bench.components COMMAND ...`` (a process of its own, measured like the
+contenders):
+
+``read``
+    Start a full backup of a VM, open its image transfer, and read every data block the way
+    ovirt-borg's full backup plans it (``extents?context=zero``, ``plan.plan_blocks``,
+    ``ImageioClient.read_ranges`` with the default settings), dropping the data. This is the
+    imageio side alone: what the data path could do if storing cost nothing.
+``write``
+    Give the same image, read from a local raw file, to ovirt-borg's archive writer
+    (``archive.open_writer(...).add_image``) as ovirt-borg would: holes as ``None``, data
+    blocks as bytes, plus the sha256 of every block that backup.py takes. This is the Borg side
+    alone: what the data path could do if reading cost nothing.
+
+Each prints ``{"seconds": ..., "bytes": ...}`` for its data phase only (control plane and
+start-up excluded); the whole process is measured by the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_read(args: argparse.Namespace) -> dict:
+    from ovirt_borg import plan
+    from ovirt_borg.imageio import ImageioClient, TransferSettings
+
+    from bench import contenders
+
+    connection = contenders.connect(args)
+    try:
+        from ovirtsdk4 import types
+
+        vms = connection.system_service().vms_service()
+        vm = vms.list(search=f"name={args.vm}")[0]
+        vm_service = vms.vm_service(vm.id)
+        disk = vm_service.disk_attachments_service().list()[0].disk
+        size = connection.system_service().disks_service().disk_service(disk.id).get().provisioned_size
+        backups = vm_service.backups_service()
+        backup = backups.add(types.Backup(disks=[types.Disk(id=disk.id)]))
+        backup_service = backups.backup_service(backup.id)
+        contenders.wait(backup_service.get, lambda b: contenders.phase(b) == "ready", "backup")
+        try:
+            service, transfer = contenders.open_transfer(connection, disk.id, "download", backup.id)
+            try:
+                started = time.monotonic()
+                settings = TransferSettings(ca_file=args.ca_file)
+                with ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
+                    extents = [plan.Extent(e.start, e.length, e.zero, True) for e in client.extents("zero")]
+                    blocks = plan.plan_blocks(size, args.block_size, extents)
+                    total = 0
+                    for _, data in client.read_ranges(plan.read_ranges(blocks, args.block_size)):
+                        total += len(data)
+                seconds = time.monotonic() - started
+            finally:
+                contenders.finalize_transfer(service)
+        finally:
+            backup_service.finalize()
+            contenders.wait(lambda: contenders.phase(backup_service.get()),
+                             lambda p: p in ("succeeded", "failed"), "backup finalize")
+    finally:
+        connection.close()
+    return {"seconds": round(seconds, 3), "bytes": total}
+
+
+def cmd_write(args: argparse.Namespace) -> dict:
+    from ovirt_borg import archive
+    from ovirt_borg.borgcli import Repo
+
+    raw = Path(args.raw)
+    size = raw.stat().st_size
+    block_size = args.block_size
+    zeros = bytes(block_size)
+    repo = Repo(location=args.repo, env={k: v for k, v in os.environ.items() if k.startswith("BORG_")},
+                compression=args.compression)
+    total = 0
+
+    def blocks():
+        nonlocal total
+        with open(raw, "rb") as f:
+            for offset in range(0, size, block_size):
+                data = f.read(min(block_size, size - offset))
+                if data == zeros[:len(data)]:
+                    yield None  # a zero extent: ovirt-borg neither reads nor hashes it
+                    continue
+                hashlib.sha256(data).digest()  # the per-block digest backup.py keeps
+                total += len(data)
+                yield data
+
+    started = time.monotonic()
+    with archive.open_writer(repo, "components-write", block_size=block_size, base_archive=None) as writer:
+        writer.add_image(f"{raw.stem}/disks/image.raw", size, blocks())
+        writer.commit()
+    return {"seconds": round(time.monotonic() - started, 3), "bytes": total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.components", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--block-size", type=int, default=4 << 20)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("read")
+    p.add_argument("--url", required=True)
+    p.add_argument("--user", required=True)
+    p.add_argument("--password-file", required=True)
+    p.add_argument("--ca-file", required=True)
+    p.add_argument("--vm", required=True)
+    p = sub.add_parser("write")
+    p.add_argument("--raw", required=True)
+    p.add_argument("--repo", required=True)
+    p.add_argument("--compression", default="lz4")
+    args = parser.parse_args(argv)
+    print(json.dumps({"read": cmd_read, "write": cmd_write}[args.command](args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
