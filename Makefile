@@ -37,8 +37,10 @@ test: setup
 demo: setup
 	$(PY) -m ovirt_borg.lab.demo --dir $(LABDIR)
 
+# The benchmark (bench/RESULTS.md): make bench BENCH_ARGS=--quick for a short run.
 bench: setup
-	$(PY) -m bench
+	$(PY) -m pip install -q py-spy
+	$(PY) -m bench $(BENCH_ARGS)
 
 lab-up: setup
 	$(VENV)/bin/ovirt-borg-lab up --dir $(LABDIR)

@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)
     if options.runs < 1 or options.size < (64 << 20) or options.size % (1 << 20):
         raise SystemExit("python -m bench: --runs must be >= 1 and --size a multiple of 1 MiB, at least 64M")
+    if options.profile:
+        from bench import profile
+
+        if not profile.available():
+            raise SystemExit(f"python -m bench: the profile needs py-spy ({profile.PY_SPY} is missing): "
+                             f"{sys.executable} -m pip install py-spy, or run with --no-profile")
     if args.wait_load is not None:
         wait_for_load(args.wait_load, args.wait_max)
     options.workdir.mkdir(parents=True, exist_ok=True)

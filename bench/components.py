@@ -14,6 +14,11 @@ contenders):
     blocks as bytes, plus the sha256 of every block that backup.py takes. This is the Borg side
     alone: what the data path could do if reading cost nothing.
 
+``read-archive``
+    Read an image back from an archive the way restore does (``archive.read_image``: holes are
+    not fetched, data chunks are fetched ahead, decrypted and checked), dropping the data: the
+    Borg side of a restore alone.
+
 Each prints ``{"seconds": ..., "bytes": ...}`` for its data phase only (control plane and
 start-up excluded); the whole process is measured by the caller.
 """
@@ -102,6 +107,19 @@ def cmd_write(args: argparse.Namespace) -> dict:
     return {"seconds": round(time.monotonic() - started, 3), "bytes": total}
 
 
+def cmd_read_archive(args: argparse.Namespace) -> dict:
+    from ovirt_borg import archive
+    from ovirt_borg.borgcli import Repo
+
+    repo = Repo(location=args.repo, env={k: v for k, v in os.environ.items() if k.startswith("BORG_")})
+    started = time.monotonic()
+    total = 0
+    for _, _, data in archive.read_image(repo, args.archive, args.path):
+        if data is not None:
+            total += len(data)
+    return {"seconds": round(time.monotonic() - started, 3), "bytes": total}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.components", description=__doc__.split("\n\n")[0])
     parser.add_argument("--block-size", type=int, default=4 << 20)
@@ -116,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", required=True)
     p.add_argument("--repo", required=True)
     p.add_argument("--compression", default="lz4")
+    p = sub.add_parser("read-archive")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--archive", required=True)
+    p.add_argument("--path", required=True, help="the image's path in the archive")
     args = parser.parse_args(argv)
-    print(json.dumps({"read": cmd_read, "write": cmd_write}[args.command](args)))
+    commands = {"read": cmd_read, "write": cmd_write, "read-archive": cmd_read_archive}
+    print(json.dumps(commands[args.command](args)))
     return 0
 
 

@@ -34,6 +34,11 @@ from bench import measure
 log = logging.getLogger(__name__)
 
 PY_SPY = str(Path(sys.executable).parent / "py-spy")
+
+
+def available() -> bool:
+    """True when py-spy is installed next to this Python (``pip install py-spy``)."""
+    return Path(PY_SPY).exists()
 RATE = 250
 
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -245,7 +250,7 @@ def record_wall(command: list[str], *, env: dict[str, str], out_dir: Path, stamp
     result["seconds"] = {category: round(share * result["samples"] / RATE / 100, 2)
                          for category, share in result["categories"].items()}
     # py-spy sees Python frames only once the interpreter is up and it has attached.
-    result["seconds"]["interpreter start before sampling"] = round(
+    result["seconds"]["before the first sample (interpreter start, py-spy attach)"] = round(
         max(0.0, measurement.wall - result["samples"] / RATE), 2)
     return {"raw": raw.name, "wall": measurement.wall, **result}
 

@@ -214,6 +214,15 @@ def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
     if raw:
         out.append(["borg create of the local raw file (whole command)", f"{raw['wall']:.2f}",
                     f"{raw['moved_mb_s']:.0f}", f"{raw['provisioned_mb_s']:.0f}"])
+    restore = summary.get("restore", {})
+    for title, row in (("restore: ovirt-borg (whole command)", restore.get(OVIRT_BORG)),
+                       ("restore: archive read only (archive.read_image)",
+                        summary.get("restore: the Borg half alone", {}).get("archive read only")),
+                       ("restore: client.upload (whole command)", restore.get("client.upload"))):
+        if row:
+            seconds = row.get("phase_seconds", row["wall"])
+            mb_s = row.get("phase_moved_mb_s", row["moved_mb_s"])
+            out.append([title, f"{seconds:.2f}", f"{mb_s:.0f}", f"{row['provisioned'] / seconds / MB:.0f}"])
     return out
 
 

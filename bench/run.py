@@ -382,12 +382,23 @@ class Bench:
                         extra={"disk": json.loads(out)["disk"],
                                "imageio_bytes_written": self.imageio_written() - written0})
 
+        def read_archive() -> Step:
+            path = f"{newest.extra['vm']}/disks/{newest.extra['alias']}-{disk_id}.raw"
+            m, out = measure.run(f"r{run}-component-read-archive",
+                                 [sys.executable, "-m", "bench.components", "read-archive", "--repo",
+                                  os.fspath(config.parent / "repo"), "--archive", archive, "--path", path],
+                                 env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+            data = json.loads(out)
+            return Step("archive read only", "restore: the Borg half alone", m, size, moved=data["bytes"], stored=0,
+                        extra={"phase_seconds": data["seconds"]})
+
         pair = [ovirt_borg, upload]
         if run % 2:
             pair.reverse()
         steps = [contender() for contender in pair]
+        steps.append(read_archive())
         storage = self.lab.dir / "storage"
-        for step in steps:
+        for step in steps[:2]:
             compare(storage / f"{step.extra['disk']}.qcow2", reference)
             subprocess.run([*self.contender_args(), "remove-disk", "--disk", step.extra["disk"]], env=self.env,
                            check=True, capture_output=True)
