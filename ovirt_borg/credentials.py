@@ -61,7 +61,8 @@ def borg_env(config: Config) -> dict[str, str]:
 
     Given the job configuration; returns the environment for Borg, ``BORG_REPO`` included.
     Each setting comes from the first of: the job's own ``[repository]`` options (location,
-    passcommand, passphrase_file, rsh, remote_path), the borgmatic configuration named by
+    which may also name a borgmatic repository by its label; passcommand, passphrase_file,
+    rsh, remote_path), the borgmatic configuration named by
     ``repository.borgmatic_config`` (its repository, encryption_passphrase or
     encryption_passcommand, ssh_command, remote_path, borg_*_directory), the systemd credential
     ``borg-passphrase`` (for the passphrase), and the inherited environment (BORG_REPO,
@@ -75,11 +76,11 @@ def borg_env(config: Config) -> dict[str, str]:
     if repo.borgmatic_config:
         shared = borgmatic.load(repo.borgmatic_config, repo.location or None)
         env.update(shared.environment)
-        if not repo.location:
-            env["BORG_REPO"] = shared.repository
+        # repository.location, when set, chose this repository (by path or borgmatic label).
+        env["BORG_REPO"] = shared.repository
         for warning in borgmatic.overlap_warnings(shared, repo.prefix):
             log.warning("%s", warning)
-    if repo.location:
+    elif repo.location:
         env["BORG_REPO"] = repo.location
     if not env.get("BORG_REPO"):
         raise ConfigError(f"{config.path}: no repository: set repository.location, repository.borgmatic_config "

@@ -288,6 +288,20 @@ def test_borg_env_own_settings_win_over_borgmatic(tmp_path, monkeypatch):
     assert env["BORG_BASE_DIR"] == "/var/lib/bm", "what the job does not set still comes from borgmatic"
 
 
+def test_borg_env_location_may_name_a_borgmatic_label(tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    path = tmp_path / "borgmatic.yaml"
+    path.write_text("source_directories: [/etc]\nencryption_passcommand: cat /p\nrepositories:\n"
+                    "    - path: /srv/borg/a\n      label: a\n"
+                    "    - path: ssh://backup@nas/./b\n      label: nas\n      ssh_command: ssh -i /nas\n")
+    config = config_mod.from_dict({"engine": {"url": "https://engine.example.com/ovirt-engine/api"},
+                                   "repository": {"borgmatic_config": str(path), "location": "nas"}},
+                                  str(tmp_path / "job.toml"))
+    env = credentials.borg_env(config)
+    assert env["BORG_REPO"] == "ssh://backup@nas/./b" and env["BORG_RSH"] == "ssh -i /nas"
+    assert env["BORG_PASSCOMMAND"] == "cat /p"
+
+
 def test_borg_env_borgmatic_passphrase_wins_over_its_passcommand_and_the_credential(tmp_path, monkeypatch):
     creds = tmp_path / "creds"
     creds.mkdir()
