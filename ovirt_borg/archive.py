@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -182,6 +183,11 @@ class ArchiveWriter(ABC):
             if exc_type is None:
                 raise
             log.exception("rollback of archive %s in %s failed", self.archive_name, self.repo.location)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Borg writes its segments (and its cache) with plain file writes; after the rollback
+            # above freed what this archive took, say it as the repository error it is.
+            raise borgcli.translate_error("Repository.InsufficientFreeSpaceError", str(exc), repo=self.repo,
+                                          archive=self.archive_name) from exc
 
     # -- interface -------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from ovirt_borg import archive, borgcli, plan, sidecar as sc
 from ovirt_borg.archive import Reuse
 from ovirt_borg.engine import (CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo)
-from ovirt_borg.errors import CheckpointError, OvirtBorgError
+from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress
 
@@ -93,10 +93,13 @@ class VmResult:
     seconds: float = 0.0
     error: str = ""
     exit_code: int = 0
+    # Problems after the archive was committed (the backup stands; the run exits 1).
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["disks"] = [x.as_dict() for x in self.disks]
+        d["warnings"] = list(self.warnings)
         return d
 
 
@@ -200,9 +203,27 @@ class VmBackup:
 
     # -- the run -----------------------------------------------------------------------------
 
+    def _refresh_vm(self) -> None:
+        """Read the VM again at its turn: it may have been deleted or powered off since selection."""
+        try:
+            current = self.engine.get_vm(self.vm.id)
+        except NotFound:
+            raise NotFound(f"VM {self.vm.name} no longer exists on the engine (deleted since the run "
+                           "started); nothing was backed up for it") from None
+        if current.status != self.vm.status:
+            log.info("VM %s is %s now (it was %s when the run started)", self.vm.name, current.status,
+                     self.vm.status)
+        self.vm = dataclasses.replace(self.vm, status=current.status)
+
     def run(self) -> VmResult:
+        """Back up the VM; return its result or raise an OvirtBorgError (nothing committed).
+
+        Problems after the archive was committed (finalizing the engine backup, purging old
+        checkpoints) do not undo the backup: they are logged and listed in ``result.warnings``.
+        """
         started = utc_now()
         t0 = time.monotonic()
+        self._refresh_vm()
         disks = self._disks()
         if not disks:
             raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
@@ -262,29 +283,51 @@ class VmBackup:
                 writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
                 writer.commit()
             committed = True
-            self.state.store(sidecar, digests)
+            try:
+                self.state.store(sidecar, digests)
+            except OSError as e:
+                raise OvirtBorgError(
+                    f"VM {self.vm.name}: archive {self.archive_name} is committed, but its sidecar could not "
+                    f"be saved in the state directory ({e}); the next backup of this VM starts from the "
+                    "previous sidecar") from None
         finally:
             if backup_id is not None:
-                self._finalize_quietly(backup_id, raise_errors=committed)
+                self._finalize(backup_id, committed)
         if to_checkpoint:
             try:
                 self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
             except OvirtBorgError as e:
-                log.warning("VM %s: could not purge old checkpoints: %s", self.vm.name, e)
+                if isinstance(e, Interrupted):
+                    raise
+                self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
+                           "the next run purges them")
         self.result.checkpoint = to_checkpoint
         self.result.seconds = round(time.monotonic() - t0, 3)
         self.result.ok = True
         return self.result
 
-    def _finalize_quietly(self, backup_id: str, raise_errors: bool) -> None:
-        """Finalize the backup; on a failure path an error here must not hide the first one."""
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.result.warnings.append(message)
+
+    def _finalize(self, backup_id: str, committed: bool) -> None:
+        """Finalize the engine backup (in ``finally:``); an error here never hides another one.
+
+        Once the archive is committed the backup stands: a failure to finalize is a warning
+        (the next run finalizes the backup it finds open). Before that it is logged, and the
+        error that stopped the backup is the one raised.
+        """
         try:
             self.engine.finalize_backup(self.vm.id, backup_id)
         except OvirtBorgError as e:
-            if raise_errors:
-                raise OvirtBorgError(f"VM {self.vm.name}: the archive {self.archive_name} is committed, "
-                                     f"but finalizing engine backup {backup_id} failed: {e}") from None
-            log.error("VM %s: could not finalize engine backup %s: %s", self.vm.name, backup_id, e)
+            if isinstance(e, Interrupted):
+                raise
+            if committed:
+                self._warn(f"VM {self.vm.name}: archive {self.archive_name} is committed, but finalizing "
+                           f"engine backup {backup_id} failed: {e}; the next run finalizes it")
+            else:
+                log.error("VM %s: could not finalize engine backup %s: %s; the next run finalizes it",
+                          self.vm.name, backup_id, e)
 
     def _start_backup(self, disks: list[DiskInfo], decision: ModeDecision) -> tuple[str, ModeDecision]:
         disk_ids = [d.id for d in disks]
@@ -466,6 +509,9 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
         job = VmBackup(engine, repo, state, settings, vm, name_for(vm), force_full=force_full)
         try:
             result = job.run()
+        except Interrupted:
+            # Stopping ovirt-borg stops the run, not just this VM.
+            raise
         except OvirtBorgError as e:
             log.error("VM %s: backup failed: %s", vm.name, e)
             job.result.error, job.result.exit_code = str(e), e.exit_code
@@ -474,6 +520,8 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
             notify(pm, "ovirt_borg_backup_failed", config=config, vm=vm, error=str(e), exit_code=e.exit_code)
             continue
         results.append(result)
+        if result.warnings:
+            codes.add(1)
         notify(pm, "ovirt_borg_vm_finished", config=config, vm=vm, result=result.as_dict())
     failures = codes - {1}
     if failures:

@@ -158,7 +158,8 @@ def _engine(config: config_mod.Config):
         log.warning("engine.insecure is set: TLS certificates of the engine and imageio are NOT verified")
     return Engine(EngineSettings(url=config.engine.url, user=config.engine.user, password=password,
                                  ca_file=config.engine.ca_file, insecure=config.engine.insecure,
-                                 timeout=config.engine.timeout, poll_interval=config.engine.poll_interval))
+                                 timeout=config.engine.timeout, poll_interval=config.engine.poll_interval,
+                                 retries=config.engine.retries))
 
 
 @contextlib.contextmanager
@@ -218,16 +219,17 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
             return 1
         plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
         timestamp = backup.archive_timestamp(backup.utc_now())
-        outcome = None
         try:
             outcome = backup.run_backups(
                 engine, repo, state, settings, vms,
                 lambda vm: pm.hook.ovirt_borg_archive_name(config=config, vm=vm, timestamp=timestamp),
                 pm, config, force_full=args.full)
-        finally:
-            if outcome is None:
-                plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
-                               results=[], exit_code=EXIT_ERROR)
+        except BaseException as e:
+            code = (e.exit_code if isinstance(e, OvirtBorgError)
+                    else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_ERROR)
+            plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
+                           results=[], exit_code=code)
+            raise
         plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
                        results=[r.as_dict() for r in outcome.results], exit_code=outcome.exit_code)
     if args.json:
@@ -238,7 +240,9 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
                 read = sum(d.bytes_read for d in r.disks)
                 from ovirt_borg.progress import human_size
 
-                print(f"{r.vm}: {r.mode} backup in {r.seconds:.1f} s, read {human_size(read)}, archive {r.archive}")
+                warned = f" ({len(r.warnings)} warning(s), see the log)" if r.warnings else ""
+                print(f"{r.vm}: {r.mode} backup in {r.seconds:.1f} s, read {human_size(read)}, "
+                      f"archive {r.archive}{warned}")
             else:
                 print(f"{r.vm}: FAILED: {r.error}")
     return outcome.exit_code

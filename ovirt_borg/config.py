@@ -61,8 +61,10 @@ class EngineConfig:
                        "/etc/pki/ovirt-engine/ca.pem")
     insecure: bool = opt(False, "skip TLS verification of the engine and imageio (never in production)")
     allow_http: bool = opt(False, "allow a plain http:// engine URL (credentials then travel unencrypted)")
-    timeout: int = opt(300, "seconds to wait for an engine operation (backup ready, transfer, disk)")
+    timeout: float = opt(300.0, "seconds to wait for an engine operation (backup ready, transfer, disk)")
     poll_interval: float = opt(1.0, "seconds between polls of engine state")
+    retries: int = opt(3, "times an engine read, finalize, cancel or delete is repeated after a transient "
+                          "failure (HTTP 5xx, a lost connection), waiting poll_interval doubled each time")
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,10 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: 'transfer.{name}' must not be negative")
     if config.backup.verify_sample < 0 or config.backup.full_every_days < 0:
         raise ConfigError(f"{source}: 'backup.verify_sample' and 'backup.full_every_days' must not be negative")
+    if engine.timeout <= 0 or engine.poll_interval <= 0:
+        raise ConfigError(f"{source}: 'engine.timeout' and 'engine.poll_interval' must be positive")
+    if engine.retries < 0:
+        raise ConfigError(f"{source}: 'engine.retries' must not be negative")
     if config.checkpoints.keep < 1:
         raise ConfigError(f"{source}: 'checkpoints.keep' must be at least 1")
 

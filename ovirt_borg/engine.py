@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
@@ -18,7 +21,7 @@ from typing import Callable, Iterator, TypeVar
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 
-from ovirt_borg.errors import AuthError, CheckpointError, EngineError, NotFound, TransferError
+from ovirt_borg.errors import AuthError, CheckpointError, ConfigError, EngineError, NotFound, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """How to reach the engine.
+
+    ``timeout`` bounds each wait for a phase (and each HTTP request); ``retries`` is how often an
+    idempotent call (a read, a finalize, a cancel, a delete) is repeated after a transient
+    failure (HTTP 500/502/503/504, a refused, reset or timed-out connection), waiting
+    ``poll_interval`` doubled each time (at most 30 s) in between.
+    """
+
     url: str
     user: str
     password: str = field(repr=False)
@@ -34,6 +45,7 @@ class EngineSettings:
     insecure: bool = False
     timeout: float = 300.0
     poll_interval: float = 1.0
+    retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,34 @@ def _fault_text(error: sdk.Error) -> str:
     return text.replace("\n", " ")
 
 
+# The SDK reports transport failures as 'Error while sending HTTP request: (CURLCODE, "text")'.
+_CURL_ERROR = re.compile(r"Error while sending HTTP request: \((\d+),")
+# curl: the peer's certificate is not trusted, does not match the host, or the CA file is bad.
+_CURL_TLS_UNTRUSTED = {51, 60, 77, 83, 90}
+# curl: refused, timed out, empty reply, send/receive failure (a reset), partial transfer.
+_CURL_TRANSIENT = {7, 18, 28, 52, 55, 56}
+# HTTP answers of an engine (or the proxy before it) that is restarting or overloaded.
+_HTTP_TRANSIENT = {500, 502, 503, 504}
+_RETRY_MAX_DELAY = 30.0
+
+
+def _curl_code(error: sdk.Error) -> int | None:
+    match = _CURL_ERROR.search(str(error))
+    return int(match.group(1)) if match else None
+
+
+def is_transient(error: sdk.Error) -> bool:
+    """True when repeating the same idempotent call may succeed (never for TLS or auth errors)."""
+    if isinstance(error, (sdk.AuthError, sdk.NotFoundError)):
+        return False
+    if getattr(error, "code", None) in _HTTP_TRANSIENT:
+        return True
+    curl = _curl_code(error)
+    if curl in _CURL_TLS_UNTRUSTED:
+        return False
+    return curl in _CURL_TRANSIENT or isinstance(error, (sdk.ConnectionError, sdk.TimeoutError))
+
+
 def engine_error(error: Exception, doing: str) -> Exception:
     """Map an SDK exception raised while ``doing`` something to a typed error."""
     if isinstance(error, sdk.AuthError):
@@ -106,7 +146,12 @@ def engine_error(error: Exception, doing: str) -> Exception:
                          "check engine.user and the password file")
     if isinstance(error, sdk.NotFoundError):
         return NotFound(f"not found on the engine while {doing}")
-    if isinstance(error, sdk.ConnectionError):
+    if isinstance(error, sdk.Error) and _curl_code(error) in _CURL_TLS_UNTRUSTED:
+        return EngineError(f"the engine's TLS certificate is not trusted while {doing} ({error}); "
+                           "set engine.ca_file to the engine's CA certificate (ovirt-borg never falls "
+                           "back to an unverified connection unless engine.insecure is set)")
+    if isinstance(error, (sdk.ConnectionError, sdk.TimeoutError)) or (
+            isinstance(error, sdk.Error) and _curl_code(error) is not None):
         return EngineError(f"cannot reach the engine while {doing}: {error}; check engine.url, "
                            "the network and the CA file")
     if isinstance(error, sdk.Error):
@@ -138,13 +183,17 @@ class Engine:
         self.close()
 
     def open(self) -> None:
+        """Connect and log in. Raises ConfigError for an unreadable CA file, else typed errors."""
         s = self.settings
+        if s.ca_file and not os.access(s.ca_file, os.R_OK):
+            raise ConfigError(f"engine.ca_file {s.ca_file} does not exist or cannot be read; "
+                              "download the engine's CA certificate there")
         with _calling(f"connecting to {s.url}"):
             self._connection = sdk.Connection(
                 url=s.url, username=s.user, password=s.password,
-                ca_file=s.ca_file or None, insecure=s.insecure, timeout=int(s.timeout),
+                ca_file=s.ca_file or None, insecure=s.insecure, timeout=max(1, math.ceil(s.timeout)),
             )
-            self._connection.test(raise_exception=True)
+            self._retry(lambda: self._connection.test(raise_exception=True), f"connecting to {s.url}")
 
     def close(self) -> None:
         if self._connection is not None:
@@ -161,15 +210,42 @@ class Engine:
 
     # -- polling -----------------------------------------------------------------------------
 
+    def _retry(self, call: Callable[[], T], doing: str) -> T:
+        """Run an idempotent SDK call, repeating it after transient failures (see EngineSettings).
+
+        Returns its result; raises the last SDK error when it is not transient or the retries are
+        used up (callers map it with ``_calling`` or ``engine_error``).
+        """
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except sdk.Error as e:
+                if attempt >= self.settings.retries or not is_transient(e):
+                    raise
+                attempt += 1
+                delay = min(_RETRY_MAX_DELAY, self.settings.poll_interval * 2 ** attempt)
+                log.warning("engine: %s failed (%s); retrying in %.1f s (attempt %d of %d)", doing,
+                            _fault_text(e), delay, attempt + 1, self.settings.retries + 1)
+                time.sleep(delay)
+
+    def _call(self, call: Callable[[], T], doing: str) -> T:
+        """``_retry`` with SDK errors mapped to typed errors."""
+        with _calling(doing):
+            return self._retry(call, doing)
+
     def _poll(self, get: Callable[[], T], done: Callable[[T], bool], what: str,
               failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None) -> T:
-        """Call ``get`` until ``done`` holds; raise EngineError when ``failed`` says why or on timeout."""
+        """Call ``get`` until ``done`` holds; raise EngineError when ``failed`` says why or on timeout.
+
+        Transient failures of ``get`` are retried; other SDK errors propagate unmapped.
+        """
         deadline = time.monotonic() + (timeout or self.settings.timeout)
         # Most engine operations finish within a second or two: poll quickly first, then back
         # off to poll_interval so that long waits do not hammer the engine.
         delay = min(0.1, self.settings.poll_interval)
         while True:
-            value = get()
+            value = self._retry(get, what)
             if done(value):
                 return value
             reason = failed(value)
@@ -185,13 +261,18 @@ class Engine:
     def list_vms(self, search: str | None = None, *, with_tags: bool = False) -> list[VmInfo]:
         """VMs matching an engine search (all when None); tags are fetched only when asked."""
         with _calling("listing VMs"):
-            vms = self.system.vms_service().list(search=search)
-            clusters = {c.id: c.name for c in self.system.clusters_service().list()} if vms else {}
+            vms = self._retry(lambda: self.system.vms_service().list(search=search), "listing VMs")
+            clusters = {}
+            if vms:
+                clusters = {c.id: c.name for c in self._retry(
+                    lambda: self.system.clusters_service().list(), "listing clusters")}
             result = []
             for vm in vms:
                 tags: tuple[str, ...] = ()
                 if with_tags:
-                    tag_list = self.system.vms_service().vm_service(vm.id).tags_service().list()
+                    tag_list = self._retry(
+                        lambda: self.system.vms_service().vm_service(vm.id).tags_service().list(),
+                        f"listing the tags of VM {vm.name}")
                     tags = tuple(t.name for t in tag_list if t.name)
                 cluster = ""
                 if vm.cluster is not None:
@@ -200,8 +281,8 @@ class Engine:
         return result
 
     def get_vm(self, vm_id: str) -> VmInfo:
-        with _calling(f"reading VM {vm_id}"):
-            vm = self.system.vms_service().vm_service(vm_id).get()
+        """The VM as the engine has it now; raises NotFound when it was deleted."""
+        vm = self._call(lambda: self.system.vms_service().vm_service(vm_id).get(), f"reading VM {vm_id}")
         return VmInfo(vm.id, vm.name, _enum(vm.status))
 
     def find_vm(self, name: str) -> VmInfo:
@@ -212,8 +293,8 @@ class Engine:
 
     def vm_ovf(self, vm_id: str) -> str:
         """Return the VM's OVF configuration (all_content)."""
-        with _calling(f"reading the configuration of VM {vm_id}"):
-            vm = self.system.vms_service().vm_service(vm_id).get(all_content=True)
+        vm = self._call(lambda: self.system.vms_service().vm_service(vm_id).get(all_content=True),
+                        f"reading the configuration of VM {vm_id}")
         config = vm.initialization.configuration if vm.initialization else None
         if config is None or not config.data:
             raise EngineError(f"the engine returned no OVF for VM {vm.name}")
@@ -222,10 +303,13 @@ class Engine:
     def vm_disks(self, vm_id: str) -> list[DiskInfo]:
         """Return the VM's attached disks with their properties."""
         result = []
-        with _calling(f"listing the disks of VM {vm_id}"):
-            attachments = self.system.vms_service().vm_service(vm_id).disk_attachments_service().list()
+        doing = f"listing the disks of VM {vm_id}"
+        with _calling(doing):
+            attachments = self._retry(
+                lambda: self.system.vms_service().vm_service(vm_id).disk_attachments_service().list(), doing)
             for attachment in attachments:
-                disk = self.system.disks_service().disk_service(attachment.disk.id).get()
+                disk = self._retry(lambda: self.system.disks_service().disk_service(attachment.disk.id).get(),
+                                   f"reading disk {attachment.disk.id}")
                 result.append(DiskInfo(
                     id=disk.id, alias=disk.alias or disk.name or disk.id, format=_enum(disk.format),
                     provisioned_size=int(disk.provisioned_size or 0), backup=_enum(disk.backup) or "none",
@@ -236,17 +320,16 @@ class Engine:
 
     def enable_incremental(self, disk: DiskInfo) -> DiskInfo:
         """Turn on incremental backup for a qcow2 disk; return the updated DiskInfo."""
-        with _calling(f"enabling incremental backup on disk {disk.alias}"):
-            self.system.disks_service().disk_service(disk.id).update(
-                types.Disk(backup=types.DiskBackup.INCREMENTAL))
+        self._call(lambda: self.system.disks_service().disk_service(disk.id).update(
+            types.Disk(backup=types.DiskBackup.INCREMENTAL)), f"enabling incremental backup on disk {disk.alias}")
         return DiskInfo(**{**disk.__dict__, "backup": "incremental"})
 
     # -- checkpoints -------------------------------------------------------------------------
 
     def checkpoints(self, vm_id: str) -> list[Checkpoint]:
         """The VM's checkpoints, oldest first."""
-        with _calling(f"listing checkpoints of VM {vm_id}"):
-            items = self.system.vms_service().vm_service(vm_id).checkpoints_service().list()
+        items = self._call(lambda: self.system.vms_service().vm_service(vm_id).checkpoints_service().list(),
+                           f"listing checkpoints of VM {vm_id}")
         result = [Checkpoint(c.id, c.parent_id, _enum(c.state) or "created",
                              c.creation_date.timestamp() if c.creation_date else 0.0) for c in items]
         return _chain_order(result)
@@ -255,7 +338,7 @@ class Engine:
         service = self.system.vms_service().vm_service(vm_id).checkpoints_service().checkpoint_service(checkpoint_id)
         with _calling(f"deleting checkpoint {checkpoint_id}"):
             try:
-                service.remove()
+                self._retry(service.remove, f"deleting checkpoint {checkpoint_id}")
             except sdk.NotFoundError:
                 return
 
@@ -292,24 +375,43 @@ class Engine:
 
     def open_backups(self, vm_id: str) -> list[tuple[str, str]]:
         """(id, phase) of the VM's backups that are not finished."""
-        with _calling(f"listing backups of VM {vm_id}"):
-            backups = self._backups_service(vm_id).list()
+        backups = self._call(lambda: self._backups_service(vm_id).list(), f"listing backups of VM {vm_id}")
         return [(b.id, _enum(b.phase)) for b in backups
                 if _enum(b.phase) not in ("succeeded", "failed")]
 
     def finalize_stale_backups(self, vm_id: str) -> list[str]:
-        """Finalize backups left open (ready) on the VM by an earlier run; return their ids."""
+        """Close backups an earlier run left open on the VM (killed, or the engine failed it).
+
+        A backup still starting is waited for; the image transfers of a ready one are cancelled
+        (the engine refuses to finalize a backup with an active transfer), then it is finalized;
+        one finalizing is waited for. Returns their ids; raises typed errors.
+        """
         finalized = []
         for backup_id, phase in self.open_backups(vm_id):
-            if phase == "ready":
-                log.warning("finalizing a stale backup %s left open on VM %s", backup_id, vm_id)
-                self.finalize_backup(vm_id, backup_id)
-                finalized.append(backup_id)
-            elif phase == "finalizing":
+            if phase in ("initializing", "starting"):
+                log.warning("waiting for a stale backup %s of VM %s to start", backup_id, vm_id)
+                phase = self._backup_phase_when(vm_id, backup_id, lambda p: p not in ("initializing", "starting"))
+            if phase == "finalizing":
                 log.warning("waiting for backup %s of VM %s to finish finalizing", backup_id, vm_id)
                 self._wait_backup_end(vm_id, backup_id)
                 finalized.append(backup_id)
+                continue
+            if phase != "ready":
+                continue
+            log.warning("finalizing a stale backup %s left open on VM %s", backup_id, vm_id)
+            for transfer_id in self._active_transfers(backup_id):
+                log.warning("cancelling image transfer %s left open by backup %s", transfer_id, backup_id)
+                self.cancel_transfer(transfer_id)
+            self.finalize_backup(vm_id, backup_id)
+            finalized.append(backup_id)
         return finalized
+
+    def _active_transfers(self, backup_id: str) -> list[str]:
+        """Ids of the image transfers of a backup that have not finished."""
+        transfers = self._call(lambda: self.system.image_transfers_service().list(), "listing image transfers")
+        return [t.id for t in transfers
+                if t.backup is not None and t.backup.id == backup_id
+                and not _enum(t.phase).startswith(("finished", "cancelled"))]
 
     def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None) -> str:
         """Start a backup of ``disk_ids``; return its id.
@@ -346,20 +448,22 @@ class Engine:
     def backup_disk_modes(self, vm_id: str, backup_id: str) -> dict[str, str]:
         """disk id -> backup_mode ("full" or "incremental") the engine chose for each disk."""
         service = self._backups_service(vm_id).backup_service(backup_id).disks_service()
-        with _calling(f"listing the disks of backup {backup_id}"):
-            return {d.id: _enum(d.backup_mode) or "full" for d in service.list()}
+        disks = self._call(service.list, f"listing the disks of backup {backup_id}")
+        return {d.id: _enum(d.backup_mode) or "full" for d in disks}
 
     def finalize_backup(self, vm_id: str, backup_id: str) -> None:
         """Finalize the backup and wait until the engine is done with it."""
         service = self._backups_service(vm_id).backup_service(backup_id)
         with _calling(f"finalizing backup {backup_id} of VM {vm_id}"):
             try:
-                service.finalize()
+                self._retry(service.finalize, f"finalizing backup {backup_id} of VM {vm_id}")
             except sdk.NotFoundError:
                 return
         self._wait_backup_end(vm_id, backup_id)
 
-    def _wait_backup_end(self, vm_id: str, backup_id: str) -> None:
+    def _backup_phase_when(self, vm_id: str, backup_id: str, done: Callable[[str], bool],
+                           what: str = "") -> str:
+        """Poll the backup's phase until ``done(phase)``; return it (a deleted backup: succeeded)."""
         service = self._backups_service(vm_id).backup_service(backup_id)
 
         def phase() -> str:
@@ -368,8 +472,13 @@ class Engine:
             except sdk.NotFoundError:  # engines before 4.4.7 delete finished backups
                 return "succeeded"
 
-        with _calling(f"waiting for backup {backup_id} to finish"):
-            end = self._poll(phase, lambda p: p in ("succeeded", "failed"), f"finalizing backup {backup_id}")
+        what = what or f"backup {backup_id} of VM {vm_id}"
+        with _calling(f"waiting for {what}"):
+            return self._poll(phase, done, what)
+
+    def _wait_backup_end(self, vm_id: str, backup_id: str) -> None:
+        end = self._backup_phase_when(vm_id, backup_id, lambda p: p in ("succeeded", "failed"),
+                                      f"finalizing backup {backup_id}")
         if end == "failed":
             log.warning("the engine reports backup %s of VM %s as failed after finalize", backup_id, vm_id)
 
@@ -407,7 +516,7 @@ class Engine:
         """Finalize a transfer and wait for finished_success; raises TransferError otherwise."""
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with _calling(f"finalizing image transfer {transfer_id}"):
-            service.finalize()
+            self._retry(service.finalize, f"finalizing image transfer {transfer_id}")
 
         def phase() -> str:
             try:
@@ -425,7 +534,7 @@ class Engine:
         """Cancel a transfer; used on failure paths, so it logs instead of raising."""
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         try:
-            service.cancel()
+            self._retry(service.cancel, f"cancelling image transfer {transfer_id}")
         except sdk.NotFoundError:
             return
         except sdk.Error as e:
@@ -451,13 +560,18 @@ class Engine:
         except BaseException:
             self.cancel_transfer(transfer.id)
             raise
-        self.finalize_transfer(transfer.id)
+        try:
+            self.finalize_transfer(transfer.id)
+        except BaseException:
+            # A transfer left active would block finalizing the backup (and lock the disk).
+            self.cancel_transfer(transfer.id)
+            raise
 
     # -- restore -----------------------------------------------------------------------------
 
     def storage_domain_exists(self, name: str) -> bool:
-        with _calling(f"looking up storage domain {name}"):
-            return any(sd.name == name for sd in self.system.storage_domains_service().list())
+        domains = self._call(lambda: self.system.storage_domains_service().list(), f"looking up storage domain {name}")
+        return any(sd.name == name for sd in domains)
 
     def create_disk(self, name: str, provisioned_size: int, storage_domain: str,
                     initial_size: int | None = None) -> str:

@@ -51,7 +51,8 @@ _FINALIZE_STUCK_POLLS = 5
 PERSISTENT_FAULTS = ("wrong_password", "old_engine")
 ONE_SHOT_FAULTS = ("transfer_fail", "transfer_stuck", "finalize_stuck", "imageio_restart")
 # Faults that change state once, when turned on.
-ACTION_FAULTS = ("invalid_checkpoint", "missing_checkpoint", "broken_bitmap", "stale_backup")
+ACTION_FAULTS = ("invalid_checkpoint", "missing_checkpoint", "broken_bitmap", "stale_backup",
+                 "expired_tokens")
 ENGINE_500 = "engine_500"
 FAULT_HELP = {
     "invalid_checkpoint": "the newest checkpoint of each VM (or --vm) becomes state invalid",
@@ -59,6 +60,7 @@ FAULT_HELP = {
     "broken_bitmap": "the newest checkpoint's bitmaps are really broken; reported invalid "
                      "on the next backup",
     "stale_backup": "a full backup is left open in phase ready on vm1 (or --vm)",
+    "expired_tokens": "every SSO token issued so far expires now (clients must log in again)",
     "transfer_fail": "the next image transfer goes to finished_failure",
     "transfer_stuck": "the next image transfer never reaches transferring",
     "finalize_stuck": "the next finalized backup stays in finalizing for several polls",
@@ -1373,6 +1375,11 @@ class Engine:
         return list(self.inv.vms)
 
     def _apply_state_fault(self, name: str, vm_name: str | None) -> dict[str, Any]:
+        if name == "expired_tokens":
+            expired = len(self._tokens)
+            self._tokens.clear()
+            log.info("fault expired_tokens: %d SSO token(s) expired", expired)
+            return {"expired": expired}
         if name == "stale_backup":
             vm = self.vm_by_name(vm_name) if vm_name else self.inv.vms[0]
             backup = self.add_backup(vm.id, from_checkpoint_id=None, disk_ids=None)

@@ -1,0 +1,905 @@
+"""The fault suite: bad nights against the lab, with real imageio, qemu-nbd and Borg.
+
+Each case breaks one thing (the data path, an engine call, a signal, the repository, the
+input), runs the real ``ovirt-borg`` command line and checks the same promises:
+
+- one clear error line and the documented exit code (no traceback);
+- no archive, not even a Borg checkpoint, and ``borg check`` clean;
+- the state directory byte for byte as before, the engine checkpoint it names still there;
+- no backup and no image transfer of the VM left open on the engine;
+- the next run succeeds (incremental where the chain allows it) with byte-identical images.
+
+Run them alone with ``pytest -m faults``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import Job, make_job
+from fixtures_borg import lock_holder
+from ovirt_borg import config as config_mod
+from ovirt_borg.borgcli import Repo
+
+pytestmark = pytest.mark.faults
+
+OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
+LAB_CLI = str(Path(sys.executable).parent / "ovirt-borg-lab")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MiB = 1 << 20
+_names = itertools.count(1)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def dump_toml(data: dict) -> str:
+    """Render a config dict (sections of scalars and lists, [hooks.NAME] tables) as TOML."""
+    lines = []
+    for section, table in data.items():
+        if section == "hooks":
+            for name, options in table.items():
+                lines.append(f"[hooks.{name}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in options.items()]
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def configure(job: Job, **sections: dict) -> None:
+    """Set options of the job's configuration, e.g. ``configure(job, engine={"timeout": 2})``."""
+    data = tomllib.loads(job.config.read_text())
+    for section, values in sections.items():
+        if section == "hooks":
+            data.setdefault("hooks", {}).update(values)
+        else:
+            data.setdefault(section, {}).update(values)
+    job.config.write_text(dump_toml(data))
+
+
+def job_repo(job: Job) -> Repo:
+    """The job's repository as a ``Repo`` for the Borg fixtures' helpers."""
+    env = {k: v for k, v in job.env.items() if k.startswith("BORG_")}
+    return Repo(location=str(job.repo), env=env, lock_wait=5)
+
+
+@dataclass
+class Before:
+    """What must not change when a run fails."""
+
+    archives: list[str]
+    state: dict[str, bytes]
+    checkpoint: str | None
+
+
+def state_files(job: Job) -> dict[str, bytes]:
+    """The state directory's sidecars and block digests (the job lock file is not state)."""
+    root = job.dir / "state"
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith("job-")}
+
+
+def before(job: Job, vm: str) -> Before:
+    files = state_files(job)
+    checkpoint = None
+    for name, data in files.items():
+        if name.endswith(".json"):
+            doc = json.loads(data)
+            if doc["vm"]["name"] == vm:
+                checkpoint = doc["checkpoint_id"]
+    return Before(job.archives(), files, checkpoint)
+
+
+def vm_disk_ids(lab, vm: str) -> set[str]:
+    try:
+        return {d["id"] for d in lab.vm_info(vm)["disks"]}
+    except Exception:
+        return set()
+
+
+def open_on_engine(lab, vm: str, finalizing_ok: bool = False) -> tuple[list, list]:
+    """The VM's backups and image transfers the engine still has open.
+
+    With ``finalizing_ok`` a backup whose finalize was accepted does not count: a real engine
+    finishes it on its own, the lab only when it is polled.
+    """
+    stats = lab.stats()
+    disks = vm_disk_ids(lab, vm)
+    backups = [b for b in stats["open_backups"] if b["vm"] == vm
+               and not (finalizing_ok and b["phase"] == "finalizing")]
+    transfers = [t for t in stats["open_transfers"] if t["disk"] in disks]
+    return backups, transfers
+
+
+def check_log_lines(stderr: str) -> list[str]:
+    """Every stderr line is one log record (no traceback, no multi-line message); return the errors."""
+    lines = stderr.splitlines()
+    stray = [line for line in lines if line.split(" ", 1)[0] not in LEVELS]
+    assert not stray, f"lines that are not log records:\n{stderr}"
+    return [line for line in lines if line.startswith(("ERROR", "CRITICAL"))]
+
+
+def assert_failed_cleanly(job: Job, vm: str, proc, code: int, was: Before, message: str, *,
+                          finalizing_ok: bool = False) -> None:
+    """The run failed with ``code`` and one error line matching ``message``, and left nothing."""
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}\n{proc.stdout}\n{proc.stderr}"
+    errors = check_log_lines(proc.stderr)
+    assert errors and re.search(message, errors[-1]), f"no error line matching {message!r}:\n{proc.stderr}"
+    assert job.archives() == was.archives, "a failed run must leave no archive (nor a Borg checkpoint)"
+    assert state_files(job) == was.state, "a failed run must not touch the state directory"
+    backups, transfers = open_on_engine(job.lab, vm, finalizing_ok)
+    assert backups == [] and transfers == [], (backups, transfers)
+    if was.checkpoint:
+        assert was.checkpoint in checkpoint_ids(job.lab, vm), "the checkpoint in use was removed"
+    job.borg("check", str(job.repo))
+
+
+def checkpoint_ids(lab, vm: str) -> list[str]:
+    return [c["id"] for c in lab.stats()["checkpoints"].get(vm, [])]
+
+
+def recover(job: Job, vm: str, mode: str = "incremental") -> dict:
+    """The next run succeeds in ``mode`` with images identical to the lab's disks."""
+    result = job.backup(vm)[vm]
+    assert result["mode"] == mode, result["reason"]
+    job.assert_identical(result)
+    return result
+
+
+def start(job: Job, *args: str) -> subprocess.Popen:
+    """Start ``ovirt-borg -c CONFIG ARGS`` in the background (its own process group)."""
+    return subprocess.Popen([OVIRT_BORG, "-c", str(job.config), *args], env=job.env, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+@contextlib.contextmanager
+def running(job: Job, *args: str):
+    """A background ovirt-borg run, killed (with its children) if the test leaves early."""
+    proc = start(job, *args)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def host_bytes(lab) -> int:
+    return lab.stats()["imageio.host.bytes"]
+
+
+def finished(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def stopped(pid: int):
+    """SIGSTOP a lab process (a hung daemon) inside the block; SIGCONT it whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def vm(lab_clean):
+    """A fresh running VM with one 32 MiB disk (data in two regions); deleted afterwards."""
+    name = f"f{next(_names)}-{os.getpid()}"
+    lab_clean.add_vm(name, disks=1, size="32M")
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            lab_clean.delete_vm(name)
+
+
+@pytest.fixture
+def backed_up(job, vm):
+    """``vm`` with one full backup in the job's repository and new guest writes since."""
+    recover(job, vm, mode="full")
+    job.lab.write(vm, disk=1, percent=3)
+    return vm
+
+
+# -- the data path -------------------------------------------------------------------------------
+
+
+def test_imageio_restart_mid_transfer_is_ridden_out(job, lab_clean):
+    """The host's imageio restarts while a disk is read: the failed ranges resume, the run succeeds."""
+    lab = lab_clean
+    name = f"big{next(_names)}-{os.getpid()}"
+    lab.add_vm(name, disks=1, size="128M")
+    try:
+        lab.write(name, disk=1, percent=40)
+        restarts = lab.stats()["imageio.host.restarts"]
+        lab.fault("imageio_restart")
+        proc = job.run("backup", name, "--json")
+        result = json.loads(proc.stdout)[0]
+        assert lab.stats()["imageio.host.restarts"] == restarts + 1, "the restart must land mid-transfer"
+        assert "retrying" in proc.stderr
+        job.assert_identical(result)
+        assert open_on_engine(lab, name) == ([], [])
+    finally:
+        lab.delete_vm(name)
+
+
+def test_imageio_restart_beyond_the_retry_budget_fails_cleanly(job, backed_up):
+    vm = backed_up
+    configure(job, transfer={"retries": 0})
+    was = before(job, vm)
+    job.lab.fault("imageio_restart")
+    # a restart costs the ranges in flight: with no retries the transfer is lost
+    proc = job.run("backup", vm, expect=None)
+    assert_failed_cleanly(job, vm, proc, 8, was, r"imageio .*failed")
+    configure(job, transfer={"retries": 5})
+    recover(job, vm)
+
+
+def test_hung_imageio_read_times_out_and_resumes(job, lab_clean):
+    """imageio stops answering mid-read (SIGSTOP) for longer than read_timeout: retried, resumed."""
+    lab = lab_clean
+    name = f"hung{next(_names)}-{os.getpid()}"
+    lab.add_vm(name, disks=1, size="64M")
+    try:
+        lab.write(name, disk=1, percent=40)
+        configure(job, transfer={"read_timeout": 0.5, "retries": 6, "bandwidth_limit": "16M"})
+        start_bytes = host_bytes(lab)
+        with running(job, "backup", name, "--json") as proc:
+            wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
+            with stopped(lab.pids["imageio_host"]):
+                time.sleep(1.5)
+            done = finished(proc)
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"timed out|TimeoutError", done.stderr), done.stderr
+        job.assert_identical(json.loads(done.stdout)[0])
+    finally:
+        lab.delete_vm(name)
+
+
+def test_hung_imageio_beyond_the_retry_budget_fails_cleanly(job, lab_clean):
+    lab = lab_clean
+    name = f"hung{next(_names)}-{os.getpid()}"
+    lab.add_vm(name, disks=1, size="64M")
+    try:
+        recover(job, name, mode="full")
+        lab.write(name, disk=1, percent=40)
+        was = before(job, name)
+        configure(job, transfer={"read_timeout": 0.3, "retries": 1, "bandwidth_limit": "16M"})
+        start_bytes = host_bytes(lab)
+        with running(job, "backup", name) as proc:
+            wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
+            with stopped(lab.pids["imageio_host"]):
+                # two attempts of 0.3 s and a backoff of 0.5 s: the run gives up meanwhile
+                time.sleep(2.5)
+            done = finished(proc)
+        assert_failed_cleanly(job, name, done, 8, was, r"after 2 attempts.*(timed out|Timeout)")
+        configure(job, transfer={"retries": 5, "bandwidth_limit": ""})
+        recover(job, name)
+    finally:
+        lab.delete_vm(name)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+# Engine calls made before the archive is committed; a persistent 500 on any of them fails the
+# VM's backup (after the retries of the idempotent ones) and must leave nothing behind.
+CALLS_BEFORE_COMMIT = {
+    "vms.list": 4, "vm.get": 4, "diskattachments.list": 4, "disk.get": 4, "checkpoints.list": 4,
+    "backups.list": 4, "backups.add": 4, "backup.get": 4, "backup.disks": 4, "imagetransfers.add": 4,
+    "transfer.get": 8,
+}
+
+
+def test_engine_500_before_commit_fails_cleanly(job, backed_up):
+    vm = backed_up
+    was = before(job, vm)
+    for call, code in CALLS_BEFORE_COMMIT.items():
+        job.lab.fault(f"engine_500:{call}")
+        try:
+            proc = job.run("backup", vm, expect=None)
+        finally:
+            job.lab.fault(f"engine_500:{call}", on=False)
+        try:
+            # a failed backup.get also stops the wait for the finalize that was accepted
+            assert_failed_cleanly(job, vm, proc, code, was, r"HTTP 500", finalizing_ok=call == "backup.get")
+        except AssertionError as e:
+            raise AssertionError(f"engine_500:{call}: {e}") from None
+    recover(job, vm)
+
+
+def test_single_engine_500s_are_retried(job, backed_up):
+    """One failure of each idempotent call (a proxy hiccup, a busy engine) does not fail the run."""
+    vm = backed_up
+    calls = ["vms.list", "vm.get", "disk.get", "checkpoints.list", "backups.list", "backup.get",
+             "backup.disks", "transfer.get", "transfer.finalize", "backup.finalize", "checkpoints.delete"]
+    for call in calls:
+        job.lab.fault(f"engine_500:{call}", times=1)
+    proc = job.run("backup", vm, "--json")
+    assert job.lab.faults()["active"] == {}, "every fault was hit"
+    assert len(re.findall(r"WARNING .*response code is 500.*retrying", proc.stderr)) == len(calls), proc.stderr
+    result = json.loads(proc.stdout)[0]
+    assert result["mode"] == "incremental" and result["warnings"] == []
+    job.assert_identical(result)
+    assert open_on_engine(job.lab, vm) == ([], [])
+    assert checkpoint_ids(job.lab, vm) == [result["checkpoint"]]
+
+
+def test_engine_500_on_transfer_finalize_cancels_the_transfer(job, backed_up):
+    vm = backed_up
+    was = before(job, vm)
+    job.lab.fault("engine_500:transfer.finalize")
+    proc = job.run("backup", vm, expect=None)
+    job.lab.fault("engine_500:transfer.finalize", on=False)
+    assert_failed_cleanly(job, vm, proc, 4, was, r"finalizing image transfer .*HTTP 500")
+    recover(job, vm)
+
+
+def test_engine_500_on_backup_finalize_after_commit_is_a_warning(job, backed_up):
+    """The archive is committed and complete; the engine backup left open is finalized next run."""
+    vm = backed_up
+    job.lab.fault("engine_500:backup.finalize")
+    proc = job.run("backup", vm, "--json", expect=1)
+    job.lab.fault("engine_500:backup.finalize", on=False)
+    result = json.loads(proc.stdout)[0]
+    assert result["ok"] and result["mode"] == "incremental"
+    assert re.search(r"WARNING .*finaliz.*HTTP 500", proc.stderr), proc.stderr
+    job.assert_identical(result)
+    job.borg("check", str(job.repo))
+    assert len(open_on_engine(job.lab, vm)[0]) == 1, "the backup stays open until the next run"
+    proc = job.run("backup", vm, "--json")
+    assert "stale backup" in proc.stderr
+    again = json.loads(proc.stdout)[0]
+    assert again["mode"] == "incremental", again["reason"]
+    job.assert_identical(again)
+    assert open_on_engine(job.lab, vm) == ([], [])
+
+
+def test_engine_500_on_checkpoint_purge_is_a_warning(job, backed_up):
+    vm = backed_up
+    old = checkpoint_ids(job.lab, vm)
+    job.lab.fault("engine_500:checkpoints.delete")
+    proc = job.run("backup", vm, "--json", expect=1)
+    job.lab.fault("engine_500:checkpoints.delete", on=False)
+    result = json.loads(proc.stdout)[0]
+    assert result["ok"] and re.search(r"WARNING .*purge old checkpoints", proc.stderr), proc.stderr
+    assert checkpoint_ids(job.lab, vm) == old + [result["checkpoint"]]
+    job.assert_identical(result)
+    again = recover(job, vm)
+    assert checkpoint_ids(job.lab, vm) == [again["checkpoint"]], "the next run purges them"
+
+
+def test_engine_unreachable(job, backed_up):
+    vm = backed_up
+    was = before(job, vm)
+    configure(job, engine={"url": "https://127.0.0.1:9/ovirt-engine/api"})
+    proc = job.run("backup", vm, expect=None)
+    assert_failed_cleanly(job, vm, proc, 4, was, r"cannot reach the engine")
+    configure(job, engine={"url": job.lab.url})
+    recover(job, vm)
+
+
+def test_wrong_password(job, backed_up, tmp_path):
+    vm = backed_up
+    was = before(job, vm)
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not the password\n")
+    configure(job, engine={"password_file": str(wrong)})
+    proc = job.run("backup", vm, expect=None)
+    assert_failed_cleanly(job, vm, proc, 5, was, r"refused the credentials")
+    assert "not the password" not in proc.stderr
+    configure(job, engine={"password_file": str(job.lab.password_file)})
+    recover(job, vm)
+
+
+def test_expired_token_mid_run_logs_in_again(job, lab_clean):
+    """The SSO token expires between two VMs: the SDK logs in again and the run goes on."""
+    lab = lab_clean
+    first, second = (f"tok{next(_names)}-{os.getpid()}" for _ in range(2))
+    for name in (first, second):
+        lab.add_vm(name, disks=1, size="16M")
+    try:
+        expire = f"{LAB_CLI} fault --dir {lab.dir} expired_tokens >/dev/null"
+        configure(job, hooks={"command": {"before_vm": f"case {{vm}} in {second}) {expire};; esac"}})
+        logins = lab.stats()["calls"].get("sso.token", 0)
+        results = job.backup(first, second)
+        assert lab.stats()["calls"]["sso.token"] == logins + 2, "one login, one after the expiry"
+        for name in (first, second):
+            job.assert_identical(results[name])
+    finally:
+        for name in (first, second):
+            lab.delete_vm(name)
+
+
+def test_untrusted_engine_certificate_is_refused(job, backed_up, other_pki):
+    """A wrong CA file, or none (system CAs): refused, no fallback, the password never sent."""
+    vm = backed_up
+    was = before(job, vm)
+    for ca_file in (str(other_pki.ca_file), ""):
+        configure(job, engine={"ca_file": ca_file})
+        logins = job.lab.stats()["calls"].get("sso.token", 0)
+        proc = job.run("backup", vm, expect=None)
+        assert_failed_cleanly(job, vm, proc, 4, was, r"certificate .*not trusted")
+        assert job.lab.stats()["calls"].get("sso.token", 0) == logins, "the password must not be sent"
+    configure(job, engine={"ca_file": str(job.lab.ca_file)})
+    recover(job, vm)
+
+
+# -- checkpoints, backups and transfers on the engine ----------------------------------------------
+
+
+@pytest.mark.parametrize("fault, reason", [
+    ("invalid_checkpoint", "invalid"),
+    ("missing_checkpoint", "no longer exists"),
+    ("broken_bitmap", "refused checkpoint"),
+])
+def test_checkpoint_problem_falls_back_to_full_and_purges(job, backed_up, fault, reason):
+    vm = backed_up
+    job.lab.fault(fault, vm=vm)
+    result = recover(job, vm, mode="full")
+    assert reason in result["reason"]
+    assert checkpoint_ids(job.lab, vm) == [result["checkpoint"]], "the unusable checkpoint is purged"
+    assert open_on_engine(job.lab, vm) == ([], [])
+    job.lab.write(vm, disk=1, percent=1)
+    recover(job, vm)
+
+
+def test_stale_backup_in_ready_is_finalized(job, backed_up):
+    vm = backed_up
+    job.lab.fault("stale_backup", vm=vm)
+    proc = job.run("backup", vm, "--json")
+    assert "stale backup" in proc.stderr
+    result = json.loads(proc.stdout)[0]
+    assert result["mode"] == "incremental", result["reason"]
+    job.assert_identical(result)
+    assert open_on_engine(job.lab, vm) == ([], [])
+
+
+def test_transfer_stuck_times_out_cleanly(job, backed_up):
+    vm = backed_up
+    was = before(job, vm)
+    configure(job, engine={"timeout": 0.5})
+    job.lab.fault("transfer_stuck")
+    proc = job.run("backup", vm, expect=None)
+    assert_failed_cleanly(job, vm, proc, 8, was, r"did not start.*timed out")
+    recover(job, vm)
+
+
+def test_transfer_fail_fails_cleanly(job, backed_up):
+    vm = backed_up
+    was = before(job, vm)
+    job.lab.fault("transfer_fail")
+    proc = job.run("backup", vm, expect=None)
+    assert_failed_cleanly(job, vm, proc, 8, was, r"did not start.*finished_failure")
+    recover(job, vm)
+
+
+def test_backup_stuck_in_finalizing(job, backed_up):
+    """Finalizing outlasts [engine] timeout: the archive stands, the next run waits it out."""
+    vm = backed_up
+    # polls at 0, 0.1, 0.25, 0.45, 0.65 s: the fifth, still finalizing, is past the timeout
+    configure(job, engine={"timeout": 0.5, "poll_interval": 0.2})
+    job.lab.fault("finalize_stuck")
+    proc = job.run("backup", vm, "--json", expect=1)
+    result = json.loads(proc.stdout)[0]
+    assert result["ok"] and re.search(r"WARNING .*finaliz.*timed out", proc.stderr), proc.stderr
+    job.assert_identical(result)
+    assert [b["phase"] for b in open_on_engine(job.lab, vm)[0]] == ["finalizing"]
+    configure(job, engine={"timeout": 30, "poll_interval": 0.05})
+    proc = job.run("backup", vm, "--json")
+    assert "finish finalizing" in proc.stderr
+    again = json.loads(proc.stdout)[0]
+    assert again["mode"] == "incremental", again["reason"]
+    job.assert_identical(again)
+    assert open_on_engine(job.lab, vm) == ([], [])
+
+
+# -- signals -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_vm(job, lab_clean):
+    """A VM backed up once, then with 24 MiB of new data and a bandwidth limit: a slow run."""
+    name = f"sig{next(_names)}-{os.getpid()}"
+    lab_clean.add_vm(name, disks=1, size="64M")
+    try:
+        recover(job, name, mode="full")
+        lab_clean.write(name, disk=1, percent=40)
+        configure(job, transfer={"bandwidth_limit": "8M"})
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            lab_clean.delete_vm(name)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_transfer_aborts_cleanly(job, slow_vm, signum):
+    """Stopped while reading the first of two VMs: clean abort, and the second VM is not started."""
+    vm = slow_vm
+    lab = job.lab
+    other = f"{vm}-next"
+    lab.add_vm(other, disks=1, size="16M")
+    try:
+        was = before(job, vm)
+        backups_added = lab.stats()["calls"].get("backups.add", 0)
+        start_bytes = host_bytes(lab)
+        with running(job, "backup", vm, other) as proc:
+            wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
+            assert proc.poll() is None, "the run must still be reading"
+            os.kill(proc.pid, signum)
+            done = finished(proc)
+        name = signal.Signals(signum).name
+        assert_failed_cleanly(job, vm, done, 128 + signum, was, rf"interrupted by {name}")
+        assert lab.stats()["calls"]["backups.add"] == backups_added + 1, "the next VM must not start"
+        configure(job, transfer={"bandwidth_limit": ""})
+        recover(job, vm)
+    finally:
+        lab.delete_vm(other)
+
+
+def test_sigkill_is_recovered_by_the_next_run(job, slow_vm):
+    """Killed mid-transfer: the next run breaks Borg's stale lock and closes the engine's backup."""
+    vm = slow_vm
+    lab = job.lab
+    was = before(job, vm)
+    start_bytes = host_bytes(lab)
+    with running(job, "backup", vm) as proc:
+        wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
+        os.killpg(proc.pid, signal.SIGKILL)
+        finished(proc)
+    lock = job.repo / "lock.exclusive"
+    assert lock.exists(), "a killed writer leaves its Borg lock"
+    backups, transfers = open_on_engine(lab, vm)
+    assert backups and transfers, "a killed run leaves its backup and transfer open"
+    assert job.archives() == was.archives
+    assert state_files(job) == was.state
+    configure(job, transfer={"bandwidth_limit": ""})
+    proc = job.run("backup", vm, "--json")
+    assert "stale backup" in proc.stderr
+    result = json.loads(proc.stdout)[0]
+    assert result["mode"] == "incremental", result["reason"]
+    job.assert_identical(result)
+    assert open_on_engine(lab, vm) == ([], [])
+    assert not lock.exists()
+    job.borg("check", str(job.repo))
+
+
+# -- the repository ------------------------------------------------------------------------------
+
+
+def test_repository_locked_by_another_borg(job, backed_up):
+    vm = backed_up
+    was = before(job, vm)
+    configure(job, repository={"lock_wait": 2})
+    with lock_holder(job_repo(job)):
+        started = time.monotonic()
+        proc = job.run("backup", vm, expect=None)
+        elapsed = time.monotonic() - started
+    assert elapsed < 2 + 10, f"exit 6 must come within lock_wait ({elapsed:.1f} s)"
+    assert_failed_cleanly(job, vm, proc, 6, was, r"busy")
+    recover(job, vm)
+
+
+def test_wrong_passphrase(job, backed_up, tmp_path):
+    vm = backed_up
+    was = before(job, vm)
+    wrong = tmp_path / "wrong-passphrase"
+    wrong.write_text("not the passphrase\n")
+    configure(job, repository={"passcommand": f"cat {wrong}"})
+    env = dict(job.env)
+    job.env.pop("BORG_PASSCOMMAND")
+    try:
+        proc = job.run("backup", vm, expect=None)
+    finally:
+        job.env = env
+    assert_failed_cleanly(job, vm, proc, 5, was, r"passphrase .*wrong")
+    configure(job, repository={"passcommand": env["BORG_PASSCOMMAND"]})
+    recover(job, vm)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 48 MiB tmpfs; unmounted afterwards."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_repository_disk_full(lab_clean, small_fs, tmp_path):
+    lab = lab_clean
+    job = make_job(lab, tmp_path / "job")
+    job.borg("init", "--encryption=repokey-blake2", str(small_fs / "repo"))
+    configure(job, repository={"location": str(small_fs / "repo")})
+    job.repo = small_fs / "repo"
+    name = f"full{next(_names)}-{os.getpid()}"
+    lab.add_vm(name, disks=1, size="64M")
+    try:
+        recover(job, name, mode="full")
+        lab.write(name, disk=1, percent=40)
+        free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+        filler = small_fs / "filler"
+        with open(filler, "wb") as f:
+            f.write(b"\xff" * (free - 4 * MiB))
+        was = before(job, name)
+        proc = job.run("backup", name, expect=None)
+        assert_failed_cleanly(job, name, proc, 9, was, r"full")
+        filler.unlink()
+        recover(job, name)
+    finally:
+        lab.delete_vm(name)
+
+
+# -- the inventory changes under the run -------------------------------------------------------------
+
+
+def test_vm_deleted_before_its_turn(job, lab_clean):
+    lab = lab_clean
+    first, second = (f"del{next(_names)}-{os.getpid()}" for _ in range(2))
+    for name in (first, second):
+        lab.add_vm(name, disks=1, size="16M")
+    try:
+        delete = f"{LAB_CLI} delete-vm --dir {lab.dir} {second} >/dev/null"
+        configure(job, hooks={"command": {"before_vm": f"case {{vm}} in {second}) {delete};; esac"}})
+        proc = job.run("backup", first, second, "--json", expect=11)
+        results = {r["vm"]: r for r in json.loads(proc.stdout)}
+        assert results[first]["ok"] and not results[second]["ok"]
+        errors = check_log_lines(proc.stderr)
+        assert re.search(rf"{second}.*no longer exists", errors[-1]), proc.stderr
+        job.assert_identical(results[first])
+        assert [a for a in job.archives() if second in a] == []
+        configure(job, hooks={"command": {"before_vm": "true"}})
+        lab.write(first, disk=1, percent=2)
+        recover(job, first)
+    finally:
+        lab.delete_vm(first)
+        with contextlib.suppress(Exception):
+            lab.delete_vm(second)
+
+
+def test_disk_detached_before_its_turn(job, lab_clean):
+    lab = lab_clean
+    name = f"det{next(_names)}-{os.getpid()}"
+    lab.add_vm(name, disks=2, size="16M")
+    try:
+        recover(job, name, mode="full")
+        detach = f"{LAB_CLI} detach-disk --dir {lab.dir} --disk 2 {name} >/dev/null"
+        configure(job, hooks={"command": {"before_vm": detach}})
+        result = recover(job, name)
+        assert len(result["disks"]) == 1
+    finally:
+        lab.delete_vm(name)
+
+
+# -- restore -------------------------------------------------------------------------------------
+
+
+def test_restore_into_a_missing_storage_domain(job, backed_up):
+    vm = backed_up
+    result = recover(job, vm)
+    disks = sorted(os.listdir(job.lab.dir / "storage"))
+    proc = job.run("restore", result["archive"], "--vm-name", f"{vm}-r", "--storage-domain", "nope",
+                   expect=11)
+    assert re.search(r"storage domain 'nope' does not exist", check_log_lines(proc.stderr)[-1])
+    proc = job.run("restore", result["archive"], "--disk", result["disks"][0]["id"],
+                   "--to-storage-domain", "nope", expect=11)
+    assert sorted(os.listdir(job.lab.dir / "storage")) == disks
+
+
+def test_upload_failing_midway_removes_the_new_disks(job, lab_clean):
+    lab = lab_clean
+    name = f"up{next(_names)}-{os.getpid()}"
+    lab.add_vm(name, disks=2, size="32M")
+    try:
+        lab.write(name, disk=2, percent=30)
+        result = recover(job, name, mode="full")
+        disks = sorted(os.listdir(lab.dir / "storage"))
+        configure(job, transfer={"read_timeout": 0.5, "retries": 0, "bandwidth_limit": "4M"})
+        written = lab.stats()["imageio.host.bytes_written"]
+        with running(job, "restore", result["archive"], "--vm-name", f"{name}-r",
+                     "--storage-domain", "data1") as proc:
+            # the second disk's upload is under way: the first one is complete
+            wait_for(lambda: lab.stats()["imageio.host.bytes_written"] > written + 3 * MiB,
+                     what="the second disk's upload")
+            with stopped(lab.pids["imageio_host"]):
+                time.sleep(1.5)
+            done = finished(proc)
+        assert done.returncode == 8, done.stderr
+        assert re.search(r"imageio .*failed", check_log_lines(done.stderr)[-1]), done.stderr
+        assert sorted(os.listdir(lab.dir / "storage")) == disks, "the new disks must be removed"
+        assert f"{name}-r" not in [v["name"] for v in lab.describe()["vms"]]
+        assert lab.stats()["open_transfers"] == []
+    finally:
+        lab.delete_vm(name)
+        with contextlib.suppress(Exception):
+            lab.delete_vm(f"{name}-r")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+_WRONG = {str: 12, int: "twelve", float: "twelve", bool: "yes"}
+
+
+def _wrong_value(tp):
+    import typing
+
+    if typing.get_origin(tp) is list:
+        return "not-a-list"
+    return _WRONG[tp]
+
+
+def _config_cases():
+    import dataclasses
+    import typing
+
+    for section, cls in config_mod._SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield section, f.name, hints[f.name]
+
+
+def test_every_config_field_with_a_wrong_type_is_refused(job):
+    base = tomllib.loads(job.config.read_text())
+    for section, key, tp in _config_cases():
+        data = json.loads(json.dumps(base))
+        data.setdefault(section, {})[key] = _wrong_value(tp)
+        text = dump_toml(data)
+        with pytest.raises(config_mod.ConfigError, match=rf"'{section}\.{key}' must be"):
+            config_mod.from_dict(tomllib.loads(text), "job.toml")
+    # and through the command line: exit 2, one line naming the key
+    configure(job, transfer={"readers": "four"})
+    proc = job.run("backup", "vm1", expect=2)
+    assert re.search(r"'transfer\.readers' must be an integer, got 'four'", check_log_lines(proc.stderr)[-1])
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("engine", {"urll": "x"}, r"unknown key 'engine\.urll'"),
+    ("nonsense", {"a": 1}, r"unknown section \[nonsense\]"),
+    ("engine", {"url": "http://127.0.0.1:1/ovirt-engine/api"}, r"plain http://"),
+    ("engine", {"password_file": "/nonexistent/password"}, r"cannot read the engine password"),
+    ("engine", {"password_file": "/"}, r"cannot read the engine password"),
+    ("engine", {"ca_file": "/nonexistent/ca.pem"}, r"ca_file"),
+])
+def test_bad_input_is_a_clear_config_error(job, section, values, message):
+    configure(job, **{section: values})
+    proc = job.run("backup", "vm1", expect=2)
+    assert re.search(message, check_log_lines(proc.stderr)[-1]), proc.stderr
+    assert job.archives() == []
+
+
+def test_archive_that_does_not_exist(job, tmp_path):
+    for args in (["restore", "ovirt-nope-2020-01-01T00:00:00Z", "--to-dir", str(tmp_path / "out")],
+                 ["verify", "ovirt-nope-2020-01-01T00:00:00Z"],
+                 ["verify", "--vm", "nope"]):
+        proc = job.run(*args, expect=11)
+        assert re.search(r"no archive", check_log_lines(proc.stderr)[-1]), proc.stderr
+
+
+def test_tampered_sidecar_means_a_full_backup(job, backed_up):
+    vm = backed_up
+    [path] = (job.dir / "state").rglob("*.json")
+    doc = json.loads(path.read_text())
+    doc["checkpoint_id"] = 42
+    path.write_text(json.dumps(doc))
+    proc = job.run("backup", vm, "--json")
+    assert re.search(r"ERROR .*ignoring the local sidecar .*checkpoint_id", proc.stderr), proc.stderr
+    result = json.loads(proc.stdout)[0]
+    assert result["mode"] == "full"
+    job.assert_identical(result)
+    assert json.loads(path.read_text())["archive"] == result["archive"], "a valid sidecar replaces it"
+    job.lab.write(vm, disk=1, percent=1)
+    recover(job, vm)
+
+
+# -- security ------------------------------------------------------------------------------------
+
+
+def test_state_permissions_and_no_secrets_in_logs(job, backed_up):
+    vm = backed_up
+    daemon_log = job.lab.dir / "run" / "imageio" / "host" / "daemon.log"
+    known = len(daemon_log.read_text().splitlines())
+    plain = job.run("-v", "backup", vm)
+    job.lab.write(vm, disk=1, percent=1)
+    as_json = job.run("--log-json", "-vv", "backup", vm)
+    tickets = set(re.findall(r"'uuid': '([0-9a-f-]{36})'", "\n".join(daemon_log.read_text().splitlines()[known:])))
+    assert len(tickets) >= 2, "each run used a ticket"
+    secrets = {"engine password": job.lab.password,
+               "Borg passphrase": "job passphrase for tests"} | {f"ticket {t}": t for t in tickets}
+    for proc in (plain, as_json):
+        for what, secret in secrets.items():
+            assert secret not in proc.stderr and secret not in proc.stdout, f"{what} in the output"
+    for line in as_json.stderr.splitlines():
+        json.loads(line)
+    state = job.dir / "state"
+    for path in [state, *state.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), f"{path} has mode {mode:o}"
+
+
+def test_tls_verification_is_on_by_default(job):
+    from ovirt_borg.cli import _transfer_settings
+
+    config = config_mod.load(job.config)
+    settings = _transfer_settings(config)
+    assert settings.verify and settings.ca_file == str(job.lab.ca_file)
+    data = tomllib.loads(job.config.read_text())
+    del data["engine"]["ca_file"]
+    defaults = config_mod.from_dict(data, "job.toml")
+    assert not defaults.engine.insecure
+    assert _transfer_settings(defaults).verify and _transfer_settings(defaults).ca_file is None
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+def test_eight_vms_in_one_run_with_bounded_memory(job, lab_clean):
+    lab = lab_clean
+    names = [f"load{i}-{os.getpid()}" for i in range(8)]
+    for index, name in enumerate(names):
+        lab.add_vm(name, disks=2 + index % 2, size="16M")
+    try:
+        proc = start(job, "backup", *names, "--json")
+        _, status, usage = os.wait4(proc.pid, 0)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, err
+        peak_mib = usage.ru_maxrss / 1024
+        assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB"
+        results = {r["vm"]: r for r in json.loads(out)}
+        assert sorted(results) == sorted(names)
+        assert open_on_engine(lab, names[0]) == ([], [])
+        for name in names:
+            verified = job.run("verify", "--vm", name)
+            assert "OK" in verified.stdout
+        job.assert_identical(results[names[-1]])
+    finally:
+        for name in names:
+            lab.delete_vm(name)
