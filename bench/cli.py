@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--encryption", default="repokey-blake2", choices=("repokey-blake2", "repokey", "none"),
                    help="borg init --encryption of every repository (default repokey-blake2)")
     p.add_argument("--compression", default="lz4", help="Borg compression of every contender (default lz4)")
+    p.add_argument("--block-size", type=_size, default=4 << 20,
+                   help="ovirt-borg's block size and the fixed chunker of borg create (default 4M)")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of a full backup")
     p.add_argument("--quick", action="store_true", help="small sizes, one run, no profile")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
@@ -88,7 +90,7 @@ def options_from(args: argparse.Namespace) -> Options:
         changes=tuple(Change(pattern, pct) for pattern in patterns for pct in args.changes),
         large=large, large_data=args.large_data or ((256 << 20) if quick else (2 << 30)),
         large_change=args.large_change, large_runs=args.large_runs, encryption=args.encryption,
-        compression=args.compression, profile=not (quick or args.no_profile), workdir=args.workdir,
+        compression=args.compression, block_size=args.block_size, profile=not (quick or args.no_profile), workdir=args.workdir,
         results_dir=args.results_dir, keep=args.keep)
 
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)
     if options.runs < 1 or options.size < (64 << 20) or options.size % (1 << 20):
         raise SystemExit("python -m bench: --runs must be >= 1 and --size a multiple of 1 MiB, at least 64M")
+    if options.block_size < (64 << 10) or options.block_size & (options.block_size - 1):
+        raise SystemExit("python -m bench: --block-size must be a power of two, at least 64K")
     if options.profile:
         from bench import profile
 
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     summary = report.summarize(results)
     results["summary"] = summary
-    results["goals"] = report.goals(summary)
+    results["goals"] = report.goals(summary, options.block_size)
     options.results_dir.mkdir(parents=True, exist_ok=True)
     out = options.results_dir / f"{stamp}.json"
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")

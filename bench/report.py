@@ -98,7 +98,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def goals(summary: dict[str, Any], block_size: int = 4 << 20) -> list[dict[str, Any]]:
     """Check the goals of the benchmark against the summary; each with its value and verdict."""
     out: list[dict[str, Any]] = []
     full = summary.get("full", {})
@@ -126,11 +126,11 @@ def goals(summary: dict[str, Any]) -> list[dict[str, Any]]:
     large = summary.get("large full", {}).get(OVIRT_BORG)
     if large and OVIRT_BORG in full:
         small_rss, large_rss = full[OVIRT_BORG]["peak_rss"], large["peak_rss"]
-        blocks = large["provisioned"] // (4 << 20)
+        blocks = large["provisioned"] // block_size
         out.append({"goal": "memory bounded, independent of disk size beyond the block map",
                     "value": f"peak RSS {small_rss / MiB:.0f} MiB at {_size(full[OVIRT_BORG]['provisioned'])}, "
                              f"{large_rss / MiB:.0f} MiB at {_size(large['provisioned'])} "
-                             f"({(large_rss - small_rss) / blocks:.0f} bytes per extra 4 MiB block)",
+                             f"({(large_rss - small_rss) / blocks:.0f} bytes per extra block)",
                     "met": None})
     return out
 
@@ -275,7 +275,7 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
             f"({_size(image.get('random', 0))} random, {_size(image.get('text', 0))} text, rest holes), "
             f"large disk {opts['large'] / (1 << 30):g} GiB with {_size(opts['large_data'])} written; "
             f"repositories {opts['encryption']} + {opts['compression']}, chunker {opts['chunker']}; medians.")
-    checks = results.get("goals") or goals(summary)
+    checks = results.get("goals") or goals(summary, results["options"].get("block_size", 4 << 20))
     profile = profile_text(results)
     data_path = data_path_text(summary, markdown)
     if markdown:

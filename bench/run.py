@@ -61,6 +61,7 @@ class Options:
     large_runs: int = 1
     encryption: str = "repokey-blake2"
     compression: str = "lz4"
+    block_size: int = 4 << 20
     profile: bool = True
     workdir: Path = Path("/var/tmp")
     results_dir: Path = Path(__file__).resolve().parent / "results"
@@ -139,7 +140,8 @@ class Bench:
         self.work = work
         self.logs = work / "logs"
         self.lab_dir = lab_dir
-        self.settings = RepoSettings(encryption=options.encryption, compression=options.compression)
+        self.settings = RepoSettings(encryption=options.encryption, compression=options.compression,
+                                     chunker=f"fixed,{options.block_size}")
         self.content = Content(options.seed)
         self.lab = None
         passphrase = work / "passphrase"
@@ -197,6 +199,7 @@ class Bench:
             f"location = {json.dumps(os.fspath(repo))}\n"
             f"passcommand = {json.dumps('cat ' + os.fspath(self.passphrase))}\n"
             f"compression = {json.dumps(self.settings.compression)}\n"
+            f"block_size = \"{self.options.block_size >> 10}K\"\n"
             "lock_wait = 30\n"
             "[state]\n"
             f"directory = {json.dumps(os.fspath(directory / 'state'))}\n")
@@ -316,7 +319,7 @@ class Bench:
             for contender in pair:
                 step = contender()
                 step.extra.update(changed_bytes=change.changed_bytes(size, seed),
-                                  dirty_blocks=change.dirty_blocks(size, seed, 4 << 20),
+                                  dirty_blocks=change.dirty_blocks(size, seed, self.options.block_size),
                                   pattern=change.pattern, percent=change.percent)
                 steps.append(step)
             ob_step = next(s for s in steps[-2:] if s.contender == "ovirt-borg")
@@ -332,7 +335,7 @@ class Bench:
     def components(self, run: int, vm: str, raw: Path, run_dir: Path) -> list[Step]:
         """The imageio read alone and the archive writer alone, on the same image."""
         size = self.options.size
-        component = [sys.executable, "-m", "bench.components"]
+        component = [sys.executable, "-m", "bench.components", "--block-size", str(self.options.block_size)]
         read, out = measure.run(
             f"r{run}-component-read",
             [*component, "read", "--url", self.lab.url, "--user", self.lab.user, "--password-file",
@@ -450,7 +453,7 @@ class Bench:
                 step.extra["metadata"] = borgrepo.archive_metadata(config.parent / "repo", step.extra["archive"],
                                                                    self.env)
         steps[2].extra.update(changed_bytes=change.changed_bytes(size, seed),
-                              dirty_blocks=change.dirty_blocks(size, seed, 4 << 20))
+                              dirty_blocks=change.dirty_blocks(size, seed, opts.block_size))
         self.lab.delete_vm(ob_vm)
         self.lab.delete_vm(ts_vm)
         shutil.rmtree(run_dir)
@@ -494,7 +497,7 @@ class Bench:
                         "large": opts.large, "large_data": opts.large_data, "large_change": opts.large_change,
                         "large_runs": opts.large_runs, "encryption": opts.encryption,
                         "compression": opts.compression, "chunker": self.settings.chunker,
-                        "block_size": 4 << 20, "seed": opts.seed},
+                        "block_size": opts.block_size, "seed": opts.seed},
             "load": {"start": os.getloadavg()}, "steps": [],
         }
         self.start_lab()
