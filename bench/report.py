@@ -1,5 +1,9 @@
 """Medians, ratios, goals and tables from the steps of a benchmark run.
 
+CPU percentages are of one core (200% = both cores of a 2-core machine): "CPU %" is the
+contender's processes, "lab CPU %" the lab's engine, qemu-nbd and imageio daemons (the oVirt
+side), "machine CPU %" everything on the machine, other users included.
+
 Ratios compare contenders measured side by side in the same run: for each run the ratio of
 the two wall times is taken, and the median of those ratios is reported (not the ratio of
 medians), so slow phases of a noisy machine hit both sides of a pair alike.
@@ -143,7 +147,7 @@ def _size(n: float) -> str:
 
 
 COLUMNS = ("case", "contender", "wall s", "vs ovirt-borg", "MB/s moved", "MB/s provisioned", "read/sent",
-           "stored", "scratch", "CPU %", "lab CPU %", "peak RSS")
+           "stored", "scratch", "CPU %", "lab CPU %", "machine CPU %", "peak RSS")
 
 
 def rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -160,7 +164,8 @@ def rows(summary: dict[str, Any]) -> list[list[str]]:
             table.append([case, contender, f"{row['wall']:.2f}", versus, f"{row['moved_mb_s']:.0f}",
                           f"{row['provisioned_mb_s']:.0f}", _size(row["moved"]), _size(row["stored"]),
                           _size(row["scratch"]) if row["scratch"] else "-", f"{row['cpu_percent']:.0f}",
-                          f"{row['lab_cpu_percent']:.0f}", f"{row['peak_rss'] / MiB:.0f} MiB"])
+                          f"{row['lab_cpu_percent']:.0f}", f"{row['machine_busy_percent']:.0f}",
+                          f"{row['peak_rss'] / MiB:.0f} MiB"])
     return table
 
 
