@@ -462,3 +462,29 @@ directory = "{tmp_path / 'state'}"
         f"{PREFIX}web1-2026-11-24T03:00:00Z", f"{PREFIX}web1-2026-11-25T03:00:00Z"]
     assert repo.env["BORG_PASSPHRASE"] not in proc.stderr
     assert "WARNING" not in proc.stderr
+
+
+def test_cli_honours_borg_environment_variables_alone(tmp_path, ssh_repo):
+    """Without location, passphrase or borgmatic settings, Borg's own variables reach Borg."""
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text(ssh_repo.env["BORG_PASSPHRASE"] + "\n")
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "a").write_text("a\n")
+    run_borg(ssh_repo, "create", f"{{repo}}::{PREFIX}web1-2026-11-25T03:00:00Z", str(files))
+    job = tmp_path / "job.toml"
+    job.write_text(f'[engine]\nurl = "https://engine.example.com/ovirt-engine/api"\n'
+                   f'[state]\ndirectory = "{tmp_path / "state"}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BORG_")}
+    env.update(BORG_REPO=ssh_repo.location, BORG_PASSCOMMAND=f"cat {passphrase}",
+               BORG_RSH=ssh_repo.env["BORG_RSH"], BORG_REMOTE_PATH=ssh_repo.env["BORG_REMOTE_PATH"],
+               BORG_BASE_DIR=ssh_repo.env["BORG_BASE_DIR"])
+    proc = subprocess.run([str(Path(sys.executable).parent / "ovirt-borg"), "-c", str(job), "list", "--json"],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert [row["name"] for row in json.loads(proc.stdout)] == [f"{PREFIX}web1-2026-11-25T03:00:00Z"]
+    # and a wrong BORG_RSH is Borg's problem, reported as a repository error (exit 9)
+    env["BORG_RSH"] = str(tmp_path / "no-such-ssh")
+    proc = subprocess.run([str(Path(sys.executable).parent / "ovirt-borg"), "-c", str(job), "list"],
+                          capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 9, proc.stderr
