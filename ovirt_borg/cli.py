@@ -22,7 +22,9 @@ log = logging.getLogger("ovirt_borg")
 EPILOG = """\
 exit codes:
   0   success
-  1   warning: finished, but something needs attention (a VM skipped, a plugin failed)
+  1   warning: finished, but something needs attention (a VM skipped, a plugin failed, or an
+      archive committed while the engine backup could not be finalized or old checkpoints
+      not purged: the next run does it)
   2   error, including a configuration error or a bad argument
   4   engine error: the oVirt engine refused or failed a request
   5   authentication error: engine credentials or Borg passphrase
