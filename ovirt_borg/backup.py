@@ -162,6 +162,27 @@ def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: d
                         previous.checkpoint_id)
 
 
+def archive_comment(vm_name: str, mode: str, path: str, checkpoint: str | None,
+                    disks: Sequence[sc.DiskRecord] = ()) -> str:
+    """The Borg archive comment: what ``ovirt-borg list`` shows without opening the archive.
+
+    The sizes are known only at the end; the command-line writer, which must name its comment
+    when it starts, records the rest.
+    """
+    comment = f"ovirt-borg vm={vm_name} mode={mode} path={path} checkpoint={checkpoint or '-'}"
+    if disks:
+        comment += (f" disks={len(disks)} size={sum(d.provisioned_size for d in disks)}"
+                    f" read={sum(d.bytes_read for d in disks)} blocks_stored={sum(d.stored for d in disks)}")
+    return comment
+
+
+def parse_archive_comment(comment: str) -> dict[str, str]:
+    """The key=value fields of an archive comment written by ``archive_comment`` (pure)."""
+    if not comment.startswith("ovirt-borg "):
+        return {}
+    return dict(part.split("=", 1) for part in comment.split()[1:] if "=" in part)
+
+
 class VmBackup:
     """Backs up one VM; ``run()`` returns a VmResult or raises an OvirtBorgError."""
 
@@ -259,7 +280,7 @@ class VmBackup:
             base = previous.archive if decision.mode == "incremental" else None
             with archive.open_writer(self.repo, self.archive_name, block_size=self.settings.block_size,
                                      base_archive=base, kind=self.settings.writer,
-                                     comment=f"ovirt-borg {decision.mode} backup of VM {self.vm.name}") as writer:
+                                     comment=archive_comment(self.vm.name, decision.mode, path, to_checkpoint)) as writer:
                 records, digests = [], {}
                 for disk in disks:
                     record, disk_digests = self._disk(writer, disk, backup_id, modes.get(disk.id, "full"),
@@ -281,6 +302,7 @@ class VmBackup:
                 for record in records:
                     writer.add_file(record.blocks_file, digests[record.id])
                 writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
+                writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint, records)
                 writer.commit()
             committed = True
             try:

@@ -450,14 +450,16 @@ def list_archives(repo: Repo, glob: str | None = None, *, checkpoints: bool = Fa
 
     Given an optional shell-style ``glob`` on archive names (``borg list --glob-archives``);
     with ``checkpoints`` Borg's ``.checkpoint`` archives are listed too. Each archive is a dict
-    with ``name`` (str), ``id`` (hex str) and ``start`` (aware UTC ``datetime``). Raises a
-    typed error on failure.
+    with ``name`` (str), ``id`` (hex str), ``start`` (aware UTC ``datetime``) and ``comment``
+    (str). Raises a typed error on failure.
     """
-    args = ["list", "--json"] + (["--consider-checkpoints"] if checkpoints else [])
+    args = ["list", "--json", "--format", "{name}{id}{start}{comment}"]
+    args += ["--consider-checkpoints"] if checkpoints else []
     if glob:
         args += ["--glob-archives", glob]
     out, _ = _run(repo, *args, repo.location)
-    return [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"])}
+    return [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"]),
+             "comment": entry.get("comment", "")}
             for entry in json.loads(out)["archives"]]
 
 

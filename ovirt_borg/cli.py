@@ -204,36 +204,53 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
         inactivity_timeout=t.inactivity_timeout, transfer=_transfer_settings(config))
     repo = _repo(config)
-    with _job_lock(config), _engine(config) as engine:
-        state = _state_dir(config, repo)
-        all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
-        if args.vms:
-            known = {vm.name for vm in all_vms}
-            missing = [n for n in args.vms if n not in known]
-            if missing:
-                from ovirt_borg.errors import NotFound
+    prefix = config.repository.prefix
 
-                raise NotFound("no VM named " + ", ".join(repr(n) for n in missing) + " on the engine")
-        vms = pm.hook.ovirt_borg_select_vms(config=config, vms=all_vms, requested=list(args.vms),
-                                            all_vms=args.all)
-        if not vms:
-            log.warning("the selection matches no VM; nothing to back up")
-            return 1
-        plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
-        timestamp = backup.archive_timestamp(backup.utc_now())
-        try:
-            outcome = backup.run_backups(
-                engine, repo, state, settings, vms,
-                lambda vm: pm.hook.ovirt_borg_archive_name(config=config, vm=vm, timestamp=timestamp),
-                pm, config, force_full=args.full)
-        except BaseException as e:
-            code = (e.exit_code if isinstance(e, OvirtBorgError)
-                    else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_ERROR)
-            plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
-                           results=[], exit_code=code)
-            raise
+    def archive_name(vm, timestamp: str) -> str:
+        from ovirt_borg.retention import vm_of_archive
+
+        name = pm.hook.ovirt_borg_archive_name(config=config, vm=vm, timestamp=timestamp)
+        if vm_of_archive(name, prefix) != vm.name:
+            raise ConfigError(f"a plugin named the archive of VM {vm.name} {name!r}; it must be "
+                              f"{prefix}{vm.name}-<UTC time>[.tag], or list, prune and restore would "
+                              "not find it")
+        return name
+
+    vms: list = []
+    started = False
+    try:
+        with _job_lock(config), _engine(config) as engine:
+            state = _state_dir(config, repo)
+            all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
+            if args.vms:
+                known = {vm.name for vm in all_vms}
+                missing = [n for n in args.vms if n not in known]
+                if missing:
+                    from ovirt_borg.errors import NotFound
+
+                    raise NotFound("no VM named " + ", ".join(repr(n) for n in missing) + " on the engine")
+            vms = pm.hook.ovirt_borg_select_vms(config=config, vms=all_vms, requested=list(args.vms),
+                                                all_vms=args.all)
+            plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
+            started = True
+            if not vms:
+                log.warning("the selection matches no VM; nothing to back up")
+                outcome = backup.RunOutcome([], 1)
+            else:
+                timestamp = backup.archive_timestamp(backup.utc_now())
+                outcome = backup.run_backups(engine, repo, state, settings, vms,
+                                             lambda vm: archive_name(vm, timestamp), pm, config,
+                                             force_full=args.full)
+    except BaseException as e:
+        code = (e.exit_code if isinstance(e, OvirtBorgError)
+                else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_ERROR)
+        if not started:  # monitoring pairs every start with an end, even when the run never began
+            plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
         plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
-                       results=[r.as_dict() for r in outcome.results], exit_code=outcome.exit_code)
+                       results=[], exit_code=code)
+        raise
+    plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
+                   results=[r.as_dict() for r in outcome.results], exit_code=outcome.exit_code)
     if args.json:
         print(json.dumps([r.as_dict() for r in outcome.results], indent=2))
     else:
@@ -251,21 +268,30 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from ovirt_borg.backup import parse_archive_comment
+    from ovirt_borg.progress import human_size
+    from ovirt_borg.retention import vm_of_archive
+
     repo = _repo(config)
     prefix = config.repository.prefix
-    archives = borgcli.list_archives(repo, f"{prefix}*")
     rows = []
-    for a in archives:
-        rest = a["name"][len(prefix):]
-        vm = rest.rsplit("-", 3)[0] if rest.count("-") >= 3 else rest
-        if args.vms and vm not in args.vms:
-            continue
-        rows.append({"vm": vm, **a})
+    for a in borgcli.list_archives(repo, f"{prefix}*"):
+        vm = vm_of_archive(a["name"], prefix)
+        if vm is None or (args.vms and vm not in args.vms):
+            continue  # not an archive of this job, or not a VM asked for
+        fields = parse_archive_comment(a.pop("comment", ""))
+        rows.append({"vm": vm, "name": a["name"], "id": a["id"], "start": a["start"].isoformat(),
+                     "mode": fields.get("mode", "?"), "path": fields.get("path", "?"),
+                     "checkpoint": fields.get("checkpoint", "-"), "size": int(fields.get("size", 0)),
+                     "bytes_read": int(fields.get("read", 0)),
+                     "blocks_stored": int(fields.get("blocks_stored", 0))})
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps(rows, indent=2))
     else:
+        print(f"{'VM':<20} {'ARCHIVE':<44} {'MODE':<12} {'SIZE':>10} {'READ':>10}  CHECKPOINT")
         for row in rows:
-            print(f"{row['vm']:<24} {row['name']:<56} {row.get('start', '')}")
+            print(f"{row['vm']:<20} {row['name']:<44} {row['mode']:<12} {human_size(row['size']):>10} "
+                  f"{human_size(row['bytes_read']):>10}  {row['checkpoint']}")
     return EXIT_OK
 
 

@@ -76,7 +76,8 @@ class RepositoryConfig:
     passcommand: str = opt("", "command printing the passphrase (BORG_PASSCOMMAND)",
                            "cat /etc/ovirt-borg/borg.passphrase")
     passphrase_file: str = opt("", "file holding the passphrase (or systemd credential 'borg-passphrase')")
-    borgmatic_config: str = opt("", "take location and passcommand from this borgmatic config",
+    borgmatic_config: str = opt("", "take the repository, passphrase (command), ssh command, remote borg "
+                                "and Borg directories from this borgmatic config",
                                 "/etc/borgmatic/config.yaml")
     rsh: str = opt("", "ssh command for remote repositories (BORG_RSH)", "ssh -i /root/.ssh/borg")
     remote_path: str = opt("", "borg executable on the remote side (BORG_REMOTE_PATH)")
@@ -255,8 +256,9 @@ def _validate(config: Config, source: str) -> None:
                           f"(got {repo.block_size!r})")
     if repo.writer not in ("internal", "cli"):
         raise ConfigError(f"{source}: 'repository.writer' must be 'internal' or 'cli' (got {repo.writer!r})")
-    if not re.fullmatch(r"[A-Za-z0-9._-]*", repo.prefix):
-        raise ConfigError(f"{source}: 'repository.prefix' may hold only letters, digits, '.', '_' and '-'")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", repo.prefix):
+        raise ConfigError(f"{source}: 'repository.prefix' must be non-empty (it keeps prune away from other "
+                          "archives) and hold only letters, digits, '.', '_' and '-'")
     if config.transfer.readers < 1 or config.transfer.readers > 16:
         raise ConfigError(f"{source}: 'transfer.readers' must be from 1 to 16")
     if config.transfer.bandwidth_limit:

@@ -27,8 +27,13 @@ class PruneResult:
 
 
 def vm_of_archive(name: str, prefix: str) -> str | None:
-    """The VM name of an archive this job wrote, or None for a foreign archive (pure)."""
-    match = re.fullmatch(re.escape(prefix) + r"(.+)-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z", name)
+    """The VM name of an archive this job wrote, or None for a foreign archive (pure).
+
+    This job's archives are named ``<prefix><vm>-<UTC time>``, optionally followed by a tag
+    ``.<tag>`` (a plugin's choice); Borg's ``.checkpoint`` archives are not archives of a VM.
+    """
+    match = re.fullmatch(re.escape(prefix) + r"(.+)-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z"
+                         r"(?:\.(?!checkpoint)[A-Za-z0-9_-][A-Za-z0-9._-]*)?", name)
     return match.group(1) if match else None
 
 

@@ -209,3 +209,16 @@ def test_cli_writer_makes_the_same_images(lab_clean, lab_vm, tmp_path):
 def test_unknown_vm_is_a_clear_error(job):
     proc = job.run("backup", "no-such-vm", expect=11)
     assert "no VM named 'no-such-vm'" in proc.stderr
+
+
+def test_list_shows_this_jobs_archives_with_mode_and_checkpoint(job, lab_vm, tmp_path):
+    vm = lab_vm["name"]
+    full = job.backup(vm)[vm]
+    job.lab.write(vm, disk=1, offset=0, length=65536)
+    incr = job.backup(vm)[vm]
+    (tmp_path / "f").write_text("x")
+    job.borg("create", f"{job.repo}::ovirt-notes", str(tmp_path / "f"))  # foreign, same prefix
+    rows = json.loads(job.run("list", "--json").stdout)
+    assert [(r["name"], r["mode"], r["checkpoint"]) for r in rows] == [
+        (full["archive"], "full", full["checkpoint"]), (incr["archive"], "incremental", incr["checkpoint"])]
+    assert rows[1]["size"] == 16 << 20 and rows[1]["bytes_read"] > 0
