@@ -1,6 +1,7 @@
 """Medians, ratios, goals and tables from the steps of a benchmark run.
 
-CPU percentages are of one core (200% = both cores of a 2-core machine): "CPU %" is the
+"CPU s" is the CPU time (user + system) of the contender's processes. CPU percentages are of
+one core (200% = both cores of a 2-core machine): "CPU %" is the
 contender's processes, "lab CPU %" the lab's engine, qemu-nbd and imageio daemons (the oVirt
 side), "machine CPU %" everything on the machine, other users included.
 
@@ -64,6 +65,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 "provisioned_mb_s": round(_median([s["provisioned"] / s["measurement"]["wall"] / MB
                                                    for s in items]), 1),
                 "cpu_percent": round(_median([x["cpu_percent"] for x in m]), 1),
+                "cpu_seconds": round(_median([x["user"] + x["system"] for x in m]), 2),
+                "lab_cpu_seconds": round(_median([sum(x["lab_cpu"].values()) for x in m]), 2),
                 "lab_cpu_percent": round(_median([100 * sum(x["lab_cpu"].values()) / x["wall"] for x in m]), 1),
                 "imageio_cpu_percent": round(_median([100 * x["lab_cpu"].get("imageio_host", 0) / x["wall"]
                                                       for x in m]), 1),
@@ -147,7 +150,7 @@ def _size(n: float) -> str:
 
 
 COLUMNS = ("case", "contender", "wall s", "vs ovirt-borg", "MB/s moved", "MB/s provisioned", "read/sent",
-           "stored", "scratch", "CPU %", "lab CPU %", "machine CPU %", "peak RSS")
+           "stored", "scratch", "CPU s", "CPU %", "lab CPU %", "machine CPU %", "peak RSS")
 
 
 def rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -163,7 +166,8 @@ def rows(summary: dict[str, Any]) -> list[list[str]]:
                     versus += f" ({100 * row['of_full']:.1f}% of full)"
             table.append([case, contender, f"{row['wall']:.2f}", versus, f"{row['moved_mb_s']:.0f}",
                           f"{row['provisioned_mb_s']:.0f}", _size(row["moved"]), _size(row["stored"]),
-                          _size(row["scratch"]) if row["scratch"] else "-", f"{row['cpu_percent']:.0f}",
+                          _size(row["scratch"]) if row["scratch"] else "-", f"{row.get('cpu_seconds', 0):.1f}",
+                          f"{row['cpu_percent']:.0f}",
                           f"{row['lab_cpu_percent']:.0f}", f"{row['machine_busy_percent']:.0f}",
                           f"{row['peak_rss'] / MiB:.0f} MiB"])
     return table
@@ -261,26 +265,28 @@ def profile_text(results: dict[str, Any]) -> str:
             continue
         shares = ", ".join(f"{name} {share:.0f}%" for name, share in part["categories"].items() if share >= 1)
         lines.append(f"- {title}: {part.get('busy_threads', 0):.2f} threads busy on average; {shares}")
-    incremental = profile.get("incremental")
-    if incremental and "seconds" in incremental:
-        spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in incremental["seconds"].items()
-                          if seconds >= 0.05)
-        lines.append(f"- incremental after a 1% sequential write ({incremental['wall']:.1f} s wall), "
-                     f"main thread: {spent}")
+    for key, title in (("incremental", "incremental after a 1% sequential write"),
+                       ("large_incremental", "incremental of the large disk")):
+        wall_profile = profile.get(key)
+        if wall_profile and "seconds" in wall_profile:
+            spent = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in wall_profile["seconds"].items()
+                              if seconds >= 0.05)
+            lines.append(f"- {title} ({wall_profile['wall']:.1f} s wall), main thread: {spent}")
     if profile.get("flamegraph"):
         lines.append(f"- flame graph: bench/results/{profile['flamegraph']}")
     return "\n".join(lines)
 
 
 def render(results: dict[str, Any], markdown: bool = False) -> str:
-    summary = results.get("summary") or summarize(results)
+    # Recomputed from the steps (the measurements), so a file from an older version renders alike.
+    summary = summarize(results)
     opts = results["options"]
     image = results.get("image", {})
     head = (f"{opts['runs']} run(s) of a {opts['size'] / (1 << 30):g} GiB disk "
             f"({_size(image.get('random', 0))} random, {_size(image.get('text', 0))} text, rest holes), "
             f"large disk {opts['large'] / (1 << 30):g} GiB with {_size(opts['large_data'])} written; "
             f"repositories {opts['encryption']} + {opts['compression']}, chunker {opts['chunker']}; medians.")
-    checks = results.get("goals") or goals(summary, results["options"].get("block_size", 4 << 20))
+    checks = goals(summary, results["options"].get("block_size", 4 << 20))
     profile = profile_text(results)
     data_path = data_path_text(summary, markdown)
     if markdown:
