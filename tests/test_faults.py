@@ -312,7 +312,7 @@ def test_hung_imageio_read_times_out_and_resumes(job, lab_clean):
 def test_hung_imageio_beyond_the_retry_budget_fails_cleanly(job, lab_clean):
     lab = lab_clean
     name = f"hung{next(_names)}-{os.getpid()}"
-    lab.add_vm(name, disks=1, size="64M")
+    lab.add_vm(name, disks=1, size="32M")
     try:
         recover(job, name, mode="full")
         lab.write(name, disk=1, percent=40)
@@ -348,6 +348,7 @@ CALLS_BEFORE_COMMIT = {
 def test_engine_500_before_commit_fails_cleanly(job, backed_up):
     vm = backed_up
     was = before(job, vm)
+    configure(job, engine={"retries": 1})  # the retries themselves are the next test's subject
     for call, code in CALLS_BEFORE_COMMIT.items():
         job.lab.fault(f"engine_500:{call}")
         try:
@@ -425,26 +426,33 @@ def test_engine_500_on_checkpoint_purge_is_a_warning(job, backed_up):
     assert checkpoint_ids(job.lab, vm) == [again["checkpoint"]], "the next run purges them"
 
 
-def test_engine_unreachable(job, backed_up):
-    vm = backed_up
-    was = before(job, vm)
-    configure(job, engine={"url": "https://127.0.0.1:9/ovirt-engine/api"})
-    proc = job.run("backup", vm, expect=None)
-    assert_failed_cleanly(job, vm, proc, 4, was, r"cannot reach the engine")
-    configure(job, engine={"url": job.lab.url})
-    recover(job, vm)
-
-
-def test_wrong_password(job, backed_up, tmp_path):
+def test_engine_refuses_the_connection(job, backed_up, other_pki, tmp_path):
+    """Unreachable, wrong password, untrusted certificate (another CA, or the system CAs): the
+    run stops before anything starts; for TLS there is no fallback and the password is not sent."""
     vm = backed_up
     was = before(job, vm)
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not the password\n")
-    configure(job, engine={"password_file": str(wrong)})
-    proc = job.run("backup", vm, expect=None)
-    assert_failed_cleanly(job, vm, proc, 5, was, r"refused the credentials")
-    assert "not the password" not in proc.stderr
-    configure(job, engine={"password_file": str(job.lab.password_file)})
+    cases = [
+        ({"url": "https://127.0.0.1:9/ovirt-engine/api"}, 4, r"cannot reach the engine"),
+        ({"password_file": str(wrong)}, 5, r"refused the credentials"),
+        ({"ca_file": str(other_pki.ca_file)}, 4, r"TLS certificate is not trusted"),
+        ({"ca_file": ""}, 4, r"TLS certificate is not trusted"),
+    ]
+    good = tomllib.loads(job.config.read_text())["engine"]
+    for options, code, message in cases:
+        configure(job, engine={**good, **options})
+        logins = job.lab.stats()["calls"].get("sso.token", 0)
+        proc = job.run("backup", vm, expect=None)
+        try:
+            assert_failed_cleanly(job, vm, proc, code, was, message, check_repository=False)
+            assert "not the password" not in proc.stderr
+            if "ca_file" in options:
+                assert job.lab.stats()["calls"].get("sso.token", 0) == logins, "the password was sent"
+        except AssertionError as e:
+            raise AssertionError(f"{options}: {e}") from None
+    configure(job, engine=good)
+    job.borg("check", str(job.repo))
     recover(job, vm)
 
 
@@ -465,20 +473,6 @@ def test_expired_token_mid_run_logs_in_again(job, lab_clean):
     finally:
         for name in (first, second):
             lab.delete_vm(name)
-
-
-def test_untrusted_engine_certificate_is_refused(job, backed_up, other_pki):
-    """A wrong CA file, or none (system CAs): refused, no fallback, the password never sent."""
-    vm = backed_up
-    was = before(job, vm)
-    for ca_file in (str(other_pki.ca_file), ""):
-        configure(job, engine={"ca_file": ca_file})
-        logins = job.lab.stats()["calls"].get("sso.token", 0)
-        proc = job.run("backup", vm, expect=None)
-        assert_failed_cleanly(job, vm, proc, 4, was, r"certificate .*not trusted")
-        assert job.lab.stats()["calls"].get("sso.token", 0) == logins, "the password must not be sent"
-    configure(job, engine={"ca_file": str(job.lab.ca_file)})
-    recover(job, vm)
 
 
 # -- checkpoints, backups and transfers on the engine ----------------------------------------------
@@ -511,22 +505,21 @@ def test_stale_backup_in_ready_is_finalized(job, backed_up):
     assert open_on_engine(job.lab, vm) == ([], [])
 
 
-def test_transfer_stuck_times_out_cleanly(job, backed_up):
+def test_transfer_that_never_starts_fails_cleanly(job, backed_up):
+    """transfer_fail (finished_failure) and transfer_stuck (never transferring, engine timeout)."""
     vm = backed_up
     was = before(job, vm)
     configure(job, engine={"timeout": 0.5})
-    job.lab.fault("transfer_stuck")
-    proc = job.run("backup", vm, expect=None)
-    assert_failed_cleanly(job, vm, proc, 8, was, r"did not start.*timed out")
-    recover(job, vm)
-
-
-def test_transfer_fail_fails_cleanly(job, backed_up):
-    vm = backed_up
-    was = before(job, vm)
-    job.lab.fault("transfer_fail")
-    proc = job.run("backup", vm, expect=None)
-    assert_failed_cleanly(job, vm, proc, 8, was, r"did not start.*finished_failure")
+    for fault, message in (("transfer_fail", r"did not start.*finished_failure"),
+                           ("transfer_stuck", r"did not start.*timed out")):
+        job.lab.fault(fault)
+        proc = job.run("backup", vm, expect=None)
+        try:
+            assert_failed_cleanly(job, vm, proc, 8, was, message, check_repository=False)
+        except AssertionError as e:
+            raise AssertionError(f"{fault}: {e}") from None
+    job.borg("check", str(job.repo))
+    configure(job, engine={"timeout": 30})
     recover(job, vm)
 
 
@@ -555,9 +548,9 @@ def test_backup_stuck_in_finalizing(job, backed_up):
 
 @pytest.fixture
 def slow_vm(job, lab_clean):
-    """A VM backed up once, then with 24 MiB of new data and a bandwidth limit: a slow run."""
+    """A VM backed up once, then with 13 MiB of new data and a bandwidth limit: a slow run."""
     name = f"sig{next(_names)}-{os.getpid()}"
-    lab_clean.add_vm(name, disks=1, size="64M")
+    lab_clean.add_vm(name, disks=1, size="32M")
     try:
         recover(job, name, mode="full")
         lab_clean.write(name, disk=1, percent=40)
@@ -629,7 +622,8 @@ def test_sigkill_is_recovered_by_the_next_run(job, slow_vm):
 # -- the repository ------------------------------------------------------------------------------
 
 
-def test_repository_locked_by_another_borg(job, backed_up):
+def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
+    """Another borg holds the lock (exit 6 after lock_wait), or the passphrase is wrong (exit 5)."""
     vm = backed_up
     was = before(job, vm)
     configure(job, repository={"lock_wait": 2})
@@ -638,24 +632,22 @@ def test_repository_locked_by_another_borg(job, backed_up):
         proc = job.run("backup", vm, expect=None)
         elapsed = time.monotonic() - started
     assert 2 <= elapsed < 2 + 10, f"exit 6 must come after waiting lock_wait ({elapsed:.1f} s)"
-    assert_failed_cleanly(job, vm, proc, 6, was, r"busy")
-    recover(job, vm)
+    assert_failed_cleanly(job, vm, proc, 6, was, r"busy: another borg process holds its lock",
+                          check_repository=False)
 
-
-def test_wrong_passphrase(job, backed_up, tmp_path):
-    vm = backed_up
-    was = before(job, vm)
     wrong = tmp_path / "wrong-passphrase"
     wrong.write_text("not the passphrase\n")
+    good = tomllib.loads(job.config.read_text())["repository"]["passcommand"]
     configure(job, repository={"passcommand": f"cat {wrong}"})
     env = dict(job.env)
-    job.env.pop("BORG_PASSCOMMAND")
+    del job.env["BORG_PASSCOMMAND"]  # the configured one must be the one used
     try:
         proc = job.run("backup", vm, expect=None)
     finally:
         job.env = env
     assert_failed_cleanly(job, vm, proc, 5, was, r"passphrase .*wrong")
-    configure(job, repository={"passcommand": env["BORG_PASSCOMMAND"]})
+    assert "not the passphrase" not in proc.stderr
+    configure(job, repository={"passcommand": good})
     recover(job, vm)
 
 
