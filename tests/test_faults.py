@@ -212,6 +212,12 @@ def host_bytes(lab) -> int:
     return lab.stats()["imageio.host.bytes"]
 
 
+def assert_resumed(stderr: str, result: dict) -> None:
+    """Failed ranges were resumed, not read again: the bytes received are the bytes planned."""
+    planned = [int(n) for n in re.findall(r"to read \((\d+) bytes\)", stderr)]
+    assert planned and sum(planned) == sum(d["bytes_read"] for d in result["disks"]), (planned, result)
+
+
 def finished(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -265,6 +271,7 @@ def test_imageio_restart_mid_transfer_is_ridden_out(job, lab_clean):
         result = json.loads(proc.stdout)[0]
         assert lab.stats()["imageio.host.restarts"] == restarts + 1, "the restart must land mid-transfer"
         assert "retrying" in proc.stderr
+        assert_resumed(proc.stderr, result)
         job.assert_identical(result)
         assert open_on_engine(lab, name) == ([], [])
     finally:
@@ -304,7 +311,9 @@ def test_hung_imageio_read_times_out_and_resumes(job, lab_clean):
             done = finished(proc)
         assert done.returncode == 0, done.stderr
         assert re.search(r"timed out|TimeoutError", done.stderr), done.stderr
-        job.assert_identical(json.loads(done.stdout)[0])
+        result = json.loads(done.stdout)[0]
+        assert_resumed(done.stderr, result)
+        job.assert_identical(result)
     finally:
         lab.delete_vm(name)
 
@@ -876,7 +885,8 @@ def test_state_permissions_and_no_secrets_in_logs(job, backed_up):
         assert mode == (0o700 if path.is_dir() else 0o600), f"{path} has mode {mode:o}"
 
 
-def test_tls_verification_is_on_by_default(job):
+def test_tls_verification_is_on_by_default(job, vm):
+    """Verification of the engine and imageio is on unless engine.insecure says otherwise (loudly)."""
     from ovirt_borg.cli import _transfer_settings
 
     config = config_mod.load(job.config)
@@ -887,6 +897,12 @@ def test_tls_verification_is_on_by_default(job):
     defaults = config_mod.from_dict(data, "job.toml")
     assert not defaults.engine.insecure
     assert _transfer_settings(defaults).verify and _transfer_settings(defaults).ca_file is None
+    # without a CA file the lab's certificates are refused (test_engine_refuses_the_connection);
+    # only the explicit opt-out connects, and says so
+    configure(job, engine={"ca_file": "", "insecure": True})
+    proc = job.run("backup", vm, "--json")
+    assert re.search(r"WARNING .*insecure is set: TLS certificates .* NOT verified", proc.stderr)
+    job.assert_identical(json.loads(proc.stdout)[0])
 
 
 # -- load ----------------------------------------------------------------------------------------
