@@ -82,7 +82,8 @@ def configure(options: dict[str, Any]) -> None:
     for key, value in settings["headers"].items():
         if not isinstance(value, str):
             raise ValueError(f"option 'headers': the value of {key!r} must be a string")
-        logs.add_secret(value)
+        if len(value) >= 8:  # a credential; a short word such as a tag name is not worth masking
+            logs.add_secret(value)
         headers[key] = value
     if settings["token_file"]:
         try:

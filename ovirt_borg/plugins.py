@@ -158,6 +158,9 @@ def plugin_options(options: Mapping[str, Any],
     return values
 
 
+_MIN_URL_SECRET = 8
+
+
 def secret_url(url: str, option: str = "url") -> str:
     """Mark the secret parts of a plugin's ``url`` so that no log record shows them.
 
@@ -170,8 +173,10 @@ def secret_url(url: str, option: str = "url") -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"option {option!r} must be an http:// or https:// URL with a host "
                          f"(got {parts.scheme or 'no'} scheme)")
-    for secret in (parts.path.rstrip("/"), parts.query, parts.password):
-        if secret:
+    # Tokens are long (a UUID, a random topic); a short word such as "ping" or "backup" is not
+    # a secret, and masking it would garble every log line that happens to contain it.
+    for secret in (parts.path.strip("/"), parts.query, parts.password):
+        if secret and len(secret) >= _MIN_URL_SECRET:
             logs.add_secret(secret)
     host = parts.hostname + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, host, "/****" if parts.path.strip("/") or parts.query else "", "", ""))

@@ -110,6 +110,17 @@ directory = "{directory / 'state'}"
     return Job(lab, directory, config, repo, env)
 
 
+@pytest.fixture(autouse=True)
+def _forget_log_secrets():
+    """Secrets registered for masking in one test must not garble another test's log lines."""
+    from ovirt_borg import logs
+
+    saved = set(logs._secrets)
+    yield
+    logs._secrets.clear()
+    logs._secrets.update(saved)
+
+
 @pytest.fixture
 def job(lab_clean, tmp_path) -> Job:
     """A job against the session lab with its own repository and state directory."""
