@@ -1037,3 +1037,13 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
                 yield start, length, None
             else:
                 yield start, length, bytes(key.decrypt(chunk_id, next(fetched)))
+
+
+def read_file(repo: Repo, archive_name: str, path: str) -> bytes:
+    """Return the content of a small file of an archive (the sidecar, block digests, the OVF).
+
+    In-process, without starting a borg process; raises NotFound when the archive or file is
+    missing.
+    """
+    return b"".join(bytes(length) if data is None else data
+                    for _, length, data in read_image(repo, archive_name, path))

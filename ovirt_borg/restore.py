@@ -54,12 +54,15 @@ class RestoreResult:
 
 def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> sc.Sidecar:
     """Read and validate the sidecar stored in an archive; raises NotFound or OvirtBorgError."""
-    if not borgcli.archive_exists(repo, archive_name):
-        raise NotFound(f"no archive named {archive_name!r} in the repository; "
-                       "see 'ovirt-borg list' for the archive names")
     vm_dir = _vm_dir(archive_name, prefix)
     try:
-        data = borgcli.read_file(repo, archive_name, f"{vm_dir}/{sc.SIDECAR_NAME}")
+        data = archive.read_file(repo, archive_name, f"{vm_dir}/{sc.SIDECAR_NAME}")
+    except NotFound:
+        if not borgcli.archive_exists(repo, archive_name):
+            raise NotFound(f"no archive named {archive_name!r} in the repository; "
+                           "see 'ovirt-borg list' for the archive names") from None
+        raise OvirtBorgError(f"archive {archive_name} has no ovirt-borg sidecar ({vm_dir}/{sc.SIDECAR_NAME}); "
+                             "is it an ovirt-borg archive?") from None
     except OvirtBorgError as e:
         raise OvirtBorgError(f"archive {archive_name} has no readable ovirt-borg sidecar "
                              f"({vm_dir}/{sc.SIDECAR_NAME}): {e}; is it an ovirt-borg archive?") from None
@@ -158,7 +161,7 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
     records = _pick_disks(sidecar, disk_ids)
     if not engine.storage_domain_exists(storage_domain):
         raise NotFound(f"storage domain {storage_domain!r} does not exist on the engine")
-    ovf = borgcli.read_file(repo, archive_name, f"{_vm_dir(archive_name, prefix)}/vm.ovf").decode()
+    ovf = archive.read_file(repo, archive_name, f"{_vm_dir(archive_name, prefix)}/vm.ovf").decode()
     result = RestoreResult(archive_name, vm_name)
     done: list[RestoredDisk] = []
     vm_id = None
@@ -279,7 +282,7 @@ def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[V
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     results = []
     for record in sidecar.disks:
-        digests = borgcli.read_file(repo, archive_name, record.blocks_file)
+        digests = archive.read_file(repo, archive_name, record.blocks_file)
         check = VerifiedDisk(record.alias, record.id, True, len(digests) // sc.DIGEST_SIZE)
         if sc.digests_sha256(digests) != record.blocks_sha256:
             check.ok, check.message = False, "the block digests file does not match the sidecar"
