@@ -129,12 +129,12 @@ def _source(path: str, line: int) -> str:
     return ""
 
 
-def categorize(raw: Path, rules: list[tuple[str, Any]], main_process: str | None = None,
-               main_thread_only: bool = False, outermost_first: bool = False) -> dict[str, Any]:
+def categorize(raw: Path, rules: list[tuple[str, Any]], main_thread_only: bool = False,
+               outermost_first: bool = False) -> dict[str, Any]:
     """Sort the samples of a py-spy raw (collapsed stacks) file into categories.
 
-    Given the file, the rules, and the command-line marker of the main process (samples of
-    other processes become "child processes"); ``main_thread_only`` keeps the main thread's
+    Given the file and the rules (samples of child processes become "Borg command-line child
+    processes"); ``main_thread_only`` keeps the main thread's
     samples; ``outermost_first`` names a sample by its outermost frame a rule knows (the
     operation that was waiting) rather than its innermost (the code that was running).
     Returns the total samples, the share of each category in percent, and the top 15
@@ -149,9 +149,8 @@ def categorize(raw: Path, rules: list[tuple[str, Any]], main_process: str | None
             continue
         frames, count = parsed
         total += count
-        # A child's samples carry its parent's process frame first, then its own.
-        process = next((f for f in reversed(frames) if f.startswith("process ")), "")
-        if main_process is not None and process and main_process not in process:
+        # With --subprocesses a child's samples carry its parent's process frame, then its own.
+        if sum(f.startswith("process ") for f in frames) > 1:
             if main_thread_only:
                 total -= count  # the parent's main thread is charged for waiting on it
                 continue
@@ -219,9 +218,7 @@ def record(command: list[str], *, env: dict[str, str], daemon_pid: int, out_dir:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
-    # The full path: Borg children run from the same venv, but not this script.
-    main_marker = command[0]
-    client = {"raw": client_raw.name, **categorize(client_raw, _CLIENT_RULES, main_marker)}
+    client = {"raw": client_raw.name, **categorize(client_raw, _CLIENT_RULES)}
     daemon_result: dict[str, Any] = {"error": "py-spy wrote no profile of the daemon"}
     if daemon_raw.exists():
         daemon_result = {"raw": daemon_raw.name, **categorize(daemon_raw, _DAEMON_RULES)}
@@ -246,7 +243,7 @@ def record_wall(command: list[str], *, env: dict[str, str], out_dir: Path, stamp
         [PY_SPY, "record", "--format", "raw", "--threads", "--idle", "--subprocesses", "--nonblocking",
          "--rate", str(RATE), "-o", os.fspath(raw), "--", *command],
         env=env, log_dir=log_dir)
-    result = categorize(raw, _WALL_RULES, command[0], main_thread_only=True, outermost_first=True)
+    result = categorize(raw, _WALL_RULES, main_thread_only=True, outermost_first=True)
     result["seconds"] = {category: round(share * result["samples"] / RATE / 100, 2)
                          for category, share in result["categories"].items()}
     # py-spy sees Python frames only once the interpreter is up and it has attached.
