@@ -8,6 +8,7 @@ loader checks types, rejects unknown keys and reports the file, the key and what
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -295,14 +296,15 @@ def load(path: str | os.PathLike) -> Config:
     return from_dict(data, str(path))
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A Python value as a TOML literal (str, bool, int, float, list of those)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic-string escapes
 
 
 def sample_config() -> str:
@@ -322,11 +324,11 @@ def sample_config() -> str:
                 default = None
             example = f.metadata.get("example")
             if default is None:
-                lines.append(f"{f.name} = {_toml_value(example)}")
+                lines.append(f"{f.name} = {toml_value(example)}")
                 continue
             if example is not None and example != default:
-                lines.append(f"#   example: {f.name} = {_toml_value(example)}")
-            lines.append(f"#{f.name} = {_toml_value(default)}")
+                lines.append(f"#   example: {f.name} = {toml_value(example)}")
+            lines.append(f"#{f.name} = {toml_value(default)}")
         lines.append("")
     lines += ["# Plugins are enabled by their section, for example:",
               "#[hooks.healthchecks]", '#url = "https://hc-ping.com/<uuid>"', ""]

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ovirt_borg import archive, borgcli, sidecar as sc
 from ovirt_borg.engine import DiskInfo, Engine
-from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, TransferError, VerifyMismatch
+from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress
 

@@ -5,6 +5,7 @@ repository and state directory of its own."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -119,6 +120,23 @@ def _forget_log_secrets():
     yield
     logs._secrets.clear()
     logs._secrets.update(saved)
+
+
+_two_vms_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def two_vms(lab_clean):
+    """Two fresh up VMs (one 8 MiB disk each), 'P-a' and 'P-b'; deleted afterwards."""
+    base = f"p{next(_two_vms_numbers)}-{os.getpid()}"
+    names = [f"{base}-a", f"{base}-b"]
+    for name in names:
+        lab_clean.add_vm(name, disks=1, size="8M")
+    try:
+        yield names
+    finally:
+        for name in names:
+            lab_clean.delete_vm(name)
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from ovirt_borg.config import toml_value
+
 from conftest import Job, make_job
 from fixtures_borg import lock_holder
 from ovirt_borg import config as config_mod
@@ -50,16 +52,6 @@ _names = itertools.count(1)
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 def dump_toml(data: dict) -> str:
     """Render a config dict (sections of scalars and lists, [hooks.NAME] tables) as TOML."""
     lines = []
@@ -67,10 +59,10 @@ def dump_toml(data: dict) -> str:
         if section == "hooks":
             for name, options in table.items():
                 lines.append(f"[hooks.{name}]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in options.items()]
+                lines += [f"{k} = {toml_value(v)}" for k, v in options.items()]
             continue
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -137,20 +137,6 @@ def failed_result(vm: str = "db1", error: str = "the engine failed (HTTP 500)", 
             "checkpoint": None, "seconds": 0.0, "error": error, "exit_code": code, "disks": []}
 
 
-@pytest.fixture
-def two_vms(lab_clean):
-    """Two fresh up VMs (one 8 MiB disk each); deleted afterwards."""
-    base = f"h{time.monotonic_ns() % 10**6}-{os.getpid()}"
-    names = [f"{base}-a", f"{base}-b"]
-    for name in names:
-        lab_clean.add_vm(name, disks=1, size="8M")
-    try:
-        yield names
-    finally:
-        for name in names:
-            lab_clean.delete_vm(name)
-
-
 # -- shared plugin helpers (ovirt_borg.plugins) ---------------------------------------------------
 
 

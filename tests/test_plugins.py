@@ -10,20 +10,15 @@ saw, the exit code, and what was (or was not) written.
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
-import os
 import textwrap
 from pathlib import Path
-
-import pytest
 
 from conftest import Job, make_job
 from ovirt_borg import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "PLUGINS.md"
-_names = itertools.count(1)
 
 RECORDER = '''\
 """Records every hook call into a JSON-lines file; its options make it select, name, veto or raise."""
@@ -124,20 +119,6 @@ def hooks_called(records: list[dict]) -> list[str]:
 
 def state_files(job: Job, vm_id: str) -> list[Path]:
     return [p for p in (job.dir / "state").rglob("*") if vm_id in p.name]
-
-
-@pytest.fixture
-def two_vms(lab_clean):
-    """Two fresh up VMs (one 8 MiB disk each), 'P-a' and 'P-b'; deleted afterwards."""
-    base = f"p{next(_names)}-{os.getpid()}"
-    names = [f"{base}-a", f"{base}-b"]
-    for name in names:
-        lab_clean.add_vm(name, disks=1, size="8M")
-    try:
-        yield names
-    finally:
-        for name in names:
-            lab_clean.delete_vm(name)
 
 
 def test_selection_archive_name_and_run_hooks(lab_clean, two_vms, tmp_path):
