@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default="lz4", help="Borg compression of every contender (default lz4)")
     p.add_argument("--block-size", type=_size, default=4 << 20,
                    help="ovirt-borg's block size and the fixed chunker of borg create (default 4M)")
+    p.add_argument("--variant-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="add a full-backup contender: ovirt-borg with this environment (repeatable), "
+                        "e.g. MALLOC_MMAP_THRESHOLD_=67108864")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of a full backup")
     p.add_argument("--quick", action="store_true", help="small sizes, one run, no profile")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
@@ -90,7 +93,8 @@ def options_from(args: argparse.Namespace) -> Options:
         changes=tuple(Change(pattern, pct) for pattern in patterns for pct in args.changes),
         large=large, large_data=args.large_data or ((256 << 20) if quick else (2 << 30)),
         large_change=args.large_change, large_runs=args.large_runs, encryption=args.encryption,
-        compression=args.compression, block_size=args.block_size, profile=not (quick or args.no_profile), workdir=args.workdir,
+        compression=args.compression, block_size=args.block_size,
+        variant_env=tuple(tuple(item.split("=", 1)) for item in args.variant_env), profile=not (quick or args.no_profile), workdir=args.workdir,
         results_dir=args.results_dir, keep=args.keep)
 
 
@@ -111,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)
     if options.runs < 1 or options.size < (64 << 20) or options.size % (1 << 20):
         raise SystemExit("python -m bench: --runs must be >= 1 and --size a multiple of 1 MiB, at least 64M")
+    if any(len(pair) != 2 or not pair[0] for pair in options.variant_env):
+        raise SystemExit("python -m bench: --variant-env takes NAME=VALUE")
     if options.block_size < (64 << 10) or options.block_size & (options.block_size - 1):
         raise SystemExit("python -m bench: --block-size must be a power of two, at least 64K")
     if options.profile:

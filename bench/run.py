@@ -62,6 +62,8 @@ class Options:
     encryption: str = "repokey-blake2"
     compression: str = "lz4"
     block_size: int = 4 << 20
+    #: Environment of an extra full-backup contender "ovirt-borg + NAME=VALUE ..." (empty: none).
+    variant_env: tuple[tuple[str, str], ...] = ()
     profile: bool = True
     workdir: Path = Path("/var/tmp")
     results_dir: Path = Path(__file__).resolve().parent / "results"
@@ -186,8 +188,12 @@ class Bench:
         borgrepo.init(path, self.settings, self.env)
         return path
 
-    def job_config(self, directory: Path) -> Path:
-        """An ovirt-borg job writing to ``directory/repo`` with its state in ``directory/state``."""
+    def job_config(self, directory: Path, keep_checkpoints: int = 1) -> Path:
+        """An ovirt-borg job writing to ``directory/repo`` with its state in ``directory/state``.
+
+        ``keep_checkpoints`` large lets a second job back up the same VM without deleting the
+        checkpoint the first job's next incremental starts from.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         repo = self.new_repo(directory / "repo")
         config = directory / "job.toml"
@@ -204,7 +210,9 @@ class Bench:
             f"block_size = \"{self.options.block_size >> 10}K\"\n"
             "lock_wait = 30\n"
             "[state]\n"
-            f"directory = {json.dumps(os.fspath(directory / 'state'))}\n")
+            f"directory = {json.dumps(os.fspath(directory / 'state'))}\n"
+            "[checkpoints]\n"
+            f"keep = {keep_checkpoints}\n")
         return config
 
     def new_vm(self, name: str, size: int, regions: list[image.Region], reference: Path | None) -> dict:
@@ -229,17 +237,19 @@ class Bench:
 
     # -- contenders ----------------------------------------------------------------------------
 
-    def ovirt_borg_backup(self, config: Path, vm: str, case: str, provisioned: int, run: int) -> Step:
+    def ovirt_borg_backup(self, config: Path, vm: str, case: str, provisioned: int, run: int,
+                          contender: str = "ovirt-borg", extra_env: dict[str, str] | None = None) -> Step:
         repo = config.parent / "repo"
         before = borgrepo.size_on_disk(repo)
         read0 = self.imageio_read()
-        m, out = measure.run(f"r{run}-{case}-ovirt-borg", [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json"],
-                             env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+        m, out = measure.run(f"r{run}-{case}-{contender}", [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json"],
+                             env={**self.env, **(extra_env or {})}, log_dir=self.logs, lab_pids=self.lab_pids,
+                             timeout=self.options.timeout)
         [result] = json.loads(out)
         if not result.get("ok"):
             raise measure.CommandFailed(f"ovirt-borg backup of {vm} failed: {result.get('error')}")
         disk = result["disks"][0]
-        return Step("ovirt-borg", case, m, provisioned, moved=sum(d["bytes_read"] for d in result["disks"]),
+        return Step(contender, case, m, provisioned, moved=sum(d["bytes_read"] for d in result["disks"]),
                     stored=borgrepo.size_on_disk(repo) - before,
                     extra={"mode": result["mode"], "archive": result["archive"], "blocks": disk["blocks"],
                            "holes": disk["holes"], "reused": disk["reused"], "read_blocks": disk["stored"],
@@ -298,6 +308,12 @@ class Bench:
             lambda: self.borg_create(raw_repo, raw, "raw", "full", "borg create (local raw)", run, size),
             lambda: self.two_step(ts_vm, ts_repo, scratch, ts_state, "full", run, size, False),
         ]
+        if self.options.variant_env:
+            variant_env = dict(self.options.variant_env)
+            variant = self.job_config(run_dir / "ovirt-borg-variant", keep_checkpoints=1000)
+            name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
+            full.append(lambda: self.ovirt_borg_backup(variant, ob_vm, "full", size, run, contender=name,
+                                                       extra_env=variant_env))
         shift = run % len(full)
         for contender in full[shift:] + full[:shift]:
             steps.append(contender())
@@ -365,14 +381,15 @@ class Bench:
         self.lab.image(vm, 1, out=reference)
         archive, disk_id = newest.extra["archive"], newest.extra["disk_id"]
 
-        def ovirt_borg() -> Step:
+        def ovirt_borg(contender: str = "ovirt-borg", extra_env: dict[str, str] | None = None) -> Step:
             written0 = self.imageio_written()
-            m, out = measure.run(f"r{run}-restore-ovirt-borg",
+            m, out = measure.run(f"r{run}-restore-{contender}",
                                  [OVIRT_BORG, "-c", os.fspath(config), "restore", archive, "--disk", disk_id,
                                   "--to-storage-domain", STORAGE_DOMAIN, "--json"],
-                                 env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
+                                 env={**self.env, **(extra_env or {})}, log_dir=self.logs, lab_pids=self.lab_pids,
+                                 timeout=self.options.timeout)
             restored = json.loads(out)["disks"][0]
-            return Step("ovirt-borg", "restore", m, size, moved=restored["bytes_sent"], stored=0,
+            return Step(contender, "restore", m, size, moved=restored["bytes_sent"], stored=0,
                         extra={"disk": restored["new_id"], "holes": restored["holes"],
                                "imageio_bytes_written": self.imageio_written() - written0})
 
@@ -398,12 +415,16 @@ class Bench:
                         extra={"phase_seconds": data["seconds"]})
 
         pair = [ovirt_borg, upload]
+        if self.options.variant_env:
+            name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
+            pair.append(lambda: ovirt_borg(name, dict(self.options.variant_env)))
         if run % 2:
             pair.reverse()
         steps = [contender() for contender in pair]
+        restored = list(steps)
         steps.append(read_archive())
         storage = self.lab.dir / "storage"
-        for step in steps[:2]:
+        for step in restored:
             compare(storage / f"{step.extra['disk']}.qcow2", reference)
             subprocess.run([*self.contender_args(), "remove-disk", "--disk", step.extra["disk"]], env=self.env,
                            check=True, capture_output=True)
