@@ -37,7 +37,7 @@ test: setup
 demo: setup
 	$(PY) -m ovirt_borg.lab.demo --dir $(LABDIR)
 
-# The benchmark (bench/RESULTS.md): make bench BENCH_ARGS=--quick for a short run.
+# The benchmark (figures in the README): make bench BENCH_ARGS=--quick for a short run.
 bench: setup
 	$(PY) -m pip install -q py-spy
 	$(PY) -m bench $(BENCH_ARGS)
