@@ -251,6 +251,17 @@ def data_path_text(summary: dict[str, Any], markdown: bool = False) -> str:
                      for r in table)
 
 
+def metadata_text(summary: dict[str, Any]) -> str:
+    """What each ovirt-borg archive of the large disk adds to the repository as metadata."""
+    parts = []
+    for case, rows in summary.items():
+        row = rows.get(OVIRT_BORG, {})
+        if "metadata_bytes" in row:
+            parts.append(f"{case}: {_size(row['metadata_bytes'])} in {row['metadata_chunks']} item chunks "
+                         f"for {row.get('blocks', 0)} blocks")
+    return ("Archive metadata (item list and archive object, as stored): " + "; ".join(parts)) if parts else ""
+
+
 def profile_text(results: dict[str, Any]) -> str:
     """Where the profiled full backup spent its on-CPU time, client and imageio daemon."""
     profile = results.get("profile")
@@ -288,7 +299,7 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
             f"repositories {opts['encryption']} + {opts['compression']}, chunker {opts['chunker']}; medians.")
     checks = goals(summary, results["options"].get("block_size", 4 << 20))
     profile = profile_text(results)
-    data_path = data_path_text(summary, markdown)
+    data_path = data_path_text(summary, markdown) + ("\n\n" if markdown else "\n") + metadata_text(summary)
     if markdown:
         return "\n\n".join(part for part in [head, machine_text(results), markdown_table(summary), data_path,
                                                "Goals:", goals_text(checks, True), profile] if part)
