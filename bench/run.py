@@ -296,6 +296,7 @@ class Bench:
         log.info("run %d: filling two %d MiB disks", run + 1, size >> 20)
         ob_disk = self.new_vm(ob_vm, size, regions, raw)
         self.new_vm(ts_vm, size, regions, raw)
+        quiesce()
         config = self.job_config(run_dir / "ovirt-borg")
         raw_repo = self.new_repo(run_dir / "borg-raw")
         ts_repo = self.new_repo(run_dir / "two-step")
@@ -317,6 +318,7 @@ class Bench:
         shift = run % len(full)
         for contender in full[shift:] + full[:shift]:
             steps.append(contender())
+            quiesce()
         steps += self.components(run, ts_vm, raw, run_dir)
         ob_full = next(s for s in steps if s.contender == "ovirt-borg")
         if run == 0:
@@ -327,6 +329,7 @@ class Bench:
             log.info("run %d: guest writes %s", run + 1, change.name)
             image.apply_change(Path(ob_disk["path"]), size, change, seed, self.work)
             image.apply_change(Path(self.lab.vm_info(ts_vm)["disks"][0]["path"]), size, change, seed, self.work)
+            quiesce()
             case = f"incremental {change.name}"
             pair = [
                 lambda: self.ovirt_borg_backup(config, ob_vm, case, size, run),
@@ -336,6 +339,7 @@ class Bench:
                 pair.reverse()
             for contender in pair:
                 step = contender()
+                quiesce()
                 step.extra.update(changed_bytes=change.changed_bytes(size, seed),
                                   dirty_blocks=change.dirty_blocks(size, seed, self.options.block_size),
                                   pattern=change.pattern, percent=change.percent)
@@ -379,6 +383,7 @@ class Bench:
         size = self.options.size
         reference = self.work / f"restore-reference-{run}.raw"
         self.lab.image(vm, 1, out=reference)
+        quiesce()
         archive, disk_id = newest.extra["archive"], newest.extra["disk_id"]
 
         def ovirt_borg(contender: str = "ovirt-borg", extra_env: dict[str, str] | None = None) -> Step:
@@ -418,9 +423,11 @@ class Bench:
         if self.options.variant_env:
             name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
             pair.append(lambda: ovirt_borg(name, dict(self.options.variant_env)))
-        if run % 2:
-            pair.reverse()
-        steps = [contender() for contender in pair]
+        shift = run % len(pair)
+        steps = []
+        for contender in pair[shift:] + pair[:shift]:
+            steps.append(contender())
+            quiesce()
         restored = list(steps)
         steps.append(read_archive())
         storage = self.lab.dir / "storage"
@@ -458,6 +465,7 @@ class Bench:
                  image.data_bytes(regions) >> 20)
         ob_disk = self.new_vm(ob_vm, size, regions, None)
         ts_disk = self.new_vm(ts_vm, size, regions, None)
+        quiesce()
         config = self.job_config(run_dir / "ovirt-borg")
         ts_repo = self.new_repo(run_dir / "two-step")
         scratch, ts_state = run_dir / "scratch.qcow2", run_dir / "two-step.state"
@@ -467,6 +475,7 @@ class Bench:
         seed = opts.seed * 1000 + 900 + run
         image.apply_change(Path(ob_disk["path"]), size, change, seed, self.work)
         image.apply_change(Path(ts_disk["path"]), size, change, seed, self.work)
+        quiesce()
         case = f"large incremental {change.name}"
         steps += [self.ovirt_borg_backup(config, ob_vm, case, size, run),
                   self.two_step(ts_vm, ts_repo, scratch, ts_state, case, run, size, True)]
@@ -483,6 +492,7 @@ class Bench:
             from bench import profile
 
             image.apply_change(Path(ob_disk["path"]), size, change, seed + 1, self.work)
+            quiesce()
             command = [OVIRT_BORG, "-c", os.fspath(config), "backup", ob_vm, "--json"]
             self.large_profile = profile.record_wall(command, env=self.env, out_dir=opts.results_dir,
                                                      stamp=self.stamp, log_dir=self.logs, name="large-incremental")
@@ -497,6 +507,7 @@ class Bench:
 
         vm = "prof"
         self.new_vm(vm, self.options.size, regions, raw)
+        quiesce()
         prof_dir = self.work / "profile"
         try:
             config = self.job_config(prof_dir / "raw")
@@ -507,6 +518,7 @@ class Bench:
             change = Change("sequential", 1.0)
             disk = self.lab.vm_info(vm)["disks"][0]
             image.apply_change(Path(disk["path"]), self.options.size, change, self.options.seed, self.work)
+            quiesce()
             incremental = [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json"]
             result["incremental"] = profile.record_wall(incremental, env=self.env, out_dir=out_dir, stamp=stamp,
                                                         log_dir=self.logs, name="incremental")
@@ -577,6 +589,12 @@ def combine(name: str, first: Measurement, second: Measurement) -> Measurement:
                        peak_rss_max=max(first.peak_rss_max, second.peak_rss_max),
                        peak_rss_tree=max(first.peak_rss_tree, second.peak_rss_tree),
                        machine_busy_percent=round(busy, 1), lab_cpu=lab)
+
+
+def quiesce() -> None:
+    """Write dirty pages out before a measurement, so that no contender pays for the set-up's
+    writes (filling disks, guest writes, reference images) while it runs."""
+    os.sync()
 
 
 def compare(image_path: Path, reference: Path) -> None:
