@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archive", required=True)
     p.add_argument("--path", required=True, help="the image's path in the archive")
     args = parser.parse_args(argv)
+    from ovirt_borg import memory
+
+    memory.tune_allocator()  # as ovirt-borg's command line does
     commands = {"read": cmd_read, "write": cmd_write, "read-archive": cmd_read_archive}
     print(json.dumps(commands[args.command](args)))
     return 0

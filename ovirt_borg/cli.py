@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from ovirt_borg import __version__, archive, borgcli, config as config_mod, credentials, logs, sidecar as sc
+from ovirt_borg import __version__, archive, borgcli, config as config_mod, credentials, logs, memory, sidecar as sc
 from ovirt_borg.errors import EXIT_ERROR, EXIT_OK, ConfigError, Interrupted, JobLocked, OvirtBorgError
 
 log = logging.getLogger("ovirt_borg")
@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    memory.tune_allocator()
     try:
         if args.command == "generate-config":
             code = cmd_generate_config(args)
