@@ -1032,11 +1032,52 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
             offset += chunk.size
         data_ids = [chunk_id for _, _, chunk_id in entries if chunk_id is not None]
         fetched = repository.get_many(data_ids, is_preloaded=False) if data_ids else iter(())
-        for start, length, chunk_id in entries:
-            if chunk_id is None:
-                yield start, length, None
-            else:
-                yield start, length, bytes(key.decrypt(chunk_id, next(fetched)))
+        opener = _ChunkOpener(key)
+        # Chunks are fetched in this thread (the repository is not thread-safe) and opened by
+        # the workers, up to _IN_FLIGHT ahead of the consumer.
+        opening: deque[Future] = deque()
+        with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool:
+            try:
+                ahead = iter(data_ids)
+                for chunk_id in ahead:
+                    opening.append(pool.submit(opener.open, chunk_id, next(fetched)))
+                    if len(opening) >= _IN_FLIGHT:
+                        break
+                for start, length, chunk_id in entries:
+                    if chunk_id is None:
+                        yield start, length, None
+                        continue
+                    data = opening.popleft().result()
+                    chunk_id = next(ahead, None)
+                    if chunk_id is not None:
+                        opening.append(pool.submit(opener.open, chunk_id, next(fetched)))
+                    yield start, length, data
+            finally:
+                for future in opening:
+                    future.cancel()
+
+
+class _ChunkOpener:
+    """``key.decrypt`` split so that two threads can share the work of reading chunks back.
+
+    The cipher (AES and its MAC, which hold the GIL) and the decompressor (which releases the GIL
+    but writes to a buffer shared by the process) each admit one thread at a time; the id check
+    (keyed hash, GIL released) runs in parallel.
+    """
+
+    def __init__(self, key):
+        self._key = key
+        self._cipher_lock = threading.Lock()
+        self._compress_lock = threading.Lock()
+
+    def open(self, chunk_id: bytes, stored: bytes) -> bytes:
+        """Return the plaintext of a stored chunk; raise Borg's IntegrityError if it is corrupt."""
+        with self._cipher_lock:
+            payload = self._key.decrypt(chunk_id, stored, decompress=False)
+        with self._compress_lock:
+            data = bytes(self._key.decompress(payload))
+        self._key.assert_id(chunk_id, data)
+        return data
 
 
 def read_file(repo: Repo, archive_name: str, path: str) -> bytes:

@@ -536,8 +536,18 @@ def processes_using(location: str) -> list[str]:
     return found
 
 
-def child_processes() -> list[str]:
-    """Return the command lines of the live child processes of this test process."""
+def child_processes(grace: float = 10.0) -> list[str]:
+    """Return the command lines of the live child processes of this test process.
+
+    A child that is still exiting (its pipes closed, not yet reaped) gets ``grace`` seconds.
+    """
+    deadline = time.monotonic() + grace
+    while (children := _live_children()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return children
+
+
+def _live_children() -> list[str]:
     children = []
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         try:
