@@ -1004,6 +1004,25 @@ def _open_for_reading(repo: Repo) -> Iterator[tuple[object, object, object]]:
             raise translate(exc) from exc
 
 
+@dataclass(frozen=True)
+class RepositoryView:
+    """What a run needs to know of a repository before writing to it."""
+
+    id: str  # 64 hex digits, as ``borg info --json`` reports it
+    archives: frozenset[str]  # the names of its archives, checkpoints included
+
+
+def repository_view(repo: Repo) -> RepositoryView:
+    """Return the id and the archive names of ``repo``, read in-process (no borg process).
+
+    Takes Borg's shared lock for a moment and reads the manifest (so it needs the passphrase).
+    Raises typed errors: a missing repository, a wrong passphrase, a lock held too long.
+    """
+    borg = _borg()
+    with _open_for_reading(repo) as (repository, manifest, _key):
+        return RepositoryView(borg.bin_to_hex(repository.id), frozenset(manifest.archives))
+
+
 def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, int, bytes | None]]:
     """Yield the image ``path`` of ``archive_name`` chunk by chunk, in order.
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Sequence
 
-from ovirt_borg import archive, borgcli, plan, sidecar as sc
+from ovirt_borg import archive, plan, sidecar as sc
 from ovirt_borg.archive import Reuse
 from ovirt_borg.engine import (CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo)
 from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError
@@ -217,7 +217,7 @@ class VmBackup:
         archive_present = False
         if previous is not None and not self.force_full:
             checkpoints = {c.id: c.state for c in self.engine.checkpoints(self.vm.id)}
-            archive_present = borgcli.archive_exists(self.repo, previous.archive)
+            archive_present = previous.archive in archive.repository_view(self.repo).archives
         return decide_mode(previous, force_full=self.force_full, checkpoints=checkpoints,
                            archive_present=archive_present, full_every_days=self.settings.full_every_days,
                            now=now, block_size=self.settings.block_size)
@@ -433,7 +433,7 @@ class VmBackup:
         data = self.state.load_digests(previous.vm_id, record)
         if data is None:
             try:
-                data = borgcli.read_file(self.repo, previous.archive, record.blocks_file)
+                data = archive.read_file(self.repo, previous.archive, record.blocks_file)
             except OvirtBorgError as e:
                 log.warning("cannot read the block digests of %s from %s: %s", record.alias, previous.archive, e)
                 return None

@@ -32,7 +32,6 @@ from ovirt_borg.errors import AuthError, ConfigError, NotFound, OvirtBorgError, 
 
 __all__ = [
     "Repo",
-    "archive_exists",
     "check",
     "compact",
     "delete_archive",
@@ -44,7 +43,6 @@ __all__ = [
     "open_stream",
     "prune",
     "read_file",
-    "repo_id",
     "translate_error",
 ]
 
@@ -427,16 +425,6 @@ def init(repo: Repo, encryption: str = "repokey-blake2") -> None:
     log.info("created Borg repository %s (%s)", repo.location, encryption)
 
 
-def repo_id(repo: Repo) -> str:
-    """Return the repository id (64 hex digits) of ``repo``.
-
-    Uses ``borg list --json --last 1``, which reports the same ``repository.id`` as ``borg info
-    --json`` without syncing the local chunks cache first. Raises a typed error on failure.
-    """
-    out, _ = _run(repo, "list", "--json", "--last", "1", repo.location)
-    return json.loads(out)["repository"]["id"]
-
-
 def _parse_time(text: str) -> datetime:
     # Borg prints naive local times in --json output.
     moment = datetime.fromisoformat(text)
@@ -461,11 +449,6 @@ def list_archives(repo: Repo, glob: str | None = None, *, checkpoints: bool = Fa
     return [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"]),
              "comment": entry.get("comment", "")}
             for entry in json.loads(out)["archives"]]
-
-
-def archive_exists(repo: Repo, name: str) -> bool:
-    """Return whether an archive called exactly ``name`` (checkpoints included) exists in ``repo``."""
-    return any(entry["name"] == name for entry in list_archives(repo, checkpoints=True))
 
 
 def _require_item(repo: Repo, archive: str, pattern: str, path: str) -> None:
@@ -578,7 +561,7 @@ def delete_archive(repo: Repo, name: str) -> None:
     given back by :func:`compact`.
     """
     # borg delete of a missing archive only warns; say it plainly.
-    if not archive_exists(repo, name):
+    if not any(entry["name"] == name for entry in list_archives(repo, checkpoints=True)):
         raise NotFound(f"archive {name} does not exist in repository {repo.location}")
     _run(repo, "delete", archive_location(repo, name), archive=name, allow_warning=False)
     log.info("deleted archive %s from %s", name, repo.location)

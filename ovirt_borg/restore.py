@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ovirt_borg import archive, borgcli, sidecar as sc
+from ovirt_borg import archive, sidecar as sc
 from ovirt_borg.engine import DiskInfo, Engine
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch
 from ovirt_borg.imageio import ImageioClient, TransferSettings
@@ -58,7 +58,7 @@ def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> 
     try:
         data = archive.read_file(repo, archive_name, f"{vm_dir}/{sc.SIDECAR_NAME}")
     except NotFound:
-        if not borgcli.archive_exists(repo, archive_name):
+        if archive_name not in archive.repository_view(repo).archives:
             raise NotFound(f"no archive named {archive_name!r} in the repository; "
                            "see 'ovirt-borg list' for the archive names") from None
         raise OvirtBorgError(f"archive {archive_name} has no ovirt-borg sidecar ({vm_dir}/{sc.SIDECAR_NAME}); "

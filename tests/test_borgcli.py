@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
-from ovirt_borg import borgcli
+from ovirt_borg import archive, borgcli
 from ovirt_borg.borgcli import Repo
 from ovirt_borg.errors import AuthError, ConfigError, NotFound, RepositoryBusy, RepositoryError
 
@@ -54,7 +54,7 @@ def test_init_creates_a_usable_repository(tmp_path, borg_env):
     borgcli.init(repo)
     info = json.loads(run_borg(repo, "info", "--json", "{repo}").stdout)
     assert info["encryption"]["mode"] == "repokey-blake2"
-    assert borgcli.repo_id(repo) == info["repository"]["id"]
+    assert archive.repository_view(repo).id == info["repository"]["id"]
     assert borgcli.list_archives(repo) == []
     with pytest.raises(RepositoryError, match="already exists"):
         borgcli.init(repo)
@@ -81,8 +81,8 @@ def test_list_archives_and_exists(local_repo, source):
     # borg create --timestamp takes UTC.
     assert first["start"] == datetime(2026, 1, 1, 3, 0, tzinfo=timezone.utc)
     assert [a["name"] for a in borgcli.list_archives(local_repo, "vm1-*")] == ["vm1-2026-01-01", "vm1-2026-01-02"]
-    assert borgcli.archive_exists(local_repo, "vm1-2026-01-02")
-    assert not borgcli.archive_exists(local_repo, "vm1-2026")
+    names = archive.repository_view(local_repo).archives
+    assert "vm1-2026-01-02" in names and "vm1-2026" not in names
     listed = json.loads(run_borg(local_repo, "list", "--json", "{repo}").stdout)["archives"]
     assert {a["id"] for a in archives} == {a["id"] for a in listed}
 
@@ -219,7 +219,7 @@ def test_ssh_repository(ssh_repo, source, tmp_path):
     create(ssh_repo, "a", source)
     assert [a["name"] for a in borgcli.list_archives(ssh_repo)] == ["a"]
     assert borgcli.read_file(ssh_repo, "a", "vm1/vm.ovf") == b"<ovf>vm1</ovf>"
-    assert len(borgcli.repo_id(ssh_repo)) == 64
+    assert len(archive.repository_view(ssh_repo).id) == 64
     borgcli.delete_archive(ssh_repo, "a")
     borgcli.compact(ssh_repo)
     borgcli.check(ssh_repo)
