@@ -1457,7 +1457,9 @@ class Engine:
             if offset < 0 or length <= 0 or offset + length > size:
                 raise ApiFault(400, f"range {offset}+{length} is outside the disk "
                                f"({size} bytes)")
-            ranges = [(offset, length)]
+            # In pieces: random.randbytes() takes at most 256 MiB at a time.
+            piece = 64 << 20
+            ranges = [(start, min(piece, offset + length - start)) for start in range(offset, offset + length, piece)]
         writes = [(start, count, None if zero or discard else rng.randbytes(count))
                   for start, count in ranges]
         self.plane.guest_write(Path(target.path), target.qemu_format, writes,
