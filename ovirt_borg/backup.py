@@ -22,6 +22,8 @@ import logging
 import random
 import re
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Sequence
@@ -34,6 +36,9 @@ from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress
 
 log = logging.getLogger(__name__)
+
+# Data blocks read but not yet hashed for their digest, at most.
+_DIGESTS_AHEAD = 4
 
 PATH_BACKUP = "backup"
 PATH_ENGINE_TRANSFER = "engine-transfer"
@@ -465,24 +470,40 @@ class VmBackup:
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], base_digests: bytes | None,
                 digests: bytearray, progress: Progress) -> Iterator[None | Reuse | bytes]:
-        """Yield the writer's blocks in order, collecting each block's sha256 into ``digests``."""
+        """Yield the writer's blocks in order; once all are taken, ``digests`` holds each block's sha256.
+
+        Data blocks are hashed in a thread of their own (hashlib releases the GIL), so this
+        thread, which feeds the writer, never waits for a digest.
+        """
         reads = [b for b in blocks if b.action is plan.Action.READ]
         data_iter = _assemble(client, reads)
-        for block in blocks:
-            if block.action is plan.Action.HOLE:
-                digests += sc.zero_digest(block.length)
-                progress.update(block.length, 0)
-                yield None
-            elif block.action is plan.Action.REUSE:
-                assert base_digests is not None
-                digests += base_digests[block.index * sc.DIGEST_SIZE:(block.index + 1) * sc.DIGEST_SIZE]
-                progress.update(block.length, 0)
-                yield Reuse(block.index)
-            else:
-                data = next(data_iter)
-                digests += hashlib.sha256(data).digest()
-                progress.update(block.length, block.bytes_to_read)
-                yield data
+        parts: list[bytes | Future[bytes]] = []
+        hashing: deque[Future[bytes]] = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
+            for block in blocks:
+                if block.action is plan.Action.HOLE:
+                    parts.append(sc.zero_digest(block.length))
+                    progress.update(block.length, 0)
+                    yield None
+                elif block.action is plan.Action.REUSE:
+                    assert base_digests is not None
+                    parts.append(base_digests[block.index * sc.DIGEST_SIZE:(block.index + 1) * sc.DIGEST_SIZE])
+                    progress.update(block.length, 0)
+                    yield Reuse(block.index)
+                else:
+                    data = next(data_iter)
+                    hashing.append(hasher.submit(_sha256, data))
+                    parts.append(hashing[-1])
+                    # Bound the blocks kept alive only for their digest.
+                    while len(hashing) > _DIGESTS_AHEAD or (hashing and hashing[0].done()):
+                        hashing.popleft().result()
+                    progress.update(block.length, block.bytes_to_read)
+                    yield data
+            digests += b"".join(part if isinstance(part, bytes) else part.result() for part in parts)
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _assemble(client: ImageioClient, blocks: Sequence[plan.Block]) -> Iterator[bytes]:
