@@ -35,7 +35,7 @@ def init(path: Path, settings: RepoSettings, env: dict[str, str]) -> None:
 def create_command(path: Path, archive: str, source: Path, settings: RepoSettings) -> list[str]:
     """The ``borg create`` command storing the file ``source`` as ``archive``.
 
-    The fixed 4 MiB chunker (what ovirt-borg cuts images into) and no ``--sparse`` (which would
+    By default the fixed 4 MiB chunker and no ``--sparse`` (which would
     cut chunks at the file system's hole boundaries). Run from ``source``'s directory, so the
     archive holds the bare file name.
     """

@@ -62,8 +62,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--encryption", default="repokey-blake2", choices=("repokey-blake2", "repokey", "none"),
                    help="borg init --encryption of every repository (default repokey-blake2)")
     p.add_argument("--compression", default="lz4", help="Borg compression of every contender (default lz4)")
-    p.add_argument("--block-size", type=_size, default=4 << 20,
-                   help="ovirt-borg's block size and the fixed chunker of borg create (default 4M)")
+    p.add_argument("--block-size", type=_size, default=1 << 20,
+                   help="ovirt-borg's block size (default 1M, ovirt-borg's default)")
+    p.add_argument("--chunker", default="fixed,4194304",
+                   help="borg create's --chunker-params (default fixed,4194304: fixed 4 MiB chunks)")
     p.add_argument("--variant-env", action="append", default=[], metavar="NAME=VALUE",
                    help="add a full-backup contender: ovirt-borg with this environment (repeatable), "
                         "e.g. MALLOC_MMAP_THRESHOLD_=67108864")
@@ -93,7 +95,7 @@ def options_from(args: argparse.Namespace) -> Options:
         changes=tuple(Change(pattern, pct) for pattern in patterns for pct in args.changes),
         large=large, large_data=args.large_data or ((256 << 20) if quick else (2 << 30)),
         large_change=args.large_change, large_runs=args.large_runs, encryption=args.encryption,
-        compression=args.compression, block_size=args.block_size,
+        compression=args.compression, block_size=args.block_size, chunker=args.chunker,
         variant_env=tuple(tuple(item.split("=", 1)) for item in args.variant_env), profile=not (quick or args.no_profile), workdir=args.workdir,
         results_dir=args.results_dir, keep=args.keep)
 

@@ -105,7 +105,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def goals(summary: dict[str, Any], block_size: int = 4 << 20) -> list[dict[str, Any]]:
+def goals(summary: dict[str, Any], block_size: int = 1 << 20) -> list[dict[str, Any]]:
     """Check the goals of the benchmark against the summary; each with its value and verdict."""
     out: list[dict[str, Any]] = []
     full = summary.get("full", {})
@@ -296,8 +296,9 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     head = (f"{opts['runs']} run(s) of a {opts['size'] / (1 << 30):g} GiB disk "
             f"({_size(image.get('random', 0))} random, {_size(image.get('text', 0))} text, rest holes), "
             f"large disk {opts['large'] / (1 << 30):g} GiB with {_size(opts['large_data'])} written; "
-            f"repositories {opts['encryption']} + {opts['compression']}, chunker {opts['chunker']}; medians.")
-    checks = goals(summary, results["options"].get("block_size", 4 << 20))
+            f"repositories {opts['encryption']} + {opts['compression']}; ovirt-borg blocks "
+            f"{_size(opts.get('block_size', 4 << 20))}, borg create chunker {opts['chunker']}; medians.")
+    checks = goals(summary, results["options"].get("block_size", 1 << 20))
     profile = profile_text(results)
     data_path = data_path_text(summary, markdown) + ("\n\n" if markdown else "\n") + metadata_text(summary)
     if markdown:

@@ -61,7 +61,9 @@ class Options:
     large_runs: int = 1
     encryption: str = "repokey-blake2"
     compression: str = "lz4"
-    block_size: int = 4 << 20
+    block_size: int = 1 << 20
+    #: borg create's chunker (the issue's baseline: fixed 4 MiB chunks).
+    chunker: str = "fixed,4194304"
     #: Environment of an extra full-backup contender "ovirt-borg + NAME=VALUE ..." (empty: none).
     variant_env: tuple[tuple[str, str], ...] = ()
     profile: bool = True
@@ -143,7 +145,7 @@ class Bench:
         self.logs = work / "logs"
         self.lab_dir = lab_dir
         self.settings = RepoSettings(encryption=options.encryption, compression=options.compression,
-                                     chunker=f"fixed,{options.block_size}")
+                                     chunker=options.chunker)
         self.content = Content(options.seed)
         self.lab = None
         self.stamp = ""

@@ -48,7 +48,7 @@ PATH_ENGINE_TRANSFER = "engine-transfer"
 class BackupSettings:
     """What a backup run needs from the configuration (no argparse, no Config below here)."""
 
-    block_size: int = 4 << 20
+    block_size: int = 1 << 20
     writer: str = "internal"
     enable_incremental: bool = True
     verify_sample: int = 4

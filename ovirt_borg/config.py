@@ -84,7 +84,8 @@ class RepositoryConfig:
     remote_path: str = opt("", "borg executable on the remote side (BORG_REMOTE_PATH)")
     prefix: str = opt("ovirt-", "prefix of every archive name this job writes, prunes or lists")
     compression: str = opt("lz4", "Borg compression spec", "zstd,3")
-    block_size: str = opt("4M", "fixed block (chunk) size of disk images; a power of two, 64K..16M")
+    block_size: str = opt("1M", "fixed block (chunk) size of disk images, a power of two 64K..16M; "
+                          "a guest write re-reads and re-stores the whole block it touches", "4M")
     writer: str = opt("internal", "'internal' (synthetic full, incremental) or 'cli' (borg import-tar, full reads)")
     lock_wait: int = opt(60, "seconds to wait for the repository lock held by another borg")
 

@@ -551,8 +551,15 @@ class ImageioClient:
         return con
 
     def _parallel(self, option: str) -> int:
+        """Connections to open in parallel: ``readers``, capped by the server's ``option``.
+
+        The main connection (OPTIONS, extents, flush) holds one of the server's backend
+        connections too, so the workers get one fewer: qemu-nbd serves at most ``--shared``
+        clients (8 on oVirt hosts) and a ninth would wait until one of them closes.
+        """
         assert self._options is not None
-        return max(1, min(self._settings.readers, int(self._options.get(option, 1))))
+        server_max = int(self._options.get(option, 1))
+        return max(1, min(self._settings.readers, server_max - 1))
 
     # Requests.
 

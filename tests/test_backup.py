@@ -15,7 +15,7 @@ import pytest
 
 from conftest import make_job
 
-BLOCK = 4 << 20
+BLOCK = 1 << 20  # the default block_size
 _names = itertools.count(1)
 
 

@@ -26,7 +26,7 @@ def write(tmp_path, text):
 
 def test_good_config_loads(tmp_path):
     config = config_mod.load(write(tmp_path, GOOD))
-    assert config.repository.block_bytes == 4 << 20
+    assert config.repository.block_bytes == 1 << 20
     assert config.engine.user == "admin@internal"
     assert config.transfer.readers == 4
 

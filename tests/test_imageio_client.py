@@ -201,6 +201,26 @@ def test_read_ranges_equal_qemu_raw(source, nbd_exports, publish, imageio_host, 
     assert imageio_host.bytes_served >= disk.size
 
 
+def test_workers_leave_a_backend_connection_to_the_main_one(source, nbd_exports, publish, lab_pki):
+    """More readers than the server allows: one fewer worker than max_readers, and all data.
+
+    The main connection holds one of qemu-nbd's ``--shared`` client slots; a worker per slot
+    would leave the last one waiting until another connection closes.
+    """
+    disk, raw, _ = source
+    export = nbd_exports(disk.path, fmt="qcow2")
+    urls = publish(export, disk.size)
+    with ImageioClient(urls.transfer_url, None, _settings(lab_pki, readers=16)) as client:
+        server_max = client.options()["max_readers"]
+        client.extents("zero")  # the main connection opens its backend
+        reader = client.read_ranges(_blocks(disk.size, 256 * 1024))
+        pieces = [next(reader)]
+        workers = [t for t in threading.enumerate() if t.name.startswith("imageio-read")]
+        pieces += list(reader)
+    assert server_max > 1 and len(workers) == server_max - 1
+    assert b"".join(data for _, data in pieces) == raw.read_bytes()
+
+
 def test_read_stops_cleanly_when_consumer_stops(source, nbd_exports, publish, lab_pki):
     disk, raw, _ = source
     export = nbd_exports(disk.path, fmt="qcow2")
