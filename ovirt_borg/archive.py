@@ -82,8 +82,15 @@ OWNER = "root"
 
 # Worker threads hashing and encrypting data blocks; with 2 cores more only adds contention.
 _WORKERS = max(1, min(2, os.cpu_count() or 1))
-# Data blocks in flight (each holds its data and, once encrypted, its ciphertext).
+# Data blocks in flight (each holds its data and, once encrypted, its ciphertext): enough to
+# keep the workers busy while the writing thread waits on the repository's disk writes.
 _IN_FLIGHT = 2 * _WORKERS + 2
+_IN_FLIGHT_BYTES = 32 << 20
+
+
+def _in_flight(block_size: int) -> int:
+    """Blocks to keep in flight for ``block_size``: at least _IN_FLIGHT, else _IN_FLIGHT_BYTES' worth."""
+    return max(_IN_FLIGHT, _IN_FLIGHT_BYTES // max(1, block_size))
 
 
 class Reuse(NamedTuple):
@@ -480,14 +487,7 @@ class _InternalWriter(ArchiveWriter):
 
         A remote repository is opened here; a local one when its context is entered.
         """
-        borg = _borg()
-        if location.proto == "ssh":
-            # RemoteRepository reads these options from Borg's parsed command line; BORG_RSH and
-            # BORG_REMOTE_PATH come from the environment set by the caller.
-            options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,
-                                         debug_topics=[])
-            return borg.RemoteRepository(location, exclusive=True, lock_wait=lock_wait, args=options)
-        return borg.Repository(location.path, exclusive=True, lock_wait=lock_wait)
+        return _repository(location, exclusive=True, lock_wait=lock_wait)
 
     def _abort(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -673,6 +673,7 @@ class _InternalWriter(ArchiveWriter):
         # In block order: chunk entries done, or futures of data blocks being prepared.
         pending: deque[object] = deque()
         in_flight = 0
+        in_flight_limit = _in_flight(self.block_size)
         started = time.monotonic()
 
         def settle(limit: int) -> None:
@@ -709,7 +710,7 @@ class _InternalWriter(ArchiveWriter):
                         else:
                             pending.append(self._pool.submit(self._prepare, data))
                             in_flight += 1
-                    settle(_IN_FLIGHT)
+                    settle(in_flight_limit)
                 if count != self._block_count(size):
                     raise ValueError(f"{path}: {count} blocks given, {self._block_count(size)} expected "
                                      f"for {size} bytes")
@@ -968,9 +969,28 @@ class _CliWriter(ArchiveWriter):
 _READ_AHEAD = 8
 
 
+def _repository(location, *, exclusive: bool, lock_wait: int):
+    """Return Borg's repository object for ``location`` (a ``borg.helpers.Location``).
+
+    A remote repository is opened (and locked) here; a local one when its context is entered.
+    """
+    borg = _borg()
+    if location.proto == "ssh":
+        # RemoteRepository reads these options from Borg's parsed command line; BORG_RSH and
+        # BORG_REMOTE_PATH come from the environment set by the caller.
+        options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,
+                                     debug_topics=[])
+        return borg.RemoteRepository(location, exclusive=exclusive, lock_wait=lock_wait, args=options)
+    return borg.Repository(location.path, exclusive=exclusive, lock_wait=lock_wait)
+
+
 @contextlib.contextmanager
-def _open_for_reading(repo: Repo) -> Iterator[tuple[object, object, object]]:
-    """Open ``repo`` without an exclusive lock; yield (repository, manifest, key)."""
+def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tuple[object, object, object]]:
+    """Open ``repo`` without an exclusive lock; yield (repository, manifest, key).
+
+    Without ``with_manifest`` the manifest is not read (no passphrase, no key derivation) and
+    (repository, None, None) is yielded.
+    """
     borg = _borg()
     secrets = {name: value for name, value in repo.env.items() if name in SECRET_ENV}
     settings = {name: value for name, value in repo.env.items() if name not in SECRET_ENV}
@@ -986,17 +1006,11 @@ def _open_for_reading(repo: Repo) -> Iterator[tuple[object, object, object]]:
         if repo.lock_wait > 0 and borgcli.lock_holders(repo, writers_only=True):
             borgcli.log_lock_wait(repo)
         try:
-            location = borg.Location(repo.location)
-            if location.proto == "ssh":
-                import argparse
-
-                options = argparse.Namespace(rsh=None, remote_path=None, upload_ratelimit=0, upload_buffer=0,
-                                             debug_topics=[])
-                repository = borg.RemoteRepository(location, exclusive=False, lock_wait=repo.lock_wait,
-                                                   args=options)
-            else:
-                repository = borg.Repository(location.path, exclusive=False, lock_wait=repo.lock_wait)
+            repository = _repository(borg.Location(repo.location), exclusive=False, lock_wait=repo.lock_wait)
             with repository:
+                if not with_manifest:
+                    yield repository, None, None
+                    return
                 with _environment(secrets):
                     manifest, key = borg.Manifest.load(repository, (borg.Manifest.Operation.READ,))
                 yield repository, manifest, key
@@ -1010,6 +1024,15 @@ class RepositoryView:
 
     id: str  # 64 hex digits, as ``borg info --json`` reports it
     archives: frozenset[str]  # the names of its archives, checkpoints included
+
+
+def repository_id(repo: Repo) -> str:
+    """Return the id (64 hex digits) of ``repo`` without reading its manifest (no passphrase needed).
+
+    Raises typed errors: a missing repository, a lock held too long.
+    """
+    with _open_for_reading(repo, with_manifest=False) as (repository, _, _):
+        return _borg().bin_to_hex(repository.id)
 
 
 def repository_view(repo: Repo) -> RepositoryView:
@@ -1053,14 +1076,15 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
         fetched = repository.get_many(data_ids, is_preloaded=False) if data_ids else iter(())
         opener = _ChunkOpener(key)
         # Chunks are fetched in this thread (the repository is not thread-safe) and opened by
-        # the workers, up to _IN_FLIGHT ahead of the consumer.
+        # the workers, up to ``limit`` ahead of the consumer.
+        limit = _in_flight(max((length for _, length, _ in entries), default=1))
         opening: deque[Future] = deque()
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool:
             try:
                 ahead = iter(data_ids)
                 for chunk_id in ahead:
                     opening.append(pool.submit(opener.open, chunk_id, next(fetched)))
-                    if len(opening) >= _IN_FLIGHT:
+                    if len(opening) >= limit:
                         break
                 for start, length, chunk_id in entries:
                     if chunk_id is None:

@@ -184,7 +184,7 @@ def _job_lock(config: config_mod.Config) -> Iterator[None]:
 
 
 def _state_dir(config: config_mod.Config, repo: archive.Repo) -> sc.StateDir:
-    return sc.StateDir(Path(config.state.directory), archive.repository_view(repo).id)
+    return sc.StateDir(Path(config.state.directory), archive.repository_id(repo))
 
 
 # -- commands ------------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ def test_init_creates_a_usable_repository(tmp_path, borg_env):
     info = json.loads(run_borg(repo, "info", "--json", "{repo}").stdout)
     assert info["encryption"]["mode"] == "repokey-blake2"
     assert archive.repository_view(repo).id == info["repository"]["id"]
+    # The id alone needs no passphrase.
+    no_secret = Repo(repo.location, {k: v for k, v in borg_env.items() if k != "BORG_PASSPHRASE"})
+    assert archive.repository_id(no_secret) == info["repository"]["id"]
     assert borgcli.list_archives(repo) == []
     with pytest.raises(RepositoryError, match="already exists"):
         borgcli.init(repo)
