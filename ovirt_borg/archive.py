@@ -3,10 +3,11 @@
 A disk image is cut into fixed-size, aligned blocks (``block_size``, one Borg chunk each) and
 given to :meth:`ArchiveWriter.add_image` in order, each block being one of:
 
-- ``None``: a hole (all zeros, not read). The item references the all-zero chunk of that
-  length, stored once per repository, so ``borg extract --sparse`` writes a hole;
-- ``Reuse(i)``: block ``i`` of the same image in the base archive (see
-  :meth:`ArchiveWriter.base_image`). Its chunk id is referenced: no read, no upload;
+- ``None`` or ``Holes(n)``: one or ``n`` holes (all zeros, not read). The item references the
+  all-zero chunk of that length, stored once per repository, so ``borg extract --sparse``
+  writes a hole;
+- ``Reuse(i, n)``: blocks ``i`` .. ``i + n - 1`` of the same image in the base archive (see
+  :meth:`ArchiveWriter.base_image`). Their chunk ids are referenced: no read, no upload;
 - bytes-like data of the block. It is hashed, compressed, encrypted and stored as a new chunk,
   or referenced if the repository has that chunk already.
 
@@ -88,13 +89,22 @@ _IN_FLIGHT = 2 * _WORKERS + 2
 
 
 class Reuse(NamedTuple):
-    """Reuse block ``index`` of the base image (its chunk is referenced, not read or sent)."""
+    """Reuse blocks ``index`` .. ``index + count - 1`` of the base image, in place of as many
+    blocks (their chunks are referenced, not read or sent)."""
 
     index: int
+    count: int = 1
 
 
-#: One block of an image as given to ``add_image``: a hole, a reuse, or the block's data.
-Block = Union[None, Reuse, bytes, bytearray, memoryview]
+class Holes(NamedTuple):
+    """``count`` blocks that read as zeros (they reference the all-zero chunk)."""
+
+    count: int
+
+
+#: Blocks of an image as given to ``add_image``: a hole (None), a run of holes, a run of reused
+#: blocks, or one block's data.
+Block = Union[None, Holes, Reuse, bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
@@ -214,9 +224,10 @@ class ArchiveWriter(ABC):
     def add_image(self, path: str, size: int, blocks: Iterable[Block]) -> ImageStats:
         """Add the image ``path`` of ``size`` bytes, given as its blocks in order.
 
-        Each block is ``None`` (a hole), ``Reuse(i)`` (only after ``base_image(path, size)``
-        returned True) or the block's bytes; there must be ``ceil(size / block_size)`` of them,
-        all ``block_size`` long but the last. Data blocks are copied if they are not ``bytes``
+        Each item is ``None`` (a hole), ``Holes(n)`` (n holes), ``Reuse(i, n)`` (blocks i ..
+        i + n - 1 of the base image, only after ``base_image(path, size)`` returned True) or one
+        block's bytes; together ``ceil(size / block_size)`` blocks, all ``block_size`` long but
+        the last. Data blocks are copied if they are not ``bytes``
         (the caller may reuse its buffers). Returns what was done. Raises ``ValueError`` for
         blocks that do not fit, typed errors for repository failures, and whatever the block
         iterator raises; the archive must then be abandoned (leave the ``with`` block).
@@ -283,6 +294,16 @@ class ArchiveWriter(ABC):
 
     def _block_count(self, size: int) -> int:
         return math.ceil(size / self.block_size)
+
+    def _run_lengths(self, position: int, count: int, size: int, path: str) -> list[tuple[int, int]]:
+        """The blocks ``position`` .. ``position + count - 1`` of an image of ``size`` bytes as
+        (block length, how many) pieces: the full blocks, then the short last one if included."""
+        if count < 1:
+            raise ValueError(f"{path}: a run of {count} blocks")
+        last = self._block_length(position + count - 1, size, path)
+        if last == self.block_size or count == 1:
+            return [(last, count)]
+        return [(self.block_size, count - 1), (last, 1)]
 
     @abstractmethod
     def _open(self) -> None: ...
@@ -635,7 +656,8 @@ class _InternalWriter(ArchiveWriter):
         counters["bytes_stored"] += stored_size
         return borg.ChunkListEntry(prepared.chunk_id, prepared.size, stored_size)
 
-    def _hole(self, length: int):
+    def _holes(self, count: int, length: int) -> list:
+        """Reference the all-zero chunk of ``length`` bytes ``count`` times; return the chunk entries."""
         chunk_id = self._zero_ids.get(length)
         if chunk_id is None:
             zero_block = memoryview(_borg().zeros)[:length]
@@ -644,19 +666,43 @@ class _InternalWriter(ArchiveWriter):
             # add_chunk stores the all-zero chunk if the repository does not have it yet; it
             # encrypts in this thread, so it takes its turn with the workers.
             with self._compress_lock, self._cipher_lock:
-                return self._cache.add_chunk(chunk_id, zero_block, self._archive.stats, wait=False)
-        return self._cache.chunk_incref(chunk_id, self._archive.stats)
+                entry = self._cache.add_chunk(chunk_id, zero_block, self._archive.stats, wait=False)
+        else:
+            entry = self._cache.chunk_incref(chunk_id, self._archive.stats)
+        if count > 1:
+            # The same as count - 1 more chunk_incref calls, without a Python call per block.
+            chunks = self._cache.chunks
+            for _ in range(count - 1):
+                chunks.incref(chunk_id)
+            self._archive.stats.update(entry.size * (count - 1), entry.csize * (count - 1), False)
+        return [entry] * count
 
-    def _reuse(self, base_chunks: list | None, reuse: Reuse, length: int, path: str):
+    def _reuse(self, base_chunks: list | None, reuse: Reuse, lengths: list[tuple[int, int]], path: str) -> list:
+        """Reference blocks ``reuse.index`` .. of the base image; ``lengths``: (length, count) pieces."""
+        borg = _borg()
         if base_chunks is None:
             raise ValueError(f"{path}: Reuse given but base_image() did not accept {path}")
-        if not 0 <= reuse.index < len(base_chunks):
-            raise ValueError(f"{path}: Reuse({reuse.index}) is outside the base image "
+        if reuse.count < 1 or not 0 <= reuse.index or reuse.index + reuse.count > len(base_chunks):
+            raise ValueError(f"{path}: Reuse({reuse.index}, {reuse.count}) is outside the base image "
                              f"({len(base_chunks)} blocks)")
-        chunk = base_chunks[reuse.index]
-        if chunk.size != length:
-            raise ValueError(f"{path}: Reuse({reuse.index}) has {chunk.size} bytes where {length} are needed")
-        return self._cache.chunk_incref(chunk.id, self._archive.stats)
+        cache = self._cache
+        if not cache.txn_active:
+            cache.begin_txn()
+        entries = []
+        size_total = csize_total = 0
+        chunks = iter(base_chunks[reuse.index:reuse.index + reuse.count])
+        for length, count in lengths:
+            for _ in range(count):
+                chunk = next(chunks)
+                if chunk.size != length:
+                    raise ValueError(f"{path}: reused block {reuse.index + len(entries)} has {chunk.size} bytes "
+                                     f"where {length} are needed")
+                _, size, csize = cache.chunks.incref(chunk.id)
+                size_total += size
+                csize_total += csize
+                entries.append(borg.ChunkListEntry(chunk.id, size, csize))
+        self._archive.stats.update(size_total, csize_total, False)
+        return entries
 
     def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
         borg = _borg()
@@ -675,31 +721,38 @@ class _InternalWriter(ArchiveWriter):
                 head = pending.popleft()
                 if isinstance(head, Future):
                     in_flight -= 1
-                    head = self._store(head.result(), counters)
-                entries.append(head)
+                    entries.append(self._store(head.result(), counters))
+                else:
+                    entries.extend(head)
 
-        count = 0
+        count = 0  # blocks given so far
         try:
             with self._borg_errors():
-                for position, block in enumerate(blocks):
-                    count = position + 1
-                    length = self._block_length(position, size, path)
+                for block in blocks:
                     if block is None:
-                        counters["holes"] += 1
-                        pending.append(self._hole(length))
-                    elif isinstance(block, Reuse):
-                        counters["reused"] += 1
-                        pending.append(self._reuse(base_chunks, block, length, path))
+                        block = Holes(1)
+                    if isinstance(block, (Holes, Reuse)):
+                        lengths = self._run_lengths(count, block.count, size, path)
+                        if isinstance(block, Holes):
+                            counters["holes"] += block.count
+                            for length, times in lengths:
+                                pending.append(self._holes(times, length))
+                        else:
+                            counters["reused"] += block.count
+                            pending.append(self._reuse(base_chunks, block, lengths, path))
+                        count += block.count
                     else:
+                        length = self._block_length(count, size, path)
                         data = block if isinstance(block, bytes) else bytes(block)
                         if len(data) != length:
-                            raise ValueError(f"{path}: block {position} has {len(data)} bytes, {length} expected")
+                            raise ValueError(f"{path}: block {count} has {len(data)} bytes, {length} expected")
+                        count += 1
                         counters["stored"] += 1
                         counters["bytes_new"] += length
                         if zeros.startswith(data):
                             # Read but all zero (allocated, never written): no need to hash it.
                             counters["deduplicated"] += 1
-                            pending.append(self._hole(length))
+                            pending.append(self._holes(1, length))
                         else:
                             pending.append(self._pool.submit(self._prepare, data))
                             in_flight += 1
@@ -786,19 +839,30 @@ class _ImageReader:
         self._writer = writer
         self._path = path
         self._size = size
-        self._blocks = iter(enumerate(blocks))
+        self._blocks = iter(blocks)
+        self._holes_left = 0  # of a Holes run being given out
         self._buffer = memoryview(b"")
         self.exhausted = False
         self.counters = {"holes": 0, "reused": 0, "stored": 0, "bytes_new": 0}
         self.count = 0
 
     def _next_block(self) -> bytes | memoryview | None:
-        try:
-            position, block = next(self._blocks)
-        except StopIteration:
-            self.exhausted = True
-            return None
-        self.count = position + 1
+        if self._holes_left:
+            self._holes_left -= 1
+            block = None
+        else:
+            try:
+                block = next(self._blocks)
+            except StopIteration:
+                self.exhausted = True
+                return None
+            if isinstance(block, Holes):
+                if block.count < 1:
+                    raise ValueError(f"{self._path}: a run of {block.count} blocks")
+                self._holes_left = block.count - 1
+                block = None
+        position = self.count
+        self.count += 1
         length = self._writer._block_length(position, self._size, self._path)
         if block is None:
             self.counters["holes"] += 1

@@ -26,10 +26,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ovirt_borg import archive, plan, sidecar as sc
-from ovirt_borg.archive import Reuse
+from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import (CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo)
 from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError
 from ovirt_borg.imageio import ImageioClient, TransferSettings
@@ -118,6 +118,26 @@ def iso(t: datetime) -> str:
 
 def archive_timestamp(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+
+def unused_timestamp(previous_archives: Iterable[str], now: Callable[[], datetime] = lambda: utc_now(),
+                     sleep: Callable[[float], None] = time.sleep) -> str:
+    """The archive timestamp for a run starting now, one that none of ``previous_archives`` has.
+
+    Archive names have a one-second resolution: a run started within the second of the last
+    one (a retry, a test) waits for the next second rather than fail on a taken name.
+    """
+    taken = {m.group(0) for name in previous_archives if (m := _TIMESTAMP.search(name))}
+    timestamp = archive_timestamp(now())
+    for _ in range(40):
+        if timestamp not in taken:
+            break
+        sleep(0.05)
+        timestamp = archive_timestamp(now())
+    return timestamp
 
 
 def vm_archive_glob(prefix: str, vm_name: str) -> str:
@@ -458,18 +478,18 @@ class VmBackup:
         sample = plan.choose_sample(blocks, self.settings.verify_sample, self.rng)
         pieces = client.read_ranges([(s.offset, s.length) for s in sample])
         for piece, (_, data) in zip(sample, pieces):
-            start = piece.offset - piece.block.offset
-            base = writer.base_block(path, piece.block.index)[start:start + piece.length]
+            start = piece.offset - piece.block_offset
+            base = writer.base_block(path, piece.index)[start:start + piece.length]
             if base != data:
                 log.error("VM %s disk %s: block %d changed although the dirty bitmap says it did not; "
                           "the bitmap cannot be trusted: reading the whole disk",
-                          self.vm.name, disk.alias, piece.block.index)
+                          self.vm.name, disk.alias, piece.index)
                 return False
         log.debug("VM %s disk %s: %d sampled pieces of clean blocks match", self.vm.name, disk.alias, len(sample))
         return True
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], base_digests: bytes | None,
-                digests: bytearray, progress: Progress) -> Iterator[None | Reuse | bytes]:
+                digests: bytearray, progress: Progress) -> Iterator[Holes | Reuse | bytes]:
         """Yield the writer's blocks in order; once all are taken, ``digests`` holds each block's sha256.
 
         Data blocks are hashed in a thread of their own (hashlib releases the GIL), so this
@@ -482,14 +502,14 @@ class VmBackup:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
             for block in blocks:
                 if block.action is plan.Action.HOLE:
-                    parts.append(sc.zero_digest(block.length))
-                    progress.update(block.length, 0)
-                    yield None
+                    parts.append(sc.zero_digest(block.length) * block.count)
+                    progress.update(block.length * block.count, 0)
+                    yield Holes(block.count)
                 elif block.action is plan.Action.REUSE:
                     assert base_digests is not None
-                    parts.append(base_digests[block.index * sc.DIGEST_SIZE:(block.index + 1) * sc.DIGEST_SIZE])
-                    progress.update(block.length, 0)
-                    yield Reuse(block.index)
+                    parts.append(base_digests[block.index * sc.DIGEST_SIZE:(block.index + block.count) * sc.DIGEST_SIZE])
+                    progress.update(block.length * block.count, 0)
+                    yield Reuse(block.index, block.count)
                 else:
                     data = next(data_iter)
                     hashing.append(hasher.submit(_sha256, data))

@@ -237,7 +237,7 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
                 log.warning("the selection matches no VM; nothing to back up")
                 outcome = backup.RunOutcome([], 1)
             else:
-                timestamp = backup.archive_timestamp(backup.utc_now())
+                timestamp = backup.unused_timestamp(sidecar.archive for sidecar in state.all())
                 outcome = backup.run_backups(engine, repo, state, settings, vms,
                                              lambda vm: archive_name(vm, timestamp), pm, config,
                                              force_full=args.full)

@@ -11,6 +11,11 @@ one may be short). Given imageio's extents, each block becomes:
   dirty bitmap (``choose_sample``).
 - ``READ``: the block is read from imageio and stored. Only its non-zero ``segments`` are
   fetched; the zero parts are filled in locally, so zero extents never cross the wire.
+
+Consecutive HOLE blocks, and consecutive REUSE blocks, of the same length are planned as one
+run (``Block.count`` > 1), so planning, memory and the writer's work grow with the number of
+extents and of blocks read, not with the disk's provisioned size (a 1 TiB disk is a million
+1 MiB blocks). READ blocks are always planned one by one.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class Action(enum.Enum):
     READ = "read"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Extent:
     """A run of the disk as imageio reports it: ``zero`` reads as zeros, ``dirty`` changed."""
 
@@ -41,19 +46,26 @@ class Extent:
         return self.start + self.length
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Block:
-    """One planned block: index, absolute offset, length, action, and data segments to read."""
+    """Planned blocks: the first one's index and offset, each one's length, their action, how
+    many (``count``, a run of HOLE or REUSE blocks; always 1 for READ) and the data segments
+    in them (what a READ block fetches; where a REUSE run holds data)."""
 
     index: int
     offset: int
     length: int
     action: Action
     segments: tuple[tuple[int, int], ...] = ()
+    count: int = 1
 
     @property
     def bytes_to_read(self) -> int:
         return sum(length for _, length in self.segments)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length * self.count
 
 
 @dataclass(frozen=True)
@@ -93,40 +105,88 @@ def plan_blocks(
     Given the disk ``size``, the ``block_size``, imageio's extents covering the whole disk
     (for a full backup from ``context=zero``, all marked dirty; for an incremental from
     ``context=dirty``) and ``base_size``, the size of the disk in the base archive (None when
-    there is no usable base), return one Block per block in order. Raises ValueError on
-    extents that do not cover the disk.
+    there is no usable base), return the planned blocks in order, runs of HOLE and REUSE blocks
+    as one Block each (see the module docstring). Raises ValueError on extents that do not
+    cover the disk.
     """
     check_extents(extents, size)
     base_blocks = block_count(base_size, block_size) if base_size is not None else 0
+    base_full_blocks = base_size // block_size if base_size is not None else 0
     blocks: list[Block] = []
+    total = block_count(size, block_size)
     position = 0  # index of the first extent that may overlap the current block
-    for index in range(block_count(size, block_size)):
+    index = 0
+    while index < total:
         offset = index * block_size
-        end = min(offset + block_size, size)
         while extents[position].end <= offset:
             position += 1
-        segments: list[tuple[int, int]] = []
-        dirty = False
-        cursor = position
-        while cursor < len(extents) and extents[cursor].start < end:
-            extent = extents[cursor]
-            dirty = dirty or extent.dirty
-            if not extent.zero:
-                seg_start, seg_end = max(offset, extent.start), min(end, extent.end)
-                if segments and segments[-1][0] + segments[-1][1] == seg_start:
-                    segments[-1] = (segments[-1][0], segments[-1][1] + seg_end - seg_start)
-                else:
-                    segments.append((seg_start, seg_end - seg_start))
-            cursor += 1
-        length = end - offset
-        if not segments:
-            action = Action.HOLE
-        elif not dirty and index < base_blocks and _base_block_length(index, base_size, block_size) == length:
-            action = Action.REUSE
-        else:
-            action = Action.READ
-        blocks.append(Block(index, offset, length, action, tuple(segments)))
+        extent = extents[position]
+        # Whole blocks inside this one extent (never the short last block): planned at once.
+        inside = min((extent.end - offset) // block_size, size // block_size - index)
+        if inside >= 1 and extent.zero:
+            _append(blocks, Block(index, offset, block_size, Action.HOLE, (), inside))
+            index += inside
+            continue
+        if inside >= 1 and not extent.dirty and index < base_full_blocks:
+            count = min(inside, base_full_blocks - index)
+            _append(blocks, Block(index, offset, block_size, Action.REUSE,
+                                  ((offset, count * block_size),), count))
+            index += count
+            continue
+        if inside >= 1:
+            # Data that changed, or that the base does not hold: read block by block.
+            for i in range(index, index + inside):
+                blocks.append(Block(i, i * block_size, block_size, Action.READ, ((i * block_size, block_size),)))
+            index += inside
+            continue
+        _append(blocks, _plan_one(index, block_size, size, extents, position, base_blocks, base_size))
+        index += 1
     return blocks
+
+
+def _plan_one(index: int, block_size: int, size: int, extents: Sequence[Extent], position: int,
+              base_blocks: int, base_size: int | None) -> Block:
+    """Plan block ``index``, which extents[position] and its followers cover in part each."""
+    offset = index * block_size
+    end = min(offset + block_size, size)
+    segments: list[tuple[int, int]] = []
+    dirty = False
+    cursor = position
+    while cursor < len(extents) and extents[cursor].start < end:
+        extent = extents[cursor]
+        dirty = dirty or extent.dirty
+        if not extent.zero:
+            seg_start, seg_end = max(offset, extent.start), min(end, extent.end)
+            if segments and segments[-1][0] + segments[-1][1] == seg_start:
+                segments[-1] = (segments[-1][0], segments[-1][1] + seg_end - seg_start)
+            else:
+                segments.append((seg_start, seg_end - seg_start))
+        cursor += 1
+    length = end - offset
+    if not segments:
+        action = Action.HOLE
+    elif not dirty and index < base_blocks and _base_block_length(index, base_size, block_size) == length:
+        action = Action.REUSE
+    else:
+        action = Action.READ
+    return Block(index, offset, length, action, tuple(segments))
+
+
+def _append(blocks: list[Block], block: Block) -> None:
+    """Append ``block``, joining it to the previous run of the same kind if it follows it."""
+    if blocks and block.action is not Action.READ:
+        last = blocks[-1]
+        if last.action is block.action and last.length == block.length and last.end == block.offset:
+            segments = list(last.segments)
+            for start, length in block.segments:
+                if segments and segments[-1][0] + segments[-1][1] == start:
+                    segments[-1] = (segments[-1][0], segments[-1][1] + length)
+                else:
+                    segments.append((start, length))
+            blocks[-1] = Block(last.index, last.offset, last.length, last.action, tuple(segments),
+                               last.count + block.count)
+            return
+    blocks.append(block)
 
 
 def _base_block_length(index: int, base_size: int | None, block_size: int) -> int:
@@ -139,29 +199,55 @@ SAMPLE_LENGTH = 64 * 1024
 
 @dataclass(frozen=True)
 class SampleRange:
-    """A piece of a clean (REUSE) block to re-read and compare with the base archive."""
+    """A piece of a clean (REUSE) block to re-read and compare with the base archive: the
+    block's ``index`` and ``block_offset``, the piece's ``offset`` and ``length``."""
 
-    block: Block
+    index: int
+    block_offset: int
     offset: int
     length: int
 
 
 def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random,
                   length: int = SAMPLE_LENGTH) -> list[SampleRange]:
-    """Pick up to ``count`` REUSE blocks holding data and, in each, a ``length`` piece of data.
+    """Pick up to ``count`` distinct REUSE blocks holding data and, in each, a ``length`` piece of data.
 
     The piece starts at a ``length``-aligned offset inside one of the block's data segments,
-    so re-reading it costs ``length`` bytes on the wire, not a whole block.
+    so re-reading it costs ``length`` bytes on the wire, not a whole block. Returned in disk order.
     """
-    candidates = [b for b in blocks if b.action is Action.REUSE and b.segments]
-    chosen = candidates if len(candidates) <= count else rng.sample(candidates, count)
+    runs = [b for b in blocks if b.action is Action.REUSE and b.segments]
+    # Only the blocks of a run that hold data are candidates.
+    candidates: list[tuple[Block, int]] = []  # (run, first block of a stretch), ...
+    weights: list[int] = []
+    for run in runs:
+        covered = -1  # the last block of this run already a candidate
+        for start, seg_length in run.segments:
+            first = max((start - run.offset) // run.length, covered + 1)
+            last = (start + seg_length - 1 - run.offset) // run.length
+            if last >= first:
+                candidates.append((run, first))
+                weights.append(last - first + 1)
+                covered = last
+    total = sum(weights)
+    picks = sorted(rng.sample(range(total), min(count, total))) if total else []
     sample = []
-    for block in sorted(chosen, key=lambda b: b.index):
-        start, seg_length = rng.choice(block.segments)
-        first = -(-start // length) * length
-        last = (start + seg_length - length) // length * length
-        offset = rng.randrange(first, last + 1, length) if last >= first else start
-        sample.append(SampleRange(block, offset, min(length, start + seg_length - offset)))
+    stretch, passed = 0, 0
+    for pick in picks:
+        while pick >= passed + weights[stretch]:
+            passed += weights[stretch]
+            stretch += 1
+        run, first = candidates[stretch]
+        within = first + pick - passed
+        block_offset = run.offset + within * run.length
+        block_end = block_offset + run.length
+        # The data of this block: its part of the run's segments.
+        pieces = [(max(s, block_offset), min(s + n, block_end)) for s, n in run.segments
+                  if s < block_end and s + n > block_offset]
+        start, end = rng.choice(pieces)
+        first_aligned = -(-start // length) * length
+        last_aligned = (end - length) // length * length
+        offset = rng.randrange(first_aligned, last_aligned + 1, length) if last_aligned >= first_aligned else start
+        sample.append(SampleRange(run.index + within, block_offset, offset, min(length, end - offset)))
     return sample
 
 
@@ -169,13 +255,13 @@ def summarize(blocks: Iterable[Block]) -> PlanSummary:
     """Count holes, reused and read blocks, and the bytes that will be read."""
     holes = reused = read = to_read = total = 0
     for block in blocks:
-        total += 1
+        total += block.count
         if block.action is Action.HOLE:
-            holes += 1
+            holes += block.count
         elif block.action is Action.REUSE:
-            reused += 1
+            reused += block.count
         else:
-            read += 1
+            read += block.count
             to_read += block.bytes_to_read
     return PlanSummary(total, holes, reused, read, to_read)
 

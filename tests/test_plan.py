@@ -10,8 +10,47 @@ MiB = 1 << 20
 B = 4 * MiB
 
 
+def expand(blocks):
+    """The plan block by block: (index, offset, length, action, segments in that block)."""
+    out = []
+    for run in blocks:
+        for i in range(run.count):
+            offset = run.offset + i * run.length
+            end = offset + run.length
+            segments = tuple((max(s, offset), min(s + n, end) - max(s, offset)) for s, n in run.segments
+                             if s < end and s + n > offset)
+            out.append((run.index + i, offset, run.length, run.action, segments))
+    return out
+
+
 def actions(blocks):
-    return [b.action for b in blocks]
+    return [b[3] for b in expand(blocks)]
+
+
+def reference_plan(size, block_size, extents, base_size=None):
+    """Block by block, the plainest way: what plan_blocks must equal once runs are expanded."""
+    base_blocks = -(-base_size // block_size) if base_size is not None else 0
+    out = []
+    for index in range(-(-size // block_size)):
+        offset, end = index * block_size, min((index + 1) * block_size, size)
+        segments, dirty = [], False
+        for e in extents:
+            if e.start < end and e.end > offset:
+                dirty = dirty or e.dirty
+                if not e.zero:
+                    start, stop = max(offset, e.start), min(end, e.end)
+                    if segments and sum(segments[-1]) == start:
+                        segments[-1] = (segments[-1][0], segments[-1][1] + stop - start)
+                    else:
+                        segments.append((start, stop - start))
+        if not segments:
+            action = Action.HOLE
+        elif not dirty and index < base_blocks and min(block_size, base_size - offset) == end - offset:
+            action = Action.REUSE
+        else:
+            action = Action.READ
+        out.append((index, offset, end - offset, action, tuple(segments)))
+    return out
 
 
 def test_full_backup_holes_and_partial_blocks():
@@ -21,8 +60,8 @@ def test_full_backup_holes_and_partial_blocks():
                Extent(2 * B + 2 * MiB, size - (2 * B + 2 * MiB), True)]
     blocks = plan_blocks(size, B, extents)
     assert actions(blocks) == [Action.READ, Action.HOLE, Action.READ, Action.HOLE]
-    assert blocks[2].segments == ((2 * B + MiB, MiB),)  # zeros are never read
-    assert blocks[3].length == MiB
+    assert expand(blocks)[2][4] == ((2 * B + MiB, MiB),)  # zeros are never read
+    assert expand(blocks)[3][2] == MiB
     summary = summarize(blocks)
     assert (summary.holes, summary.read, summary.bytes_to_read) == (2, 2, B + MiB)
 
@@ -39,7 +78,7 @@ def test_incremental_reuses_clean_blocks_and_reads_dirty_whole_data():
     blocks = plan_blocks(size, B, extents, base_size=size)
     assert actions(blocks) == [Action.REUSE, Action.READ, Action.HOLE, Action.HOLE]
     # the dirty block is read whole (clean parts too), so the new chunk is complete
-    assert blocks[1].segments == ((B, B),)
+    assert expand(blocks)[1][4] == ((B, B),)
 
 
 def test_disk_grown_since_base_reads_new_and_changed_tail():
@@ -68,12 +107,49 @@ def test_sample_picks_small_aligned_pieces_of_clean_data_blocks():
     sample = choose_sample(blocks, 3, random.Random(1))
     assert len(sample) == 3
     for piece in sample:
-        assert piece.block.action is Action.REUSE and piece.block.index < 6  # never a hole
+        assert piece.index < 6 and piece.block_offset == piece.index * B  # a clean data block, never a hole
         assert piece.length == 64 * 1024 and piece.offset % (64 * 1024) == 0
-        assert piece.block.offset <= piece.offset < piece.block.offset + B
-    assert len(choose_sample(blocks, 10, random.Random(1))) == 6
+        assert piece.block_offset <= piece.offset < piece.block_offset + B
+    assert len({piece.index for piece in sample}) == 3
+    assert sorted(p.index for p in choose_sample(blocks, 10, random.Random(1))) == [0, 1, 2, 3, 4, 5]
 
 
 def test_read_ranges_split_long_segments():
     blocks = plan_blocks(2 * B, 2 * B, [Extent(0, 2 * B, False)])
     assert read_ranges(blocks, B) == [(0, B), (B, B)]
+
+
+def test_runs_plan_a_huge_sparse_disk_in_a_few_entries():
+    size = 1 << 40  # 1 TiB, 1 MiB blocks: a million blocks
+    extents = [Extent(0, 64 * MiB, zero=False, dirty=False), Extent(64 * MiB, MiB // 2, zero=False, dirty=True),
+               Extent(64 * MiB + MiB // 2, size - 64 * MiB - MiB // 2, zero=True, dirty=False)]
+    blocks = plan_blocks(size, MiB, extents, base_size=size)
+    assert [(b.action, b.count) for b in blocks] == [(Action.REUSE, 64), (Action.READ, 1),
+                                                     (Action.HOLE, (1 << 20) - 65)]
+    summary = summarize(blocks)
+    assert (summary.blocks, summary.reused, summary.read, summary.holes) == (1 << 20, 64, 1, (1 << 20) - 65)
+    assert summary.bytes_to_read == MiB // 2
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_plan_equals_the_block_by_block_reference(seed):
+    rng = random.Random(seed)
+    block = rng.choice([64 * 1024, 256 * 1024, MiB])
+    size = rng.randrange(1, 40) * block - rng.choice([0, 0, 512, block // 2])
+    base_size = rng.choice([None, size, size - block // 2, size + block, block * 3])
+    cuts = sorted({0, size} | {rng.randrange(1, size) // 512 * 512 for _ in range(rng.randrange(0, 12))}
+                  | {rng.randrange(1, max(2, size // block)) * block for _ in range(3)})
+    cuts = [c for c in cuts if 0 <= c <= size]
+    extents = [Extent(a, b - a, zero=rng.random() < 0.4, dirty=rng.random() < 0.5)
+               for a, b in zip(cuts, cuts[1:]) if b > a]
+    if base_size is not None and base_size <= 0:
+        base_size = None
+    assert expand(plan_blocks(size, block, extents, base_size=base_size)) == \
+        reference_plan(size, block, extents, base_size)
+    # Runs never hold READ blocks, never mix lengths, and follow each other without gaps.
+    blocks = plan_blocks(size, block, extents, base_size=base_size)
+    assert all(b.count == 1 for b in blocks if b.action is Action.READ)
+    assert all(a.end == b.offset for a, b in zip(blocks, blocks[1:])) and blocks[-1].end == size
+    sample = choose_sample(blocks, 5, rng)
+    clean = {i for i, _, _, action, segments in expand(blocks) if action is Action.REUSE and segments}
+    assert len(sample) == min(5, len(clean)) and {p.index for p in sample} <= clean
