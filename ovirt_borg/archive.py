@@ -86,6 +86,8 @@ _WORKERS = max(1, min(2, os.cpu_count() or 1))
 # Data blocks in flight (each holds its data and, once encrypted, its ciphertext). More (tried:
 # 32 MiB worth of 1 MiB blocks) made backup and restore slower, not faster.
 _IN_FLIGHT = 2 * _WORKERS + 2
+# Borg 1.x chunk ids are 32 bytes (keyed BLAKE2b-256 or HMAC-SHA256).
+_ID_SIZE = 32
 
 
 class Reuse(NamedTuple):
@@ -419,7 +421,8 @@ class _InternalWriter(ArchiveWriter):
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
         self._zero_ids: dict[int, bytes] = {}
         self._base_items: dict[str, object] | None = None  # base archive's files, on first use
-        self._base_images: dict[str, list] = {}  # path -> chunk list accepted by base_image()
+        # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
+        self._base_images: dict[str, bytes] = {}
         self._repository = None
 
     # -- open / close ----------------------------------------------------------------------
@@ -542,21 +545,22 @@ class _InternalWriter(ArchiveWriter):
             items = self._load_base_items()
             if items is None:
                 return False
-            item = items.get(path)
+            # The decoded item (a Python object per chunk) is dropped once its ids are kept.
+            item = items.pop(path, None)
             why = self._base_unusable(item, size)
             if why:
                 log.info("not reusing %s of base archive %s: %s", path, self.base_archive, why)
                 return False
-        self._base_images[path] = list(item.chunks)
+        self._base_images[path] = b"".join(chunk.id for chunk in item.chunks)
         log.debug("reusing blocks of %s from base archive %s", path, self.base_archive)
         return True
 
     def base_block(self, path: str, index: int) -> bytes:
         self._require_open()
-        chunks = self._base_images.get(path)
-        if chunks is None or not 0 <= index < len(chunks):
+        ids = self._base_images.get(path)
+        if ids is None or not 0 <= index < len(ids) // _ID_SIZE:
             raise ValueError(f"block {index} of {path} is not in the accepted base image")
-        chunk_id = chunks[index].id
+        chunk_id = ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
         with self._borg_errors():
             stored = self._repository.get(chunk_id)
             # Decryption uses the cipher context and the decompression buffer the workers use.
@@ -590,8 +594,8 @@ class _InternalWriter(ArchiveWriter):
             expected = min(self.block_size, size - position * self.block_size)
             if chunk.size != expected:
                 return f"chunk {position} has {chunk.size} bytes, not {expected}: not cut in aligned blocks"
-        for chunk in chunks:
-            if not self._cache.seen_chunk(chunk.id):
+        for chunk_id in {chunk.id for chunk in chunks}:
+            if len(chunk_id) != _ID_SIZE or not self._cache.seen_chunk(chunk_id):
                 return "the repository lost some of its chunks (run borg check)"
         return None
 
@@ -677,36 +681,39 @@ class _InternalWriter(ArchiveWriter):
             self._archive.stats.update(entry.size * (count - 1), entry.csize * (count - 1), False)
         return [entry] * count
 
-    def _reuse(self, base_chunks: list | None, reuse: Reuse, lengths: list[tuple[int, int]], path: str) -> list:
+    def _reuse(self, base_ids: bytes | None, reuse: Reuse, lengths: list[tuple[int, int]], path: str) -> list:
         """Reference blocks ``reuse.index`` .. of the base image; ``lengths``: (length, count) pieces."""
         borg = _borg()
-        if base_chunks is None:
+        if base_ids is None:
             raise ValueError(f"{path}: Reuse given but base_image() did not accept {path}")
-        if reuse.count < 1 or not 0 <= reuse.index or reuse.index + reuse.count > len(base_chunks):
+        if reuse.count < 1 or not 0 <= reuse.index or reuse.index + reuse.count > len(base_ids) // _ID_SIZE:
             raise ValueError(f"{path}: Reuse({reuse.index}, {reuse.count}) is outside the base image "
-                             f"({len(base_chunks)} blocks)")
+                             f"({len(base_ids) // _ID_SIZE} blocks)")
         cache = self._cache
         if not cache.txn_active:
             cache.begin_txn()
         entries = []
         size_total = csize_total = 0
-        chunks = iter(base_chunks[reuse.index:reuse.index + reuse.count])
+        position = reuse.index * _ID_SIZE
         for length, count in lengths:
             for _ in range(count):
-                chunk = next(chunks)
-                if chunk.size != length:
-                    raise ValueError(f"{path}: reused block {reuse.index + len(entries)} has {chunk.size} bytes "
+                chunk_id = base_ids[position:position + _ID_SIZE]
+                position += _ID_SIZE
+                _, size, csize = cache.chunks.incref(chunk_id)
+                if size != length:
+                    # base_image() checked the sizes: this is a Reuse of the wrong blocks. The
+                    # writer is abandoned on this error, which rolls the references back.
+                    raise ValueError(f"{path}: reused block {reuse.index + len(entries)} has {size} bytes "
                                      f"where {length} are needed")
-                _, size, csize = cache.chunks.incref(chunk.id)
                 size_total += size
                 csize_total += csize
-                entries.append(borg.ChunkListEntry(chunk.id, size, csize))
+                entries.append(borg.ChunkListEntry(chunk_id, size, csize))
         self._archive.stats.update(size_total, csize_total, False)
         return entries
 
     def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
         borg = _borg()
-        base_chunks = self._base_images.get(path) if reusable else None
+        base_ids = self._base_images.get(path) if reusable else None
         zeros = borg.zeros
         counters = {"holes": 0, "reused": 0, "stored": 0, "bytes_new": 0, "bytes_stored": 0, "deduplicated": 0}
         entries: list = []
@@ -739,7 +746,7 @@ class _InternalWriter(ArchiveWriter):
                                 pending.append(self._holes(times, length))
                         else:
                             counters["reused"] += block.count
-                            pending.append(self._reuse(base_chunks, block, lengths, path))
+                            pending.append(self._reuse(base_ids, block, lengths, path))
                         count += block.count
                     else:
                         length = self._block_length(count, size, path)
