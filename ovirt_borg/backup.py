@@ -519,7 +519,8 @@ class VmBackup:
                         hashing.popleft().result()
                     progress.update(block.length, block.bytes_to_read)
                     yield data
-            digests += b"".join(part if isinstance(part, bytes) else part.result() for part in parts)
+            for part in parts:
+                digests += part if isinstance(part, bytes) else part.result()
 
 
 def _sha256(data: bytes) -> bytes:
