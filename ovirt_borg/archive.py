@@ -1066,18 +1066,25 @@ def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tup
     def translate(exc: BaseException) -> OvirtBorgError:
         return borgcli.translate_error(type(exc).__qualname__, str(exc), repo=repo)
 
-    with _internal_writer_lock, _environment(settings):
-        if repo.lock_wait > 0 and borgcli.lock_holders(repo, writers_only=True):
-            borgcli.log_lock_wait(repo)
+    with _internal_writer_lock, _environment(settings), contextlib.ExitStack() as stack:
         try:
-            repository = _repository(borg.Location(repo.location), exclusive=False, lock_wait=repo.lock_wait)
-            with repository:
-                if not with_manifest:
-                    yield repository, None, None
-                    return
-                with _environment(secrets):
-                    manifest, key = borg.Manifest.load(repository, (borg.Manifest.Operation.READ,))
-                yield repository, manifest, key
+            location = borg.Location(repo.location)
+            repository = None
+            if repo.lock_wait > 0:
+                # A first try that does not wait tells whether a writer holds the lock, so the
+                # log can say why the run stands still (local and remote repositories alike).
+                try:
+                    repository = stack.enter_context(_repository(location, exclusive=False, lock_wait=0))
+                except borg.LockTimeout:
+                    borgcli.log_lock_wait(repo)
+            if repository is None:
+                repository = stack.enter_context(_repository(location, exclusive=False, lock_wait=repo.lock_wait))
+            if not with_manifest:
+                yield repository, None, None
+                return
+            with _environment(secrets):
+                manifest, key = borg.Manifest.load(repository, (borg.Manifest.Operation.READ,))
+            yield repository, manifest, key
         except (borg.Error, LockError, LockErrorT, IntegrityError, borg.RemoteRepository.RPCError) as exc:
             raise translate(exc) from exc
 
