@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ovirt_borg import archive, sidecar as sc
 from ovirt_borg.engine import DiskInfo, Engine
@@ -92,7 +92,35 @@ def _pick_disks(sidecar: sc.Sidecar, disk_ids: list[str] | None) -> list[sc.Disk
     return chosen
 
 
-def _runs(blocks: Iterator[tuple[int, int, bytes | None]]) -> Iterator[tuple[int, int, bytes | None]]:
+ZERO_GRANULARITY = 64 * 1024
+_ZERO_PIECE = bytes(ZERO_GRANULARITY)
+
+
+def split_zeros(blocks: Iterable[tuple[int, int, bytes | None]],
+                granularity: int = ZERO_GRANULARITY) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
+    """Cut the all-zero ``granularity`` pieces out of data blocks (pure).
+
+    Given ``(offset, length, data or None)`` blocks, yield the same bytes as ``(offset, length,
+    data or None)`` pieces where every aligned all-zero piece of a data block is None: a block
+    the guest wrote 64 KiB of is sent as 64 KiB of data and zero requests, not as a whole block.
+    """
+    zero_piece = _ZERO_PIECE if granularity == ZERO_GRANULARITY else bytes(granularity)
+    for offset, length, data in blocks:
+        if data is None or (length >= granularity and zero_piece not in data):
+            yield offset, length, data
+            continue
+        view = memoryview(data)
+        start, zero = 0, None  # the piece being gathered and whether it is zero
+        for position in range(0, length, granularity):
+            is_zero = view[position:position + granularity] == zero_piece[:min(granularity, length - position)]
+            if zero is not None and is_zero != zero:
+                yield offset + start, position - start, None if zero else view[start:position]
+                start = position
+            zero = is_zero
+        yield offset + start, length - start, None if zero else view[start:length]
+
+
+def _runs(blocks: Iterable[tuple[int, int, bytes | None]]) -> Iterator[tuple[int, int, bytes | None]]:
     """Merge consecutive holes into one zero run; data blocks pass through."""
     hole_start = hole_len = 0
     for offset, length, data in blocks:
@@ -133,7 +161,8 @@ def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: s
             progress = Progress(f"restore {record.alias}", record.provisioned_size)
 
             def items() -> Iterator[tuple[int, int, bytes | None]]:
-                for offset, length, data in _runs(archive.read_image(repo, archive_name, record.image)):
+                for offset, length, data in _runs(split_zeros(archive.read_image(repo, archive_name,
+                                                                                 record.image))):
                     if data is None:
                         result.holes += 1
                     progress.update(length, 0 if data is None else length)
@@ -245,7 +274,10 @@ def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, 
             if data is None:
                 holes += 1
             else:
-                os.pwrite(fd, data, offset)
+                # Zero pieces of data blocks stay holes in the file too.
+                for piece_offset, _, piece in split_zeros([(offset, length, data)]):
+                    if piece is not None:
+                        os.pwrite(fd, piece, piece_offset)
                 written += length
             progress.update(length, 0 if data is None else length)
         os.fsync(fd)

@@ -178,3 +178,26 @@ def test_verify_and_restore_refuse_a_tampered_chunk(job, vm, tmp_path):
     assert proc.returncode == 9, proc.stderr
     assert "looks damaged" in proc.stderr
     assert not out.exists() or not any(out.iterdir()), "no half-restored image is left"
+
+
+def test_split_zeros_sends_zero_pieces_as_holes():
+    from ovirt_borg.restore import _runs, split_zeros
+
+    k = 64 * 1024
+    block = bytearray(os.urandom(16 * k))
+    block[2 * k:5 * k] = bytes(3 * k)   # aligned zero pieces
+    block[15 * k:] = bytes(k)
+    block[7 * k + 5:7 * k + 9] = bytes(4)  # a few zero bytes are data
+    random_block = os.urandom(16 * k)
+    blocks = [(0, 16 * k, bytes(block)), (16 * k, 16 * k, None), (32 * k, 16 * k, random_block),
+              (48 * k, 1000, bytes(1000))]
+    pieces = list(_runs(split_zeros(blocks)))
+    assert [(offset // k, length, data is None) for offset, length, data in pieces] == [
+        (0, 2 * k, False), (2, 3 * k, True), (5, 10 * k, False), (15, 17 * k, True), (32, 16 * k, False),
+        (48, 1000, True)]
+    image = bytearray(48 * k + 1000)
+    for offset, length, data in pieces:
+        assert data is None or len(data) == length
+        if data is not None:
+            image[offset:offset + length] = data
+    assert image == bytes(block) + bytes(16 * k) + random_block + bytes(1000)
