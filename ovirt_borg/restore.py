@@ -120,24 +120,32 @@ def split_zeros(blocks: Iterable[tuple[int, int, bytes | None]],
         yield offset + start, length - start, None if zero else view[start:length]
 
 
-def _runs(blocks: Iterable[tuple[int, int, bytes | None]]) -> Iterator[tuple[int, int, bytes | None]]:
-    """Merge consecutive holes into one zero run; data blocks pass through."""
-    hole_start = hole_len = 0
+PUT_SIZE = 4 << 20  # data joined into one upload request, at most
+
+
+def _runs(blocks: Iterable[tuple[int, int, bytes | memoryview | None]],
+          put_size: int = PUT_SIZE) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
+    """Merge consecutive holes into one zero run and consecutive data into requests of up to
+    ``put_size`` bytes (fewer, larger requests cost the imageio server less per byte)."""
+    start = size = 0
+    kind = None  # "hole" or "data": what is being gathered
+    pieces: list = []
     for offset, length, data in blocks:
-        if data is None:
-            if hole_len and hole_start + hole_len == offset:
-                hole_len += length
-                continue
-            if hole_len:
-                yield hole_start, hole_len, None
-            hole_start, hole_len = offset, length
-            continue
-        if hole_len:
-            yield hole_start, hole_len, None
-            hole_len = 0
-        yield offset, length, data
-    if hole_len:
-        yield hole_start, hole_len, None
+        this = "hole" if data is None else "data"
+        joinable = kind == this and start + size == offset and (this == "hole" or size + length <= put_size)
+        if not joinable:
+            if kind is not None:
+                yield start, size, None if kind == "hole" else _joined(pieces)
+            start, size, kind, pieces = offset, 0, this, []
+        size += length
+        if data is not None:
+            pieces.append(data)
+    if kind is not None:
+        yield start, size, None if kind == "hole" else _joined(pieces)
+
+
+def _joined(pieces: list) -> bytes | memoryview:
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 # -- to oVirt ------------------------------------------------------------------------------------

@@ -201,3 +201,7 @@ def test_split_zeros_sends_zero_pieces_as_holes():
         if data is not None:
             image[offset:offset + length] = data
     assert image == bytes(block) + bytes(16 * k) + random_block + bytes(1000)
+    # Consecutive data goes in requests of up to put_size bytes.
+    a, b, c = os.urandom(k), os.urandom(k), os.urandom(k)
+    assert list(_runs([(0, k, a), (k, k, memoryview(b)), (2 * k, k, c), (3 * k, k, None)], put_size=2 * k)) == [
+        (0, 2 * k, a + b), (2 * k, k, c), (3 * k, k, None)]
