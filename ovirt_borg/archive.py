@@ -89,6 +89,8 @@ _WORKERS = max(1, min(2, os.cpu_count() or 1))
 # Data blocks in flight (each holds its data and, once encrypted, its ciphertext). More (tried:
 # 32 MiB worth of 1 MiB blocks) made backup and restore slower, not faster.
 _IN_FLIGHT = 2 * _WORKERS + 2
+# Seconds a remote repository may take to open before the log says it may be locked.
+_REMOTE_WAIT_NOTICE = 2.0
 # Borg 1.x chunk ids are 32 bytes (keyed BLAKE2b-256 or HMAC-SHA256).
 _ID_SIZE = 32
 
@@ -1072,16 +1074,25 @@ def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tup
     with _internal_writer_lock, _environment(settings), contextlib.ExitStack() as stack:
         try:
             location = borg.Location(repo.location)
-            repository = None
+            # Not a first try without waiting, as the writer does: a shared lock taken with
+            # timeout 0 keeps it for its release, which then fails whenever another reader is
+            # updating the lock roster. The wait is announced instead: at once when a local
+            # repository's roster names a writer, after a few seconds for a remote one.
+            announce = None
             if repo.lock_wait > 0:
-                # A first try that does not wait tells whether a writer holds the lock, so the
-                # log can say why the run stands still (local and remote repositories alike).
-                try:
-                    repository = stack.enter_context(_repository(location, exclusive=False, lock_wait=0))
-                except borg.LockTimeout:
-                    borgcli.log_lock_wait(repo)
-            if repository is None:
+                if location.proto != "ssh":
+                    if borgcli.lock_holders(repo, writers_only=True):
+                        borgcli.log_lock_wait(repo)
+                else:
+                    announce = threading.Timer(_REMOTE_WAIT_NOTICE, borgcli.log_lock_wait, (repo,),
+                                               {"certain": False})
+                    announce.daemon = True
+                    announce.start()
+            try:
                 repository = stack.enter_context(_repository(location, exclusive=False, lock_wait=repo.lock_wait))
+            finally:
+                if announce is not None:
+                    announce.cancel()
             if not with_manifest:
                 yield repository, None, None
                 return

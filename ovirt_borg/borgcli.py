@@ -222,11 +222,13 @@ def lock_holders(repo: Repo, *, writers_only: bool = False) -> list[str]:
     return holders
 
 
-def log_lock_wait(repo: Repo) -> None:
-    """Say that ``repo`` is locked by another borg and for how long ovirt-borg will wait."""
+def log_lock_wait(repo: Repo, certain: bool = True) -> None:
+    """Say that ``repo`` is (``certain``) or may be locked by another borg, and for how long
+    ovirt-borg will wait."""
     holders = lock_holders(repo)
-    log.info("repository %s is locked by another borg process%s; waiting up to %d s for its lock",
-             repo.location, f" ({', '.join(holders)})" if holders else "", repo.lock_wait)
+    log.info("repository %s %s locked by another borg process%s; waiting up to %d s for its lock",
+             repo.location, "is" if certain else "does not answer yet: it may be",
+             f" ({', '.join(holders)})" if holders else "", repo.lock_wait)
 
 
 def archive_location(repo: Repo, archive: str) -> str:
