@@ -84,8 +84,9 @@ _DAEMON_RULES: list[tuple[str, Any]] = [
 # Where the main thread's wall time goes (waits included), for short runs like incrementals.
 _WALL_RULES: list[tuple[str, Any]] = [
     ("start-up and imports", lambda f, p, src: "importlib" in p),
-    ("borg command line (borg list: repository id, archive exists; borg extract)",
-     lambda f, p, src: _is(p, "ovirt_borg/borgcli.py")),
+    ("borg command line", lambda f, p, src: _is(p, "ovirt_borg/borgcli.py")),
+    ("repository id and archive list (in-process)",
+     lambda f, p, src: f in ("repository_id", "repository_view") and _is(p, "ovirt_borg/archive.py")),
     ("bitmap check (re-read samples, base blocks)", lambda f, p, src: f == "_check_sample"),
     ("imageio extents", lambda f, p, src: f == "extents" and _is(p, "ovirt_borg/imageio.py")),
     ("image data (read plan, reads, writer)", lambda f, p, src: f in ("add_image", "_write_image")),
