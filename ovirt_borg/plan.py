@@ -157,10 +157,7 @@ def _plan_one(index: int, block_size: int, size: int, extents: Sequence[Extent],
         dirty = dirty or extent.dirty
         if not extent.zero:
             seg_start, seg_end = max(offset, extent.start), min(end, extent.end)
-            if segments and segments[-1][0] + segments[-1][1] == seg_start:
-                segments[-1] = (segments[-1][0], segments[-1][1] + seg_end - seg_start)
-            else:
-                segments.append((seg_start, seg_end - seg_start))
+            _add_segment(segments, seg_start, seg_end - seg_start)
         cursor += 1
     length = end - offset
     if not segments:
@@ -172,6 +169,14 @@ def _plan_one(index: int, block_size: int, size: int, extents: Sequence[Extent],
     return Block(index, offset, length, action, tuple(segments))
 
 
+def _add_segment(segments: list[tuple[int, int]], start: int, length: int) -> None:
+    """Add the data segment (start, length) after ``segments``, joined to the last if it follows it."""
+    if segments and segments[-1][0] + segments[-1][1] == start:
+        segments[-1] = (segments[-1][0], segments[-1][1] + length)
+    else:
+        segments.append((start, length))
+
+
 def _append(blocks: list[Block], block: Block) -> None:
     """Append ``block``, joining it to the previous run of the same kind if it follows it."""
     if blocks and block.action is not Action.READ:
@@ -179,10 +184,7 @@ def _append(blocks: list[Block], block: Block) -> None:
         if last.action is block.action and last.length == block.length and last.end == block.offset:
             segments = list(last.segments)
             for start, length in block.segments:
-                if segments and segments[-1][0] + segments[-1][1] == start:
-                    segments[-1] = (segments[-1][0], segments[-1][1] + length)
-                else:
-                    segments.append((start, length))
+                _add_segment(segments, start, length)
             blocks[-1] = Block(last.index, last.offset, last.length, last.action, tuple(segments),
                                last.count + block.count)
             return
