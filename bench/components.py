@@ -36,6 +36,7 @@ from pathlib import Path
 
 def cmd_read(args: argparse.Namespace) -> dict:
     from ovirt_borg import plan
+    from ovirt_borg.backup import READ_REQUEST
     from ovirt_borg.imageio import ImageioClient, TransferSettings
 
     from bench import contenders
@@ -62,7 +63,7 @@ def cmd_read(args: argparse.Namespace) -> dict:
                     extents = [plan.Extent(e.start, e.length, e.zero, True) for e in client.extents("zero")]
                     blocks = plan.plan_blocks(size, args.block_size, extents)
                     total = 0
-                    for _, data in client.read_ranges(plan.read_ranges(blocks, args.block_size)):
+                    for _, data in client.read_ranges(plan.read_ranges(blocks, READ_REQUEST)):
                         total += len(data)
                 seconds = time.monotonic() - started
             finally:

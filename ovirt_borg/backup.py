@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # Data blocks read but not yet hashed for their digest, at most.
 _DIGESTS_AHEAD = 4
+#: Longest request to imageio: data of consecutive blocks is read together up to this size.
+READ_REQUEST = 4 << 20
 
 PATH_BACKUP = "backup"
 PATH_ENGINE_TRANSFER = "engine-transfer"
@@ -528,22 +530,44 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _assemble(client: ImageioClient, blocks: Sequence[plan.Block]) -> Iterator[bytes]:
-    """Read the data segments of READ blocks and yield each whole block (zeros filled in)."""
-    ranges = plan.read_ranges(blocks, max(b.length for b in blocks) if blocks else 1)
-    pieces = client.read_ranges(ranges)
+    """Read the data segments of READ blocks and yield each whole block (zeros filled in).
+
+    Data running across consecutive blocks is read in requests of up to ``READ_REQUEST``
+    bytes, then cut into blocks.
+    """
+    pieces = client.read_ranges(plan.read_ranges(blocks, READ_REQUEST))
+    piece = memoryview(b"")  # the part of the last piece received not yet given to a block
+    piece_offset = 0
     for block in blocks:
-        if len(block.segments) == 1 and block.segments[0] == (block.offset, block.length):
-            offset, data = next(pieces)
-            yield data
+        whole = block.segments == ((block.offset, block.length),)
+        if not piece:
+            piece_offset, data = next(pieces)
+            if whole and len(data) == block.length:
+                yield data  # a request of exactly this block: no copy
+                continue
+            piece = memoryview(data)
+        if whole and len(piece) >= block.length:
+            if piece_offset != block.offset:
+                raise AssertionError(f"read {piece_offset} where block {block.index} needs {block.offset}")
+            yield bytes(piece[:block.length])
+            piece, piece_offset = piece[block.length:], piece_offset + block.length
             continue
         buffer = bytearray(block.length)
-        remaining = block.bytes_to_read
-        while remaining:
-            offset, data = next(pieces)
-            start = offset - block.offset
-            buffer[start:start + len(data)] = data
-            remaining -= len(data)
+        for start, length in block.segments:
+            while length:
+                if not piece:
+                    piece_offset, data = next(pieces)
+                    piece = memoryview(data)
+                if piece_offset != start:
+                    raise AssertionError(f"read {piece_offset} where block {block.index} needs {start}")
+                taken = min(length, len(piece))
+                buffer[start - block.offset:start - block.offset + taken] = piece[:taken]
+                piece, piece_offset = piece[taken:], piece_offset + taken
+                start += taken
+                length -= taken
         yield bytes(buffer)
+    if piece:
+        raise AssertionError(f"{len(piece)} bytes read at {piece_offset} belong to no block")
 
 
 @dataclass(frozen=True)

@@ -269,15 +269,23 @@ def summarize(blocks: Iterable[Block]) -> PlanSummary:
 
 
 def read_ranges(blocks: Iterable[Block], max_range: int) -> list[tuple[int, int]]:
-    """The (offset, length) requests for all READ blocks' segments, none longer than max_range."""
-    ranges = []
+    """The (offset, length) requests for all READ blocks' segments, in order.
+
+    Data that continues from one block into the next is read in one request, so the request
+    size does not depend on the block size; no request is longer than ``max_range``.
+    """
+    ranges: list[tuple[int, int]] = []
     for block in blocks:
         if block.action is not Action.READ:
             continue
         for start, length in block.segments:
-            while length > max_range:
-                ranges.append((start, max_range))
-                start += max_range
-                length -= max_range
-            ranges.append((start, length))
+            if ranges and ranges[-1][0] + ranges[-1][1] == start and ranges[-1][1] < max_range:
+                joined = min(length, max_range - ranges[-1][1])
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + joined)
+                start += joined
+                length -= joined
+            while length > 0:
+                ranges.append((start, min(length, max_range)))
+                start += ranges[-1][1]
+                length -= ranges[-1][1]
     return ranges

@@ -153,3 +153,25 @@ def test_plan_equals_the_block_by_block_reference(seed):
     sample = choose_sample(blocks, 5, rng)
     clean = {i for i, _, _, action, segments in expand(blocks) if action is Action.REUSE and segments}
     assert len(sample) == min(5, len(clean)) and {p.index for p in sample} <= clean
+
+
+def test_read_ranges_join_data_across_blocks_up_to_the_request_size():
+    rng = random.Random(7)
+    for _ in range(40):
+        size = rng.randrange(1, 40) * B + rng.choice((0, 4096, B // 2))
+        cuts = sorted({0, size, *(rng.randrange(0, size // 4096) * 4096 for _ in range(rng.randrange(0, 12)))})
+        extents = [Extent(a, b - a, zero=rng.random() < 0.4) for a, b in zip(cuts, cuts[1:])]
+        blocks = plan_blocks(size, B, extents)
+        max_range = rng.choice((B // 2, B, 3 * B, 4 * B))
+        ranges = read_ranges(blocks, max_range)
+        wanted = bytearray(size)
+        for block in blocks:
+            for start, length in block.segments:
+                wanted[start:start + length] = b"\1" * length
+        got = bytearray(size)
+        for (start, length), following in zip(ranges, ranges[1:] + [(size + 1, 0)]):
+            assert 0 < length <= max_range and start + length <= following[0]
+            # A range stops short of the next one only at the request size.
+            assert start + length < following[0] or length == max_range
+            got[start:start + length] = b"\1" * length
+        assert got == wanted
