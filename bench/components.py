@@ -11,8 +11,8 @@ contenders):
 ``write``
     Give the same image, read from a local raw file, to ovirt-borg's archive writer
     (``archive.open_writer(...).add_image``) as ovirt-borg would: holes as ``None``, data
-    blocks as bytes, plus the sha256 of every block that backup.py takes. This is the Borg side
-    alone: what the data path could do if reading cost nothing.
+    blocks as bytes (the writer's chunk ids are the per-block digests backup.py keeps). This is
+    the Borg side alone: what the data path could do if reading cost nothing.
 
 ``read-archive``
     Read an image back from an archive the way restore does (``archive.read_image``: holes are
@@ -26,7 +26,6 @@ start-up excluded); the whole process is measured by the caller.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -98,7 +97,6 @@ def cmd_write(args: argparse.Namespace) -> dict:
                 if data == (zeros if len(data) == block_size else bytes(len(data))):
                     yield None  # a zero extent: ovirt-borg neither reads nor hashes it
                     continue
-                hashlib.sha256(data).digest()  # the per-block digest backup.py keeps
                 total += len(data)
                 yield data
 

@@ -6,8 +6,9 @@ given to :meth:`ArchiveWriter.add_image` in order, each block being one of:
 - ``None`` or ``Holes(n)``: one or ``n`` holes (all zeros, not read). The item references the
   all-zero chunk of that length, stored once per repository, so ``borg extract --sparse``
   writes a hole;
-- ``Reuse(i, n)``: blocks ``i`` .. ``i + n - 1`` of the same image in the base archive (see
-  :meth:`ArchiveWriter.base_image`). Their chunk ids are referenced: no read, no upload;
+- ``Reuse(i, n)``: blocks ``i`` .. ``i + n - 1`` of the same image in the base archive, known by
+  the chunk ids ``add_image`` returned for it (see :meth:`ArchiveWriter.base_image`). Those
+  chunks are referenced: no read, no upload;
 - bytes-like data of the block. It is hashed, compressed, encrypted and stored as a new chunk,
   or referenced if the repository has that chunk already.
 
@@ -70,7 +71,7 @@ from typing import IO, NamedTuple, Union
 
 from ovirt_borg import borgcli
 from ovirt_borg.borgcli import PASSPHRASE_SOURCES, SECRET_ENV, Repo
-from ovirt_borg.errors import ConfigError, OvirtBorgError, RepositoryError
+from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, RepositoryError
 
 __all__ = ["ArchiveWriter", "Block", "ImageStats", "Repo", "Reuse", "open_writer"]
 
@@ -121,7 +122,10 @@ class ImageStats:
     ``blocks`` = ``holes`` + ``reused`` + ``stored``; ``stored`` counts the data blocks given
     and ``bytes_new`` their bytes. Of those, ``deduplicated`` blocks were already in the
     repository; ``bytes_stored`` is what the others took in it (compressed and encrypted; 0 for
-    the command-line writer, which cannot tell).
+    the command-line writer, which cannot tell). ``chunk_ids`` holds the Borg chunk id of every
+    block in order, 32 bytes each (empty from the command-line writer, which cannot tell):
+    what a later ``base_image`` needs to reuse these blocks, and a keyed digest of each block
+    that ``verify`` can check the archive against.
     """
 
     blocks: int
@@ -131,6 +135,7 @@ class ImageStats:
     bytes_new: int
     bytes_stored: int = 0
     deduplicated: int = 0
+    chunk_ids: bytes = b""
 
 
 def open_writer(repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
@@ -162,6 +167,9 @@ class ArchiveWriter(ABC):
     Entering opens and locks the repository (raising ``RepositoryBusy``, ``AuthError`` or
     ``RepositoryError``); leaving without ``commit()`` leaves no archive and releases the lock.
     """
+
+    #: Whether ``add_image`` returns the chunk id of every block (``ImageStats.chunk_ids``).
+    gives_chunk_ids = False
 
     def __init__(self, repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
                  comment: str):
@@ -210,13 +218,14 @@ class ArchiveWriter(ABC):
     # -- interface -------------------------------------------------------------------------
 
     @abstractmethod
-    def base_image(self, path: str, size: int) -> bool:
-        """Say whether ``Reuse`` blocks may refer to ``path`` of the base archive.
+    def base_image(self, path: str, size: int, chunk_ids: bytes) -> bool:
+        """Say whether ``Reuse`` blocks of the image ``path`` may refer to its blocks in the base archive.
 
-        Given the image path and its size now. Returns True if the base archive has ``path`` as
-        a fixed-aligned image of this block size (the item exists, every chunk but the last is
-        exactly ``block_size``, the chunk count is ``ceil(size / block_size)``, the size is the
-        same and all its chunks are known to the repository); otherwise False, logging why.
+        Given the image path, its size (the same in the base archive and now) and the chunk
+        ids of its blocks in the base archive (``ImageStats.chunk_ids`` of the backup that wrote
+        it). The base image is not read: True if the base archive exists, there is one id per
+        block of this block size, and the repository holds every one of those chunks with the
+        length of its block; otherwise False, logging why.
         """
 
     def base_block(self, path: str, index: int) -> bytes:
@@ -382,6 +391,13 @@ class _BorgInternals:
 _internals: _BorgInternals | None = None
 # os.environ is process-wide: one internal writer at a time per process.
 _internal_writer_lock = threading.Lock()
+_writer_thread: int | None = None  # the thread whose internal writer holds the lock
+
+
+def _release_writer_lock() -> None:
+    global _writer_thread
+    _writer_thread = None
+    _internal_writer_lock.release()
 
 
 def _borg() -> _BorgInternals:
@@ -415,6 +431,8 @@ class _Prepared(NamedTuple):
 class _InternalWriter(ArchiveWriter):
     """ArchiveWriter on Borg 1.4's Python internals (see the module docstring)."""
 
+    gives_chunk_ids = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._stack = contextlib.ExitStack()
@@ -425,7 +443,6 @@ class _InternalWriter(ArchiveWriter):
         self._cipher_lock = threading.Lock()
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
         self._zero_ids: dict[int, bytes] = {}
-        self._base_items: dict[str, object] | None = None  # base archive's files, on first use
         # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
         self._base_images: dict[str, bytes] = {}
         self._repository = None
@@ -446,9 +463,11 @@ class _InternalWriter(ArchiveWriter):
             raise self._translate(exc) from exc
 
     def _open(self) -> None:
+        global _writer_thread
         if not _internal_writer_lock.acquire(blocking=False):
             raise RuntimeError("another internal archive writer is open in this process")
-        self._stack.callback(_internal_writer_lock.release)
+        _writer_thread = threading.get_ident()
+        self._stack.callback(_release_writer_lock)
         try:
             with self._borg_errors():
                 self._open_repository()
@@ -542,23 +561,38 @@ class _InternalWriter(ArchiveWriter):
 
     # -- base archive ----------------------------------------------------------------------
 
-    def base_image(self, path: str, size: int) -> bool:
+    def base_image(self, path: str, size: int, chunk_ids: bytes) -> bool:
         self._require_open()
         if not self.base_archive:
             return False
-        with self._borg_errors():
-            items = self._load_base_items()
-            if items is None:
-                return False
-            # The decoded item (a Python object per chunk) is dropped once its ids are kept.
-            item = items.pop(path, None)
-            why = self._base_unusable(item, size)
-            if why:
-                log.info("not reusing %s of base archive %s: %s", path, self.base_archive, why)
-                return False
-        self._base_images[path] = b"".join(chunk.id for chunk in item.chunks)
+        why = self._base_unusable(size, chunk_ids)
+        if why:
+            log.info("not reusing %s of base archive %s: %s", path, self.base_archive, why)
+            return False
+        self._base_images[path] = bytes(chunk_ids)
         log.debug("reusing blocks of %s from base archive %s", path, self.base_archive)
         return True
+
+    def _base_unusable(self, size: int, chunk_ids: bytes) -> str | None:
+        """Return why the blocks ``chunk_ids`` of an image of ``size`` bytes cannot be reused, or None."""
+        if self.base_archive not in self._manifest.archives:
+            return f"archive {self.base_archive} is not in {self.repo.location}"
+        count = self._block_count(size)
+        if len(chunk_ids) != count * _ID_SIZE:
+            return (f"{len(chunk_ids) // _ID_SIZE} chunk ids recorded, {count} blocks of {self.block_size} "
+                    f"bytes expected")
+        # One look-up per distinct chunk (holes share one): the full blocks, then the short last one.
+        full = size // self.block_size
+        for ids, length in ((chunk_ids[:full * _ID_SIZE], self.block_size), (chunk_ids[full * _ID_SIZE:], size % self.block_size)):
+            for chunk_id in {ids[at:at + _ID_SIZE] for at in range(0, len(ids), _ID_SIZE)}:
+                entry = self._cache.chunks.get(chunk_id)
+                if entry is None or not entry.refcount:
+                    return (f"chunk {_borg().bin_to_hex(chunk_id)} is not in the repository any more "
+                            f"(pruned and compacted since?)")
+                if entry.size != length:
+                    return (f"chunk {_borg().bin_to_hex(chunk_id)} holds {entry.size} bytes, not {length}: "
+                            f"not a block of {self.block_size} bytes")
+        return None
 
     def base_block(self, path: str, index: int) -> bytes:
         self._require_open()
@@ -571,38 +605,6 @@ class _InternalWriter(ArchiveWriter):
             # Decryption uses the cipher context and the decompression buffer the workers use.
             with self._compress_lock, self._cipher_lock:
                 return bytes(self._key.decrypt(chunk_id, stored))
-
-    def _load_base_items(self) -> dict[str, object] | None:
-        if self._base_items is not None:
-            return self._base_items
-        borg = _borg()
-        if self.base_archive not in self._manifest.archives:
-            log.warning("base archive %s is not in %s: every block will be read", self.base_archive,
-                        self.repo.location)
-            return None
-        base = borg.Archive(self._repository, self._key, self._manifest, self.base_archive, cache=self._cache)
-        self._base_items = {item.path: item for item in base.iter_items()
-                            if stat.S_ISREG(item.mode) and "chunks" in item}
-        return self._base_items
-
-    def _base_unusable(self, item, size: int) -> str | None:
-        """Return why ``item`` of the base archive cannot be reused for an image of ``size``."""
-        if item is None:
-            return "it is not in the base archive"
-        if item.get("size") != size:
-            return f"its size changed ({item.get('size')} -> {size} bytes)"
-        chunks = item.chunks
-        if len(chunks) != self._block_count(size):
-            return (f"it has {len(chunks)} chunks, {self._block_count(size)} blocks of "
-                    f"{self.block_size} bytes expected")
-        for position, chunk in enumerate(chunks):
-            expected = min(self.block_size, size - position * self.block_size)
-            if chunk.size != expected:
-                return f"chunk {position} has {chunk.size} bytes, not {expected}: not cut in aligned blocks"
-        for chunk_id in {chunk.id for chunk in chunks}:
-            if len(chunk_id) != _ID_SIZE or not self._cache.seen_chunk(chunk_id):
-                return "the repository lost some of its chunks (run borg check)"
-        return None
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -789,7 +791,7 @@ class _InternalWriter(ArchiveWriter):
                         waiting.result()
             raise
         elapsed = time.monotonic() - started
-        result = ImageStats(blocks=count, **counters)
+        result = ImageStats(blocks=count, **counters, chunk_ids=b"".join(entry.id for entry in entries))
         log.info("%s: %d blocks (%d holes, %d reused, %d read, %d already stored), %d bytes new, "
                  "%.1f MB/s", path, result.blocks, result.holes, result.reused, result.stored,
                  result.deduplicated, result.bytes_new, size / 1e6 / elapsed if elapsed > 0 else 0.0)
@@ -947,7 +949,7 @@ class _CliWriter(ArchiveWriter):
             block = self._zeros[length] = bytes(length)
         return block
 
-    def base_image(self, path: str, size: int) -> bool:
+    def base_image(self, path: str, size: int, chunk_ids: bytes) -> bool:
         self._require_open()
         if self.base_archive:
             log.info("not reusing %s of base archive %s: the command-line writer reads every block",
@@ -1071,6 +1073,8 @@ def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tup
     def translate(exc: BaseException) -> OvirtBorgError:
         return borgcli.translate_error(type(exc).__qualname__, str(exc), repo=repo)
 
+    if _writer_thread == threading.get_ident():
+        raise RuntimeError("reading a repository while this thread's archive writer is open would wait forever")
     with _internal_writer_lock, _environment(settings), contextlib.ExitStack() as stack:
         try:
             location = borg.Location(repo.location)
@@ -1131,6 +1135,27 @@ def repository_view(repo: Repo) -> RepositoryView:
         return RepositoryView(borg.bin_to_hex(repository.id), frozenset(manifest.archives))
 
 
+def _file_item(repo: Repo, repository, manifest, key, archive_name: str, path: str):
+    """Return the item of the regular file ``path`` of ``archive_name``; raise NotFound if missing."""
+    if archive_name not in manifest.archives:
+        raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
+    archive = _borg().Archive(repository, key, manifest, archive_name)
+    item = next((i for i in archive.iter_items(lambda i: i.path == path)), None)
+    if item is None or "chunks" not in item:
+        raise NotFound(f"archive {archive_name} has no file {path}")
+    return item
+
+
+def image_chunk_ids(repo: Repo, archive_name: str, path: str) -> bytes:
+    """Return the chunk ids of the file ``path`` of ``archive_name`` in order, 32 bytes each.
+
+    Only the archive's metadata is read. Raises NotFound when the archive or file is missing.
+    """
+    with _open_for_reading(repo) as (repository, manifest, key):
+        item = _file_item(repo, repository, manifest, key, archive_name, path)
+        return b"".join(chunk.id for chunk in item.chunks)
+
+
 def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, int, bytes | None]]:
     """Yield the image ``path`` of ``archive_name`` chunk by chunk, in order.
 
@@ -1139,16 +1164,9 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
     fetched ahead (pipelined for ``ssh://`` repositories) and decrypted, which also checks their
     MAC. Raises ``NotFound``-like typed errors when the archive or item is missing.
     """
-    from ovirt_borg.errors import NotFound
-
     borg = _borg()
     with _open_for_reading(repo) as (repository, manifest, key):
-        if archive_name not in manifest.archives:
-            raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
-        archive = borg.Archive(repository, key, manifest, archive_name)
-        item = next((i for i in archive.iter_items(lambda i: i.path == path)), None)
-        if item is None or "chunks" not in item:
-            raise NotFound(f"archive {archive_name} has no file {path}")
+        item = _file_item(repo, repository, manifest, key, archive_name, path)
         zero_ids: dict[int, bytes] = {}
         entries = []
         offset = 0

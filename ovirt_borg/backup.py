@@ -305,13 +305,15 @@ class VmBackup:
                 to_checkpoint = self.engine.wait_backup_ready(self.vm.id, backup_id)
                 modes = self.engine.backup_disk_modes(self.vm.id, backup_id)
             base = previous.archive if decision.mode == "incremental" else None
+            # Read before the writer locks the repository (a copy from the archive needs a reader).
+            base_ids = self._base_ids(previous, disks) if base else {}
             with archive.open_writer(self.repo, self.archive_name, block_size=self.settings.block_size,
                                      base_archive=base, kind=self.settings.writer,
                                      comment=archive_comment(self.vm.name, decision.mode, path, to_checkpoint)) as writer:
                 records, digests = [], {}
                 for disk in disks:
                     record, disk_digests = self._disk(writer, disk, backup_id, modes.get(disk.id, "full"),
-                                                      previous if base else None)
+                                                      previous if base else None, base_ids.get(disk.id))
                     records.append(record)
                     digests[disk.id] = disk_digests
                 finished = utc_now()
@@ -393,13 +395,12 @@ class VmBackup:
     # -- one disk ----------------------------------------------------------------------------
 
     def _disk(self, writer: archive.ArchiveWriter, disk: DiskInfo, backup_id: str | None,
-              engine_mode: str, previous: sc.Sidecar | None) -> tuple[sc.DiskRecord, bytes]:
+              engine_mode: str, previous: sc.Sidecar | None, base_ids: bytes | None) -> tuple[sc.DiskRecord, bytes]:
         t0 = time.monotonic()
         path = image_path(self.vm.name, disk)
         size = disk.provisioned_size
         block_size = self.settings.block_size
         base_record = previous.disk(disk.id) if previous else None
-        base_digests = None
         reason = ""
         if previous is None:
             reason = "full backup"
@@ -409,14 +410,14 @@ class VmBackup:
             reason = "the disk is not in the previous archive"
         elif base_record.image != path:
             reason = "the disk was renamed since the previous archive"
-        else:
-            base_digests = self._base_digests(previous, base_record)
-            if base_digests is None:
-                reason = "the previous block digests are not available"
-            elif not writer.base_image(base_record.image, base_record.provisioned_size):
-                reason = "the previous image is not block-aligned"
-                base_digests = None
-        incremental = base_digests is not None
+        elif base_record.blocks_kind != sc.BLOCKS_BORG_ID:
+            reason = ("the previous archive records sha256 block digests, not Borg chunk ids (written by "
+                      "the 'cli' writer or an older ovirt-borg)")
+        elif base_ids is None:
+            reason = "the chunk ids of the previous image are not available"
+        elif not writer.base_image(base_record.image, base_record.provisioned_size, base_ids):
+            reason = "the blocks of the previous image cannot be reused"
+        incremental = not reason
         if not incremental and previous is not None:
             log.info("VM %s disk %s: reading in full (%s)", self.vm.name, disk.alias, reason)
 
@@ -439,12 +440,11 @@ class VmBackup:
             log.info("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)", self.vm.name,
                      disk.alias, summary.blocks, summary.holes, summary.reused, summary.read, summary.bytes_to_read)
             progress = Progress(f"{self.vm.name}/{disk.alias}", size)
-            digests = bytearray()
-            stream = self._stream(client, blocks, base_digests if incremental else None, digests, progress)
-            stats = writer.add_image(path, size, stream)
+            sha256s = None if writer.gives_chunk_ids else bytearray()
+            stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))
             progress.finish()
             bytes_read = client.bytes_read
-        digest_bytes = bytes(digests)
+        digest_bytes, kind = (stats.chunk_ids, sc.BLOCKS_BORG_ID) if sha256s is None else (bytes(sha256s), sc.BLOCKS_SHA256)
         mode = "incremental" if incremental else "full"
         result = DiskResult(disk.id, disk.alias, mode, size, stats.blocks, stats.holes, stats.reused,
                             stats.stored, bytes_read, round(time.monotonic() - t0, 3))
@@ -452,24 +452,37 @@ class VmBackup:
         record = sc.DiskRecord(
             id=disk.id, alias=disk.alias, format=disk.format, provisioned_size=size, backup_mode=mode,
             image=path, blocks_file=path[:-len(".raw")] + ".blocks", blocks_sha256=sc.digests_sha256(digest_bytes),
+            blocks_kind=kind,
             bytes_read=bytes_read, holes=stats.holes, reused=stats.reused, stored=stats.stored,
             blocks=stats.blocks, interface=disk.interface, bootable=disk.bootable)
         return record, digest_bytes
 
-    def _base_digests(self, previous: sc.Sidecar, record: sc.DiskRecord) -> bytes | None:
-        data = self.state.load_digests(previous.vm_id, record)
-        if data is None:
-            try:
-                data = archive.read_file(self.repo, previous.archive, record.blocks_file)
-            except OvirtBorgError as e:
-                log.warning("cannot read the block digests of %s from %s: %s", record.alias, previous.archive, e)
-                return None
-            if sc.digests_sha256(data) != record.blocks_sha256:
-                log.warning("the block digests of %s in %s do not match the sidecar", record.alias, previous.archive)
-                return None
-        if len(data) != plan.block_count(record.provisioned_size, previous.block_size) * sc.DIGEST_SIZE:
-            return None
-        return data
+    def _base_ids(self, previous: sc.Sidecar, disks: list[DiskInfo]) -> dict[str, bytes]:
+        """The chunk ids of the disks' blocks in the previous archive, by disk id, where recorded.
+
+        Read from the state directory, or from the archive when the local copy is missing or
+        damaged; a disk whose ids cannot be had is left out (it is read in full).
+        """
+        found = {}
+        for disk in disks:
+            record = previous.disk(disk.id)
+            if record is None or record.blocks_kind != sc.BLOCKS_BORG_ID:
+                continue
+            data = self.state.load_digests(previous.vm_id, record)
+            if data is None:
+                try:
+                    data = archive.read_file(self.repo, previous.archive, record.blocks_file)
+                except OvirtBorgError as e:
+                    if isinstance(e, Interrupted):
+                        raise
+                    log.warning("cannot read the chunk ids of %s from %s: %s", record.alias, previous.archive, e)
+                    continue
+                if sc.digests_sha256(data) != record.blocks_sha256:
+                    log.warning("the chunk ids of %s in %s do not match the sidecar", record.alias, previous.archive)
+                    continue
+            if len(data) == plan.block_count(record.provisioned_size, previous.block_size) * sc.DIGEST_SIZE:
+                found[disk.id] = data
+        return found
 
     def _check_sample(self, client: ImageioClient, writer: archive.ArchiveWriter, path: str,
                       blocks: list[plan.Block], disk: DiskInfo) -> bool:
@@ -490,12 +503,14 @@ class VmBackup:
         log.debug("VM %s disk %s: %d sampled pieces of clean blocks match", self.vm.name, disk.alias, len(sample))
         return True
 
-    def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], base_digests: bytes | None,
-                digests: bytearray, progress: Progress) -> Iterator[Holes | Reuse | bytes]:
-        """Yield the writer's blocks in order; once all are taken, ``digests`` holds each block's sha256.
+    def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], sha256s: bytearray | None,
+                progress: Progress) -> Iterator[Holes | Reuse | bytes]:
+        """Yield the writer's blocks in order, reading the data blocks from imageio.
 
-        Data blocks are hashed in a thread of their own (hashlib releases the GIL), so this
-        thread, which feeds the writer, never waits for a digest.
+        With ``sha256s`` (for a writer that gives no chunk ids, which never reuses blocks), it
+        holds each block's sha256 once all are taken. Data blocks are hashed in a thread of
+        their own (hashlib releases the GIL), so this thread, which feeds the writer, never
+        waits for a digest.
         """
         reads = [b for b in blocks if b.action is plan.Action.READ]
         data_iter = _assemble(client, reads)
@@ -504,25 +519,27 @@ class VmBackup:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
             for block in blocks:
                 if block.action is plan.Action.HOLE:
-                    parts.append(sc.zero_digest(block.length) * block.count)
+                    parts.append(sc.zero_digest(block.length) * block.count if sha256s is not None else b"")
                     progress.update(block.length * block.count, 0)
                     yield Holes(block.count)
                 elif block.action is plan.Action.REUSE:
-                    assert base_digests is not None
-                    parts.append(base_digests[block.index * sc.DIGEST_SIZE:(block.index + block.count) * sc.DIGEST_SIZE])
+                    if sha256s is not None:
+                        raise ValueError("blocks reused by a writer that gives no chunk ids")
                     progress.update(block.length * block.count, 0)
                     yield Reuse(block.index, block.count)
                 else:
                     data = next(data_iter)
-                    hashing.append(hasher.submit(_sha256, data))
-                    parts.append(hashing[-1])
-                    # Bound the blocks kept alive only for their digest.
-                    while len(hashing) > _DIGESTS_AHEAD or (hashing and hashing[0].done()):
-                        hashing.popleft().result()
+                    if sha256s is not None:
+                        hashing.append(hasher.submit(_sha256, data))
+                        parts.append(hashing[-1])
+                        # Bound the blocks kept alive only for their digest.
+                        while len(hashing) > _DIGESTS_AHEAD or (hashing and hashing[0].done()):
+                            hashing.popleft().result()
                     progress.update(block.length, block.bytes_to_read)
                     yield data
-            for part in parts:
-                digests += part if isinstance(part, bytes) else part.result()
+            if sha256s is not None:
+                for part in parts:
+                    sha256s += part if isinstance(part, bytes) else part.result()
 
 
 def _sha256(data: bytes) -> bytes:

@@ -96,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="re-read archives and compare with the hashes taken at backup time",
                        description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM) "
-                                   "from the repository and compare each block with the sha256 recorded "
-                                   "at backup time. Exit 10 on a mismatch.")
+                                   "from the repository (Borg checks each chunk's MAC and id as it reads) and "
+                                   "compare each block with the digest recorded at backup time: its Borg "
+                                   "chunk id, or its sha256 for archives of the 'cli' writer. Exit 10 on a "
+                                   "mismatch.")
     p.add_argument("archive", nargs="?", metavar="ARCHIVE", help="the archive to verify")
     p.add_argument("--vm", help="verify this VM's newest archives")
     p.add_argument("--last", type=int, default=1, metavar="N", help="with --vm: how many (default 1)")

@@ -314,10 +314,17 @@ class VerifiedDisk:
     message: str = ""
 
 
+def _digest(digests: bytes, index: int) -> bytes:
+    return digests[index * sc.DIGEST_SIZE:(index + 1) * sc.DIGEST_SIZE]
+
+
 def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[VerifiedDisk]:
     """Re-read every image of an archive and compare with the digests recorded at backup time.
 
-    Returns one VerifiedDisk per disk; raises VerifyMismatch if any differs.
+    Every data chunk is read back (Borg checks its MAC and, for its id, its content). Chunk ids
+    recorded at backup time (``borg-id``) are compared with the image's chunk list; sha256
+    digests (archives of the 'cli' writer) with the sha256 of each block read. Returns one
+    VerifiedDisk per disk; raises VerifyMismatch if any differs.
     """
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     results = []
@@ -328,13 +335,22 @@ def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[V
             check.ok, check.message = False, "the block digests file does not match the sidecar"
             results.append(check)
             continue
-        index = -1
-        for index, (offset, length, data) in enumerate(archive.read_image(repo, archive_name, record.image)):
-            actual = sc.zero_digest(length) if data is None else hashlib.sha256(data).digest()
-            if actual != digests[index * sc.DIGEST_SIZE:(index + 1) * sc.DIGEST_SIZE]:
-                check.bad_blocks.append(index)
-        if index + 1 != check.blocks:
-            check.ok, check.message = False, f"the image has {index + 1} blocks, the digests {check.blocks}"
+        if record.blocks_kind == sc.BLOCKS_BORG_ID:
+            actual_ids = archive.image_chunk_ids(repo, archive_name, record.image)
+            blocks = len(actual_ids) // sc.DIGEST_SIZE
+            check.bad_blocks = [index for index in range(min(blocks, check.blocks))
+                                if _digest(actual_ids, index) != _digest(digests, index)]
+            for _ in archive.read_image(repo, archive_name, record.image):
+                pass
+        else:
+            blocks = 0
+            for index, (offset, length, data) in enumerate(archive.read_image(repo, archive_name, record.image)):
+                actual = sc.zero_digest(length) if data is None else hashlib.sha256(data).digest()
+                if actual != _digest(digests, index):
+                    check.bad_blocks.append(index)
+                blocks = index + 1
+        if blocks != check.blocks:
+            check.ok, check.message = False, f"the image has {blocks} blocks, the digests {check.blocks}"
         if check.bad_blocks:
             check.ok = False
             check.message = f"{len(check.bad_blocks)} blocks differ (first: block {check.bad_blocks[0]})"

@@ -6,7 +6,7 @@ directory, ``<state>/<repo-id>/<vm-id>.json``, written only after Borg committed
 (``<vm-id>.<disk-id>.blocks``). The next run starts its incremental from the checkpoint of the
 last committed archive.
 
-Format (``format: "ovirt-borg-sidecar"``, ``version: 1``), all keys required unless noted:
+Format (``format: "ovirt-borg-sidecar"``, ``version: 2``), all keys required unless noted:
 
 - ``vm``: ``{"id", "name"}``
 - ``archive``: the archive name; ``previous_archive``: the archive this one reused blocks from
@@ -21,9 +21,16 @@ Format (``format: "ovirt-borg-sidecar"``, ``version: 1``), all keys required unl
 - ``started``, ``finished``: UTC times (ISO 8601)
 - ``disks``: list of ``{"id", "alias", "format", "provisioned_size", "backup_mode", "interface",
   "bootable", "image" (path in the archive), "blocks_file" (path of the digests in the archive),
-  "blocks_sha256" (sha256 of the digests file), "bytes_read", "holes", "reused", "stored",
-  "blocks"}``. The digests file holds one 32-byte sha256 per block of the image, in order; its
-  hash, recorded here, lets ``verify`` check any archive against what was read at backup time.
+  "blocks_kind", "blocks_sha256" (sha256 of the digests file), "bytes_read", "holes", "reused",
+  "stored", "blocks"}``. The digests file holds one 32-byte digest per block of the image, in
+  order: with ``blocks_kind`` ``"borg-id"`` the block's Borg chunk id (the keyed hash Borg
+  stores the chunk under and checks on every read; what the next incremental reuses blocks by),
+  with ``"sha256"`` its sha256 (archives written by the command-line writer, which cannot learn
+  chunk ids). Its hash, recorded here, lets ``verify`` check any archive against what was read
+  at backup time.
+
+Version 1 documents (before ``blocks_kind``) are read as ``"sha256"``: such archives still
+restore and verify, and the next backup of their VM reads every block once.
 """
 
 from __future__ import annotations
@@ -40,9 +47,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FORMAT = "ovirt-borg-sidecar"
-VERSION = 1
+VERSION = 2
 SIDECAR_NAME = "ovirt-borg.json"
 DIGEST_SIZE = 32
+#: ``blocks_kind`` values: what the digests file holds per block.
+BLOCKS_BORG_ID = "borg-id"
+BLOCKS_SHA256 = "sha256"
 
 
 class SidecarInvalid(ValueError):
@@ -59,6 +69,7 @@ class DiskRecord:
     image: str
     blocks_file: str
     blocks_sha256: str
+    blocks_kind: str = BLOCKS_SHA256
     bytes_read: int = 0
     holes: int = 0
     reused: int = 0
@@ -110,7 +121,7 @@ _TOP = {"archive": _STR, "previous_archive": _OPT, "mode": _STR, "reason": _STR,
 _DISK = {"id": _STR, "alias": _STR, "format": _STR, "provisioned_size": _INT, "backup_mode": _STR,
          "image": _STR, "blocks_file": _STR, "blocks_sha256": _STR, "bytes_read": _INT,
          "holes": _INT, "reused": _INT, "stored": _INT, "blocks": _INT, "interface": _STR,
-         "bootable": bool}
+         "bootable": bool, "blocks_kind": _STR}
 
 
 def _check(doc: dict, schema: dict, where: str) -> None:
@@ -132,8 +143,9 @@ def parse(data: bytes) -> Sidecar:
         raise SidecarInvalid(f"not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise SidecarInvalid("not an ovirt-borg sidecar")
-    if doc.get("version") != VERSION:
-        raise SidecarInvalid(f"unsupported sidecar version {doc.get('version')!r} (this is {VERSION})")
+    version = doc.get("version")
+    if version not in (1, VERSION):
+        raise SidecarInvalid(f"unsupported sidecar version {version!r} (this ovirt-borg reads 1 and {VERSION})")
     _check(doc, _TOP, "sidecar")
     vm = doc.get("vm")
     if not isinstance(vm, dict) or not isinstance(vm.get("id"), str) or not isinstance(vm.get("name"), str):
@@ -146,7 +158,11 @@ def parse(data: bytes) -> Sidecar:
     for i, disk in enumerate(doc["disks"]):
         if not isinstance(disk, dict):
             raise SidecarInvalid(f"sidecar: disks[{i}] must be an object")
+        if version == 1:
+            disk = {**disk, "blocks_kind": BLOCKS_SHA256}
         _check(disk, _DISK, f"sidecar disks[{i}]")
+        if disk["blocks_kind"] not in (BLOCKS_BORG_ID, BLOCKS_SHA256):
+            raise SidecarInvalid(f"sidecar disks[{i}]: unknown blocks_kind {disk['blocks_kind']!r}")
         disks.append(DiskRecord(**{k: disk[k] for k in _DISK}))
     return Sidecar(vm_id=vm["id"], vm_name=vm["name"], disks=tuple(disks),
                    **{k: doc[k] for k in _TOP})

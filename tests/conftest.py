@@ -51,8 +51,8 @@ class Job:
         proc = self.run("backup", *vms, "--json", *extra, expect=expect)
         return {r["vm"]: r for r in json.loads(proc.stdout)}
 
-    def borg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([BORG, *args], capture_output=True, env=self.env)
+    def borg(self, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run([BORG, *args], capture_output=True, env=self.env, cwd=cwd)
         if check:
             assert proc.returncode == 0, proc.stderr.decode()
         return proc

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
-from ovirt_borg.archive import ImageStats, Repo, Reuse, open_writer
+from ovirt_borg.archive import ImageStats, Repo, Reuse, image_chunk_ids, open_writer
 from ovirt_borg.errors import AuthError, ConfigError, RepositoryBusy, RepositoryError
 
 BLOCK = 256 * 1024
@@ -61,9 +61,11 @@ def extract(repo: Repo, archive: str, dest: Path, *, sparse: bool = False, path:
 
 
 def write_archive(repo, name, blocks, size, *, kind="internal", base=None, reuse_ok=None, ovf=b"<ovf/>"):
+    # The base image's chunk ids as its archive lists them (the backup keeps what add_image returned).
+    base_ids = image_chunk_ids(repo, base, DISK) if reuse_ok is not None else b""
     with open_writer(repo, name, block_size=BLOCK, base_archive=base, comment="test", kind=kind) as writer:
         if reuse_ok is not None:
-            assert writer.base_image(DISK, size) is reuse_ok
+            assert writer.base_image(DISK, size, base_ids) is reuse_ok
         stats = writer.add_image(DISK, size, blocks)
         writer.add_file("vm1/vm.ovf", ovf)
         archive_id = writer.commit()
@@ -176,7 +178,8 @@ def test_holes_share_one_zero_chunk_stored_once(local_repo):
     with open_writer(local_repo, "zeros", block_size=BLOCK, base_archive=None) as writer:
         stats = writer.add_image(DISK, len(image), blocks)
         writer.commit()
-    assert stats == ImageStats(blocks=8, holes=8, reused=0, stored=0, bytes_new=0, bytes_stored=0, deduplicated=0)
+    assert stats == ImageStats(blocks=8, holes=8, reused=0, stored=0, bytes_new=0, bytes_stored=0, deduplicated=0,
+                               chunk_ids=stats.chunk_ids[:32] * 8)
     info = json.loads(run_borg(local_repo, "info", "--json", "{repo}::zeros").stdout)
     archive_stats = info["archives"][0]["stats"]
     assert archive_stats["original_size"] == 8 * BLOCK
@@ -227,11 +230,11 @@ def test_other_encryption_modes(tmp_path, borg_env, encryption):
 
 def test_base_block_reads_a_block_of_the_base_image(local_repo):
     blocks, image = make_image(7, "DZD")
-    write_archive(local_repo, "base", blocks, len(image))
+    stats, _ = write_archive(local_repo, "base", blocks, len(image))
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive="base") as writer:
         with pytest.raises(ValueError):
             writer.base_block(DISK, 0)
-        assert writer.base_image(DISK, len(image))
+        assert writer.base_image(DISK, len(image), stats.chunk_ids)
         assert writer.base_block(DISK, 0) == blocks[0]
         assert writer.base_block(DISK, 1) == bytes(BLOCK)
         assert writer.base_block(DISK, 2) == blocks[2]
@@ -321,27 +324,37 @@ def test_incremental_chain_of_synthetic_fulls(local_repo, tmp_path):
     run_borg(local_repo, "check", "--verify-data", "{repo}")
 
 
+def test_add_image_gives_the_chunk_ids_the_archive_lists(local_repo):
+    blocks, image = make_image(31, "DZDD")
+    blocks[3] = blocks[0][:len(blocks[3])]  # the short last block
+    stats, _ = write_archive(local_repo, "base", blocks, len(image))
+    assert stats.chunk_ids == image_chunk_ids(local_repo, "base", DISK)
+    assert len(stats.chunk_ids) == 4 * 32 and len({stats.chunk_ids[i:i + 32] for i in range(0, 128, 32)}) == 4
+
+
 def test_base_image_refuses_what_cannot_be_reused(local_repo, tmp_path):
     blocks, image = make_image(30, "DDZD")
-    write_archive(local_repo, "base", blocks, len(image))
+    stats, _ = write_archive(local_repo, "base", blocks, len(image))
+    ids = stats.chunk_ids
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive="base") as writer:
-        assert writer.base_image(DISK, len(image)) is True
-        assert writer.base_image(DISK, len(image) + 1) is False           # size changed
-        assert writer.base_image("vm1/disks/other.raw", len(image)) is False  # not in the base
-        assert writer.base_image("vm1/vm.ovf", 6) is True                # a one-chunk file is aligned
+        assert writer.base_image(DISK, len(image), ids) is True
+        assert writer.base_image(DISK, len(image) + BLOCK, ids) is False       # one id too few
+        assert writer.base_image(DISK, len(image) + 1, ids) is False           # the last chunk is too short
+        assert writer.base_image(DISK, len(image), ids[96:] + ids[32:]) is False    # a short chunk as a full block
+        assert writer.base_image(DISK, len(image), bytes(32) + ids[32:]) is False   # a chunk the repository lacks
     assert archive_names(local_repo) == ["base"]
     with open_writer(local_repo, "next", block_size=BLOCK // 2, base_archive="base") as writer:
-        assert writer.base_image(DISK, len(image)) is False               # other block size
+        assert writer.base_image(DISK, len(image), ids) is False               # other block size
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive="gone") as writer:
-        assert writer.base_image(DISK, len(image)) is False               # no such archive
+        assert writer.base_image(DISK, len(image), ids) is False               # no such archive
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive=None) as writer:
-        assert writer.base_image(DISK, len(image)) is False
+        assert writer.base_image(DISK, len(image), ids) is False
         with pytest.raises(ValueError, match="base_image"):
             writer.add_image(DISK, len(image), [Reuse(0), None, None, None])
     assert archive_names(local_repo) == ["base"]
 
 
-def test_misaligned_base_from_plain_borg_create_is_refused(local_repo, tmp_path):
+def test_misaligned_chunks_from_plain_borg_create_are_refused(local_repo, tmp_path):
     # A file archived by borg create with the default (buzhash) chunker: chunks are not aligned.
     source = tmp_path / "src"
     disk = source / DISK
@@ -350,18 +363,31 @@ def test_misaligned_base_from_plain_borg_create_is_refused(local_repo, tmp_path)
     disk.write_bytes(random.Random(40).randbytes(size))
     run_borg(local_repo, "create", "--chunker-params", "buzhash,10,23,16,4095", "{repo}::plain", "vm1",
              cwd=source)
-    chunks = json.loads(run_borg(local_repo, "list", "--json-lines", "--format", "{num_chunks}",
-                                 "{repo}::plain", DISK).stdout)["num_chunks"]
-    assert chunks > 1
+    # As many of its chunk ids as the image has blocks (it has more): their lengths are not the blocks'.
+    ids = image_chunk_ids(local_repo, "plain", DISK)[:size // BLOCK * 32]
+    assert len(ids) == size // BLOCK * 32
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive="plain") as writer:
-        assert writer.base_image(DISK, size) is False
+        assert writer.base_image(DISK, size, ids) is False
     # ... while one made with borg create and the same fixed chunker is usable.
     run_borg(local_repo, "create", "--chunker-params", f"fixed,{BLOCK}", "{repo}::fixed", "vm1", cwd=source)
+    ids = image_chunk_ids(local_repo, "fixed", DISK)
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive="fixed") as writer:
-        assert writer.base_image(DISK, size) is True
+        assert writer.base_image(DISK, size, ids) is True
         writer.add_image(DISK, size, [Reuse(i) for i in range(size // BLOCK)])
         writer.commit()
     assert file_sha256(extract(local_repo, "next", tmp_path / "n")) == file_sha256(disk)
+
+
+def test_reading_the_repository_inside_an_open_writer_is_refused_not_a_hang(local_repo):
+    write_archive(local_repo, "a", [b"a" * BLOCK], BLOCK)
+    ids = image_chunk_ids(local_repo, "a", DISK)
+    with open_writer(local_repo, "b", block_size=BLOCK, base_archive="a") as writer:
+        with pytest.raises(RuntimeError, match="would wait forever"):
+            image_chunk_ids(local_repo, "a", DISK)
+        assert writer.base_image(DISK, BLOCK, ids)
+        writer.add_image(DISK, BLOCK, [Reuse(0)])
+        writer.commit()
+    assert len(image_chunk_ids(local_repo, "b", DISK)) == 32
 
 
 # --------------------------------------------------------------------------------------------

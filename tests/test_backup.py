@@ -112,6 +112,26 @@ def test_checkpoint_problems_fall_back_to_full(job, lab_vm, fault, reason):
     job.assert_identical(again)
 
 
+def test_lost_local_chunk_ids_are_read_from_the_archive(job, vm):
+    """The incremental needs each disk's chunk ids: a deleted or damaged local copy is replaced
+    by the one in the previous archive, and the run stays incremental."""
+    job.backup(vm)
+    first, second = sorted((job.dir / "state").glob("*/*.blocks"))
+    first.unlink()
+    second.write_bytes(b"\0" * second.stat().st_size)
+    touched = sum(len(touched_blocks(job.lab.write(vm, disk=d, percent=1))) for d in (1, 2))
+    before = host_bytes(job.lab)
+    incr = job.backup(vm)[vm]
+    served = host_bytes(job.lab) - before
+    assert incr["mode"] == "incremental", incr["reason"]
+    assert all(d["mode"] == "incremental" for d in incr["disks"]), incr["disks"]
+    assert served <= 1.25 * touched * BLOCK, served
+    job.assert_identical(incr)
+    # the run stored fresh local copies: the next one needs no archive read
+    stored = sorted((job.dir / "state").glob("*/*.blocks"))
+    assert len(stored) == 2 and all(any(p.read_bytes()) for p in stored)
+
+
 def test_missing_archive_falls_back_to_full(job, lab_vm):
     vm = lab_vm["name"]
     first = job.backup(vm)[vm]
@@ -204,6 +224,17 @@ def test_cli_writer_makes_the_same_images(lab_clean, lab_vm, tmp_path):
     second = job.backup(vm)[vm]
     job.assert_identical(second)
     assert second["disks"][0]["mode"] == "full"  # the cli writer cannot reuse blocks
+    # Its archives record sha256 digests, not chunk ids: the internal writer reads in full once.
+    job.config.write_text(job.config.read_text().replace('writer = "cli"', 'writer = "internal"'))
+    proc = job.run("backup", vm, "--json")
+    third = json.loads(proc.stdout)[0]
+    assert {d["mode"] for d in third["disks"]} == {"full"}, third
+    assert "sha256 block digests, not Borg chunk ids" in proc.stderr
+    job.assert_identical(third)
+    job.lab.write(vm, disk=1, offset=2 << 20, length=65536)
+    fourth = job.backup(vm)[vm]
+    assert {d["mode"] for d in fourth["disks"]} == {"incremental"}, fourth
+    job.assert_identical(fourth)
 
 
 def test_unknown_vm_is_a_clear_error(job):

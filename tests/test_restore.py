@@ -3,6 +3,7 @@ file-level recovery from the lab's ext4 disk."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -118,6 +119,33 @@ def test_verify_an_archive_and_an_unknown_one(job, vm):
     assert "OK" in proc.stdout
     job.run("verify", "--vm", vm, "--last", "1")
     job.run("verify", "no-such-archive", expect=11)
+
+
+def test_verify_finds_a_block_that_differs_from_its_recorded_chunk_id(job, vm, tmp_path):
+    """An archive whose image does not hold the recorded blocks fails verify (exit 10).
+
+    Rebuilt with plain ``borg create`` and the same fixed 1 MiB chunks, the image has the same
+    chunk ids (Borg's id is a keyed hash of the content); one recorded id is then changed, with
+    the sidecar's hash of the ids file, so only the comparison of ids can tell.
+    """
+    result = job.backup(vm)[vm]
+    name, disk = result["archive"], result["disks"][0]
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    job.borg("extract", "--sparse", f"{job.repo}::{name}", cwd=tree)
+    blocks = tree / vm / "disks" / f"{disk['alias']}-{disk['id']}.blocks"
+    ids = bytearray(blocks.read_bytes())
+    ids[3 * 32] ^= 0x01
+    blocks.write_bytes(bytes(ids))
+    sidecar_path = tree / vm / "ovirt-borg.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["disks"][0]["blocks_sha256"] = hashlib.sha256(bytes(ids)).hexdigest()
+    sidecar_path.write_text(json.dumps(sidecar))
+    job.borg("delete", f"{job.repo}::{name}")
+    job.borg("create", "--chunker-params", "fixed,1048576", f"{job.repo}::{name}", vm, cwd=tree)
+    proc = job.run("verify", name, expect=None)
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    assert "1 blocks differ (first: block 3)" in proc.stdout + proc.stderr
 
 
 def test_file_level_recovery_from_the_ext4_disk(job, tmp_path):

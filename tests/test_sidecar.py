@@ -22,6 +22,16 @@ def make(**kw):
 def test_round_trip():
     s = make()
     assert sc.parse(s.to_json()) == s
+    chunk_ids = make(disks=(sc.DiskRecord(**{**make().disks[0].__dict__, "blocks_kind": sc.BLOCKS_BORG_ID}),))
+    assert sc.parse(chunk_ids.to_json()) == chunk_ids
+
+
+def test_version_1_documents_read_as_sha256_digests():
+    doc = json.loads(make().to_json())
+    doc["version"] = 1
+    del doc["disks"][0]["blocks_kind"]
+    parsed = sc.parse(json.dumps(doc).encode())
+    assert parsed == make() and parsed.disks[0].blocks_kind == sc.BLOCKS_SHA256
 
 
 @pytest.mark.parametrize("mutate", [
@@ -31,6 +41,8 @@ def test_round_trip():
     lambda d: d.update(block_size="4M"),
     lambda d: d.update(mode="sometimes"),
     lambda d: d["disks"][0].pop("blocks_sha256"),
+    lambda d: d["disks"][0].pop("blocks_kind"),
+    lambda d: d["disks"][0].update(blocks_kind="md5"),
     lambda d: d["disks"][0].update(provisioned_size=True),
     lambda d: d.update(vm="v1"),
 ])
