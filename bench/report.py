@@ -213,7 +213,7 @@ def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
     halves = summary.get("full: halves of the data path", {})
     candidates = [("ovirt-borg: the disk phase of its full backup", full.get(OVIRT_BORG)),
                   ("imageio read only (ImageioClient.read_ranges)", halves.get("imageio read only")),
-                  ("archive writer only (sha256 + ArchiveWriter.add_image)", halves.get("archive writer only"))]
+                  ("archive writer only (ArchiveWriter.add_image, image cached)", halves.get("archive writer only"))]
     out = []
     for title, row in candidates:
         if row and "phase_seconds" in row:
