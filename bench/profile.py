@@ -2,7 +2,7 @@
 
 ``record`` runs one ovirt-borg backup under ``py-spy record --format raw --threads
 --subprocesses`` while a second py-spy samples the host imageio daemon (the serving side), and
-sorts the on-CPU samples of both into categories (imageio reads, block sha256, chunk id hash,
+sorts the on-CPU samples of both into categories (imageio reads, block assembly, chunk id hash,
 compression, encryption, repository writes, control plane, start-up, Borg command-line
 children). Samples of threads waiting (a lock, a socket, a future) are not on-CPU and are left
 out, so the shares say what kept a core busy. ``flamegraph`` records a second run as an SVG
@@ -63,7 +63,7 @@ _CLIENT_RULES: list[tuple[str, Any]] = [
     ("compression (lz4)", lambda f, p, src: "compress(" in src and "decompress" not in src),
     ("encryption + MAC", lambda f, p, src: f == "seal" or ".encrypt(" in src or "_seal(" in src),
     ("chunk id hash", lambda f, p, src: f == "id_hash" or "id_hash(" in src),
-    ("block sha256 and assembly (backup.py)", lambda f, p, src: _is(p, "ovirt_borg/backup.py")
+    ("block assembly (backup.py)", lambda f, p, src: _is(p, "ovirt_borg/backup.py")
      and f in ("_stream", "_assemble")),
     ("repository writes and cache", lambda f, p, src: _is(p, "borg/repository.py", "borg/cache.py",
                                                           "borg/platform/base.py")
