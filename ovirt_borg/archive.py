@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import queue
 import stat
 import subprocess
 import sys
@@ -1176,30 +1177,71 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
             entries.append((offset, chunk.size, None if chunk.id == zero_ids[chunk.size] else chunk.id))
             offset += chunk.size
         data_ids = [chunk_id for _, _, chunk_id in entries if chunk_id is not None]
-        fetched = repository.get_many(data_ids, is_preloaded=False) if data_ids else iter(())
-        opener = _ChunkOpener(key)
-        # Chunks are fetched in this thread (the repository is not thread-safe) and opened by
-        # the workers, up to _IN_FLIGHT ahead of the consumer.
-        opening: deque[Future] = deque()
-        with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool:
+        with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool, \
+                _ChunkFetcher(repository, data_ids, _ChunkOpener(key), pool) as opened:
+            for start, length, chunk_id in entries:
+                yield start, length, None if chunk_id is None else opened.next()
+
+
+class _ChunkFetcher:
+    """Fetch chunks from the repository in a thread of its own and have the workers open them.
+
+    The repository is not thread-safe: while the fetcher runs, no other thread uses it. Segment
+    reads (the kernel's copy into a new buffer, GIL released) then overlap with the consumer's
+    work instead of taking turns with it. At most ``_IN_FLIGHT`` chunks wait for the consumer.
+    ``next()`` returns the plaintexts in order and raises what fetching or opening raised.
+    """
+
+    def __init__(self, repository, ids: list[bytes], opener: "_ChunkOpener", pool: ThreadPoolExecutor):
+        self._repository = repository
+        self._ids = ids
+        self._opener = opener
+        self._pool = pool
+        self._queue: queue.Queue = queue.Queue(maxsize=_IN_FLIGHT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="borg-fetch", daemon=True)
+
+    def __enter__(self) -> "_ChunkFetcher":
+        if self._ids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        while True:  # unblock the fetcher and drop what it prepared
             try:
-                ahead = iter(data_ids)
-                for chunk_id in ahead:
-                    opening.append(pool.submit(opener.open, chunk_id, next(fetched)))
-                    if len(opening) >= _IN_FLIGHT:
-                        break
-                for start, length, chunk_id in entries:
-                    if chunk_id is None:
-                        yield start, length, None
-                        continue
-                    data = opening.popleft().result()
-                    chunk_id = next(ahead, None)
-                    if chunk_id is not None:
-                        opening.append(pool.submit(opener.open, chunk_id, next(fetched)))
-                    yield start, length, data
-            finally:
-                for future in opening:
-                    future.cancel()
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Future):
+                item.cancel()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def next(self) -> bytes:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item.result()
+
+    def _run(self) -> None:
+        try:
+            for chunk_id, stored in zip(self._ids, self._repository.get_many(self._ids, is_preloaded=False)):
+                if not self._put(self._pool.submit(self._opener.open, chunk_id, stored)):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        if isinstance(item, Future):
+            item.cancel()
+        return False
 
 
 class _ChunkOpener:

@@ -106,13 +106,22 @@ def split_zeros(blocks: Iterable[tuple[int, int, bytes | None]],
     """
     zero_piece = _ZERO_PIECE if granularity == ZERO_GRANULARITY else bytes(granularity)
     for offset, length, data in blocks:
-        if data is None or (length >= granularity and zero_piece not in data):
+        if data is None:
             yield offset, length, data
             continue
         view = memoryview(data)
+        # Only a piece whose first and last bytes are zero can be all zero: the full comparison
+        # runs for those alone (a search for a zero piece in every block cost the restore a
+        # fifth of its busiest thread).
+        zeros = {position for position in range(0, length, granularity)
+                 if not view[position] and not view[min(position + granularity, length) - 1]
+                 and view[position:position + granularity] == zero_piece[:min(granularity, length - position)]}
+        if not zeros:
+            yield offset, length, data
+            continue
         start, zero = 0, None  # the piece being gathered and whether it is zero
         for position in range(0, length, granularity):
-            is_zero = view[position:position + granularity] == zero_piece[:min(granularity, length - position)]
+            is_zero = position in zeros
             if zero is not None and is_zero != zero:
                 yield offset + start, position - start, None if zero else view[start:position]
                 start = position

@@ -216,6 +216,7 @@ def test_split_zeros_sends_zero_pieces_as_holes():
     block[2 * k:5 * k] = bytes(3 * k)   # aligned zero pieces
     block[15 * k:] = bytes(k)
     block[7 * k + 5:7 * k + 9] = bytes(4)  # a few zero bytes are data
+    block[9 * k] = block[10 * k - 1] = 0  # so is a piece that only starts and ends with zero
     random_block = os.urandom(16 * k)
     blocks = [(0, 16 * k, bytes(block)), (16 * k, 16 * k, None), (32 * k, 16 * k, random_block),
               (48 * k, 1000, bytes(1000))]
