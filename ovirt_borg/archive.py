@@ -583,8 +583,8 @@ class _InternalWriter(ArchiveWriter):
             return (f"{len(chunk_ids) // _ID_SIZE} chunk ids recorded, {count} blocks of {self.block_size} "
                     f"bytes expected")
         # One look-up per distinct chunk (holes share one): the full blocks, then the short last one.
-        full = size // self.block_size
-        for ids, length in ((chunk_ids[:full * _ID_SIZE], self.block_size), (chunk_ids[full * _ID_SIZE:], size % self.block_size)):
+        split = size // self.block_size * _ID_SIZE
+        for ids, length in ((chunk_ids[:split], self.block_size), (chunk_ids[split:], size % self.block_size)):
             for chunk_id in {ids[at:at + _ID_SIZE] for at in range(0, len(ids), _ID_SIZE)}:
                 entry = self._cache.chunks.get(chunk_id)
                 if entry is None or not entry.refcount:

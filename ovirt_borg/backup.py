@@ -444,7 +444,10 @@ class VmBackup:
             stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))
             progress.finish()
             bytes_read = client.bytes_read
-        digest_bytes, kind = (stats.chunk_ids, sc.BLOCKS_BORG_ID) if sha256s is None else (bytes(sha256s), sc.BLOCKS_SHA256)
+        if sha256s is None:
+            digest_bytes, kind = stats.chunk_ids, sc.BLOCKS_BORG_ID
+        else:
+            digest_bytes, kind = bytes(sha256s), sc.BLOCKS_SHA256
         mode = "incremental" if incremental else "full"
         result = DiskResult(disk.id, disk.alias, mode, size, stats.blocks, stats.holes, stats.reused,
                             stats.stored, bytes_read, round(time.monotonic() - t0, 3))
@@ -480,8 +483,7 @@ class VmBackup:
                 if sc.digests_sha256(data) != record.blocks_sha256:
                     log.warning("the chunk ids of %s in %s do not match the sidecar", record.alias, previous.archive)
                     continue
-            if len(data) == plan.block_count(record.provisioned_size, previous.block_size) * sc.DIGEST_SIZE:
-                found[disk.id] = data
+            found[disk.id] = data  # their count is checked by writer.base_image
         return found
 
     def _check_sample(self, client: ImageioClient, writer: archive.ArchiveWriter, path: str,
@@ -519,7 +521,8 @@ class VmBackup:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
             for block in blocks:
                 if block.action is plan.Action.HOLE:
-                    parts.append(sc.zero_digest(block.length) * block.count if sha256s is not None else b"")
+                    if sha256s is not None:
+                        parts.append(sc.zero_digest(block.length) * block.count)
                     progress.update(block.length * block.count, 0)
                     yield Holes(block.count)
                 elif block.action is plan.Action.REUSE:
