@@ -168,6 +168,24 @@ def test_nbd_export_lifecycle(tmp_path):
         qemu.start_export(tmp_path / "missing.qcow2", tmp_path / "m.sock", fmt="qcow2")
 
 
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+def test_nbd_export_bypasses_page_cache(tmp_path):
+    """As on oVirt hosts, exports use cache=none (O_DIRECT, native AIO); the data reads the same."""
+    image = tmp_path / "d.raw"
+    data = os.urandom(1 * MiB)
+    image.write_bytes(data)
+    with qemu.start_export(image, tmp_path / "d.sock", fmt="raw") as export:
+        args = _cmdline(export.pid)
+        assert "--cache=none" in args and "--aio=native" in args
+        copy = tmp_path / "copy.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", export.url, os.fspath(copy)],
+                       check=True, capture_output=True)
+        assert copy.read_bytes() == data
+
 # imageio daemon
 
 
