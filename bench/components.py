@@ -63,7 +63,8 @@ def cmd_read(args: argparse.Namespace) -> dict:
                     extents = [plan.Extent(e.start, e.length, e.zero, True) for e in client.extents("zero")]
                     blocks = plan.plan_blocks(size, args.block_size, extents)
                     total = 0
-                    for _, data in client.read_ranges(plan.read_ranges(blocks, READ_REQUEST)):
+                    for _, data in client.read_ranges(plan.read_ranges(blocks, READ_REQUEST),
+                                                       piece_size=args.block_size):
                         total += len(data)
                 seconds = time.monotonic() - started
             finally:

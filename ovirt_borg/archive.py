@@ -37,20 +37,21 @@ releases its lock.
 
 Speed (read from the Borg 1.4.5 sources, measured on 2 cores): chunk-id hashing (``hashlib``
 blake2b / HMAC-SHA256) releases the GIL, so two worker threads hash in parallel. Compression
-releases the GIL too, but all of Borg's compressors write into one module-global buffer; the
-cipher keeps the GIL for AES-CTR (only its MAC, in ``hashlib``, releases it) and carries the
-nonce counter. So compression and the cipher each admit one thread at a time, and a block is
-compressed while another is encrypted; the calling thread writes to the repository. All-zero
-blocks are never hashed. Measured alone (bench/components.py, 4 GiB image of 3 GiB data,
-repokey-blake2 + lz4, glibc tuned by memory.py) this stores it in 9.8 s from a file in the page
-cache, where ``borg create --chunker-params fixed,4194304`` of the same file takes 13.6 s; an
-incremental only pays for the blocks it reads.
+releases the GIL too, but all of Borg's compressors write into one module-global buffer, so it
+admits one thread at a time. The cipher keeps the GIL for AES-CTR (only its MAC, in
+``hashlib``, releases it) and a cipher object carries state, so each worker encrypts with a
+cipher of its own, taking its nonces from the key's counter under a lock. The calling thread
+writes to the repository. All-zero blocks are never hashed. Measured alone
+(``bench/components.py``: a 4 GiB image of 3 GiB data in the page cache, repokey-blake2 + lz4,
+glibc tuned by memory.py) this stores it in 7.3-7.9 s; an incremental only pays for the blocks
+it reads. The README has the benchmark's figures against ``borg create``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import errno
 import json
 import logging
@@ -438,8 +439,9 @@ class _InternalWriter(ArchiveWriter):
         super().__init__(*args, **kwargs)
         self._stack = contextlib.ExitStack()
         self._pool: ThreadPoolExecutor | None = None
-        # Borg's compressors share one output buffer and the cipher carries the nonce counter:
-        # each allows one thread at a time. Taken in this order when both are needed.
+        # Borg's compressors share one output buffer: one thread at a time. The cipher lock
+        # guards the key's nonce counter and Borg's own encryptions (items, manifest). Taken
+        # in this order when both are needed.
         self._compress_lock = threading.Lock()
         self._cipher_lock = threading.Lock()
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
@@ -512,7 +514,7 @@ class _InternalWriter(ArchiveWriter):
         with _environment(secrets):
             self._manifest, self._key = borg.Manifest.load(self._repository, (borg.Manifest.Operation.WRITE,))
         self._key.compressor = compressor
-        self._seal = _sealer(self._key)
+        self._seal = _sealer(self._key, self._cipher_lock)
         self._cache = self._stack.enter_context(
             borg.Cache(self._repository, self._key, self._manifest, lock_wait=self.repo.lock_wait))
         # Leaving with an exception must undo the chunk references counted in this transaction.
@@ -636,17 +638,16 @@ class _InternalWriter(ArchiveWriter):
     def _encrypt(self, data: bytes) -> bytes:
         """Return ``key.encrypt(data)``, computed so that two threads can share the work.
 
-        Compression and the cipher each admit one thread at a time, but one block can be
-        compressed while another is encrypted. For key types whose ``encrypt`` this module does
-        not know, ``key.encrypt`` runs under both locks.
+        Compression admits one thread at a time; each thread encrypts with a cipher of its own
+        (see ``_sealer``), so one block can be compressed while others are encrypted. For key
+        types whose ``encrypt`` this module does not know, ``key.encrypt`` runs under both locks.
         """
         if self._seal is None:
             with self._compress_lock, self._cipher_lock:
                 return self._key.encrypt(data)
         with self._compress_lock:
             compressed = self._key.compressor.compress(data)
-        with self._cipher_lock:
-            return self._seal(compressed)
+        return self._seal(compressed)
 
     def _store(self, prepared: _Prepared, counters: dict) -> object:
         """Store a prepared block (or reference it if the repository has it); return its chunk entry.
@@ -799,21 +800,48 @@ class _InternalWriter(ArchiveWriter):
         return result
 
 
-def _sealer(key):
-    """Return the step of ``key.encrypt`` after compression, as a function, or None.
+def _own_cipher(key):
+    """Return a new cipher for ``key`` (same keys, a state of its own), or None.
+
+    Only for the AES key types, whose ``encrypt``/``decrypt`` are ``AESKeyBase``'s and use
+    ``key.cipher`` (built like ``AESKeyBase.init_ciphers`` does). A cipher object must not be
+    used by two threads at once; one per thread lets their MACs (BLAKE2b in ``hashlib``, which
+    releases the GIL) run side by side.
+    """
+    from borg.crypto.key import AESKeyBase
+
+    if type(key).encrypt is not AESKeyBase.encrypt or type(key).decrypt is not AESKeyBase.decrypt \
+            or type(getattr(key, "cipher", None)) is not key.CIPHERSUITE:
+        return None
+    return key.CIPHERSUITE(mac_key=key.enc_hmac_key, enc_key=key.enc_key, header_len=1, aad_offset=1)
+
+
+def _sealer(key, nonce_lock: threading.Lock):
+    """Return the step of ``key.encrypt`` after compression, as a thread-safe function, or None.
 
     ``AESKeyBase.encrypt`` (all encrypting key types of Borg 1.4) is: compress, reserve nonces,
-    ``cipher.encrypt``; the plaintext and authenticated-only key types prefix the type byte to
-    the compressed data. Any other ``encrypt`` is not split (None).
+    ``cipher.encrypt``. Here each thread encrypts with a cipher of its own; the nonces are
+    still taken, under ``nonce_lock``, from ``key.cipher``'s counter (advanced as if it had
+    encrypted), so that Borg's own encryptions (items, manifest), made under the same lock,
+    continue after them and no counter value is ever used twice. The plaintext and
+    authenticated-only key types prefix the type byte to the compressed data. Any other
+    ``encrypt`` is not split (None).
     """
-    from borg.crypto.key import AESKeyBase, AuthenticatedKeyBase, PlaintextKey
+    from borg.crypto.key import AuthenticatedKeyBase, PlaintextKey
 
     encrypt = type(key).encrypt
-    if encrypt is AESKeyBase.encrypt:
+    if _own_cipher(key) is not None:
+        local = threading.local()
+
         def seal(compressed: bytes) -> bytes:
-            iv = key.nonce_manager.ensure_reservation(key.cipher.next_iv(),
-                                                      key.cipher.block_count(len(compressed)))
-            return key.cipher.encrypt(compressed, header=key.TYPE_STR, iv=iv)
+            cipher = getattr(local, "cipher", None)
+            if cipher is None:
+                cipher = local.cipher = _own_cipher(key)
+            blocks = cipher.block_count(len(compressed))
+            with nonce_lock:
+                iv = key.nonce_manager.ensure_reservation(key.cipher.next_iv(), blocks)
+                key.cipher.set_iv(iv + blocks)
+            return cipher.encrypt(compressed, header=key.TYPE_STR, iv=iv)
         return seal
     if encrypt is PlaintextKey.encrypt or encrypt is AuthenticatedKeyBase.encrypt:
         return lambda compressed: b"".join([key.TYPE_STR, compressed])
@@ -1245,25 +1273,42 @@ class _ChunkFetcher:
 
 
 class _ChunkOpener:
-    """``key.decrypt`` split so that two threads can share the work of reading chunks back.
+    """``key.decrypt`` for threads that share the work of reading chunks back.
 
-    The cipher (AES and its MAC, which hold the GIL) and the decompressor (which releases the GIL
-    but writes to a buffer shared by the process) each admit one thread at a time; the id check
-    (keyed hash, GIL released) runs in parallel.
+    Each thread decrypts with a copy of the key holding a cipher of its own (AES key types):
+    the MAC checks (BLAKE2b in ``hashlib``, GIL released) and the id checks run in parallel.
+    The decompressor (which releases the GIL but writes to a buffer shared by the process)
+    admits one thread at a time; so does the cipher of a key type this module does not know.
     """
 
     def __init__(self, key):
+        from borg.crypto.key import AuthenticatedKeyBase, Blake2AuthenticatedKey, PlaintextKey
+
         self._key = key
-        self._cipher_lock = threading.Lock()
+        self._local = threading.local()
         self._compress_lock = threading.Lock()
+        stateless = type(key).decrypt in (PlaintextKey.decrypt, AuthenticatedKeyBase.decrypt,
+                                          Blake2AuthenticatedKey.decrypt)
+        self._copies = _own_cipher(key) is not None
+        self._cipher_lock = None if stateless or self._copies else threading.Lock()
+
+    def _thread_key(self):
+        if not self._copies:
+            return self._key
+        key = getattr(self._local, "key", None)
+        if key is None:
+            key = self._local.key = copy.copy(self._key)
+            key.cipher = _own_cipher(self._key)
+        return key
 
     def open(self, chunk_id: bytes, stored: bytes) -> bytes:
         """Return the plaintext of a stored chunk; raise Borg's IntegrityError if it is corrupt."""
-        with self._cipher_lock:
-            payload = self._key.decrypt(chunk_id, stored, decompress=False)
+        key = self._thread_key()
+        with self._cipher_lock or contextlib.nullcontext():
+            payload = key.decrypt(chunk_id, stored, decompress=False)
         with self._compress_lock:
-            data = bytes(self._key.decompress(payload))
-        self._key.assert_id(chunk_id, data)
+            data = bytes(key.decompress(payload))
+        key.assert_id(chunk_id, data)
         return data
 
 

@@ -515,7 +515,7 @@ class VmBackup:
         waits for a digest.
         """
         reads = [b for b in blocks if b.action is plan.Action.READ]
-        data_iter = _assemble(client, reads)
+        data_iter = _assemble(client, reads, self.settings.block_size)
         parts: list[bytes | Future[bytes]] = []
         hashing: deque[Future[bytes]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
@@ -549,29 +549,24 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _assemble(client: ImageioClient, blocks: Sequence[plan.Block]) -> Iterator[bytes]:
+def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: int) -> Iterator[bytes]:
     """Read the data segments of READ blocks and yield each whole block (zeros filled in).
 
     Data running across consecutive blocks is read in requests of up to ``READ_REQUEST``
-    bytes, then cut into blocks.
+    bytes, which the client cuts at block boundaries: a block read whole is given on as the
+    client returned it, without a copy.
     """
-    pieces = client.read_ranges(plan.read_ranges(blocks, READ_REQUEST))
+    pieces = client.read_ranges(plan.read_ranges(blocks, READ_REQUEST), piece_size=block_size)
     piece = memoryview(b"")  # the part of the last piece received not yet given to a block
     piece_offset = 0
     for block in blocks:
         whole = block.segments == ((block.offset, block.length),)
         if not piece:
             piece_offset, data = next(pieces)
-            if whole and len(data) == block.length:
-                yield data  # a request of exactly this block: no copy
+            if whole and len(data) == block.length and piece_offset == block.offset:
+                yield data  # a piece of exactly this block: no copy
                 continue
             piece = memoryview(data)
-        if whole and len(piece) >= block.length:
-            if piece_offset != block.offset:
-                raise AssertionError(f"read {piece_offset} where block {block.index} needs {block.offset}")
-            yield bytes(piece[:block.length])
-            piece, piece_offset = piece[block.length:], piece_offset + block.length
-            continue
         buffer = bytearray(block.length)
         for start, length in block.segments:
             while length:

@@ -30,7 +30,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, Union
 
 import tenacity
 
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Extent", "ImageioClient", "TransferSettings", "mask_ticket_url"]
 
 _T = TypeVar("_T")
+
+#: The body of one upload request: bytes-like, or a tuple of bytes-like parts sent in order.
+_Data = Union[bytes, bytearray, memoryview, tuple]
 
 # Backoff between attempts of one request: 0.5, 1, 2, 4, 8 s (capped at 10 s). Long enough to
 # ride out an imageio restart on the host (the engine re-adds the tickets), short enough that
@@ -193,6 +196,11 @@ class _Throttle:
             time.sleep(start - now)
 
 
+def _size(data: _Data) -> int:
+    """Bytes in ``data`` (parts summed)."""
+    return sum(map(len, data)) if isinstance(data, tuple) else len(data)
+
+
 def _is_transient(error: BaseException) -> bool:
     """True for errors worth retrying: lost connections, timeouts, server-side failures.
 
@@ -303,10 +311,14 @@ class ImageioClient:
             for item in raw
         ]
 
-    def read_ranges(self, ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    def read_ranges(self, ranges: Iterable[tuple[int, int]], piece_size: int | None = None
+                    ) -> Iterator[tuple[int, bytes]]:
         """Read byte ranges of the image in parallel; yield ``(offset, data)`` in input order.
 
-        Given ``(offset, length)`` pairs (typically 4 MiB blocks; read lazily). Up to
+        Given ``(offset, length)`` pairs (typically 4 MiB; read lazily), each range is read in
+        one request and yielded whole, or with ``piece_size`` as consecutive pieces that end at
+        multiples of ``piece_size`` (block boundaries: a block's bytes come as one ``bytes``
+        object, copied once out of the receive buffer). Up to
         ``readers`` ranges (capped by the server's ``max_readers``) are in flight, each on its
         own keep-alive connection, and at most two per reader are buffered ahead of the
         consumer. A failed range is retried with backoff and resumed at the first byte not
@@ -332,7 +344,8 @@ class ImageioClient:
                 return False
             if offset < 0 or length < 0:
                 raise ValueError(f"invalid range offset={offset} length={length}")
-            pending.append((offset, pool.submit(self._read_range, local, connections, offset, length)))
+            pending.append((offset, pool.submit(self._read_range, local, connections, offset, length,
+                                                piece_size)))
             return True
 
         pool = ThreadPoolExecutor(readers, thread_name_prefix="imageio-read")
@@ -340,12 +353,13 @@ class ImageioClient:
             while len(pending) < 2 * readers and submit_next():
                 pass
             while pending:
-                offset, future = pending.popleft()
-                data = future.result()
+                _, future = pending.popleft()
+                pieces = future.result()
                 submit_next()
                 count += 1
-                total += len(data)
-                yield offset, data
+                for piece in pieces:
+                    total += len(piece[1])
+                    yield piece
         finally:
             for _, future in pending:
                 future.cancel()
@@ -396,13 +410,14 @@ class ImageioClient:
                 on_error=self._drop_main,
             )
 
-    def write_ranges(self, items: Iterable[tuple[int, int, bytes | None]]) -> None:
+    def write_ranges(self, items: Iterable[tuple[int, int, _Data | None]]) -> None:
         """Upload ranges in parallel, then flush once.
 
         Given ``(offset, length, data)`` items, ``data`` None meaning "zero this range" (no
-        bytes on the wire). Up to ``readers`` writers (capped by ``max_writers``), each on its
-        own connection. Raises ``ValueError`` when ``data`` does not have ``length`` bytes and
-        ``TransferError`` when a range fails after its retries.
+        bytes on the wire); ``data`` is bytes-like, or a tuple of bytes-like parts sent one
+        after the other in one request (no joined copy). Up to ``readers`` writers (capped by
+        ``max_writers``), each on its own connection. Raises ``ValueError`` when ``data`` does
+        not have ``length`` bytes and ``TransferError`` when a range fails after its retries.
         """
         self._open()
         writers = self._parallel("max_writers")
@@ -412,8 +427,8 @@ class ImageioClient:
         pool = ThreadPoolExecutor(writers, thread_name_prefix="imageio-write")
         try:
             for offset, length, data in items:
-                if data is not None and len(data) != length:
-                    raise ValueError(f"range at {offset}: {len(data)} bytes of data, length {length}")
+                if data is not None and _size(data) != length:
+                    raise ValueError(f"range at {offset}: {_size(data)} bytes of data, length {length}")
                 if length == 0:
                     continue
                 in_flight.add(pool.submit(self._write_item, local, connections, offset, length, data))
@@ -569,10 +584,12 @@ class ImageioClient:
         connections: list[http.client.HTTPConnection],
         offset: int,
         length: int,
-    ) -> bytes:
-        """Read one range into this thread's reused buffer; return a copy as bytes."""
+        piece_size: int | None = None,
+    ) -> list[tuple[int, bytes]]:
+        """Read one range into this thread's reused buffer; return ``(offset, bytes)`` pieces
+        copied out of it, cut at multiples of ``piece_size`` (one piece without it)."""
         if length == 0:
-            return b""
+            return [(offset, b"")]
         buffer = getattr(local, "buffer", None)
         if buffer is None or len(buffer) < length:
             buffer = local.buffer = bytearray(length)
@@ -608,7 +625,11 @@ class ImageioClient:
                     self.bytes_read += received
 
         self._retrying(attempt, endpoint, f"read {length} bytes at offset {offset}")
-        return bytes(view)
+        if not piece_size:
+            return [(offset, bytes(view))]
+        cuts = [offset, *range((offset // piece_size + 1) * piece_size, offset + length, piece_size),
+                offset + length]
+        return [(a, bytes(view[a - offset:b - offset])) for a, b in zip(cuts, cuts[1:])]
 
     def _write_item(
         self,
@@ -616,7 +637,7 @@ class ImageioClient:
         connections: list[http.client.HTTPConnection],
         offset: int,
         length: int,
-        data: bytes | None,
+        data: _Data | None,
     ) -> None:
         endpoint = self._current()
 
@@ -635,17 +656,19 @@ class ImageioClient:
         what = f"{'zero' if data is None else 'write'} {length} bytes at offset {offset}"
         self._retrying(attempt, endpoint, what)
 
-    def _put(self, con: http.client.HTTPConnection, offset: int, data: bytes) -> None:
+    def _put(self, con: http.client.HTTPConnection, offset: int, data: _Data) -> None:
         endpoint = self._current()
+        size = _size(data)
         if self._throttle:
-            self._throttle.wait(len(data))
+            self._throttle.wait(size)
         con.putrequest("PUT", f"{endpoint.path}?flush=n")
-        con.putheader("Content-Length", str(len(data)))
+        con.putheader("Content-Length", str(size))
         con.putheader("Content-Type", "application/octet-stream")
-        con.putheader("Content-Range", f"bytes {offset}-{offset + len(data) - 1}/*")
+        con.putheader("Content-Range", f"bytes {offset}-{offset + size - 1}/*")
         con.endheaders()
         try:
-            con.send(memoryview(data))
+            for part in data if isinstance(data, tuple) else (data,):
+                con.send(memoryview(part))
         except (BrokenPipeError, ConnectionResetError):
             # imageio may refuse the request (416, 403) before reading the body and close
             # the connection; its answer says why, so try to read it.
@@ -655,7 +678,7 @@ class ImageioClient:
         if response.status != http.client.OK:
             raise _ServerError(response.status, self._error_text(endpoint, body))
         with self._stats_lock:
-            self.bytes_written += len(data)
+            self.bytes_written += size
 
     def _patch(self, con: http.client.HTTPConnection, message: dict) -> None:
         endpoint = self._current()

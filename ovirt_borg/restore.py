@@ -133,9 +133,13 @@ PUT_SIZE = 4 << 20  # data joined into one upload request, at most
 
 
 def _runs(blocks: Iterable[tuple[int, int, bytes | memoryview | None]],
-          put_size: int = PUT_SIZE) -> Iterator[tuple[int, int, bytes | memoryview | None]]:
+          put_size: int = PUT_SIZE) -> Iterator[tuple[int, int, bytes | memoryview | tuple | None]]:
     """Merge consecutive holes into one zero run and consecutive data into requests of up to
-    ``put_size`` bytes (fewer, larger requests cost the imageio server less per byte)."""
+    ``put_size`` bytes (fewer, larger requests cost the imageio server less per byte).
+
+    A request's data is one piece, or a tuple of the pieces, sent one after the other
+    (``ImageioClient.write_ranges``): never joined into a copy.
+    """
     start = size = 0
     kind = None  # "hole" or "data": what is being gathered
     pieces: list = []
@@ -153,8 +157,8 @@ def _runs(blocks: Iterable[tuple[int, int, bytes | memoryview | None]],
         yield start, size, None if kind == "hole" else _joined(pieces)
 
 
-def _joined(pieces: list) -> bytes | memoryview:
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+def _joined(pieces: list) -> bytes | memoryview | tuple:
+    return pieces[0] if len(pieces) == 1 else tuple(pieces)
 
 
 # -- to oVirt ------------------------------------------------------------------------------------

@@ -228,6 +228,32 @@ def test_other_encryption_modes(tmp_path, borg_env, encryption):
     run_borg(repo, "check", "--verify-data", "{repo}")
 
 
+@pytest.mark.parametrize("encryption", ["repokey-blake2", "repokey"])
+def test_no_nonce_is_used_twice(tmp_path, borg_env, encryption):
+    """Worker threads encrypt with ciphers of their own: the AES-CTR counter ranges of every
+    object in the repository (data blocks, items, manifest; two archives) never overlap."""
+    from borg.repository import Repository
+
+    repo = Repo(str(tmp_path / encryption), dict(borg_env), lock_wait=5)
+    run_borg(repo, "init", "--encryption", encryption, "{repo}")
+    blocks, image = make_image(8, "D" * 40 + "Z" + "D" * 23)
+    write_archive(repo, "a", blocks, len(image))
+    changed = [Reuse(0, 10)] + [random.Random(9).randbytes(BLOCK) for _ in range(30)] + [Reuse(40, 24)]
+    write_archive(repo, "b", changed, len(image), base="a", reuse_ok=True)
+
+    header = 1 + 32  # type byte, MAC; then the 8 low bytes of the counter, then the ciphertext
+    ranges = []
+    with Repository(repo.location, exclusive=False) as repository:
+        for chunk_id in repository.list(limit=100000):
+            envelope = repository.get(chunk_id)
+            start = int.from_bytes(envelope[header:header + 8], "big")
+            ranges.append((start, start + -(-(len(envelope) - header - 8) // 16)))
+    ranges.sort()
+    assert len(ranges) > 70
+    overlaps = [(a, b) for a, b in zip(ranges, ranges[1:]) if a[1] > b[0]]
+    assert not overlaps
+    run_borg(repo, "check", "--verify-data", "{repo}")
+
 def test_base_block_reads_a_block_of_the_base_image(local_repo):
     blocks, image = make_image(7, "DZD")
     stats, _ = write_archive(local_repo, "base", blocks, len(image))

@@ -226,11 +226,13 @@ def test_split_zeros_sends_zero_pieces_as_holes():
         (48, 1000, True)]
     image = bytearray(48 * k + 1000)
     for offset, length, data in pieces:
-        assert data is None or len(data) == length
         if data is not None:
+            data = b"".join(data) if isinstance(data, tuple) else data
+            assert len(data) == length
             image[offset:offset + length] = data
     assert image == bytes(block) + bytes(16 * k) + random_block + bytes(1000)
-    # Consecutive data goes in requests of up to put_size bytes.
+    # Consecutive data goes in requests of up to put_size bytes, as the pieces themselves.
     a, b, c = os.urandom(k), os.urandom(k), os.urandom(k)
-    assert list(_runs([(0, k, a), (k, k, memoryview(b)), (2 * k, k, c), (3 * k, k, None)], put_size=2 * k)) == [
-        (0, 2 * k, a + b), (2 * k, k, c), (3 * k, k, None)]
+    runs = list(_runs([(0, k, a), (k, k, memoryview(b)), (2 * k, k, c), (3 * k, k, None)], put_size=2 * k))
+    assert runs == [(0, 2 * k, (a, b)), (2 * k, k, c), (3 * k, k, None)]
+    assert runs[0][2][0] is a
