@@ -214,7 +214,11 @@ class VmBackup:
     """Backs up one VM; ``run()`` returns a VmResult or raises an OvirtBorgError."""
 
     def __init__(self, engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
-                 vm: VmInfo, archive_name: str, *, force_full: bool = False, rng: random.Random | None = None):
+                 vm: VmInfo, archive_name: str, *, force_full: bool = False, rng: random.Random | None = None,
+                 archives: frozenset[str] | None = None):
+        """``archives``: the repository's archive names as the run found them (read from the
+        repository when None). A base archive deleted since is found out by the writer, which
+        then has the disk read in full."""
         self.engine = engine
         self.repo = repo
         self.state = state
@@ -223,6 +227,7 @@ class VmBackup:
         self.archive_name = archive_name
         self.force_full = force_full
         self.rng = rng or random.Random()
+        self.archives = archives
         self.result = VmResult(vm=vm.name, vm_id=vm.id, archive=archive_name)
 
     # -- decisions ---------------------------------------------------------------------------
@@ -244,7 +249,8 @@ class VmBackup:
         archive_present = False
         if previous is not None and not self.force_full:
             checkpoints = {c.id: c.state for c in self.engine.checkpoints(self.vm.id)}
-            archive_present = previous.archive in archive.repository_view(self.repo).archives
+            archives = self.archives if self.archives is not None else archive.repository_view(self.repo).archives
+            archive_present = previous.archive in archives
         return decide_mode(previous, force_full=self.force_full, checkpoints=checkpoints,
                            archive_present=archive_present, full_every_days=self.settings.full_every_days,
                            now=now, block_size=self.settings.block_size)
@@ -592,10 +598,12 @@ class RunOutcome:
 
 
 def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
-                vms: list[VmInfo], name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool = False) -> RunOutcome:
+                vms: list[VmInfo], name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool = False,
+                archives: frozenset[str] | None = None) -> RunOutcome:
     """Back up each VM in turn; one VM's failure does not stop the others.
 
-    ``name_for(vm)`` gives the archive name. Returns every VM's result and the run's exit code
+    ``name_for(vm)`` gives the archive name; ``archives`` the repository's archive names read
+    at the start of the run (see ``VmBackup``). Returns every VM's result and the run's exit code
     (0, or the failed VMs' exit code; 2 when they differ). Interrupts propagate at once.
     """
     from ovirt_borg.plugins import notify
@@ -609,7 +617,7 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
             results.append(VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {'; '.join(vetoes)}", exit_code=1))
             codes.add(1)
             continue
-        job = VmBackup(engine, repo, state, settings, vm, name_for(vm), force_full=force_full)
+        job = VmBackup(engine, repo, state, settings, vm, name_for(vm), force_full=force_full, archives=archives)
         try:
             result = job.run()
         except Interrupted:

@@ -222,7 +222,10 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
     started = False
     try:
         with _job_lock(config), _engine(config) as engine:
-            state = _state_dir(config, repo)
+            # One look at the repository for the whole run: its id names the state directory,
+            # its archive list tells each VM whether its previous archive is still there.
+            view = archive.repository_view(repo)
+            state = sc.StateDir(Path(config.state.directory), view.id)
             all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
             if args.vms:
                 known = {vm.name for vm in all_vms}
@@ -242,7 +245,7 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
                 timestamp = backup.unused_timestamp(sidecar.archive for sidecar in state.all())
                 outcome = backup.run_backups(engine, repo, state, settings, vms,
                                              lambda vm: archive_name(vm, timestamp), pm, config,
-                                             force_full=args.full)
+                                             force_full=args.full, archives=view.archives)
     except BaseException as e:
         code = (e.exit_code if isinstance(e, OvirtBorgError)
                 else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_ERROR)

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from conftest import make_job
+from conftest import BORG, make_job
 
 BLOCK = 1 << 20  # the default block_size
 _names = itertools.count(1)
@@ -140,6 +140,23 @@ def test_missing_archive_falls_back_to_full(job, lab_vm):
     assert result["mode"] == "full" and "no longer in the repository" in result["reason"]
     job.assert_identical(result)
 
+
+
+def test_base_archive_deleted_during_the_run_is_read_in_full(job, lab_vm):
+    """The run lists the repository's archives once; a base archive deleted after that (here
+    by a before_vm command) is found out by the writer: the disks are read in full."""
+    vm = lab_vm["name"]
+    first = job.backup(vm)[vm]
+    job.config.write_text(job.config.read_text() + "[hooks.command]\n"
+                          f"before_vm = \"{BORG} delete {job.repo}::{first['archive']}\"\n")
+    lab = job.lab
+    before = host_bytes(lab)
+    result = job.backup(vm)[vm]
+    served = host_bytes(lab) - before
+    assert first["archive"] not in job.archives()
+    job.assert_identical(result)
+    assert all(d["reused"] == 0 for d in result["disks"])
+    assert served >= sum(d["bytes_read"] for d in first["disks"])
 
 def test_stale_backup_is_finalized_first(job, lab_vm):
     vm = lab_vm["name"]
