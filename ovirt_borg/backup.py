@@ -51,6 +51,8 @@ class BackupSettings:
     """What a backup run needs from the configuration (no argparse, no Config below here)."""
 
     block_size: int = 1 << 20
+    #: (glob pattern, block size) pairs: the first pattern matching a VM's name sets its block size.
+    vm_block_sizes: tuple[tuple[str, int], ...] = ()
     writer: str = "internal"
     enable_incremental: bool = True
     verify_sample: int = 4
@@ -60,6 +62,12 @@ class BackupSettings:
     checkpoints_keep: int = 1
     inactivity_timeout: int = 120
     transfer: TransferSettings = field(default_factory=TransferSettings)
+
+    def for_vm(self, name: str) -> BackupSettings:
+        """These settings with the block size of the VM ``name`` (pure)."""
+        size = next((size for pattern, size in self.vm_block_sizes if fnmatch.fnmatchcase(name, pattern)),
+                    self.block_size)
+        return self if size == self.block_size else dataclasses.replace(self, block_size=size)
 
 
 @dataclass(frozen=True)
@@ -617,7 +625,8 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
             results.append(VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {'; '.join(vetoes)}", exit_code=1))
             codes.add(1)
             continue
-        job = VmBackup(engine, repo, state, settings, vm, name_for(vm), force_full=force_full, archives=archives)
+        job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, name_for(vm), force_full=force_full,
+                       archives=archives)
         try:
             result = job.run()
         except Interrupted:

@@ -200,7 +200,8 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
     pm = plugins.build_manager(config.hooks, [Path(d) for d in config.plugins.directories])
     t = config.transfer
     settings = backup.BackupSettings(
-        block_size=config.repository.block_bytes, writer=config.repository.writer,
+        block_size=config.repository.block_bytes, vm_block_sizes=config.repository.vm_block_bytes(),
+        writer=config.repository.writer,
         enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
         full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,

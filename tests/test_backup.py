@@ -158,6 +158,31 @@ def test_base_archive_deleted_during_the_run_is_read_in_full(job, lab_vm):
     assert all(d["reused"] == 0 for d in result["disks"])
     assert served >= sum(d["bytes_read"] for d in first["disks"])
 
+
+def test_block_size_per_vm(job, vm):
+    """A VM matching a vm_block_sizes pattern is cut into blocks of that size; when its size
+    changes, its next backup reads it in full (no block can be reused), and both are whole."""
+    def sidecar(result):
+        return json.loads(job.borg("extract", "--stdout", f"{job.repo}::{result['archive']}",
+                                   f"{vm}/ovirt-borg.json").stdout)
+
+    original = job.config.read_text()
+    job.config.write_text(original.replace("[repository]\n", f"[repository]\nvm_block_sizes = {{ \"{vm[:2]}*\" = \"256K\" }}\n"))
+    small = job.backup(vm)[vm]
+    job.assert_identical(small)
+    assert sidecar(small)["block_size"] == 256 * 1024
+    listing = job.borg("list", "--format", "{path} {size} {num_chunks}{NL}", f"{job.repo}::{small['archive']}",
+                       f"{vm}/disks").stdout.decode().splitlines()
+    images = [line.split()[1:] for line in listing if line.split()[0].endswith(".raw")]
+    assert images == [[str(64 << 20), "256"]] * 2  # two 64 MiB disks in 256 KiB chunks
+
+    job.config.write_text(original)
+    job.lab.write(vm, disk=1, percent=1)
+    result = job.backup(vm)[vm]
+    assert result["mode"] == "full" and "block size changed" in result["reason"], result["reason"]
+    assert sidecar(result)["block_size"] == BLOCK
+    job.assert_identical(result)
+
 def test_stale_backup_is_finalized_first(job, lab_vm):
     vm = lab_vm["name"]
     job.lab.fault("stale_backup", vm=vm)

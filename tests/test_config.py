@@ -27,8 +27,21 @@ def write(tmp_path, text):
 def test_good_config_loads(tmp_path):
     config = config_mod.load(write(tmp_path, GOOD))
     assert config.repository.block_bytes == 1 << 20
+    assert config.repository.vm_block_bytes() == ()
     assert config.engine.user == "admin@internal"
     assert config.transfer.readers == 4
+    sizes = "vm_block_sizes = { 'db-*' = '256K', 'db-big' = '4M', '*' = '2M' }"
+    config = config_mod.load(write(tmp_path, GOOD.replace("[repository]", "[repository]\n" + sizes)))
+    assert config.repository.vm_block_bytes() == (("db-*", 256 << 10), ("db-big", 4 << 20), ("*", 2 << 20))
+
+
+def test_block_size_per_vm_first_match_wins():
+    from ovirt_borg.backup import BackupSettings
+
+    settings = BackupSettings(block_size=1 << 20, vm_block_sizes=(("db-*", 256 << 10), ("db-big", 4 << 20)))
+    assert settings.for_vm("db-big").block_size == 256 << 10
+    assert settings.for_vm("web1") is settings
+    assert settings.for_vm("db-1") == BackupSettings(block_size=256 << 10, vm_block_sizes=settings.vm_block_sizes)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,6 +55,10 @@ def test_good_config_loads(tmp_path):
     ("[engine]\nuser = 'x'\n", "missing required key 'engine.url'"),
     (GOOD.replace("https://", "http://"), "plain http://"),
     (GOOD.replace("[repository]", "[repository]\nblock_size = '3M'"), "power of two"),
+    (GOOD.replace("[repository]", "[repository]\nvm_block_sizes = { 'db-*' = '100K' }"),
+     "'repository.vm_block_sizes.db-*' must be a power of two"),
+    (GOOD.replace("[repository]", "[repository]\nvm_block_sizes = '256K'"),
+     "'repository.vm_block_sizes' must be a table of strings"),
     (GOOD.replace("[repository]", "[repository]\nwriter = 'fast'"), "'repository.writer'"),
     ("[engine\n", "not valid TOML"),
 ])
