@@ -53,7 +53,7 @@ _names = itertools.count(1)
 
 
 def dump_toml(data: dict) -> str:
-    """Render a config dict (sections of scalars and lists, [hooks.NAME] tables) as TOML."""
+    """Render a config dict (sections of scalars, lists and inline tables, [hooks.NAME] tables) as TOML."""
     lines = []
     for section, table in data.items():
         if section == "hooks":
@@ -782,7 +782,7 @@ def test_upload_failing_midway_removes_the_new_disks(job, lab_clean):
 
 # Values of the wrong type for each option type (a bool is not a number, a number not a string).
 _WRONG = {str: [12, True, ["x"]], int: ["twelve", True, 1.5], float: ["twelve", True],
-          bool: ["yes", 1], list[str]: ["x", [1], [True]]}
+          bool: ["yes", 1], list[str]: ["x", [1], [True]], dict[str, str]: ["256K", ["x"], {"db-*": 1}]}
 
 
 def _config_fields():
