@@ -73,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, one run, no profile")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the lab, images and repositories go (needs ~4x --size free; default /var/tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, lab) afterwards")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work directory (logs, lab) afterwards; without it a failed run keeps only its logs")
     p.add_argument("--results-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--wait-load", type=float, default=None, metavar="LOAD",
                    help="first wait (up to --wait-max s) until the 1-minute load is below LOAD")
@@ -110,6 +111,26 @@ def wait_for_load(limit: float, longest: float) -> None:
         time.sleep(30)
 
 
+def keep_only_logs(work: Path) -> None:
+    """After a failed run: move every ``*.log`` of the work directory (the lab's engine,
+    imageio and qemu-nbd logs) below ``work/logs``, then delete the rest (disk images and
+    repositories: tens of GiB for the default sizes)."""
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    for path in list(work.rglob("*.log")):
+        if logs not in path.parents:
+            target = logs / path.relative_to(work)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, target)
+    for path in work.iterdir():
+        if path == logs:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -137,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = bench.run(stamp)
     except BaseException:
+        if not options.keep:
+            keep_only_logs(work)
         log.error("the benchmark failed; its logs are in %s", work / "logs")
         raise
     summary = report.summarize(results)
