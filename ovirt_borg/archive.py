@@ -1193,6 +1193,13 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
     fetched ahead (pipelined for ``ssh://`` repositories) and decrypted, which also checks their
     MAC. Raises ``NotFound``-like typed errors when the archive or item is missing.
     """
+    for offset, length, data, _ in read_image_with_ids(repo, archive_name, path):
+        yield offset, length, data
+
+
+def read_image_with_ids(repo: Repo, archive_name: str, path: str
+                        ) -> Iterator[tuple[int, int, bytes | None, bytes]]:
+    """``read_image`` with each chunk's id (32 bytes) as a fourth item, from the same read."""
     borg = _borg()
     with _open_for_reading(repo) as (repository, manifest, key):
         item = _file_item(repo, repository, manifest, key, archive_name, path)
@@ -1202,13 +1209,13 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
         for chunk in item.chunks:
             if chunk.size not in zero_ids:
                 zero_ids[chunk.size] = key.id_hash(borg.zeros[:chunk.size])
-            entries.append((offset, chunk.size, None if chunk.id == zero_ids[chunk.size] else chunk.id))
+            entries.append((offset, chunk.size, chunk.id, chunk.id == zero_ids[chunk.size]))
             offset += chunk.size
-        data_ids = [chunk_id for _, _, chunk_id in entries if chunk_id is not None]
+        data_ids = [chunk_id for _, _, chunk_id, hole in entries if not hole]
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool, \
                 _ChunkFetcher(repository, data_ids, _ChunkOpener(key), pool) as opened:
-            for start, length, chunk_id in entries:
-                yield start, length, None if chunk_id is None else opened.next()
+            for start, length, chunk_id, hole in entries:
+                yield start, length, None if hole else opened.next(), chunk_id
 
 
 class _ChunkFetcher:

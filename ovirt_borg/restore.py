@@ -349,12 +349,13 @@ def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[V
             results.append(check)
             continue
         if record.blocks_kind == sc.BLOCKS_BORG_ID:
-            actual_ids = archive.image_chunk_ids(repo, archive_name, record.image)
-            blocks = len(actual_ids) // sc.DIGEST_SIZE
-            check.bad_blocks = [index for index in range(min(blocks, check.blocks))
-                                if _digest(actual_ids, index) != _digest(digests, index)]
-            for _ in archive.read_image(repo, archive_name, record.image):
-                pass
+            # The image's chunk list against the ids recorded, while every chunk is read back.
+            blocks = 0
+            for index, (_, _, _, chunk_id) in enumerate(archive.read_image_with_ids(repo, archive_name,
+                                                                                     record.image)):
+                if index < check.blocks and chunk_id != _digest(digests, index):
+                    check.bad_blocks.append(index)
+                blocks = index + 1
         else:
             blocks = 0
             for index, (offset, length, data) in enumerate(archive.read_image(repo, archive_name, record.image)):
