@@ -15,7 +15,7 @@ import pytest
 
 from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
 from ovirt_borg.archive import ImageStats, Repo, Reuse, image_chunk_ids, open_writer
-from ovirt_borg.errors import AuthError, ConfigError, RepositoryBusy, RepositoryError
+from ovirt_borg.errors import AuthError, ConfigError, OvirtBorgError, RepositoryBusy, RepositoryError
 
 BLOCK = 256 * 1024
 DISK = "vm1/disks/root-0001.raw"
@@ -253,6 +253,25 @@ def test_no_nonce_is_used_twice(tmp_path, borg_env, encryption):
     overlaps = [(a, b) for a, b in zip(ranges, ranges[1:]) if a[1] > b[0]]
     assert not overlaps
     run_borg(repo, "check", "--verify-data", "{repo}")
+
+
+@pytest.mark.parametrize("encryption", ["repokey-blake2", "repokey"])
+def test_a_swapped_chunk_is_caught_on_reading(tmp_path, borg_env, encryption):
+    """A chunk whose stored object was replaced by another valid one (its MAC checks out)
+    fails the id check when the image is read back: an error, never the wrong bytes."""
+    from borg.repository import Repository
+    from ovirt_borg.archive import read_image
+
+    repo = Repo(str(tmp_path / encryption), dict(borg_env), lock_wait=5)
+    run_borg(repo, "init", "--encryption", encryption, "{repo}")
+    blocks, image = make_image(11, "DD", tail=0)
+    stats, _ = write_archive(repo, "a", blocks, len(image))
+    first, second = stats.chunk_ids[:32], stats.chunk_ids[32:64]
+    with Repository(repo.location, exclusive=True) as repository:
+        repository.put(first, repository.get(second))
+        repository.commit(compact=False)
+    with pytest.raises(OvirtBorgError, match="id verification failed"):
+        list(read_image(repo, "a", DISK))
 
 def test_base_block_reads_a_block_of_the_base_image(local_repo):
     blocks, image = make_image(7, "DZD")
