@@ -185,8 +185,8 @@ def _job_lock(config: config_mod.Config) -> Iterator[None]:
         os.close(fd)
 
 
-def _state_dir(config: config_mod.Config, repo: archive.Repo) -> sc.StateDir:
-    return sc.StateDir(Path(config.state.directory), archive.repository_id(repo))
+def _state_dir(config: config_mod.Config, repository_id: str) -> sc.StateDir:
+    return sc.StateDir(Path(config.state.directory), repository_id)
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
             # One look at the repository for the whole run: its id names the state directory,
             # its archive list tells each VM whether its previous archive is still there.
             view = archive.repository_view(repo)
-            state = sc.StateDir(Path(config.state.directory), view.id)
+            state = _state_dir(config, view.id)
             all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
             if args.vms:
                 known = {vm.name for vm in all_vms}
@@ -414,7 +414,8 @@ def cmd_prune(args: argparse.Namespace, config: config_mod.Config) -> int:
         raise ConfigError(f"{config.path}: [retention] keeps nothing; set at least one keep_* rule")
     repo = _repo(config)
     with _job_lock(config):
-        results = retention.prune(repo, _state_dir(config, repo), config.repository.prefix, keep,
+        state = _state_dir(config, archive.repository_id(repo))
+        results = retention.prune(repo, state, config.repository.prefix, keep,
                                   vms=list(args.vms) or None, dry_run=args.dry_run)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
@@ -432,7 +433,7 @@ def cmd_prune(args: argparse.Namespace, config: config_mod.Config) -> int:
 
 def cmd_checkpoints(args: argparse.Namespace, config: config_mod.Config) -> int:
     repo = _repo(config)
-    state = _state_dir(config, repo)
+    state = _state_dir(config, archive.repository_id(repo))
     sidecars = {s.vm_name: s for s in state.all()}
     report = []
     with _engine(config) as engine:

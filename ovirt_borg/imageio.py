@@ -30,7 +30,7 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import TypeVar
 
 import tenacity
 
@@ -43,7 +43,7 @@ __all__ = ["Extent", "ImageioClient", "TransferSettings", "mask_ticket_url"]
 _T = TypeVar("_T")
 
 #: The body of one upload request: bytes-like, or a tuple of bytes-like parts sent in order.
-_Data = Union[bytes, bytearray, memoryview, tuple]
+_Data = bytes | bytearray | memoryview | tuple
 
 # Backoff between attempts of one request: 0.5, 1, 2, 4, 8 s (capped at 10 s). Long enough to
 # ride out an imageio restart on the host (the engine re-adds the tickets), short enough that

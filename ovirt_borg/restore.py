@@ -148,16 +148,17 @@ def _runs(blocks: Iterable[tuple[int, int, bytes | memoryview | None]],
         joinable = kind == this and start + size == offset and (this == "hole" or size + length <= put_size)
         if not joinable:
             if kind is not None:
-                yield start, size, None if kind == "hole" else _joined(pieces)
+                yield start, size, None if kind == "hole" else _body(pieces)
             start, size, kind, pieces = offset, 0, this, []
         size += length
         if data is not None:
             pieces.append(data)
     if kind is not None:
-        yield start, size, None if kind == "hole" else _joined(pieces)
+        yield start, size, None if kind == "hole" else _body(pieces)
 
 
-def _joined(pieces: list) -> bytes | memoryview | tuple:
+def _body(pieces: list) -> bytes | memoryview | tuple:
+    """The data of one upload request: its piece, or its pieces as a tuple (never joined)."""
     return pieces[0] if len(pieces) == 1 else tuple(pieces)
 
 
