@@ -21,6 +21,7 @@ import hashlib
 import logging
 import random
 import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -313,6 +314,7 @@ class VmBackup:
         log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name, decision.reason)
 
         committed = False
+        finalizing: Future | None = None
         try:
             modes: dict[str, str] = {}
             if backup_id is not None:
@@ -330,6 +332,12 @@ class VmBackup:
                                                       previous if base else None, base_ids.get(disk.id))
                     records.append(record)
                     digests[disk.id] = disk_digests
+                if backup_id is not None:
+                    # Every disk is read: the engine ends its backup while Borg commits. Nothing
+                    # else uses the engine connection until _finalize has waited for it.
+                    log.debug("VM %s: every disk is read; finalizing engine backup %s beside the commit",
+                              self.vm.name, backup_id)
+                    finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id, backup_id)
                 finished = utc_now()
                 last_full = iso(started)
                 if decision.mode == "incremental" and previous is not None:
@@ -357,7 +365,7 @@ class VmBackup:
                     "previous sidecar") from None
         finally:
             if backup_id is not None:
-                self._finalize(backup_id, committed)
+                self._finalize(backup_id, committed, finalizing)
         if to_checkpoint:
             try:
                 self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
@@ -375,15 +383,19 @@ class VmBackup:
         log.warning("%s", message)
         self.result.warnings.append(message)
 
-    def _finalize(self, backup_id: str, committed: bool) -> None:
+    def _finalize(self, backup_id: str, committed: bool, finalizing: Future | None) -> None:
         """Finalize the engine backup (in ``finally:``); an error here never hides another one.
 
+        ``finalizing`` is the finalize already started beside the commit: it is waited for.
         Once the archive is committed the backup stands: a failure to finalize is a warning
         (the next run finalizes the backup it finds open). Before that it is logged, and the
         error that stopped the backup is the one raised.
         """
         try:
-            self.engine.finalize_backup(self.vm.id, backup_id)
+            if finalizing is None:
+                self.engine.finalize_backup(self.vm.id, backup_id)
+            else:
+                finalizing.result()
         except OvirtBorgError as e:
             if isinstance(e, Interrupted):
                 raise
@@ -557,6 +569,23 @@ class VmBackup:
             if sha256s is not None:
                 for part in parts:
                     sha256s += part if isinstance(part, bytes) else part.result()
+
+
+def _in_thread(name: str, call: Callable[..., Any], *args: Any) -> Future:
+    """Run ``call(*args)`` in a thread of its own; return the future of its outcome.
+
+    The thread is not a daemon: a process that is stopped still lets it finish.
+    """
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name).start()
+    return future
 
 
 def _sha256(data: bytes) -> bytes:

@@ -393,7 +393,28 @@ def test_engine_500_on_transfer_finalize_cancels_the_transfer(job, backed_up):
     recover(job, vm)
 
 
-def test_engine_500_on_backup_finalize_after_commit_is_a_warning(job, backed_up):
+def test_repository_error_after_the_disks_are_read_fails_cleanly(job, backed_up):
+    """The engine backup is being finalized beside the commit when the repository refuses more.
+
+    Nothing changed in the guest, so the first object written is the VM's OVF, after every disk
+    was read: the run must still end with no archive and the engine backup finalized.
+    """
+    vm = backed_up
+    job.lab.write(vm, disk=1, percent=50)
+    recover(job, vm)  # the repository now holds more than Borg's smallest quota (10 MB)
+    was = before(job, vm)
+    job.borg("config", str(job.repo), "storage_quota", "10M")
+    try:
+        proc = job.run("-vv", "backup", vm, expect=None)
+    finally:
+        job.borg("config", str(job.repo), "storage_quota", "0")
+    assert_failed_cleanly(job, vm, proc, 9, was, r"quota")
+    finalize_started = proc.stderr.index("finalizing engine backup")
+    assert finalize_started < proc.stderr.index("quota"), proc.stderr
+    recover(job, vm)
+
+
+def test_engine_500_on_backup_finalize_beside_the_commit_is_a_warning(job, backed_up):
     """The archive is committed and complete; the engine backup left open is finalized next run."""
     vm = backed_up
     job.lab.fault("engine_500:backup.finalize")
