@@ -431,10 +431,16 @@ class Bench:
             pair.append(lambda: ovirt_borg(name, dict(self.options.variant_env)))
         shift = run % len(pair)
         steps = []
+        # A restore reads what was written long before: both sources start on the disk, not in
+        # the page cache (Borg drops its segments from the cache as it writes them; the raw
+        # image was written just now, and an upload of it would otherwise read it from memory).
+        sources = (config.parent / "repo", reference)
         for contender in pair[shift:] + pair[:shift]:
+            evict(*sources)
             steps.append(contender())
             quiesce()
         restored = list(steps)
+        evict(*sources)
         steps.append(read_archive())
         storage = self.lab.dir / "storage"
         for step in restored:
@@ -601,6 +607,18 @@ def quiesce() -> None:
     """Write dirty pages out before a measurement, so that no contender pays for the set-up's
     writes (filling disks, guest writes, reference images) while it runs."""
     os.sync()
+
+
+def evict(*paths: Path) -> None:
+    """Drop the files at or below ``paths`` from the page cache (written out first)."""
+    os.sync()
+    for path in paths:
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def compare(image_path: Path, reference: Path) -> None:

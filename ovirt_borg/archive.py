@@ -71,7 +71,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, NamedTuple, Union
 
-from ovirt_borg import borgcli
+from ovirt_borg import borgcli, pagecache
 from ovirt_borg.borgcli import PASSPHRASE_SOURCES, SECRET_ENV, Repo
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, RepositoryError
 
@@ -445,6 +445,7 @@ class _InternalWriter(ArchiveWriter):
         self._compress_lock = threading.Lock()
         self._cipher_lock = threading.Lock()
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
+        self._write_behind: pagecache.WriteBehind | None = None
         self._zero_ids: dict[int, bytes] = {}
         # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
         self._base_images: dict[str, bytes] = {}
@@ -524,6 +525,7 @@ class _InternalWriter(ArchiveWriter):
                                      chunker_params=borg.ChunkerParams(f"fixed,{self.block_size}"))
         self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-chunks")
         self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
+        self._write_behind = pagecache.WriteBehind.of(self._repository)
         log.info("writing archive %s to %s (block size %d, base %s)", self.archive_name,
                  self.repo.location, self.block_size, self.base_archive or "none")
 
@@ -663,6 +665,8 @@ class _InternalWriter(ArchiveWriter):
             cache.begin_txn()
         stored_size = len(prepared.encrypted)
         self._repository.put(prepared.chunk_id, prepared.encrypted, wait=False)
+        if self._write_behind is not None:
+            self._write_behind.wrote()
         cache.chunks.add(prepared.chunk_id, 1, prepared.size, stored_size)
         self._archive.stats.update(prepared.size, stored_size, True)
         self._repository.async_response(wait=False)
@@ -1260,12 +1264,18 @@ class _ChunkFetcher:
         return item.result()
 
     def _run(self) -> None:
+        behind = pagecache.ReadBehind.of(self._repository)
         try:
             for chunk_id, stored in zip(self._ids, self._repository.get_many(self._ids, is_preloaded=False)):
+                if behind is not None:
+                    behind.read(chunk_id)
                 if not self._put(self._pool.submit(self._opener.open, chunk_id, stored)):
                     return
         except BaseException as e:  # handed to the consumer, which raises it
             self._put(e)
+        finally:
+            if behind is not None:
+                behind.close()
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
