@@ -431,9 +431,9 @@ class Bench:
             pair.append(lambda: ovirt_borg(name, dict(self.options.variant_env)))
         shift = run % len(pair)
         steps = []
-        # A restore reads what was written long before: both sources start on the disk, not in
-        # the page cache (Borg drops its segments from the cache as it writes them; the raw
-        # image was written just now, and an upload of it would otherwise read it from memory).
+        # A restore reads what was written long before: both sources start out of the page
+        # cache, whatever the runs before left there (client.upload reads its image through a
+        # qemu-nbd with direct I/O; ovirt-borg reads Borg's segment files through the cache).
         sources = (config.parent / "repo", reference)
         for contender in pair[shift:] + pair[:shift]:
             evict(*sources)
