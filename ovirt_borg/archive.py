@@ -66,7 +66,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, NamedTuple, Union
@@ -445,7 +445,7 @@ class _InternalWriter(ArchiveWriter):
         self._compress_lock = threading.Lock()
         self._cipher_lock = threading.Lock()
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
-        self._write_behind: pagecache.WriteBehind | None = None
+        self._write_behind: Callable[[], None] | None = None  # see _segment_write_behind
         self._zero_ids: dict[int, bytes] = {}
         # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
         self._base_images: dict[str, bytes] = {}
@@ -525,7 +525,7 @@ class _InternalWriter(ArchiveWriter):
                                      chunker_params=borg.ChunkerParams(f"fixed,{self.block_size}"))
         self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-chunks")
         self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
-        self._write_behind = pagecache.WriteBehind.of(self._repository)
+        self._write_behind = _segment_write_behind(self._repository)
         log.info("writing archive %s to %s (block size %d, base %s)", self.archive_name,
                  self.repo.location, self.block_size, self.base_archive or "none")
 
@@ -666,7 +666,7 @@ class _InternalWriter(ArchiveWriter):
         stored_size = len(prepared.encrypted)
         self._repository.put(prepared.chunk_id, prepared.encrypted, wait=False)
         if self._write_behind is not None:
-            self._write_behind.wrote()
+            self._write_behind()
         cache.chunks.add(prepared.chunk_id, 1, prepared.size, stored_size)
         self._archive.stats.update(prepared.size, stored_size, True)
         self._repository.async_response(wait=False)
@@ -850,6 +850,59 @@ def _sealer(key, nonce_lock: threading.Lock):
     if encrypt is PlaintextKey.encrypt or encrypt is AuthenticatedKeyBase.encrypt:
         return lambda compressed: b"".join([key.TYPE_STR, compressed])
     return None
+
+
+def _segment_write_behind(repository) -> Callable[[], None] | None:
+    """A call to make after puts that writes the segment being filled out 16 MiB at a time.
+
+    Borg 1.4's Linux ``SyncFile`` does so itself, but falls back to its base class (a whole
+    segment, up to 500 MiB, through the page cache, synced at its end) when its
+    ``sync_file_range`` extension does not import, as in the 1.4.5 wheels: None then, and for
+    remote repositories (the server's Borg writes them).
+    """
+    from borg.platform import SyncFile
+    from borg.platform.base import SyncFile as BaseSyncFile
+
+    io = getattr(repository, "io", None)  # the LoggedIO of a local repository
+    if io is None or not pagecache.AVAILABLE or SyncFile.write is not BaseSyncFile.write:
+        return None
+    behind = pagecache.WriteBehind()
+
+    def wrote() -> None:
+        sync_file = io._write_fd
+        if sync_file is not None:
+            behind.wrote(sync_file, sync_file.fd, io.offset, sync_file.f.flush)
+    return wrote
+
+
+class _SegmentReadBehind:
+    """``pagecache.ReadBehind`` over the segment files a local repository reads chunks from."""
+
+    def __init__(self, repository, io):
+        self._repository = repository
+        self._io = io
+        self._behind: pagecache.ReadBehind | None = pagecache.ReadBehind()
+
+    @classmethod
+    def of(cls, repository) -> "_SegmentReadBehind | None":
+        io = getattr(repository, "io", None)  # remote repositories are read by the server
+        return None if io is None else cls(repository, io)
+
+    def read(self, chunk_id: bytes) -> None:
+        """Call after ``repository.get(chunk_id)``."""
+        if self._behind is None:
+            return
+        try:
+            segment, offset = self._repository.index[chunk_id]
+        except (KeyError, TypeError, ValueError):  # not where Borg 1.4 keeps it: leave the cache be
+            self.close()
+            self._behind = None
+            return
+        self._behind.read(segment, offset, lambda: self._io.segment_filename(segment))
+
+    def close(self) -> None:
+        if self._behind is not None:
+            self._behind.close()
 
 
 class _NotCommitted(Exception):
@@ -1264,7 +1317,7 @@ class _ChunkFetcher:
         return item.result()
 
     def _run(self) -> None:
-        behind = pagecache.ReadBehind.of(self._repository)
+        behind = _SegmentReadBehind.of(self._repository)
         try:
             for chunk_id, stored in zip(self._ids, self._repository.get_many(self._ids, is_preloaded=False)):
                 if behind is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ovirt_borg import archive, sidecar as sc
+from ovirt_borg import archive, pagecache, sidecar as sc
 from ovirt_borg.engine import DiskInfo, Engine
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch
 from ovirt_borg.imageio import ImageioClient, TransferSettings
@@ -290,6 +290,7 @@ def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, 
     written = holes = 0
     progress = Progress(f"restore {record.alias}", record.provisioned_size)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    behind = pagecache.WriteBehind()  # the pieces come in order: a file growing at its end
     try:
         os.ftruncate(fd, record.provisioned_size)
         for offset, length, data in archive.read_image(repo, archive_name, record.image):
@@ -300,6 +301,7 @@ def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, 
                 for piece_offset, _, piece in split_zeros([(offset, length, data)]):
                     if piece is not None:
                         os.pwrite(fd, piece, piece_offset)
+                        behind.wrote(fd, fd, piece_offset + len(piece), _nothing_buffered)
                 written += length
             progress.update(length, 0 if data is None else length)
         os.fsync(fd)
@@ -307,6 +309,10 @@ def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, 
         os.close(fd)
         progress.finish()
     return written, holes
+
+
+def _nothing_buffered() -> None:
+    """The flush of a file written with os.pwrite: nothing is buffered."""
 
 
 def _run(cmd: list[str]) -> None:

@@ -1,12 +1,13 @@
-"""A local repository's segment files do not pile up in the page cache (real Borg, real kernel).
+"""Segment files written and read once do not pile up in the page cache (real Borg, real kernel).
 
-The repositories live below /var/tmp, on a disk-backed file system: the page cache of a tmpfs
+The files live below /var/tmp, on a disk-backed file system: the page cache of a tmpfs
 is its storage and is never dropped. Residency is read with util-linux ``fincore``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 import subprocess
@@ -84,18 +85,74 @@ def test_reading_an_archive_back_drops_its_segment_behind_the_reads(disk_repo):
     assert read_back == blocks
 
 
-def test_read_behind_turns_itself_off_on_an_unknown_chunk(disk_repo):
-    """It only ever changes how fast a read goes: a lookup that fails stops it, not the read."""
-    blocks = image_blocks(3)[:4]
-    with open_writer(disk_repo, "a", block_size=BLOCK, base_archive=None, comment="test") as writer:
-        writer.add_image(DISK, 4 * BLOCK, iter(blocks))
-        writer.commit()
-    from borg.repository import Repository
+# -- the primitives, on plain files ------------------------------------------------------------
 
-    with Repository(str(Path(disk_repo.location)), exclusive=False) as repository:
-        behind = pagecache.ReadBehind.of(repository)
-        assert behind is not None
-        repository.get(next(iter(repository.list(limit=1))))  # loads the index
-        behind.read(bytes(32))  # not in the repository
-        behind.read(next(iter(repository.list(limit=1))))  # a no-op now
-        behind.close()
+
+@pytest.fixture
+def disk_dir() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="ovirt-borg-test-", dir="/var/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def write_file(path: Path, behind: pagecache.WriteBehind | None, size: int = SIZE) -> None:
+    block = random.Random(4).randbytes(BLOCK)
+    with open(path, "wb") as f:
+        for _ in range(size // BLOCK):
+            f.write(block)
+            if behind is not None:
+                behind.wrote(f, f.fileno(), f.tell(), f.flush)
+        f.flush()
+        if behind is not None:
+            # what is still cached before the writer's own sync: at most two windows
+            assert resident(path) <= 2 * pagecache.WINDOW + BLOCK, resident(path)
+        else:
+            assert resident(path) == size  # the comparison: everything stays
+        os.fsync(f.fileno())
+    assert path.stat().st_size == size
+
+
+def test_write_behind_keeps_at_most_two_windows_of_a_file_cached(disk_dir):
+    write_file(disk_dir / "plain", None)
+    write_file(disk_dir / "behind", pagecache.WriteBehind())
+    assert (disk_dir / "plain").read_bytes() == (disk_dir / "behind").read_bytes()
+
+
+def test_write_behind_starts_over_with_each_new_file(disk_dir):
+    behind = pagecache.WriteBehind()
+    for name in ("a", "b"):
+        write_file(disk_dir / name, behind, size=48 << 20)
+
+
+def test_read_behind_drops_what_was_read_and_the_rest_when_the_reads_move_on(disk_dir):
+    paths = [disk_dir / "a", disk_dir / "b"]
+    for path in paths:
+        write_file(path, None, size=48 << 20)
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    behind = pagecache.ReadBehind()
+    with open(paths[0], "rb", buffering=0) as f:
+        for offset in range(0, 40 << 20, BLOCK):
+            f.readinto(bytearray(BLOCK))
+            behind.read("a", offset, lambda: str(paths[0]))
+        assert resident(paths[0]) <= pagecache.WINDOW + (8 << 20), resident(paths[0])
+    with open(paths[1], "rb", buffering=0) as f:
+        f.readinto(bytearray(BLOCK))
+        behind.read("b", 0, lambda: str(paths[1]))
+    assert resident(paths[0]) == 0
+    behind.close()
+    assert resident(paths[1]) == 0
+
+
+def test_they_turn_themselves_off_on_errors_and_never_raise(disk_dir):
+    """They only ever change how fast a read or write goes: a failure stops them, not the I/O."""
+    behind = pagecache.ReadBehind()
+    behind.read("gone", 0, lambda: str(disk_dir / "no-such-file"))
+    behind.read("a", 0, lambda: pytest.fail("turned off: no file is opened any more"))
+    behind.close()
+    writer = pagecache.WriteBehind()
+    writer.wrote("f", -1, 64 << 20, lambda: None)  # a bad file descriptor
+    writer.wrote("f", -1, 128 << 20, lambda: pytest.fail("turned off: nothing is flushed any more"))
