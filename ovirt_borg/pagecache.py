@@ -10,7 +10,7 @@ data out of the cache.
 before and drops it: Linux's ``sync_file_range`` then ``POSIX_FADV_DONTNEED``, the scheme of
 Borg's own Linux ``SyncFile``. It never stands for an ``fdatasync``: durability is the
 writer's business, unchanged. ``ReadBehind`` drops what was read of a file once the reads
-have moved a window further, and the rest when they move to another file.
+have moved two windows further, and the rest at the end.
 
 Both know nothing of Borg (``archive`` tells them which file and offset), run on Linux (Python
 has no ``sync_file_range``: it is called through ``ctypes``), and turn themselves off on the
@@ -94,47 +94,53 @@ class WriteBehind:
 
 
 class ReadBehind:
-    """Drop what was read of files from the page cache as the reads move on.
+    """Drop what was read of files from the page cache, a window behind the reads.
 
     Call ``read(file, offset, path)`` after each read at ``offset`` of the file ``file`` (a
-    hashable name; ``path()`` gives its path when it is new), and ``close()`` at the end.
+    hashable name; ``path()`` gives its path the first time), and ``close()`` at the end. Reads
+    may go back and forth between a few files (the chunks of an incremental image come from the
+    segments of several backups): each file keeps what lies less than a window behind its
+    furthest read, and is dropped whole only at ``close()``, or when ``FILES`` others were read
+    since it was.
     """
+
+    FILES = 8
 
     def __init__(self):
         self._on = hasattr(os, "posix_fadvise")
-        self._file: object = None
-        self._fd: int | None = None
-        self._dropped = 0  # offset below which the current file was dropped
-        self._reached = 0  # highest offset read in the current file
+        self._files: dict[object, list[int]] = {}  # file -> [fd, dropped below, furthest read], oldest first
 
     def read(self, file: object, offset: int, path: Callable[[], str]) -> None:
         if not self._on:
             return
         try:
-            if file != self._file:
-                self._leave()
-                self._fd = os.open(path(), os.O_RDONLY)
-                self._file, self._dropped, self._reached = file, 0, 0
-            self._reached = max(self._reached, offset)
-            end = self._reached & ~_PAGE_MASK
-            if end >= self._dropped + WINDOW:
-                _drop(self._fd, self._dropped, end)
-                self._dropped = end
+            state = self._files.pop(file, None)
+            if state is None:
+                if len(self._files) >= self.FILES:
+                    self._forget(next(iter(self._files)))
+                state = [os.open(path(), os.O_RDONLY), 0, 0]
+            self._files[file] = state  # the most recent last
+            fd, dropped, reached = state
+            reached = state[2] = max(reached, offset)
+            end = (reached - WINDOW) & ~_PAGE_MASK
+            if end >= dropped + WINDOW:
+                _drop(fd, dropped, end)
+                state[1] = end
         except OSError as e:
             log.debug("read-behind turned off: %s", e)
             self.close()
             self._on = False
 
-    def _leave(self) -> None:
-        if self._fd is not None:
-            fd, self._fd, self._file = self._fd, None, None
-            try:
-                _drop(fd)  # the rest of the file: the reads moved on
-            finally:
-                os.close(fd)
+    def _forget(self, file: object) -> None:
+        fd = self._files.pop(file)[0]
+        try:
+            _drop(fd)  # the rest of the file: the reads are done with it
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        try:
-            self._leave()
-        except OSError:
-            pass
+        while self._files:
+            try:
+                self._forget(next(iter(self._files)))
+            except OSError:
+                pass

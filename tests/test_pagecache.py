@@ -80,8 +80,8 @@ def test_reading_an_archive_back_drops_its_segment_behind_the_reads(disk_repo):
     for index, (_, _, data) in enumerate(read_image(disk_repo, "a", DISK)):
         read_back.append(data)
         if index == 80:
-            # 80 MiB read (and a few blocks fetched ahead): at most a window and the read-ahead
-            assert resident(segment) <= pagecache.WINDOW + (16 << 20), resident(segment)
+            # 80 MiB read (and a few blocks fetched ahead): at most two windows and the read-ahead
+            assert resident(segment) <= 2 * pagecache.WINDOW + (16 << 20), resident(segment)
     assert read_back == blocks
 
 
@@ -126,25 +126,46 @@ def test_write_behind_starts_over_with_each_new_file(disk_dir):
         write_file(disk_dir / name, behind, size=48 << 20)
 
 
-def test_read_behind_drops_what_was_read_and_the_rest_when_the_reads_move_on(disk_dir):
-    paths = [disk_dir / "a", disk_dir / "b"]
+def cold_files(directory: Path, count: int, size: int) -> list[Path]:
+    paths = [directory / f"f{i}" for i in range(count)]
     for path in paths:
-        write_file(path, None, size=48 << 20)
+        write_file(path, None, size=size)
         fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-    behind = pagecache.ReadBehind()
-    with open(paths[0], "rb", buffering=0) as f:
-        for offset in range(0, 40 << 20, BLOCK):
+    return paths
+
+
+def read_blocks(behind: pagecache.ReadBehind, path: Path, start: int, end: int) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        for offset in range(start, end, BLOCK):
             f.readinto(bytearray(BLOCK))
-            behind.read("a", offset, lambda: str(paths[0]))
-        assert resident(paths[0]) <= pagecache.WINDOW + (8 << 20), resident(paths[0])
-    with open(paths[1], "rb", buffering=0) as f:
-        f.readinto(bytearray(BLOCK))
-        behind.read("b", 0, lambda: str(paths[1]))
+            behind.read(path.name, offset, lambda: str(path))
+
+
+def test_read_behind_keeps_two_windows_behind_the_reads_of_each_file(disk_dir):
+    a, b = cold_files(disk_dir, 2, 64 << 20)
+    behind = pagecache.ReadBehind()
+    read_blocks(behind, a, 0, 48 << 20)
+    assert resident(a) <= 2 * pagecache.WINDOW + (8 << 20), resident(a)
+    # reads that go to another file and come back (an incremental's chunks) keep both files' state
+    read_blocks(behind, b, 0, 8 << 20)
+    read_blocks(behind, a, 48 << 20, 64 << 20)
+    assert resident(a) <= 2 * pagecache.WINDOW + (8 << 20), resident(a)
+    behind.close()
+    assert resident(a) == resident(b) == 0
+
+
+def test_read_behind_drops_a_file_whole_once_enough_others_were_read(disk_dir):
+    paths = cold_files(disk_dir, pagecache.ReadBehind.FILES + 1, 4 << 20)
+    behind = pagecache.ReadBehind()
+    read_blocks(behind, paths[0], 0, 4 << 20)
+    assert resident(paths[0]) > 0
+    for path in paths[1:]:
+        read_blocks(behind, path, 0, BLOCK)
     assert resident(paths[0]) == 0
     behind.close()
-    assert resident(paths[1]) == 0
 
 
 def test_they_turn_themselves_off_on_errors_and_never_raise(disk_dir):
