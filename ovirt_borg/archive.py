@@ -869,9 +869,16 @@ def _segment_write_behind(repository) -> Callable[[], None] | None:
     behind = pagecache.WriteBehind()
 
     def wrote() -> None:
-        sync_file = io._write_fd
-        if sync_file is not None:
-            behind.wrote(sync_file, sync_file.fd, io.offset, sync_file.f.flush)
+        nonlocal behind
+        if behind is None:
+            return
+        try:
+            sync_file = io._write_fd
+            if sync_file is not None:
+                behind.wrote(sync_file, sync_file.fd, io.offset, sync_file.f.flush)
+        except AttributeError as e:  # not where Borg 1.4 keeps it: leave the cache be
+            log.debug("segment write-behind turned off: %s", e)
+            behind = None
     return wrote
 
 
@@ -894,7 +901,7 @@ class _SegmentReadBehind:
             return
         try:
             segment, offset = self._repository.index[chunk_id]
-        except (KeyError, TypeError, ValueError):  # not where Borg 1.4 keeps it: leave the cache be
+        except (KeyError, TypeError, ValueError, AttributeError):  # not where Borg 1.4 keeps it: leave the cache be
             self.close()
             self._behind = None
             return

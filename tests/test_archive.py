@@ -111,6 +111,17 @@ def test_borg_internals_are_what_the_writer_was_written_for():
     assert params(LocalCache.chunk_incref)[:4] == ["self", "id", "stats", "size"]
     assert params(LocalCache.rollback) == ["self"]
     assert ChunkListEntry._fields == ("id", "size", "csize")
+    # The page-cache glue (_segment_write_behind, _SegmentReadBehind): what it reads of a local
+    # repository's LoggedIO and index.
+    from borg.platform.base import SyncFile
+    from borg.repository import LoggedIO
+
+    assert {"_write_fd", "offset", "segment"} <= set(vars(LoggedIO(".", 1 << 20, 10000)))
+    assert params(LoggedIO.segment_filename) == ["self", "segment"]
+    sync_file_init = inspect.getsource(SyncFile.__init__)
+    assert "self.f = " in sync_file_init and "self.fd = " in sync_file_init
+    get = inspect.getsource(Repository.get)
+    assert "segment, offset = self.index[id]" in get and "self.io.read(segment, offset, id)" in get
     # The writer stores encrypted chunks itself exactly the way add_chunk does.
     add_chunk = inspect.getsource(LocalCache.add_chunk)
     for step in ("self.begin_txn()", "self.key.encrypt(chunk)", "self.repository.put(id, data, wait=wait)",
