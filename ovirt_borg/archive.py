@@ -876,7 +876,7 @@ def _segment_write_behind(repository) -> Callable[[], None] | None:
             sync_file = io._write_fd
             if sync_file is not None:
                 behind.wrote(sync_file, sync_file.fd, io.offset, sync_file.f.flush)
-        except AttributeError as e:  # not where Borg 1.4 keeps it: leave the cache be
+        except AttributeError as e:  # not where Borg 1.4 keeps it: leave the page cache be
             log.debug("segment write-behind turned off: %s", e)
             behind = None
     return wrote
@@ -901,7 +901,8 @@ class _SegmentReadBehind:
             return
         try:
             segment, offset = self._repository.index[chunk_id]
-        except (KeyError, TypeError, ValueError, AttributeError):  # not where Borg 1.4 keeps it: leave the cache be
+        except (KeyError, TypeError, ValueError, AttributeError):
+            # not where Borg 1.4 keeps it: leave the page cache be
             self.close()
             self._behind = None
             return
