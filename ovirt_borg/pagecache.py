@@ -10,7 +10,7 @@ data out of the cache.
 before and drops it: Linux's ``sync_file_range`` then ``POSIX_FADV_DONTNEED``, the scheme of
 Borg's own Linux ``SyncFile``. It never stands for an ``fdatasync``: durability is the
 writer's business, unchanged. ``ReadBehind`` drops what was read of a file once the reads
-have moved two windows further, and the rest at the end.
+have moved two windows past it, keeping the last window read, and the rest at the end.
 
 Both know nothing of Borg (``archive`` tells them which file and offset), run on Linux (Python
 has no ``sync_file_range``: it is called through ``ctypes``), and turn themselves off on the
@@ -94,13 +94,13 @@ class WriteBehind:
 
 
 class ReadBehind:
-    """Drop what was read of files from the page cache, a window behind the reads.
+    """Drop what was read of files from the page cache, one to two windows behind the reads.
 
     Call ``read(file, offset, path)`` after each read at ``offset`` of the file ``file`` (a
     hashable name; ``path()`` gives its path the first time), and ``close()`` at the end. Reads
     may go back and forth between a few files (the chunks of an incremental image come from the
-    segments of several backups): each file keeps what lies less than a window behind its
-    furthest read, and is dropped whole only at ``close()``, or when ``FILES`` others were read
+    segments of several backups): each file keeps the one to two windows behind its furthest
+    read, and is dropped whole only at ``close()``, or when ``FILES`` others were read
     since it was.
     """
 
