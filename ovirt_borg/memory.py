@@ -17,7 +17,6 @@ in use; peak memory stays bounded by the blocks in flight. Elsewhere than glibc 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -41,12 +40,12 @@ def tune_allocator() -> bool:
     global _tuned
     if _tuned:
         return True
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        log.debug("no mallopt in the C library (%s): allocator left as it is", name)
+        # The symbols the process already has: its C library, found without the ldconfig run
+        # (3 ms) of ctypes.util.find_library.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        log.debug("no mallopt in the C library: allocator left as it is")
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
