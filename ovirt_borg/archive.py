@@ -172,6 +172,8 @@ class ArchiveWriter(ABC):
 
     #: Whether ``add_image`` returns the chunk id of every block (``ImageStats.chunk_ids``).
     gives_chunk_ids = False
+    #: Whether ``comment`` is read when the writer is entered (else when it commits).
+    comment_at_open = False
 
     def __init__(self, repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
                  comment: str):
@@ -1012,6 +1014,8 @@ _NEVER_WROTE = frozenset({"LockTimeout", "PassphraseWrong", "NoPassphraseFailure
 
 class _CliWriter(ArchiveWriter):
     """ArchiveWriter streaming a tar into ``borg import-tar`` (see the module docstring)."""
+
+    comment_at_open = True  # it is borg import-tar's --comment
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

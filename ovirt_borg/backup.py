@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ovirt_borg import archive, plan, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
-from ovirt_borg.engine import (CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo)
+from ovirt_borg.engine import CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo, WaitStopped
 from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress
@@ -315,17 +315,28 @@ class VmBackup:
 
         committed = False
         finalizing: Future | None = None
+        preparing: Future | None = None
+        stop_preparing = threading.Event()
         try:
             modes: dict[str, str] = {}
-            if backup_id is not None:
-                to_checkpoint = self.engine.wait_backup_ready(self.vm.id, backup_id)
-                modes = self.engine.backup_disk_modes(self.vm.id, backup_id)
             base = previous.archive if decision.mode == "incremental" else None
             # Read before the writer locks the repository (a copy from the archive needs a reader).
             base_ids = self._base_ids(previous, disks) if base else {}
-            with archive.open_writer(self.repo, self.archive_name, block_size=self.settings.block_size,
-                                     base_archive=base, kind=self.settings.writer,
-                                     comment=archive_comment(self.vm.name, decision.mode, path, to_checkpoint)) as writer:
+            writer = archive.open_writer(self.repo, self.archive_name, block_size=self.settings.block_size,
+                                         base_archive=base, kind=self.settings.writer)
+            if backup_id is not None:
+                # The engine prepares its backup (on a real engine seconds: checkpoint, scratch
+                # disks, NBD exports) while the repository is opened (ssh, Borg's lock and cache
+                # sync). Nothing else uses the engine connection until it is ready.
+                preparing = _in_thread("engine-backup-ready", self._backup_ready, backup_id, stop_preparing)
+                if writer.comment_at_open:
+                    taken, preparing = preparing, None
+                    to_checkpoint, modes = taken.result()
+            writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint)
+            with writer:
+                if preparing is not None:
+                    taken, preparing = preparing, None
+                    to_checkpoint, modes = taken.result()
                 records, digests = [], {}
                 for disk in disks:
                     record, disk_digests = self._disk(writer, disk, backup_id, modes.get(disk.id, "full"),
@@ -364,6 +375,8 @@ class VmBackup:
                     f"be saved in the state directory ({e}); the next backup of this VM starts from the "
                     "previous sidecar") from None
         finally:
+            if preparing is not None:
+                self._stop_preparing(preparing, stop_preparing)
             if backup_id is not None:
                 self._finalize(backup_id, committed, finalizing)
         if to_checkpoint:
@@ -382,6 +395,25 @@ class VmBackup:
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
         self.result.warnings.append(message)
+
+    def _backup_ready(self, backup_id: str, stop: threading.Event) -> tuple[str | None, dict[str, str]]:
+        """Wait for the engine's backup to be ready; return its checkpoint and each disk's mode."""
+        to_checkpoint = self.engine.wait_backup_ready(self.vm.id, backup_id, stop)
+        return to_checkpoint, self.engine.backup_disk_modes(self.vm.id, backup_id)
+
+    def _stop_preparing(self, preparing: Future, stop: threading.Event) -> None:
+        """End a wait for the engine's backup that an error left untaken (in ``finally:``).
+
+        It ends before the engine is used again; that error is the one raised, the engine's
+        own is logged.
+        """
+        stop.set()
+        try:
+            preparing.result()
+        except WaitStopped:
+            pass
+        except OvirtBorgError as e:
+            log.error("VM %s: %s", self.vm.name, e)
 
     def _finalize(self, backup_id: str, committed: bool, finalizing: Future | None) -> None:
         """Finalize the engine backup (in ``finally:``); an error here never hides another one.

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
@@ -168,6 +169,10 @@ def _calling(doing: str) -> Iterator[None]:
         raise engine_error(e, doing) from None
 
 
+class WaitStopped(EngineError):
+    """A wait for the engine ended by the caller that started it."""
+
+
 class Engine:
     """A connection to the engine; use as a context manager."""
 
@@ -235,10 +240,12 @@ class Engine:
             return self._retry(call, doing)
 
     def _poll(self, get: Callable[[], T], done: Callable[[T], bool], what: str,
-              failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None) -> T:
+              failed: Callable[[T], str | None] = lambda _: None, timeout: float | None = None,
+              stop: threading.Event | None = None) -> T:
         """Call ``get`` until ``done`` holds; raise EngineError when ``failed`` says why or on timeout.
 
-        Transient failures of ``get`` are retried; other SDK errors propagate unmapped.
+        Transient failures of ``get`` are retried; other SDK errors propagate unmapped. Once
+        ``stop`` is set, the next wait between two calls raises WaitStopped at once.
         """
         deadline = time.monotonic() + (timeout or self.settings.timeout)
         # Most engine operations finish within a second or two: poll quickly first, then back
@@ -253,7 +260,10 @@ class Engine:
                 raise EngineError(f"{what}: {reason}")
             if time.monotonic() > deadline:
                 raise EngineError(f"{what}: timed out after {timeout or self.settings.timeout:.0f} s")
-            time.sleep(delay)
+            if stop is None:
+                time.sleep(delay)
+            elif stop.wait(delay):
+                raise WaitStopped(f"{what}: no longer waited for")
             delay = min(delay * 1.5, self.settings.poll_interval)
 
     # -- inventory ---------------------------------------------------------------------------
@@ -435,14 +445,18 @@ class Engine:
             raise engine_error(e, f"starting a backup of VM {vm_id}") from None
         return created.id
 
-    def wait_backup_ready(self, vm_id: str, backup_id: str) -> str | None:
-        """Wait for the backup to be ready; return its to_checkpoint_id (None for raw-only)."""
+    def wait_backup_ready(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> str | None:
+        """Wait for the backup to be ready; return its to_checkpoint_id (None for raw-only).
+
+        Setting ``stop`` (from another thread) ends the wait with WaitStopped.
+        """
         service = self._backups_service(vm_id).backup_service(backup_id)
         with _calling(f"waiting for backup {backup_id} of VM {vm_id}"):
             backup = self._poll(
                 service.get, lambda b: _enum(b.phase) == "ready",
                 f"backup {backup_id} of VM {vm_id}",
-                failed=lambda b: f"phase {_enum(b.phase)}" if _enum(b.phase) in ("failed", "succeeded") else None)
+                failed=lambda b: f"phase {_enum(b.phase)}" if _enum(b.phase) in ("failed", "succeeded") else None,
+                stop=stop)
         return backup.to_checkpoint_id
 
     def backup_disk_modes(self, vm_id: str, backup_id: str) -> dict[str, str]:

@@ -673,6 +673,29 @@ def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
     recover(job, vm)
 
 
+def test_repository_refused_while_the_engine_prepares_its_backup(job, backed_up):
+    """The writer opens the repository while the engine prepares its backup. When Borg refuses
+    it there (its security directory has seen a newer manifest: a replayed or swapped
+    repository), the started engine backup is finalized and nothing else changes."""
+    vm = backed_up
+    was = before(job, vm)
+    repository_id = job.borg("info", "--json", str(job.repo)).stdout
+    security = job.dir / "borg-home" / ".config" / "borg" / "security" / json.loads(repository_id)["repository"]["id"]
+    timestamp = security / "manifest-timestamp"
+    saved = timestamp.read_text()
+    calls = job.lab.stats()["calls"]
+    timestamp.write_text("2099-01-01T00:00:00.000000")
+    try:
+        proc = job.run("backup", vm, expect=None)
+    finally:
+        timestamp.write_text(saved)
+    assert_failed_cleanly(job, vm, proc, 9, was, r"Borg cache .* does not match the repository")
+    after = job.lab.stats()["calls"]
+    for call in ("backups.add", "backup.finalize"):
+        assert after.get(call, 0) == calls.get(call, 0) + 1, (call, calls, after)
+    recover(job, vm)
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 48 MiB tmpfs; unmounted afterwards."""
