@@ -412,7 +412,7 @@ class VmBackup:
             preparing.result()
         except WaitStopped:
             pass
-        except OvirtBorgError as e:
+        except Exception as e:
             log.error("VM %s: %s", self.vm.name, e)
 
     def _finalize(self, backup_id: str, committed: bool, finalizing: Future | None) -> None:
