@@ -5,9 +5,11 @@ Policy lives here; the engine, imageio, archive and sidecar modules do the talki
 1. list its disks, enable incremental backup on qcow2 disks that lack it;
 2. decide full or incremental from the last committed sidecar (``decide_mode``);
 3. finalize stale backups, start the backup (or, for a powered-off VM on an engine that
-   refuses cold backups, use plain image transfers through the engine's proxy);
+   refuses cold backups, use plain image transfers through the engine's proxy) and open the
+   archive writer while the engine prepares it;
 4. per disk: image transfer, extents, read plan, stream into the archive writer;
-5. commit the archive, store the sidecar, finalize the backup, purge old checkpoints.
+5. commit the archive while the engine finalizes its backup, store the sidecar, purge old
+   checkpoints.
 
 A failure anywhere leaves no archive, the previous sidecar untouched, and no backup or transfer
 open on the engine.
