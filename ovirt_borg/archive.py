@@ -232,12 +232,13 @@ class ArchiveWriter(ABC):
         length of its block; otherwise False, logging why.
         """
 
-    def base_block(self, path: str, index: int) -> bytes:
-        """Return the content of block ``index`` of ``path`` in the base archive.
+    def is_base_block(self, path: str, index: int, data: bytes) -> bool:
+        """Say whether ``data`` is block ``index`` of ``path`` in the base archive.
 
-        Only after ``base_image(path, size)`` returned True. Used to compare pieces of blocks
-        the dirty bitmap calls clean with what the disk holds now. Raises ``ValueError`` when
-        the image was not accepted as a base, typed errors for repository failures.
+        Only after ``base_image(path, size)`` returned True. Used to compare blocks the dirty
+        bitmap calls clean with what the disk holds now; the base archive is not read (the
+        chunk id of ``data`` is compared with the recorded one). Raises ``ValueError`` when the
+        image was not accepted as a base or has no such block.
         """
         raise ValueError(f"{path} has no usable base image in this writer")
 
@@ -601,17 +602,12 @@ class _InternalWriter(ArchiveWriter):
                             f"not a block of {self.block_size} bytes")
         return None
 
-    def base_block(self, path: str, index: int) -> bytes:
+    def is_base_block(self, path: str, index: int, data: bytes) -> bool:
         self._require_open()
         ids = self._base_images.get(path)
         if ids is None or not 0 <= index < len(ids) // _ID_SIZE:
             raise ValueError(f"block {index} of {path} is not in the accepted base image")
-        chunk_id = ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
-        with self._borg_errors():
-            stored = self._repository.get(chunk_id)
-            # Decryption uses the cipher context and the decompression buffer the workers use.
-            with self._compress_lock, self._cipher_lock:
-                return bytes(self._key.decrypt(chunk_id, stored))
+        return self._key.id_hash(data) == ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
 
     # -- writing ---------------------------------------------------------------------------
 

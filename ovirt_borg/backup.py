@@ -548,21 +548,18 @@ class VmBackup:
 
     def _check_sample(self, client: ImageioClient, writer: archive.ArchiveWriter, path: str,
                       blocks: list[plan.Block], disk: DiskInfo) -> bool:
-        """Re-read pieces of a few clean blocks and compare them with the base archive.
+        """Re-read a few clean blocks whole and compare them with the base archive.
 
         Returns True when they match, False when the dirty bitmap missed a change.
         """
         sample = plan.choose_sample(blocks, self.settings.verify_sample, self.rng)
-        pieces = client.read_ranges([(s.offset, s.length) for s in sample])
-        for piece, (_, data) in zip(sample, pieces):
-            start = piece.offset - piece.block_offset
-            base = writer.base_block(path, piece.index)[start:start + piece.length]
-            if base != data:
+        for block, data in zip(sample, _assemble(client, sample, self.settings.block_size)):
+            if not writer.is_base_block(path, block.index, data):
                 log.error("VM %s disk %s: block %d changed although the dirty bitmap says it did not; "
                           "the bitmap cannot be trusted: reading the whole disk",
-                          self.vm.name, disk.alias, piece.index)
+                          self.vm.name, disk.alias, block.index)
                 return False
-        log.debug("VM %s disk %s: %d sampled pieces of clean blocks match", self.vm.name, disk.alias, len(sample))
+        log.debug("VM %s disk %s: %d sampled clean blocks match", self.vm.name, disk.alias, len(sample))
         return True
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], sha256s: bytearray | None,

@@ -7,8 +7,8 @@ one may be short). Given imageio's extents, each block becomes:
   all-zero chunk.
 - ``REUSE``: the block did not change since the base archive (no dirty extent touches it), and
   the base archive holds it with the same length: its chunk is referenced, nothing is read.
-  Its ``segments`` are kept so that pieces of clean blocks can be re-read as a check of the
-  dirty bitmap (``choose_sample``).
+  Its ``segments`` are kept so that a few clean blocks can be re-read as a check of the dirty
+  bitmap (``choose_sample``).
 - ``READ``: the block is read from imageio and stored. Only its non-zero ``segments`` are
   fetched; the zero parts are filled in locally, so zero extents never cross the wire.
 
@@ -196,26 +196,11 @@ def _base_block_length(index: int, base_size: int | None, block_size: int) -> in
     return min(block_size, base_size - index * block_size)
 
 
-SAMPLE_LENGTH = 64 * 1024
+def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random) -> list[Block]:
+    """Pick up to ``count`` distinct REUSE blocks holding data, to re-read as a check of the bitmap.
 
-
-@dataclass(frozen=True)
-class SampleRange:
-    """A piece of a clean (REUSE) block to re-read and compare with the base archive: the
-    block's ``index`` and ``block_offset``, the piece's ``offset`` and ``length``."""
-
-    index: int
-    block_offset: int
-    offset: int
-    length: int
-
-
-def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random,
-                  length: int = SAMPLE_LENGTH) -> list[SampleRange]:
-    """Pick up to ``count`` distinct REUSE blocks holding data and, in each, a ``length`` piece of data.
-
-    The piece starts at a ``length``-aligned offset inside one of the block's data segments,
-    so re-reading it costs ``length`` bytes on the wire, not a whole block. Returned in disk order.
+    Returned in disk order as single READ blocks with their own data segments: re-reading one
+    fetches only its data, its zero parts are filled in locally.
     """
     runs = [b for b in blocks if b.action is Action.REUSE and b.segments]
     # Only the blocks of a run that hold data are candidates.
@@ -243,13 +228,9 @@ def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random,
         block_offset = run.offset + within * run.length
         block_end = block_offset + run.length
         # The data of this block: its part of the run's segments.
-        pieces = [(max(s, block_offset), min(s + n, block_end)) for s, n in run.segments
-                  if s < block_end and s + n > block_offset]
-        start, end = rng.choice(pieces)
-        first_aligned = -(-start // length) * length
-        last_aligned = (end - length) // length * length
-        offset = rng.randrange(first_aligned, last_aligned + 1, length) if last_aligned >= first_aligned else start
-        sample.append(SampleRange(run.index + within, block_offset, offset, min(length, end - offset)))
+        segments = tuple((max(s, block_offset), min(s + n, block_end) - max(s, block_offset))
+                         for s, n in run.segments if s < block_end and s + n > block_offset)
+        sample.append(Block(run.index + within, block_offset, run.length, Action.READ, segments))
     return sample
 
 

@@ -284,24 +284,29 @@ def test_a_swapped_chunk_is_caught_on_reading(tmp_path, borg_env, encryption):
     with pytest.raises(OvirtBorgError, match="id verification failed"):
         list(read_image(repo, "a", DISK))
 
-def test_base_block_reads_a_block_of_the_base_image(local_repo):
+def test_is_base_block_compares_data_with_a_block_of_the_base_image(local_repo):
     blocks, image = make_image(7, "DZD")
     stats, _ = write_archive(local_repo, "base", blocks, len(image))
     with open_writer(local_repo, "next", block_size=BLOCK, base_archive="base") as writer:
         with pytest.raises(ValueError):
-            writer.base_block(DISK, 0)
+            writer.is_base_block(DISK, 0, blocks[0])
         assert writer.base_image(DISK, len(image), stats.chunk_ids)
-        assert writer.base_block(DISK, 0) == blocks[0]
-        assert writer.base_block(DISK, 1) == bytes(BLOCK)
-        assert writer.base_block(DISK, 2) == blocks[2]
+        assert writer.is_base_block(DISK, 0, blocks[0])
+        assert writer.is_base_block(DISK, 1, bytes(BLOCK))
+        assert writer.is_base_block(DISK, 2, blocks[2])
+        changed = bytearray(blocks[2])
+        changed[len(changed) // 2] ^= 1
+        assert not writer.is_base_block(DISK, 2, bytes(changed))
+        assert not writer.is_base_block(DISK, 0, blocks[2])
+        assert not writer.is_base_block(DISK, 1, bytes(BLOCK - 1))
         with pytest.raises(ValueError):
-            writer.base_block(DISK, 3)
-        # Reading the base while data blocks are being encrypted by the workers is safe.
+            writer.is_base_block(DISK, 3, blocks[0])
+        # Comparing while data blocks are being encrypted by the workers is safe.
         fresh = [random.Random(8).randbytes(BLOCK), None, blocks[2]]
 
         def interleaved():
             for position, block in enumerate(fresh):
-                assert writer.base_block(DISK, position) == (blocks[position] or bytes(BLOCK))
+                assert writer.is_base_block(DISK, position, blocks[position] or bytes(BLOCK))
                 yield block
 
         writer.add_image(DISK, len(image), interleaved())

@@ -101,17 +101,27 @@ def test_extents_must_cover_disk():
         plan_blocks(2 * B, B, [Extent(0, B, False), Extent(B + 1, B - 1, False)])
 
 
-def test_sample_picks_small_aligned_pieces_of_clean_data_blocks():
+def test_sample_picks_clean_data_blocks_to_read_whole():
     extents = [Extent(0, 6 * B, zero=False, dirty=False), Extent(6 * B, 2 * B, zero=True, dirty=False)]
     blocks = plan_blocks(8 * B, B, extents, base_size=8 * B)
     sample = choose_sample(blocks, 3, random.Random(1))
-    assert len(sample) == 3
-    for piece in sample:
-        assert piece.index < 6 and piece.block_offset == piece.index * B  # a clean data block, never a hole
-        assert piece.length == 64 * 1024 and piece.offset % (64 * 1024) == 0
-        assert piece.block_offset <= piece.offset < piece.block_offset + B
-    assert len({piece.index for piece in sample}) == 3
-    assert sorted(p.index for p in choose_sample(blocks, 10, random.Random(1))) == [0, 1, 2, 3, 4, 5]
+    assert len(sample) == 3 and len({block.index for block in sample}) == 3
+    for block in sample:
+        assert block.index < 6  # a clean data block, never a hole
+        assert (block.offset, block.length, block.action, block.count) == (block.index * B, B, Action.READ, 1)
+        assert block.segments == ((block.offset, B),)
+    assert [b.index for b in sample] == sorted(b.index for b in sample)
+    assert sorted(b.index for b in choose_sample(blocks, 10, random.Random(1))) == [0, 1, 2, 3, 4, 5]
+
+
+def test_sample_reads_only_the_data_of_a_partly_empty_block():
+    # One clean block, data in two pieces with a zero extent between them; a short last block.
+    extents = [Extent(0, 4096, zero=False, dirty=False), Extent(4096, B - 8192, zero=True, dirty=False),
+               Extent(B - 4096, 4096 + B // 2, zero=False, dirty=False)]
+    blocks = plan_blocks(B + B // 2, B, extents, base_size=B + B // 2)
+    sample = choose_sample(blocks, 5, random.Random(3))
+    assert [(b.index, b.offset, b.length, b.segments) for b in sample] == [
+        (0, 0, B, ((0, 4096), (B - 4096, 4096))), (1, B, B // 2, ((B, B // 2),))]
 
 
 def test_read_ranges_split_long_segments():
