@@ -316,11 +316,21 @@ class VmBackup:
         log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name, decision.reason)
 
         committed = False
+        modes: dict[str, str] = {}
         finalizing: Future | None = None
         preparing: Future | None = None
         stop_preparing = threading.Event()
+
+        def engine_ready() -> None:
+            """Take the outcome of ``preparing``; a wait interrupted here leaves it to ``finally``."""
+            nonlocal preparing, to_checkpoint, modes
+            try:
+                to_checkpoint, modes = preparing.result()
+            finally:
+                if preparing.done():
+                    preparing = None
+
         try:
-            modes: dict[str, str] = {}
             base = previous.archive if decision.mode == "incremental" else None
             # Read before the writer locks the repository (a copy from the archive needs a reader).
             base_ids = self._base_ids(previous, disks) if base else {}
@@ -332,13 +342,11 @@ class VmBackup:
                 # sync). Nothing else uses the engine connection until it is ready.
                 preparing = _in_thread("engine-backup-ready", self._backup_ready, backup_id, stop_preparing)
                 if writer.comment_at_open:
-                    taken, preparing = preparing, None
-                    to_checkpoint, modes = taken.result()
+                    engine_ready()
             writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint)
             with writer:
                 if preparing is not None:
-                    taken, preparing = preparing, None
-                    to_checkpoint, modes = taken.result()
+                    engine_ready()
                 records, digests = [], {}
                 for disk in disks:
                     record, disk_digests = self._disk(writer, disk, backup_id, modes.get(disk.id, "full"),

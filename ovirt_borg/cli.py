@@ -505,8 +505,8 @@ def console() -> int:
     """The ``ovirt-borg`` program: main() in a process that ends when it returns.
 
     Every object the run made lives until the process exits anyway; frozen, they are spared the
-    interpreter's last garbage collection over all of them and the modules' (40 ms of the 0.8 s
-    a small incremental takes).
+    interpreter's last garbage collection over all of them and the modules' (0.1 s of the 0.8 s
+    a small incremental took).
     """
     code = main()
     gc.freeze()
