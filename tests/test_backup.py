@@ -14,6 +14,7 @@ import os
 import pytest
 
 from conftest import BORG, make_job
+from ovirt_borg.config import BackupConfig
 
 BLOCK = 1 << 20  # the default block_size
 _names = itertools.count(1)
@@ -37,8 +38,8 @@ def host_bytes(lab) -> int:
 def read_bound(touched: int, disks: int = 2) -> float:
     """The most an incremental may read from imageio after writes touching ``touched`` blocks:
     those blocks (a quarter more for the unaligned ends of writes) and the clean blocks each
-    disk re-reads whole to check its bitmap (``verify_sample``, 4 by default)."""
-    return 1.25 * touched * BLOCK + 4 * BLOCK * disks
+    disk re-reads whole to check its bitmap (``verify_sample``; the jobs keep its default)."""
+    return 1.25 * touched * BLOCK + BackupConfig.verify_sample * BLOCK * disks
 
 
 def touched_blocks(ranges) -> set[int]:

@@ -679,8 +679,8 @@ def test_repository_refused_while_the_engine_prepares_its_backup(job, backed_up)
     repository), the started engine backup is finalized and nothing else changes."""
     vm = backed_up
     was = before(job, vm)
-    repository_id = job.borg("info", "--json", str(job.repo)).stdout
-    security = job.dir / "borg-home" / ".config" / "borg" / "security" / json.loads(repository_id)["repository"]["id"]
+    info = json.loads(job.borg("info", "--json", str(job.repo)).stdout)
+    security = job.dir / "borg-home" / ".config" / "borg" / "security" / info["repository"]["id"]
     timestamp = security / "manifest-timestamp"
     saved = timestamp.read_text()
     calls = job.lab.stats()["calls"]
