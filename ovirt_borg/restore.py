@@ -73,10 +73,14 @@ def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> 
 
 
 def _vm_dir(archive_name: str, prefix: str) -> str:
+    """The directory of the VM's files in ``archive_name``: the VM name from the archive's name."""
     from ovirt_borg.backup import safe_name
+    from ovirt_borg.retention import vm_of_archive
 
-    name = archive_name[len(prefix):] if archive_name.startswith(prefix) else archive_name
-    return safe_name(_TIMESTAMP.sub("", name))
+    vm_name = vm_of_archive(archive_name, prefix)
+    if vm_name is None:  # not this job's name pattern: another prefix, still <vm>-<UTC time>
+        vm_name = _TIMESTAMP.sub("", archive_name[len(prefix):] if archive_name.startswith(prefix) else archive_name)
+    return safe_name(vm_name)
 
 
 def _pick_disks(sidecar: sc.Sidecar, disk_ids: list[str] | None) -> list[sc.DiskRecord]:

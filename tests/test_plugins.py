@@ -14,7 +14,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from conftest import Job, make_job
+from conftest import Job, make_job, sha256_file
 from ovirt_borg import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +153,14 @@ def test_selection_archive_name_and_run_hooks(lab_clean, two_vms, tmp_path):
     assert second["mode"] == "incremental", second["reason"]
     assert second["archive"].startswith(f"ovirt-{a}-") and second["archive"].endswith(".nightly")
     job.assert_identical(second)
+
+    # verify and restore find the VM's files in a tagged archive
+    job.run("verify", second["archive"])
+    job.run("verify", "--vm", a)
+    out = tmp_path / "restored"
+    job.run("restore", second["archive"], "--to-dir", str(out))
+    for index, disk in enumerate(second["disks"]):
+        assert sha256_file(out / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(a, index)
 
 
 def test_before_vm_veto_skips_the_vm_and_writes_nothing(lab_clean, two_vms, tmp_path):
