@@ -48,6 +48,17 @@ environment:
 """
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ovirt-borg",
@@ -103,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mismatch.")
     p.add_argument("archive", nargs="?", metavar="ARCHIVE", help="the archive to verify")
     p.add_argument("--vm", help="verify this VM's newest archives")
-    p.add_argument("--last", type=int, default=1, metavar="N", help="with --vm: how many (default 1)")
+    p.add_argument("--last", type=_at_least_one, default=1, metavar="N",
+                   help="with --vm: how many of the newest (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("mount", help="mount an archive and its disks' file systems read-only",
@@ -370,6 +382,8 @@ def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
         try:
             disks = restore.verify_archive(repo, name, prefix)
             report.append({"archive": name, "ok": True, "disks": [d.__dict__ for d in disks]})
+        except Interrupted:
+            raise
         except OvirtBorgError as e:
             failed = failed or e
             report.append({"archive": name, "ok": False, "error": str(e)})

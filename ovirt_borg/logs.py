@@ -64,7 +64,9 @@ def setup(verbose: int = 0, log_json: bool = False, stream=None) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.INFO)
+    # -v: ovirt-borg's own debug output; -vv: every library's as well.
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.getLogger("ovirt_borg").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     # The libraries below are chatty at INFO/DEBUG and may print URLs.
     for name in ("urllib3", "borg"):
         logging.getLogger(name).setLevel(logging.WARNING if verbose < 2 else logging.DEBUG)

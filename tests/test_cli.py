@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from ovirt_borg import errors
+from ovirt_borg import errors, logs
 from ovirt_borg.cli import COMMANDS, build_parser
 
 OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
@@ -50,3 +52,29 @@ def test_version():
 def test_unknown_command_is_exit_2():
     proc = subprocess.run([OVIRT_BORG, "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("last", ["0", "-1", "two"])
+def test_verify_last_must_be_one_or_more(last):
+    proc = subprocess.run([OVIRT_BORG, "verify", "--vm", "web", "--last", last], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--last" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("verbose, own, libraries", [(0, False, False), (1, True, False), (2, True, True)])
+def test_verbose_adds_ovirt_borgs_debug_output_and_twice_the_libraries(verbose, own, libraries):
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        logs.setup(verbose, stream=io.StringIO())
+        assert logging.getLogger("ovirt_borg.backup").isEnabledFor(logging.DEBUG) is own
+        assert logging.getLogger("ovirt_borg.backup").isEnabledFor(logging.INFO)
+        for library in ("ovirtsdk4", "borg.repository", "urllib3"):
+            assert logging.getLogger(library).isEnabledFor(logging.DEBUG) is libraries, library
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.level = saved[0]
+        for handler in saved[1]:
+            root.addHandler(handler)
+        for name in ("ovirt_borg", "borg", "urllib3"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
