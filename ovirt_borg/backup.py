@@ -240,6 +240,7 @@ class VmBackup:
         self.rng = rng or random.Random()
         self.archives = archives
         self.result = VmResult(vm=vm.name, vm_id=vm.id, archive=archive_name)
+        self._committed = False  # the archive of this run is in the repository
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -285,7 +286,18 @@ class VmBackup:
 
         Problems after the archive was committed (finalizing the engine backup, purging old
         checkpoints) do not undo the backup: they are logged and listed in ``result.warnings``.
+        An interrupt is raised once the VM's cleanup is done, after logging whether its archive
+        was committed.
         """
+        try:
+            return self._run()
+        except Interrupted:
+            log.error("VM %s: %s", self.vm.name,
+                      f"stopped after archive {self.archive_name} was committed" if self._committed else
+                      f"stopped before archive {self.archive_name} was committed: nothing of it is kept")
+            raise
+
+    def _run(self) -> VmResult:
         started = utc_now()
         t0 = time.monotonic()
         self._refresh_vm()
@@ -315,11 +327,10 @@ class VmBackup:
         self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
         log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name, decision.reason)
 
-        committed = False
         modes: dict[str, str] = {}
         finalizing: Future | None = None
         preparing: Future | None = None
-        stop_preparing = threading.Event()
+        stop_preparing, stop_finalizing = threading.Event(), threading.Event()
 
         def engine_ready() -> None:
             """Take the outcome of ``preparing``; a wait interrupted here leaves it to ``finally``."""
@@ -358,7 +369,8 @@ class VmBackup:
                     # else uses the engine connection until _finalize has waited for it.
                     log.debug("VM %s: every disk is read; finalizing engine backup %s beside the commit",
                               self.vm.name, backup_id)
-                    finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id, backup_id)
+                    finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id, backup_id,
+                                            stop_finalizing)
                 finished = utc_now()
                 last_full = iso(started)
                 if decision.mode == "incremental" and previous is not None:
@@ -376,7 +388,7 @@ class VmBackup:
                 writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
                 writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint, records)
                 writer.commit()
-            committed = True
+            self._committed = True
             try:
                 self.state.store(sidecar, digests)
             except OSError as e:
@@ -385,16 +397,16 @@ class VmBackup:
                     f"be saved in the state directory ({e}); the next backup of this VM starts from the "
                     "previous sidecar") from None
         finally:
-            if preparing is not None:
-                self._stop_preparing(preparing, stop_preparing)
-            if backup_id is not None:
-                self._finalize(backup_id, committed, finalizing)
+            try:
+                if preparing is not None:
+                    self._stop_preparing(preparing, stop_preparing)
+            finally:
+                if backup_id is not None:
+                    self._finalize(backup_id, finalizing, stop_finalizing)
         if to_checkpoint:
             try:
                 self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
             except OvirtBorgError as e:
-                if isinstance(e, Interrupted):
-                    raise
                 self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
                            "the next run purges them")
         self.result.checkpoint = to_checkpoint
@@ -418,6 +430,7 @@ class VmBackup:
         own is logged.
         """
         stop.set()
+        _settle(preparing, stop)
         try:
             preparing.result()
         except WaitStopped:
@@ -425,10 +438,11 @@ class VmBackup:
         except Exception as e:
             log.error("VM %s: %s", self.vm.name, e)
 
-    def _finalize(self, backup_id: str, committed: bool, finalizing: Future | None) -> None:
+    def _finalize(self, backup_id: str, finalizing: Future | None, stop: threading.Event) -> None:
         """Finalize the engine backup (in ``finally:``); an error here never hides another one.
 
-        ``finalizing`` is the finalize already started beside the commit: it is waited for.
+        ``finalizing`` is the finalize already started beside the commit: it is waited for (an
+        interrupt sets ``stop``, which ends its wait for the engine, and is raised once it ended).
         Once the archive is committed the backup stands: a failure to finalize is a warning
         (the next run finalizes the backup it finds open). Before that it is logged, and the
         error that stopped the backup is the one raised.
@@ -437,11 +451,10 @@ class VmBackup:
             if finalizing is None:
                 self.engine.finalize_backup(self.vm.id, backup_id)
             else:
+                _settle(finalizing, stop)
                 finalizing.result()
         except OvirtBorgError as e:
-            if isinstance(e, Interrupted):
-                raise
-            if committed:
+            if self._committed:
                 self._warn(f"VM {self.vm.name}: archive {self.archive_name} is committed, but finalizing "
                            f"engine backup {backup_id} failed: {e}; the next run finalizes it")
             else:
@@ -544,8 +557,6 @@ class VmBackup:
                 try:
                     data = archive.read_file(self.repo, previous.archive, record.blocks_file)
                 except OvirtBorgError as e:
-                    if isinstance(e, Interrupted):
-                        raise
                     log.warning("cannot read the chunk ids of %s from %s: %s", record.alias, previous.archive, e)
                     continue
                 if sc.digests_sha256(data) != record.blocks_sha256:
@@ -608,6 +619,25 @@ class VmBackup:
             if sha256s is not None:
                 for part in parts:
                     sha256s += part if isinstance(part, bytes) else part.result()
+
+
+def _settle(future: Future, stop: threading.Event) -> None:
+    """Wait until the thread of ``future`` (from ``_in_thread``) is done, through interrupts.
+
+    An interrupt sets ``stop`` (the thread's wait for the engine ends at its next poll) and is
+    raised again once the thread is done, so that nothing else uses the engine connection
+    while the thread still does. The outcome stays in ``future``.
+    """
+    interrupted: Interrupted | None = None
+    while True:
+        try:
+            future.exception()  # waits; the outcome itself is taken later
+            break
+        except Interrupted as e:
+            interrupted = interrupted or e
+            stop.set()
+    if interrupted is not None:
+        raise interrupted
 
 
 def _in_thread(name: str, call: Callable[..., Any], *args: Any) -> Future:
@@ -696,10 +726,7 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
         job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, name_for(vm), force_full=force_full,
                        archives=archives)
         try:
-            result = job.run()
-        except Interrupted:
-            # Stopping ovirt-borg stops the run, not just this VM.
-            raise
+            result = job.run()  # an Interrupted is no OvirtBorgError: it stops the run, not just this VM
         except OvirtBorgError as e:
             log.error("VM %s: backup failed: %s", vm.name, e)
             job.result.error, job.result.exit_code = str(e), e.exit_code

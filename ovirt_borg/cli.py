@@ -36,7 +36,8 @@ exit codes:
   10  verify found a mismatch
   11  the VM, disk or archive does not exist
   12  another run of this job is in progress
-  128+n  stopped by signal n (130 SIGINT, 143 SIGTERM); nothing committed for the VM in progress
+  128+n  stopped by signal n (129 SIGHUP, 130 SIGINT, 143 SIGTERM); the VM in progress is rolled
+         back (no archive, engine backup and transfer closed) unless its archive was committed
 
 files:
   /etc/ovirt-borg/NAME.toml       a job's configuration (ovirt-borg generate-config)
@@ -261,7 +262,7 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
                                              lambda vm: archive_name(vm, timestamp), pm, config,
                                              force_full=args.full, archives=view.archives)
     except BaseException as e:
-        code = (e.exit_code if isinstance(e, OvirtBorgError)
+        code = (e.exit_code if isinstance(e, (OvirtBorgError, Interrupted))
                 else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_ERROR)
         if not started:  # monitoring pairs every start with an end, even when the run never began
             plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
@@ -382,8 +383,6 @@ def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
         try:
             disks = restore.verify_archive(repo, name, prefix)
             report.append({"archive": name, "ok": True, "disks": [d.__dict__ for d in disks]})
-        except Interrupted:
-            raise
         except OvirtBorgError as e:
             failed = failed or e
             report.append({"archive": name, "ok": False, "error": str(e)})
@@ -485,6 +484,10 @@ COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore, "ver
             "mount": cmd_mount, "umount": cmd_umount, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
 
 
+#: Signals that stop a run cleanly (Ctrl-C, systemctl stop, a closed terminal or ssh session).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
@@ -494,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_interrupted)
     memory.tune_allocator()
     try:
         if args.command == "generate-config":
@@ -502,8 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = _load_config(args.config)
             code = COMMANDS[args.command](args, config)
-    except KeyboardInterrupt:
-        log.error("interrupted by SIGINT; nothing was committed for the VM in progress")
+    except Interrupted as e:
+        log.error("%s", e)
+        code = e.exit_code
+    except KeyboardInterrupt:  # before the handlers above were installed
+        log.error("interrupted by SIGINT")
         code = 128 + signal.SIGINT
     except OvirtBorgError as e:
         log.error("%s", e)

@@ -465,18 +465,22 @@ class Engine:
         disks = self._call(service.list, f"listing the disks of backup {backup_id}")
         return {d.id: _enum(d.backup_mode) or "full" for d in disks}
 
-    def finalize_backup(self, vm_id: str, backup_id: str) -> None:
-        """Finalize the backup and wait until the engine is done with it."""
+    def finalize_backup(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> None:
+        """Finalize the backup and wait until the engine is done with it.
+
+        Setting ``stop`` (from another thread) ends the wait with WaitStopped; the engine goes on
+        finalizing.
+        """
         service = self._backups_service(vm_id).backup_service(backup_id)
         with _calling(f"finalizing backup {backup_id} of VM {vm_id}"):
             try:
                 self._retry(service.finalize, f"finalizing backup {backup_id} of VM {vm_id}")
             except sdk.NotFoundError:
                 return
-        self._wait_backup_end(vm_id, backup_id)
+        self._wait_backup_end(vm_id, backup_id, stop)
 
     def _backup_phase_when(self, vm_id: str, backup_id: str, done: Callable[[str], bool],
-                           what: str = "") -> str:
+                           what: str = "", stop: threading.Event | None = None) -> str:
         """Poll the backup's phase until ``done(phase)``; return it (a deleted backup: succeeded)."""
         service = self._backups_service(vm_id).backup_service(backup_id)
 
@@ -488,11 +492,11 @@ class Engine:
 
         what = what or f"backup {backup_id} of VM {vm_id}"
         with _calling(f"waiting for {what}"):
-            return self._poll(phase, done, what)
+            return self._poll(phase, done, what, stop=stop)
 
-    def _wait_backup_end(self, vm_id: str, backup_id: str) -> None:
+    def _wait_backup_end(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> None:
         end = self._backup_phase_when(vm_id, backup_id, lambda p: p in ("succeeded", "failed"),
-                                      f"finalizing backup {backup_id}")
+                                      f"finalizing backup {backup_id}", stop)
         if end == "failed":
             log.warning("the engine reports backup %s of VM %s as failed after finalize", backup_id, vm_id)
 
@@ -502,7 +506,8 @@ class Engine:
                        inactivity_timeout: int = 120) -> Transfer:
         """Create an image transfer and wait until it is transferring.
 
-        On any failure the transfer is cancelled before TransferError is raised.
+        On any failure the transfer is cancelled before TransferError is raised; on an
+        interrupt it is cancelled too.
         """
         request = types.ImageTransfer(
             disk=types.Disk(id=disk_id),
@@ -524,6 +529,9 @@ class Engine:
         except (EngineError, NotFound) as e:
             self.cancel_transfer(created.id)
             raise TransferError(f"the image transfer of disk {disk_id} did not start: {e}") from None
+        except BaseException:
+            self.cancel_transfer(created.id)
+            raise
         return Transfer(created.id, transfer.transfer_url, transfer.proxy_url)
 
     def finalize_transfer(self, transfer_id: str) -> None:
@@ -589,7 +597,10 @@ class Engine:
 
     def create_disk(self, name: str, provisioned_size: int, storage_domain: str,
                     initial_size: int | None = None) -> str:
-        """Create a qcow2 sparse disk with incremental backup enabled; wait until ok; return id."""
+        """Create a qcow2 sparse disk with incremental backup enabled; wait until ok; return id.
+
+        A disk that does not become ok (an error, a timeout, an interrupt) is removed again.
+        """
         disk = types.Disk(
             name=name, format=types.DiskFormat.COW, sparse=True, provisioned_size=provisioned_size,
             initial_size=initial_size, backup=types.DiskBackup.INCREMENTAL,
@@ -597,7 +608,11 @@ class Engine:
             storage_domains=[types.StorageDomain(name=storage_domain)])
         with _calling(f"creating disk {name} on storage domain {storage_domain}"):
             created = self.system.disks_service().add(disk)
-        self.wait_disk_ok(created.id)
+        try:
+            self.wait_disk_ok(created.id)
+        except BaseException:
+            self.remove_disk(created.id)
+            raise
         return created.id
 
     def wait_disk_ok(self, disk_id: str) -> None:

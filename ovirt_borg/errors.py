@@ -2,7 +2,7 @@
 
 Every error ovirt-borg raises on purpose is an ``OvirtBorgError``: it carries a message that
 says what happened, to what, and what to do next, and the exit code ``cli.main`` returns for
-it. Only ``cli.main`` turns errors into exit codes.
+it; a signal raises ``Interrupted``. Only ``cli.main`` turns errors into exit codes.
 
 Exit codes (documented in ``ovirt-borg --help``):
 
@@ -19,7 +19,7 @@ Exit codes (documented in ``ovirt-borg --help``):
 10   verify found a mismatch
 11   the requested VM, disk or archive does not exist
 12   another run of the same job is in progress
-128+n  interrupted by signal n (130 for SIGINT, 143 for SIGTERM)
+128+n  interrupted by signal n (129 for SIGHUP, 130 for SIGINT, 143 for SIGTERM)
 ==== =========================================================================
 """
 
@@ -103,13 +103,21 @@ class JobLocked(OvirtBorgError):
     exit_code = 12
 
 
-class Interrupted(OvirtBorgError):
-    """The run was stopped by a signal."""
+class Interrupted(BaseException):
+    """The run was stopped by a signal (SIGINT, SIGTERM, SIGHUP).
+
+    Like ``KeyboardInterrupt`` it is no ``Exception``: no handler of errors takes it for one
+    (a VM's failure, a plugin's, a courtesy call's), while every ``finally`` and ``except
+    BaseException`` cleanup runs. Its exit code is 128 + the signal's number.
+    """
 
     def __init__(self, signum: int):
         import signal
 
-        name = signal.Signals(signum).name
-        super().__init__(f"interrupted by {name}; nothing was committed for the VM in progress")
+        self.message = f"interrupted by {signal.Signals(signum).name}"
+        super().__init__(self.message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        return self.message

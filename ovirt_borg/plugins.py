@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pluggy
 
 from ovirt_borg import hookspecs, logs
-from ovirt_borg.errors import ConfigError, Interrupted
+from ovirt_borg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,15 @@ def build_manager(hooks_config: dict[str, dict] | None = None,
 def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
     """Call a notification hook on every plugin; a plugin's error is logged, never raised.
 
-    Only an interrupt (SIGTERM, SIGINT) that arrives while a plugin runs goes through, so that
-    stopping ovirt-borg is not taken for a plugin failure.
+    Only an interrupt that arrives while a plugin runs goes through (``Interrupted`` and
+    ``KeyboardInterrupt`` are no ``Exception``), so that stopping ovirt-borg is not taken for a
+    plugin failure.
     """
     assert hook_name in NOTIFY_HOOKS
     hook = getattr(pm.hook, hook_name)
     for impl in reversed(hook.get_hookimpls()):
         try:
             impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-        except Interrupted:
-            raise
         except Exception as e:  # a monitoring plugin never fails a backup
             log.warning("plugin %s failed in %s: %s", impl.plugin_name, hook_name, e)
 

@@ -545,6 +545,25 @@ def test_transfer_that_never_starts_fails_cleanly(job, backed_up):
     recover(job, vm)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_while_a_transfer_starts_cancels_it(job, backed_up, signum):
+    """Stopped while the engine prepares the image transfer (transfer_stuck: it stays
+    initializing): the transfer is cancelled and the engine backup finalized before the exit."""
+    vm = backed_up
+    was = before(job, vm)
+    job.lab.fault("transfer_stuck")
+    with running(job, "backup", vm) as proc:
+        wait_for(lambda: open_on_engine(job.lab, vm)[1], what="the image transfer started")
+        time.sleep(0.2)  # a few polls of its phase
+        assert proc.poll() is None, "the run must still wait for the transfer"
+        os.kill(proc.pid, signum)
+        done = finished(proc)
+    name = signal.Signals(signum).name
+    assert_failed_cleanly(job, vm, done, 128 + signum, was, rf"interrupted by {name}")
+    assert re.search(rf"ERROR .*{vm}: stopped before archive .* was committed", done.stderr), done.stderr
+    recover(job, vm)
+
+
 def test_backup_stuck_in_finalizing(job, backed_up):
     """Finalizing outlasts [engine] timeout: the archive stands, the next run waits it out."""
     vm = backed_up
