@@ -412,11 +412,30 @@ def _borg() -> _BorgInternals:
     return _internals
 
 
+def _split_environment(repo: Repo) -> tuple[dict[str, str], dict[str, str | None]]:
+    """``repo.env`` as the settings for Borg's internals and the passphrase variables apart.
+
+    The passphrase variables are ``repo.env``'s alone (None unsets an inherited one, which must
+    not win over the job's own source), the empty passphrase when it has none: Borg never stops
+    to ask on a terminal.
+    """
+    settings = {name: value for name, value in repo.env.items() if name not in SECRET_ENV}
+    secrets: dict[str, str | None] = {name: repo.env.get(name) for name in SECRET_ENV}
+    if not any(secrets[name] is not None for name in PASSPHRASE_SOURCES):
+        secrets["BORG_PASSPHRASE"] = ""
+    return settings, secrets
+
+
 @contextlib.contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in ``os.environ`` for the block (Borg's internals read it), then restore."""
+def _environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the block (Borg's internals read it; None unsets),
+    then restore."""
     saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         yield
     finally:
@@ -487,11 +506,7 @@ class _InternalWriter(ArchiveWriter):
 
     def _open_repository(self) -> None:
         borg = _borg()
-        settings = {name: value for name, value in self.repo.env.items() if name not in SECRET_ENV}
-        secrets = {name: value for name, value in self.repo.env.items() if name in SECRET_ENV}
-        if not any(name in secrets or name in os.environ for name in PASSPHRASE_SOURCES):
-            # Never let Borg stop to ask on a terminal: no passphrase means the empty one.
-            secrets["BORG_PASSPHRASE"] = ""
+        settings, secrets = _split_environment(self.repo)
         self._stack.enter_context(_environment(settings))
         try:
             compressor = borg.CompressionSpec(self.repo.compression).compressor
@@ -1157,10 +1172,7 @@ def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tup
     (repository, None, None) is yielded.
     """
     borg = _borg()
-    secrets = {name: value for name, value in repo.env.items() if name in SECRET_ENV}
-    settings = {name: value for name, value in repo.env.items() if name not in SECRET_ENV}
-    if not any(name in secrets or name in os.environ for name in PASSPHRASE_SOURCES):
-        secrets["BORG_PASSPHRASE"] = ""
+    settings, secrets = _split_environment(repo)
     from borg.locking import LockError, LockErrorT
     from borg.crypto.low_level import IntegrityError
 

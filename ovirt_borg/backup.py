@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from ovirt_borg import archive, plan, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo, WaitStopped
-from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError
+from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress
 
@@ -510,13 +510,13 @@ class VmBackup:
                 ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
             extents = [plan.Extent(e.start, e.length, e.zero, e.dirty if incremental else True)
                        for e in client.extents("dirty" if incremental else "zero")]
-            blocks = plan.plan_blocks(size, block_size, extents,
-                                      base_size=base_record.provisioned_size if incremental else None)
+            blocks = _plan_disk(disk, size, block_size, extents,
+                                base_size=base_record.provisioned_size if incremental else None)
             if incremental and self.settings.verify_sample and not self._check_sample(
                     client, writer, base_record.image, blocks, disk):
                 incremental = False
                 zero_extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
-                blocks = plan.plan_blocks(size, block_size, zero_extents)
+                blocks = _plan_disk(disk, size, block_size, zero_extents)
             summary = plan.summarize(blocks)
             log.info("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)", self.vm.name,
                      disk.alias, summary.blocks, summary.holes, summary.reused, summary.read, summary.bytes_to_read)
@@ -619,6 +619,16 @@ class VmBackup:
             if sha256s is not None:
                 for part in parts:
                     sha256s += part if isinstance(part, bytes) else part.result()
+
+
+def _plan_disk(disk: DiskInfo, size: int, block_size: int, extents: list[plan.Extent],
+               base_size: int | None = None) -> list[plan.Block]:
+    """``plan.plan_blocks``; extents that do not cover the disk fail it as a transfer error."""
+    try:
+        return plan.plan_blocks(size, block_size, extents, base_size=base_size)
+    except ValueError as e:
+        raise TransferError(f"disk {disk.alias}: imageio's extents do not cover the disk ({e}); was it "
+                            "resized during the backup? The next run reads it again") from None
 
 
 def _settle(future: Future, stop: threading.Event) -> None:

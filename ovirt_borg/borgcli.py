@@ -168,9 +168,11 @@ def borg_environment(repo: Repo) -> dict[str, str]:
     Given the repository; returns ``os.environ`` overlaid with ``repo.env``, with modern exit
     codes, and with an empty ``BORG_PASSPHRASE`` when no passphrase source is configured, so
     Borg never stops to ask on a terminal (an encrypted repository then fails with a clear
-    ``AuthError``).
+    ``AuthError``). The passphrase variables come from ``repo.env`` alone: an inherited
+    ``BORG_PASSPHRASE`` must not win over the job's passcommand (``credentials.borg_env`` put
+    the inherited ones it honours into ``repo.env``).
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
     env.update(repo.env)
     env["BORG_EXIT_CODES"] = "modern"
     if not any(name in env for name in PASSPHRASE_SOURCES):

@@ -23,9 +23,9 @@ log = logging.getLogger("ovirt_borg")
 EPILOG = """\
 exit codes:
   0   success
-  1   warning: finished, but something needs attention (a VM skipped, a plugin failed, or an
-      archive committed while the engine backup could not be finalized or old checkpoints
-      not purged: the next run does it)
+  1   warning: finished, but something needs attention (a VM skipped by a plugin, nothing
+      selected, or an archive committed while the engine backup could not be finalized or old
+      checkpoints not purged: the next run does it); a failing monitoring plugin is only logged
   2   error, including a configuration error or a bad argument
   4   engine error: the oVirt engine refused or failed a request
   5   authentication error: engine credentials or Borg passphrase
@@ -339,15 +339,17 @@ def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
             raise ConfigError("--to-storage-domain restores one disk: name it with --disk ID")
         with _engine(config) as engine:
             result = restore.restore_disk(engine, repo, args.archive, prefix, args.disk[0],
-                                          args.to_storage_domain, _transfer_settings(config))
+                                          args.to_storage_domain, _transfer_settings(config),
+                                          inactivity_timeout=config.transfer.inactivity_timeout)
     elif args.vm_name:
         if not args.storage_domain:
             raise ConfigError("--vm-name needs --storage-domain SD for the new disks")
         with _engine(config) as engine:
             result = restore.restore_vm(engine, repo, args.archive, prefix, vm_name=args.vm_name,
                                         cluster=args.cluster, storage_domain=args.storage_domain,
-                                        settings=_transfer_settings(config), disk_ids=args.disk,
-                                        start=args.start)
+                                        settings=_transfer_settings(config),
+                                        inactivity_timeout=config.transfer.inactivity_timeout,
+                                        disk_ids=args.disk, start=args.start)
     else:
         raise ConfigError("say where to restore: --vm-name NEW, --disk ID --to-storage-domain SD, or --to-dir DIR")
     if args.json:

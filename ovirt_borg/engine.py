@@ -451,12 +451,17 @@ class Engine:
         Setting ``stop`` (from another thread) ends the wait with WaitStopped.
         """
         service = self._backups_service(vm_id).backup_service(backup_id)
-        with _calling(f"waiting for backup {backup_id} of VM {vm_id}"):
-            backup = self._poll(
-                service.get, lambda b: _enum(b.phase) == "ready",
-                f"backup {backup_id} of VM {vm_id}",
-                failed=lambda b: f"phase {_enum(b.phase)}" if _enum(b.phase) in ("failed", "succeeded") else None,
-                stop=stop)
+        try:
+            with _calling(f"waiting for backup {backup_id} of VM {vm_id}"):
+                backup = self._poll(
+                    service.get, lambda b: _enum(b.phase) == "ready",
+                    f"backup {backup_id} of VM {vm_id}",
+                    failed=lambda b: f"phase {_enum(b.phase)}" if _enum(b.phase) in ("failed", "succeeded") else None,
+                    stop=stop)
+        except NotFound:
+            # Engines before 4.4.7 delete a backup that failed.
+            raise EngineError(f"backup {backup_id} of VM {vm_id} failed while the engine prepared it "
+                              "(the engine removed it; see the engine's events)") from None
         return backup.to_checkpoint_id
 
     def backup_disk_modes(self, vm_id: str, backup_id: str) -> dict[str, str]:
@@ -592,8 +597,14 @@ class Engine:
     # -- restore -----------------------------------------------------------------------------
 
     def storage_domain_exists(self, name: str) -> bool:
-        domains = self._call(lambda: self.system.storage_domains_service().list(), f"looking up storage domain {name}")
-        return any(sd.name == name for sd in domains)
+        return self._has_named(self.system.storage_domains_service(), name, "storage domain")
+
+    def cluster_exists(self, name: str) -> bool:
+        return self._has_named(self.system.clusters_service(), name, "cluster")
+
+    def _has_named(self, service, name: str, what: str) -> bool:
+        found = self._call(service.list, f"looking up {what} {name}")
+        return any(item.name == name for item in found)
 
     def create_disk(self, name: str, provisioned_size: int, storage_domain: str,
                     initial_size: int | None = None) -> str:

@@ -17,11 +17,10 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ovirt_borg import archive
+from ovirt_borg import archive, borgcli
 from ovirt_borg.errors import OvirtBorgError, RepositoryBusy
 
 log = logging.getLogger(__name__)
@@ -34,10 +33,6 @@ class MountedDisk:
     image: str
     loop: str
     filesystems: list[str] = field(default_factory=list)
-
-
-def _borg() -> str:
-    return str(Path(sys.executable).parent / "borg")
 
 
 def _run(cmd: list[str], env: dict | None = None) -> str:
@@ -55,8 +50,8 @@ def mount_archive(repo: archive.Repo, archive_name: str, mountpoint: Path) -> li
     mountpoint.mkdir(parents=True, exist_ok=True)
     archive_dir = mountpoint / ARCHIVE_DIR
     archive_dir.mkdir(exist_ok=True)
-    env = {**os.environ, **repo.env}
-    _run([_borg(), "mount", f"{repo.location}::{archive_name}", str(archive_dir)], env=env)
+    _run([borgcli.borg_executable(), "--lock-wait", str(repo.lock_wait), "mount",
+          borgcli.archive_location(repo, archive_name), str(archive_dir)], env=borgcli.borg_environment(repo))
     disks = []
     try:
         for image in sorted(archive_dir.glob("*/disks/*.raw")):
@@ -101,6 +96,6 @@ def umount_archive(mountpoint: Path) -> None:
         if (loop.get("back-file") or "").startswith(str(archive_dir) + "/"):
             _run(["losetup", "-d", loop["name"]])
     if str(archive_dir) in mounted:
-        _run([_borg(), "umount", str(archive_dir)])
+        _run([borgcli.borg_executable(), "umount", str(archive_dir)])
     if archive_dir.is_dir():
         archive_dir.rmdir()

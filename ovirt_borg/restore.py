@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -63,9 +64,6 @@ def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> 
                            "see 'ovirt-borg list' for the archive names") from None
         raise OvirtBorgError(f"archive {archive_name} has no ovirt-borg sidecar ({vm_dir}/{sc.SIDECAR_NAME}); "
                              "is it an ovirt-borg archive?") from None
-    except OvirtBorgError as e:
-        raise OvirtBorgError(f"archive {archive_name} has no readable ovirt-borg sidecar "
-                             f"({vm_dir}/{sc.SIDECAR_NAME}): {e}; is it an ovirt-borg archive?") from None
     try:
         return sc.parse(data)
     except sc.SidecarInvalid as e:
@@ -170,8 +168,8 @@ def _body(pieces: list) -> bytes | memoryview | tuple:
 
 
 def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
-                storage_domain: str, settings: TransferSettings, name: str | None = None,
-                inactivity_timeout: int = 120) -> RestoredDisk:
+                storage_domain: str, settings: TransferSettings, name: str | None = None, *,
+                inactivity_timeout: int) -> RestoredDisk:
     """Create a new disk on ``storage_domain`` and upload the image into it.
 
     On failure the transfer is cancelled (the engine removes the new disk) and the disk is
@@ -206,16 +204,20 @@ def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: s
 
 
 def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: str, *, vm_name: str,
-               cluster: str, storage_domain: str, settings: TransferSettings,
+               cluster: str, storage_domain: str, settings: TransferSettings, inactivity_timeout: int,
                disk_ids: list[str] | None = None, start: bool = False) -> RestoreResult:
     """Recreate the VM of an archive under ``vm_name`` with new ids and its disks uploaded.
 
-    On failure, every disk created so far and a half-created VM are removed.
+    The storage domain, the cluster and the free name are checked before the first upload. On
+    failure, every disk created so far and a half-created VM are removed.
     """
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     records = _pick_disks(sidecar, disk_ids)
-    if not engine.storage_domain_exists(storage_domain):
-        raise NotFound(f"storage domain {storage_domain!r} does not exist on the engine")
+    _check_storage_domain(engine, storage_domain)
+    if not engine.cluster_exists(cluster):
+        raise NotFound(f"cluster {cluster!r} does not exist on the engine (--cluster)")
+    if any(vm.name == vm_name for vm in engine.list_vms(search=f"name={vm_name}")):
+        raise ConfigError(f"a VM named {vm_name!r} already exists on the engine; choose another --vm-name")
     ovf = archive.read_file(repo, archive_name, f"{_vm_dir(archive_name, prefix)}/vm.ovf").decode()
     result = RestoreResult(archive_name, vm_name)
     done: list[RestoredDisk] = []
@@ -223,7 +225,7 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
     try:
         for record in records:
             done.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
-                                    name=f"{vm_name}_{record.alias}"))
+                                    name=f"{vm_name}_{record.alias}", inactivity_timeout=inactivity_timeout))
         vm_id = engine.create_vm_from_ovf(ovf, vm_name, cluster)
         for record, disk in zip(records, done):
             engine.attach_disk(vm_id, DiskInfo(id=record.id, alias=record.alias, format="cow",
@@ -244,15 +246,20 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
 
 
 def restore_disk(engine: Engine, repo: archive.Repo, archive_name: str, prefix: str, disk_id: str,
-                 storage_domain: str, settings: TransferSettings) -> RestoreResult:
+                 storage_domain: str, settings: TransferSettings, *, inactivity_timeout: int) -> RestoreResult:
     """Upload one disk of an archive into a new disk on ``storage_domain``, attached to no VM."""
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     [record] = _pick_disks(sidecar, [disk_id])
-    if not engine.storage_domain_exists(storage_domain):
-        raise NotFound(f"storage domain {storage_domain!r} does not exist on the engine")
+    _check_storage_domain(engine, storage_domain)
     result = RestoreResult(archive_name, sidecar.vm_name)
-    result.disks.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings))
+    result.disks.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
+                                    inactivity_timeout=inactivity_timeout))
     return result
+
+
+def _check_storage_domain(engine: Engine, name: str) -> None:
+    if not engine.storage_domain_exists(name):
+        raise NotFound(f"storage domain {name!r} does not exist on the engine")
 
 
 # -- to local files ------------------------------------------------------------------------------
@@ -266,6 +273,8 @@ def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory
     """
     if fmt not in ("raw", "qcow2"):
         raise ConfigError(f"--format must be raw or qcow2, not {fmt!r}")
+    if fmt == "qcow2" and shutil.which("qemu-img") is None:
+        raise ConfigError("--format qcow2 converts with qemu-img, which is not installed (qemu-utils)")
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     directory.mkdir(parents=True, exist_ok=True)
     result = RestoreResult(archive_name, sidecar.vm_name)
@@ -284,6 +293,8 @@ def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory
                 os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            if target != raw:  # a half-converted qcow2
+                target.unlink(missing_ok=True)
             raise
         disk.seconds = round(time.monotonic() - t0, 3)
         result.disks.append(disk)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import random
+import shlex
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -185,6 +186,20 @@ def test_check_finds_damage(local_repo, source):
     biggest.write_bytes(bytes(data))
     with pytest.raises(RepositoryError, match="borg check found problems"):
         borgcli.check(local_repo, verify_data=True)
+
+
+def test_the_jobs_passphrase_source_wins_over_an_inherited_passphrase(local_repo, monkeypatch, tmp_path):
+    """A BORG_PASSPHRASE inherited from the environment (for another repository) is not used
+    when the job names its own source: Borg would try it first."""
+    (tmp_path / "f").write_bytes(b"data")
+    run_borg(local_repo, "create", "{repo}::a", "f", cwd=tmp_path)
+    monkeypatch.setenv("BORG_PASSPHRASE", "the passphrase of another repository")
+    env = {k: v for k, v in local_repo.env.items() if k != "BORG_PASSPHRASE"}
+    env["BORG_PASSCOMMAND"] = f"printf %s {shlex.quote(PASSPHRASE)}"
+    repo = Repo(local_repo.location, env, lock_wait=5)
+    assert [a["name"] for a in borgcli.list_archives(repo)] == ["a"]  # a borg process
+    assert archive.repository_view(repo).archives == frozenset({"a"})  # Borg's internals
+    assert archive.read_file(repo, "a", "f") == b"data"
 
 
 def test_errors_are_typed(local_repo, tmp_path, borg_env):

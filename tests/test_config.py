@@ -60,6 +60,13 @@ def test_block_size_per_vm_first_match_wins():
     (GOOD.replace("[repository]", "[repository]\nvm_block_sizes = '256K'"),
      "'repository.vm_block_sizes' must be a table of strings"),
     (GOOD.replace("[repository]", "[repository]\nwriter = 'fast'"), "'repository.writer'"),
+    (GOOD.replace("[repository]", "[repository]\nlock_wait = -1"), "'repository.lock_wait' must not be negative"),
+    (GOOD.replace("[repository]", "[repository]\ncompression = 'zstd,99'"),
+     "'repository.compression' is not a Borg compression spec"),
+    (GOOD.replace("[repository]", "[repository]\ncompression = 'fast'"),
+     "'repository.compression' is not a Borg compression spec"),
+    (GOOD + "\n[retention]\nkeep_within = '2 days'\n", "'retention.keep_within' must be a number"),
+    (GOOD + "\n[retention]\nkeep_within = '0d'\n", "'retention.keep_within' must be a number"),
     ("[engine\n", "not valid TOML"),
 ])
 def test_config_errors_are_one_line_and_exit_2(tmp_path, capsys, text, expected):

@@ -684,6 +684,11 @@ def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
     del job.env["BORG_PASSCOMMAND"]  # the configured one must be the one used
     try:
         proc = job.run("backup", vm, expect=None)
+        # restore and verify say it as it is too (not "is it an ovirt-borg archive?")
+        for args in (["restore", was.archives[-1], "--to-dir", str(tmp_path / "out")], ["verify", was.archives[-1]]):
+            refused = job.run(*args, expect=5)
+            assert re.search(r"ERROR .*passphrase .*wrong", refused.stderr), refused.stderr
+            assert "ovirt-borg archive?" not in refused.stderr
     finally:
         job.env = env
     assert_failed_cleanly(job, vm, proc, 5, was, r"passphrase .*wrong")

@@ -86,11 +86,19 @@ def test_restore_one_disk_to_a_storage_domain(job, vm):
     assert sha256_file(image) == job.lab_image_sha(vm, 1)
 
 
-def test_restore_into_missing_storage_domain_creates_nothing(job, vm):
+def test_restore_to_a_wrong_place_creates_nothing(job, vm):
+    """A missing storage domain or cluster, a VM name in use: refused before any disk is made."""
     result = job.backup(vm)[vm]
     disks_before = sorted(os.listdir(job.lab.dir / "storage"))
-    proc = job.run("restore", result["archive"], "--vm-name", "never", "--storage-domain", "nope", expect=11)
-    assert "storage domain 'nope' does not exist" in proc.stderr
+    disks_added = job.lab.stats()["calls"].get("disks.add", 0)
+    for args, code, message in (
+            (["--vm-name", "never", "--storage-domain", "nope"], 11, "storage domain 'nope' does not exist"),
+            (["--vm-name", "never", "--storage-domain", "data1", "--cluster", "nope"], 11,
+             "cluster 'nope' does not exist"),
+            (["--vm-name", vm, "--storage-domain", "data1"], 2, f"a VM named '{vm}' already exists")):
+        proc = job.run("restore", result["archive"], *args, expect=code)
+        assert message in proc.stderr, proc.stderr
+    assert job.lab.stats()["calls"].get("disks.add", 0) == disks_added
     assert sorted(os.listdir(job.lab.dir / "storage")) == disks_before
     assert "never" not in [v["name"] for v in job.lab.describe()["vms"]]
 

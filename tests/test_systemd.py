@@ -32,7 +32,7 @@ def test_service_runs_backup_then_prune_hardened_with_credentials():
     execs = re.findall(r"^ExecStart=(.*)$", text, re.M)
     assert execs == ["/usr/local/bin/ovirt-borg -c /etc/ovirt-borg/%i.toml backup --all",
                      "/usr/local/bin/ovirt-borg -c /etc/ovirt-borg/%i.toml prune"]
-    for directive in ("Type=oneshot", "Nice=", "IOSchedulingClass=idle", "ProtectSystem=strict",
+    for directive in ("Type=oneshot", "SuccessExitStatus=1", "Nice=", "IOSchedulingClass=idle", "ProtectSystem=strict",
                       "PrivateTmp=true", "NoNewPrivileges=true", "ReadWritePaths=/var/lib/ovirt-borg",
                       "LoadCredential=engine-password:", "LoadCredential=borg-passphrase:"):
         assert directive in text, directive
