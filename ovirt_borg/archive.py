@@ -279,6 +279,11 @@ class ArchiveWriter(ABC):
         Raises typed errors if Borg fails (then nothing was committed).
         """
 
+    @property
+    def committed(self) -> bool:
+        """The archive is in the repository (also when closing the repository after failed)."""
+        return self._state == "committed"
+
     # -- shared helpers --------------------------------------------------------------------
 
     def _require_open(self) -> None:

@@ -240,7 +240,7 @@ class VmBackup:
         self.rng = rng or random.Random()
         self.archives = archives
         self.result = VmResult(vm=vm.name, vm_id=vm.id, archive=archive_name)
-        self._committed = False  # the archive of this run is in the repository
+        self._writer: archive.ArchiveWriter | None = None
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -293,9 +293,13 @@ class VmBackup:
             return self._run()
         except Interrupted:
             log.error("VM %s: %s", self.vm.name,
-                      f"stopped after archive {self.archive_name} was committed" if self._committed else
+                      f"stopped after archive {self.archive_name} was committed" if self._committed() else
                       f"stopped before archive {self.archive_name} was committed: nothing of it is kept")
             raise
+
+    def _committed(self) -> bool:
+        """The archive of this run is in the repository."""
+        return self._writer is not None and self._writer.committed
 
     def _run(self) -> VmResult:
         started = utc_now()
@@ -345,8 +349,9 @@ class VmBackup:
             base = previous.archive if decision.mode == "incremental" else None
             # Read before the writer locks the repository (a copy from the archive needs a reader).
             base_ids = self._base_ids(previous, disks) if base else {}
-            writer = archive.open_writer(self.repo, self.archive_name, block_size=self.settings.block_size,
-                                         base_archive=base, kind=self.settings.writer)
+            writer = self._writer = archive.open_writer(
+                self.repo, self.archive_name, block_size=self.settings.block_size, base_archive=base,
+                kind=self.settings.writer)
             if backup_id is not None:
                 # The engine prepares its backup (on a real engine seconds: checkpoint, scratch
                 # disks, NBD exports) while the repository is opened (ssh, Borg's lock and cache
@@ -388,7 +393,6 @@ class VmBackup:
                 writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
                 writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint, records)
                 writer.commit()
-            self._committed = True
             try:
                 self.state.store(sidecar, digests)
             except OSError as e:
@@ -454,7 +458,7 @@ class VmBackup:
                 _settle(finalizing, stop)
                 finalizing.result()
         except OvirtBorgError as e:
-            if self._committed:
+            if self._committed():
                 self._warn(f"VM {self.vm.name}: archive {self.archive_name} is committed, but finalizing "
                            f"engine backup {backup_id} failed: {e}; the next run finalizes it")
             else:

@@ -422,9 +422,9 @@ def init(repo: Repo, encryption: str = "repokey-blake2") -> None:
     ``RepositoryError`` if it exists already or cannot be created.
     """
     if encryption not in ("none", "authenticated", "authenticated-blake2") \
-            and not any(name in repo.env or name in os.environ for name in PASSPHRASE_SOURCES):
+            and not any(name in repo.env for name in PASSPHRASE_SOURCES):
         raise AuthError(f"refusing to create repository {repo.location} with encryption {encryption} "
-                        f"and no passphrase: set BORG_PASSPHRASE or BORG_PASSCOMMAND")
+                        f"and no passphrase: give it BORG_PASSPHRASE or BORG_PASSCOMMAND")
     _run(repo, "init", "--encryption", encryption, repo.location)
     log.info("created Borg repository %s (%s)", repo.location, encryption)
 

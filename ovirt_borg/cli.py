@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mount", help="mount an archive and its disks' file systems read-only",
                        description="borg mount ARCHIVE at MOUNTPOINT/.archive, attach each disk image to a "
                                    "read-only loop device with partition scanning, and mount every file "
-                                   "system found read-only at MOUNTPOINT/<disk alias>[-pN]. Needs root.")
+                                   "system found read-only at MOUNTPOINT/<disk alias>[-pN]. Needs root. "
+                                   "Borg holds the repository's shared lock while the archive is mounted: "
+                                   "backups and prunes of the repository wait for 'umount' (up to "
+                                   "repository.lock_wait) and then fail.")
     p.add_argument("archive", metavar="ARCHIVE", help="the archive to mount (see 'ovirt-borg list')")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory")
     p = sub.add_parser("umount", help="undo 'ovirt-borg mount'",
@@ -500,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise_interrupted)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup, a background job: left ignored
+            signal.signal(signum, _raise_interrupted)
     memory.tune_allocator()
     try:
         if args.command == "generate-config":

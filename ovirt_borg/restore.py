@@ -284,17 +284,18 @@ def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory
         target = raw if fmt == "raw" else directory / f"{record.alias}-{record.id}.qcow2"
         disk = RestoredDisk(record.id, record.alias, path=str(target))
         tmp = raw.with_name("." + raw.name + ".part")
+        converted = target.with_name("." + target.name + ".part")
         try:
             disk.bytes_sent, disk.holes = _write_sparse(repo, archive_name, record, tmp)
             if fmt == "qcow2":
-                _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tmp), str(target)])
+                _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tmp), str(converted)])
+                os.replace(converted, target)
                 tmp.unlink()
             else:
                 os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            if target != raw:  # a half-converted qcow2
-                target.unlink(missing_ok=True)
+            converted.unlink(missing_ok=True)
             raise
         disk.seconds = round(time.monotonic() - t0, 3)
         result.disks.append(disk)

@@ -169,17 +169,22 @@ def recover(job: Job, vm: str, mode: str = "incremental") -> dict:
     return result
 
 
-def start(job: Job, *args: str) -> subprocess.Popen:
-    """Start ``ovirt-borg -c CONFIG ARGS`` in the background (its own process group)."""
+def start(job: Job, *args: str, ignoring: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start ``ovirt-borg -c CONFIG ARGS`` in the background (its own process group), with the
+    signals ``ignoring`` ignored from the start (as ``nohup`` does)."""
+    def ignore() -> None:
+        for signum in ignoring:
+            signal.signal(signum, signal.SIG_IGN)
+
     return subprocess.Popen([OVIRT_BORG, "-c", str(job.config), *args], env=job.env, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ignore if ignoring else None)
 
 
 @contextlib.contextmanager
-def running(job: Job, *args: str):
+def running(job: Job, *args: str, ignoring: tuple[int, ...] = ()):
     """A background ovirt-borg run, killed (with its children) if the test leaves early."""
-    proc = start(job, *args)
+    proc = start(job, *args, ignoring=ignoring)
     try:
         yield proc
     finally:
@@ -631,6 +636,21 @@ def test_signal_during_transfer_aborts_cleanly(job, slow_vm, signum, writer):
         recover(job, vm)
     finally:
         lab.delete_vm(other)
+
+
+def test_a_signal_ignored_at_start_stays_ignored(job, slow_vm):
+    """Under ``nohup`` (SIGHUP ignored when ovirt-borg starts) a closed session does not stop the run."""
+    vm = slow_vm
+    start_bytes = host_bytes(job.lab)
+    with running(job, "backup", vm, "--json", ignoring=(signal.SIGHUP,)) as proc:
+        wait_for(lambda: host_bytes(job.lab) > start_bytes, what="the first bytes read")
+        os.kill(proc.pid, signal.SIGHUP)
+        done = finished(proc)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)[0]
+    assert result["mode"] == "incremental"
+    configure(job, transfer={"bandwidth_limit": ""})
+    job.assert_identical(result)
 
 
 def test_sigkill_is_recovered_by_the_next_run(job, slow_vm):
