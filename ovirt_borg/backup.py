@@ -35,7 +35,7 @@ from ovirt_borg import archive, plan, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo, WaitStopped
 from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
-from ovirt_borg.imageio import ImageioClient, TransferSettings
+from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings
 from ovirt_borg.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -512,8 +512,14 @@ class VmBackup:
         with self.engine.transfer(disk.id, direction="download", backup_id=backup_id,
                                   inactivity_timeout=self.settings.inactivity_timeout) as transfer, \
                 ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
-            extents = [plan.Extent(e.start, e.length, e.zero, e.dirty if incremental else True)
-                       for e in client.extents("dirty" if incremental else "zero")]
+            if incremental:
+                try:
+                    extents = [plan.Extent(e.start, e.length, e.zero, e.dirty) for e in client.extents("dirty")]
+                except NoDirtyExtents as e:
+                    self._warn(f"VM {self.vm.name} disk {disk.alias}: {e}; reading the whole disk")
+                    incremental = False
+            if not incremental:
+                extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
             blocks = _plan_disk(disk, size, block_size, extents,
                                 base_size=base_record.provisioned_size if incremental else None)
             if incremental and self.settings.verify_sample and not self._check_sample(

@@ -295,10 +295,9 @@ class ImageioClient:
         try:
             raw = self._retrying(query, endpoint, f"get {context} extents")
         except _NoDirtyExtents as e:
-            raise TransferError(
+            raise NoDirtyExtents(
                 f"imageio at {endpoint.masked} has no dirty extents for this transfer ({e}): "
-                "the export has no bitmap or the ticket does not allow dirty extents; "
-                "a full backup is needed"
+                "the export has no bitmap or the ticket does not allow dirty extents"
             ) from None
         return [
             Extent(
@@ -753,4 +752,8 @@ class _Unreachable(Exception):
 
 
 class _NoDirtyExtents(Exception):
-    """imageio answered 404 to a dirty extents query."""
+    """imageio answered 404 to a dirty extents query (inside the retry loop: never retried)."""
+
+
+class NoDirtyExtents(TransferError):
+    """The transfer gives no dirty extents: the ticket or the export has no bitmap."""

@@ -569,6 +569,23 @@ def test_signal_while_a_transfer_starts_cancels_it(job, backed_up, signum):
     recover(job, vm)
 
 
+def test_no_dirty_extents_reads_the_disk_in_full(job, backed_up):
+    """imageio answers 404 to dirty extents in an incremental (a ticket without them): that disk
+    is read in full in the same run, with a warning (exit 1), instead of failing every night."""
+    vm = backed_up
+    job.lab.fault("no_dirty_extents")  # the first disk's transfer
+    proc = job.run("backup", vm, "--json", expect=1)
+    result = json.loads(proc.stdout)[0]
+    assert result["ok"] and result["mode"] == "incremental", result
+    assert re.search(r"WARNING .*no dirty extents.*reading the whole disk", proc.stderr), proc.stderr
+    first, *others = result["disks"]
+    assert first["mode"] == "full" and first["reused"] == 0
+    assert all(d["mode"] == "incremental" for d in others)
+    job.assert_identical(result)
+    job.lab.write(vm, disk=1, percent=1)
+    recover(job, vm)
+
+
 def test_backup_stuck_in_finalizing(job, backed_up):
     """Finalizing outlasts [engine] timeout: the archive stands, the next run waits it out."""
     vm = backed_up

@@ -17,7 +17,7 @@ pytest.register_assert_rewrite("fixtures_dataplane")
 
 from fixtures_dataplane import MiB, sha256_file  # noqa: E402
 from ovirt_borg.errors import ConfigError, TransferError  # noqa: E402
-from ovirt_borg.imageio import ImageioClient, TransferSettings, mask_ticket_url  # noqa: E402
+from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings, mask_ticket_url  # noqa: E402
 from ovirt_borg.lab import qemu  # noqa: E402
 from ovirt_borg.lab.imageiod import free_port  # noqa: E402
 
@@ -174,7 +174,7 @@ def test_dirty_extents_without_bitmap_is_a_clear_error(source, nbd_exports, publ
     export = nbd_exports(disk.path, fmt="qcow2")
     urls = publish(export, disk.size, dirty=False)
     with ImageioClient(urls.transfer_url, None, _settings(lab_pki, retries=0)) as client:
-        with pytest.raises(TransferError, match="full backup") as raised:
+        with pytest.raises(NoDirtyExtents, match="no dirty extents") as raised:
             client.extents("dirty")
         with pytest.raises(ValueError):
             client.extents("bogus")

@@ -49,7 +49,7 @@ _FINALIZE_STUCK_POLLS = 5
 
 # Faults that stay on until turned off, and those consumed by the next matching event.
 PERSISTENT_FAULTS = ("wrong_password", "old_engine")
-ONE_SHOT_FAULTS = ("transfer_fail", "transfer_stuck", "finalize_stuck", "imageio_restart")
+ONE_SHOT_FAULTS = ("transfer_fail", "transfer_stuck", "finalize_stuck", "imageio_restart", "no_dirty_extents")
 # Faults that change state once, when turned on.
 ACTION_FAULTS = ("invalid_checkpoint", "missing_checkpoint", "broken_bitmap", "stale_backup",
                  "expired_tokens")
@@ -63,6 +63,8 @@ FAULT_HELP = {
     "expired_tokens": "every SSO token issued so far expires now (clients must log in again)",
     "transfer_fail": "the next image transfer goes to finished_failure",
     "transfer_stuck": "the next image transfer never reaches transferring",
+    "no_dirty_extents": "the next incremental backup transfer's ticket does not allow dirty extents "
+                        "(imageio answers 404, as with a ticket from a host that cannot give them)",
     "finalize_stuck": "the next finalized backup stays in finalizing for several polls",
     "imageio_restart": "the host imageio daemon restarts once the next download has served "
                        "some bytes; tickets are re-added",
@@ -1191,7 +1193,7 @@ class Engine:
                 raise _cannot(400, "transfer Virtual Disk", "The image transfer format must "
                               "be raw for a VM backup.")
             key = backup.exports[disk.id]
-            dirty = backup.modes[disk.id] == "incremental"
+            dirty = backup.modes[disk.id] == "incremental" and not self.faults.consume("no_dirty_extents")
             host_id = backup.host_id
         else:
             vm = self.vm_of_disk(disk.id)
