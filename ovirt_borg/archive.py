@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from typing import IO, NamedTuple, Union
 
 from ovirt_borg import borgcli, pagecache
-from ovirt_borg.borgcli import PASSPHRASE_SOURCES, SECRET_ENV, Repo
+from ovirt_borg.borgcli import SECRET_ENV, Repo
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, RepositoryError
 
 __all__ = ["ArchiveWriter", "Block", "ImageStats", "Repo", "Reuse", "open_writer"]
@@ -418,17 +418,10 @@ def _borg() -> _BorgInternals:
 
 
 def _split_environment(repo: Repo) -> tuple[dict[str, str], dict[str, str | None]]:
-    """``repo.env`` as the settings for Borg's internals and the passphrase variables apart.
-
-    The passphrase variables are ``repo.env``'s alone (None unsets an inherited one, which must
-    not win over the job's own source), the empty passphrase when it has none: Borg never stops
-    to ask on a terminal.
-    """
+    """``repo.env`` as the settings for Borg's internals and, apart, the passphrase variables
+    (``borgcli.secret_environment``)."""
     settings = {name: value for name, value in repo.env.items() if name not in SECRET_ENV}
-    secrets: dict[str, str | None] = {name: repo.env.get(name) for name in SECRET_ENV}
-    if not any(secrets[name] is not None for name in PASSPHRASE_SOURCES):
-        secrets["BORG_PASSPHRASE"] = ""
-    return settings, secrets
+    return settings, borgcli.secret_environment(repo)
 
 
 @contextlib.contextmanager

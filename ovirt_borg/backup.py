@@ -512,6 +512,11 @@ class VmBackup:
         with self.engine.transfer(disk.id, direction="download", backup_id=backup_id,
                                   inactivity_timeout=self.settings.inactivity_timeout) as transfer, \
                 ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
+
+            def zero_extents() -> list[plan.Extent]:
+                """The whole disk to read: every extent dirty, its holes known."""
+                return [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
+
             if incremental:
                 try:
                     extents = [plan.Extent(e.start, e.length, e.zero, e.dirty) for e in client.extents("dirty")]
@@ -519,14 +524,13 @@ class VmBackup:
                     self._warn(f"VM {self.vm.name} disk {disk.alias}: {e}; reading the whole disk")
                     incremental = False
             if not incremental:
-                extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
+                extents = zero_extents()
             blocks = _plan_disk(disk, size, block_size, extents,
                                 base_size=base_record.provisioned_size if incremental else None)
             if incremental and self.settings.verify_sample and not self._check_sample(
                     client, writer, base_record.image, blocks, disk):
                 incremental = False
-                zero_extents = [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
-                blocks = _plan_disk(disk, size, block_size, zero_extents)
+                blocks = _plan_disk(disk, size, block_size, zero_extents())
             summary = plan.summarize(blocks)
             log.info("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)", self.vm.name,
                      disk.alias, summary.blocks, summary.holes, summary.reused, summary.read, summary.bytes_to_read)

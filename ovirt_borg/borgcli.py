@@ -162,21 +162,34 @@ def borg_executable() -> str:
     raise RepositoryError("the borg program was not found next to Python nor on PATH; install borgbackup")
 
 
+def secret_environment(repo: Repo) -> dict[str, str | None]:
+    """The passphrase variables Borg gets for ``repo``, None for one to unset.
+
+    They come from ``repo.env`` alone: an inherited ``BORG_PASSPHRASE`` must not win over the
+    job's passcommand (``credentials.borg_env`` put the inherited ones it honours into
+    ``repo.env``). With no passphrase source, the empty passphrase: Borg never stops to ask on
+    a terminal (an encrypted repository then fails with a clear ``AuthError``).
+    """
+    secrets: dict[str, str | None] = {name: repo.env.get(name) for name in SECRET_ENV}
+    if not any(secrets[name] is not None for name in PASSPHRASE_SOURCES):
+        secrets["BORG_PASSPHRASE"] = ""
+    return secrets
+
+
 def borg_environment(repo: Repo) -> dict[str, str]:
     """Return the environment for a ``borg`` process working on ``repo``.
 
     Given the repository; returns ``os.environ`` overlaid with ``repo.env``, with modern exit
-    codes, and with an empty ``BORG_PASSPHRASE`` when no passphrase source is configured, so
-    Borg never stops to ask on a terminal (an encrypted repository then fails with a clear
-    ``AuthError``). The passphrase variables come from ``repo.env`` alone: an inherited
-    ``BORG_PASSPHRASE`` must not win over the job's passcommand (``credentials.borg_env`` put
-    the inherited ones it honours into ``repo.env``).
+    codes and the passphrase variables of ``secret_environment``.
     """
-    env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
+    env = dict(os.environ)
     env.update(repo.env)
     env["BORG_EXIT_CODES"] = "modern"
-    if not any(name in env for name in PASSPHRASE_SOURCES):
-        env["BORG_PASSPHRASE"] = ""
+    for name, value in secret_environment(repo).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
 
 
