@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ovirt_borg import archive, pagecache, sidecar as sc
-from ovirt_borg.engine import DiskInfo, Engine
+from ovirt_borg import archive, pagecache, qcow2, sidecar as sc
+from ovirt_borg.engine import DiskInfo, Engine, StorageDomainInfo
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress
@@ -167,17 +167,41 @@ def _body(pieces: list) -> bytes | memoryview | tuple:
 # -- to oVirt ------------------------------------------------------------------------------------
 
 
-def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
-                storage_domain: str, settings: TransferSettings, name: str | None = None, *,
-                inactivity_timeout: int) -> RestoredDisk:
-    """Create a new disk on ``storage_domain`` and upload the image into it.
+def initial_size(domain: StorageDomainInfo, provisioned_size: int,
+                 data_extents: Iterable[tuple[int, int]]) -> int | None:
+    """Return the ``initial_size`` to create a restored disk with on ``domain`` (pure).
 
+    Given the disk's virtual size and the ``(offset, length)`` of the image's data blocks. On a
+    block domain a thin qcow2 disk is an LV that vdsm sizes from the initial size (or makes one
+    chunk, 2560 MiB on current hosts) and does not extend during an upload, so the image must
+    fit from the start: ``qemu-img measure``'s ``required`` for the image with its data blocks
+    allocated whole (the upload sends zero pieces as zero requests, so it never needs more).
+    None on a file domain: the engine ignores it there and the file grows as written.
+    """
+    if not domain.is_block:
+        return None
+    return qcow2.required_size(provisioned_size, data_extents)
+
+
+def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
+                domain: StorageDomainInfo, settings: TransferSettings, name: str | None = None, *,
+                inactivity_timeout: int) -> RestoredDisk:
+    """Create a new disk on the storage domain ``domain`` and upload the image into it.
+
+    The disk is a thin qcow2 with incremental backup, which the engine takes on file and block
+    domains alike (ImagesHandler.checkImageConfiguration refuses a thin raw disk on block
+    domains); on a block domain it is created with room for the whole image (``initial_size``).
     On failure the transfer is cancelled (the engine removes the new disk) and the disk is
     removed if it is still there; the error is raised.
     """
     t0 = time.monotonic()
     result = RestoredDisk(record.id, record.alias)
-    new_id = engine.create_disk(name or record.alias, record.provisioned_size, storage_domain)
+    room = initial_size(domain, record.provisioned_size,
+                        archive.image_data_extents(repo, archive_name, record.image))
+    if room is not None:
+        log.info("disk %s goes to block storage domain %s: created with an initial size of %d bytes",
+                 record.alias, domain.name, room)
+    new_id = engine.create_disk(name or record.alias, record.provisioned_size, domain.name, initial_size=room)
     result.new_id = new_id
     try:
         with engine.transfer(new_id, direction="upload", inactivity_timeout=inactivity_timeout) as transfer, \
@@ -213,8 +237,8 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
     """
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     records = _pick_disks(sidecar, disk_ids)
-    _check_storage_domain(engine, storage_domain)
-    if not engine.cluster_exists(cluster):
+    domain = _storage_domain(engine, storage_domain)
+    if cluster not in engine.cluster_names():
         raise NotFound(f"cluster {cluster!r} does not exist on the engine (--cluster)")
     if any(vm.name == vm_name for vm in engine.list_vms(search=f"name={vm_name}")):
         raise ConfigError(f"a VM named {vm_name!r} already exists on the engine; choose another --vm-name")
@@ -224,7 +248,7 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
     vm_id = None
     try:
         for record in records:
-            done.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
+            done.append(upload_disk(engine, repo, archive_name, record, domain, settings,
                                     name=f"{vm_name}_{record.alias}", inactivity_timeout=inactivity_timeout))
         vm_id = engine.create_vm_from_ovf(ovf, vm_name, cluster)
         for record, disk in zip(records, done):
@@ -250,16 +274,19 @@ def restore_disk(engine: Engine, repo: archive.Repo, archive_name: str, prefix: 
     """Upload one disk of an archive into a new disk on ``storage_domain``, attached to no VM."""
     sidecar = load_archive_sidecar(repo, archive_name, prefix)
     [record] = _pick_disks(sidecar, [disk_id])
-    _check_storage_domain(engine, storage_domain)
+    domain = _storage_domain(engine, storage_domain)
     result = RestoreResult(archive_name, sidecar.vm_name)
-    result.disks.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
+    result.disks.append(upload_disk(engine, repo, archive_name, record, domain, settings,
                                     inactivity_timeout=inactivity_timeout))
     return result
 
 
-def _check_storage_domain(engine: Engine, name: str) -> None:
-    if not engine.storage_domain_exists(name):
-        raise NotFound(f"storage domain {name!r} does not exist on the engine")
+def _storage_domain(engine: Engine, name: str) -> StorageDomainInfo:
+    """The engine's storage domain ``name``; raises NotFound when there is none."""
+    for domain in engine.storage_domains():
+        if domain.name == name:
+            return domain
+    raise NotFound(f"storage domain {name!r} does not exist on the engine")
 
 
 # -- to local files ------------------------------------------------------------------------------

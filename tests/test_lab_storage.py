@@ -36,14 +36,6 @@ def conn(lab_clean):
     connection.close()
 
 
-@pytest.fixture
-def tiny_block(lab_clean):
-    """A block domain of its own with small vdsm sizes: 8 MiB chunks, 4 MiB extents."""
-    name = f"tiny{next(_names)}-{os.getpid()}"
-    lab_clean.add_storage_domain(name, type="iscsi", chunk_size="8M", extent_size="4M")
-    return name
-
-
 def add_disk(conn, domain, *, size, initial_size=None, fmt=types.DiskFormat.COW, sparse=True):
     disks = conn.system_service().disks_service()
     disk = disks.add(types.Disk(
@@ -113,12 +105,12 @@ def test_the_lab_has_a_file_and_a_block_domain(conn):
     assert domains["block1"].storage.type == types.StorageType.ISCSI
 
 
-def test_a_thin_disk_on_a_block_domain_holds_its_lv_and_no_more(lab_clean, conn, tiny_block, tmp_path):
+def test_a_thin_disk_on_a_block_domain_holds_its_lv_and_no_more(lab_clean, conn, small_block_domain, tmp_path):
     data = os.urandom(16 * MIB)
-    # Without an initial size the LV is one chunk: 8 MiB. Writing 16 MiB runs out of it,
+    # Without an initial size the LV is one chunk: 1 MiB here. Writing 16 MiB runs out of it,
     # imageio answers 500 (qemu-nbd: ENOSPC), the cancelled upload removes the disk.
-    small = add_disk(conn, tiny_block, size=64 * MIB)
-    assert small.actual_size == 8 * MIB
+    small = add_disk(conn, small_block_domain, size=64 * MIB)
+    assert small.actual_size == 1 * MIB
     with pytest.raises(TransferError, match="imageio answered 500"):
         upload(conn, lab_clean, small.id, data)
     with pytest.raises(sdk.NotFoundError):
@@ -126,22 +118,22 @@ def test_a_thin_disk_on_a_block_domain_holds_its_lv_and_no_more(lab_clean, conn,
     assert lab_clean.stats()["open_transfers"] == []
     # With qemu-img measure's size as initial_size (as the SDK's upload_disk.py does) it fits.
     required = measure_required(tmp_path, data, 64 * MIB)
-    fitting = add_disk(conn, tiny_block, size=64 * MIB, initial_size=required)
-    assert fitting.actual_size == -(-int(required * 1.1) // (4 * MIB)) * 4 * MIB
+    fitting = add_disk(conn, small_block_domain, size=64 * MIB, initial_size=required)
+    assert fitting.actual_size == -(-int(required * 1.1) // MIB) * MIB
     upload(conn, lab_clean, fitting.id, data)
     conn.system_service().disks_service().disk_service(fitting.id).remove()
 
 
-def test_block_domain_refusals_and_file_domains_ignore_initial_size(lab_clean, conn, tiny_block):
+def test_block_domain_refusals_and_file_domains_ignore_initial_size(lab_clean, conn, small_block_domain):
     # ImagesHandler.checkImageConfiguration: no thin raw disk on a block domain.
     with pytest.raises(sdk.Error) as refused:
-        add_disk(conn, tiny_block, size=64 * MIB, fmt=types.DiskFormat.RAW, sparse=True)
+        add_disk(conn, small_block_domain, size=64 * MIB, fmt=types.DiskFormat.RAW, sparse=True)
     assert refused.value.code == 409 and "incompatible with the storage domain type" in str(refused.value)
     # vdsm refuses an initial size above the max size: the engine removes the new disk.
     disks = conn.system_service().disks_service()
     too_big = disks.add(types.Disk(name="too-big", format=types.DiskFormat.COW, sparse=True,
                                    provisioned_size=64 * MIB, initial_size=1 * GiB,
-                                   storage_domains=[types.StorageDomain(name=tiny_block)]))
+                                   storage_domains=[types.StorageDomain(name=small_block_domain)]))
     with pytest.raises(sdk.NotFoundError):
         poll(disks.disk_service(too_big.id).get, lambda d: False)
     assert any(e["code"] == "USER_ADD_DISK_FINISHED_FAILURE" for e in lab_clean.stats()["events"])
