@@ -1418,6 +1418,29 @@ class _ChunkOpener:
         return data
 
 
+def read_top_files(repo: Repo, archive_name: str, name: str) -> dict[str, bytes]:
+    """Return the content of each regular file ``<directory>/<name>`` of ``archive_name`` (a
+    directory at the top of the archive), by path; empty when there is none.
+
+    One pass over the archive's metadata, whatever the archive is called: how restore finds the
+    VM's directory of an archive renamed since. Raises NotFound when the archive is missing.
+    """
+    with _open_for_reading(repo) as (repository, manifest, key):
+        if archive_name not in manifest.archives:
+            raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
+        archive = _borg().Archive(repository, key, manifest, archive_name)
+        items = [item for item in archive.iter_items(
+                     lambda i: i.path.count("/") == 1 and i.path.rpartition("/")[2] == name)
+                 if "chunks" in item]
+        opener = _ChunkOpener(key)
+        found = {}
+        for item in items:
+            found[item.path] = b"".join(
+                bytes(length) if hole else opener.open(chunk_id, repository.get(chunk_id))
+                for _, length, chunk_id, hole in _chunk_entries(key, item))
+        return found
+
+
 def read_file(repo: Repo, archive_name: str, path: str) -> bytes:
     """Return the content of a small file of an archive (the sidecar, block digests, the OVF).
 
