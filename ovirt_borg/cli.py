@@ -499,6 +499,9 @@ def _raise_interrupted(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run one command, map errors to exit codes. The only exit point."""
+    # Everything ovirt-borg creates is its user's alone: repository segments and indexes written
+    # in-process, state, restored images, mountpoints (the systemd unit sets UMask=0077 too).
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
