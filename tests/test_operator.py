@@ -95,3 +95,21 @@ def ovirt_borg_archive_name(config, vm, timestamp):
     assert results[second]["exit_code"] == 0
     job.assert_identical(results[second])
     assert "Traceback" in proc.stderr and "a bug" in proc.stderr
+
+
+def test_verify_all_verifies_each_vms_newest_archives(job, two_vms):
+    first = job.backup(*two_vms)
+    job.lab.write(two_vms[0], disk=1, percent=5)
+    second = job.backup(*two_vms)
+    report = json.loads(job.run("verify", "--all", "--json").stdout)
+    assert sorted(r["archive"] for r in report) == sorted(r["archive"] for r in second.values())
+    assert all(r["ok"] for r in report)
+    report = json.loads(job.run("verify", "--all", "--last", "2", "--json").stdout)
+    assert sorted(r["archive"] for r in report) == sorted(r["archive"] for r in [*first.values(), *second.values()])
+    proc = job.run("verify", "--all", "--vm", two_vms[0], expect=2)
+    assert "not allowed with argument" in proc.stderr
+
+
+def test_verify_all_of_an_empty_repository_is_not_found(job):
+    proc = job.run("verify", "--all", expect=11)
+    assert "no archives of this job" in proc.stderr
