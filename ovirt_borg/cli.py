@@ -108,15 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
     p = sub.add_parser("verify", help="re-read archives and compare with the hashes taken at backup time",
-                       description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM) "
-                                   "from the repository (Borg checks each chunk's MAC and id as it reads) and "
-                                   "compare each block with the digest recorded at backup time: its Borg "
-                                   "chunk id, or its sha256 for archives of the 'cli' writer. Exit 10 on a "
-                                   "mismatch.")
+                       description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM, "
+                                   "or of every VM of this job) from the repository (Borg checks each chunk's "
+                                   "MAC and id as it reads) and compare each block with the digest recorded at "
+                                   "backup time: its Borg chunk id, or its sha256 for archives of the 'cli' "
+                                   "writer. Exit 10 on a mismatch. Borg's shared lock is held while an archive "
+                                   "is read: a backup of the same repository waits for it (lock_wait).")
     p.add_argument("archive", nargs="?", metavar="ARCHIVE", help="the archive to verify")
-    p.add_argument("--vm", help="verify this VM's newest archives")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--vm", help="verify this VM's newest archives")
+    which.add_argument("--all", action="store_true",
+                       help="verify the newest archives of every VM with archives of this job (the weekly "
+                            "ovirt-borg-verify@.timer runs this)")
     p.add_argument("--last", type=_at_least_one, default=1, metavar="N",
-                   help="with --vm: how many of the newest (default 1)")
+                   help="with --vm or --all: how many of each VM's newest (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("mount", help="mount an archive and its disks' file systems read-only",
@@ -369,19 +374,26 @@ def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
 def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import restore
     from ovirt_borg.backup import vm_archive_glob
+    from ovirt_borg.errors import NotFound
+    from ovirt_borg.retention import archives_by_vm
 
     repo = _repo(config)
     prefix = config.repository.prefix
+    if args.archive and (args.vm or args.all):
+        raise ConfigError("name an ARCHIVE, or use --vm or --all, not both")
     if args.archive:
         names = [args.archive]
     elif args.vm:
         names = [a["name"] for a in borgcli.list_archives(repo, vm_archive_glob(prefix, args.vm))][-args.last:]
         if not names:
-            from ovirt_borg.errors import NotFound
-
             raise NotFound(f"no archives of VM {args.vm!r} in the repository")
+    elif args.all:
+        by_vm = archives_by_vm((a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")), prefix)
+        names = [name for vm in sorted(by_vm) for name in by_vm[vm][-args.last:]]
+        if not names:
+            raise NotFound(f"no archives of this job (prefix {prefix!r}) in the repository")
     else:
-        raise ConfigError("name an ARCHIVE, or --vm VM [--last N]")
+        raise ConfigError("name an ARCHIVE, or --vm VM [--last N], or --all [--last N]")
     report = []
     failed = None
     for name in names:
@@ -499,6 +511,9 @@ def _raise_interrupted(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run one command, map errors to exit codes. The only exit point."""
+    # Everything ovirt-borg creates is its user's alone: repository segments and indexes written
+    # in-process, state, restored images, mountpoints (the systemd unit sets UMask=0077 too).
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
