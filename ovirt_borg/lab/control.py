@@ -320,6 +320,14 @@ class Lab:
                  (("chunk_size", chunk_size), ("extent_size", extent_size)) if value is not None}
         return self._call("add-storage-domain", name=name, type=type, **sizes)
 
+    def add_guests(self, vm: str = "guests") -> dict[str, Any]:
+        """Add the VM with the guest disks of file-level recovery (``ovirt_borg.lab.guests``).
+
+        Returns its ``sample.json`` entry: per disk its id, alias and volumes with their known
+        files. Raises ``LabRequestError`` (409) when the name is taken.
+        """
+        return self._call("add-guests", vm=vm)
+
     def detach_disk(self, vm: str, disk: int | str) -> dict[str, Any]:
         """Detach a VM disk (by 1-based index or id); it stays as a floating disk."""
         return self._call("detach-disk", vm=vm, disk=disk)

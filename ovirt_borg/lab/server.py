@@ -748,6 +748,10 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
                                   **{k: int(args[k]) for k in ("chunk_size", "extent_size") if args.get(k)})
         return {"id": sd.id, "name": sd.name, "type": sd.type, "path": sd.path,
                 "chunk_size": sd.chunk_size, "extent_size": sd.extent_size}
+    if op == "add-guests":
+        from ovirt_borg.lab.guests import add_guest_vm
+
+        return add_guest_vm(e, args.get("vm", "guests"))
     if op == "detach-disk":
         disk = e.vm_disk(args["vm"], args.get("disk", 1))
         e.detach_disk(e.vm_by_name(args["vm"]).id, disk.id)
