@@ -1272,20 +1272,38 @@ def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, 
         yield offset, length, data
 
 
+def _chunk_entries(key, item) -> list[tuple[int, int, bytes, bool]]:
+    """The file item's chunks as ``(offset, length, chunk id, hole)``, a hole being Borg's
+    all-zero chunk of that length."""
+    zeros = _borg().zeros
+    zero_ids: dict[int, bytes] = {}
+    entries = []
+    offset = 0
+    for chunk in item.chunks:
+        if chunk.size not in zero_ids:
+            zero_ids[chunk.size] = key.id_hash(zeros[:chunk.size])
+        entries.append((offset, chunk.size, chunk.id, chunk.id == zero_ids[chunk.size]))
+        offset += chunk.size
+    return entries
+
+
+def image_data_extents(repo: Repo, archive_name: str, path: str) -> list[tuple[int, int]]:
+    """Return ``(offset, length)`` of each data chunk of the image ``path``, in order.
+
+    Holes (Borg's all-zero chunks) are left out. Only the archive's metadata is read, no chunk.
+    Raises NotFound when the archive or file is missing.
+    """
+    with _open_for_reading(repo) as (repository, manifest, key):
+        item = _file_item(repo, repository, manifest, key, archive_name, path)
+        return [(offset, length) for offset, length, _, hole in _chunk_entries(key, item) if not hole]
+
+
 def read_image_with_ids(repo: Repo, archive_name: str, path: str
                         ) -> Iterator[tuple[int, int, bytes | None, bytes]]:
     """``read_image`` with each chunk's id (32 bytes) as a fourth item, from the same read."""
-    borg = _borg()
     with _open_for_reading(repo) as (repository, manifest, key):
         item = _file_item(repo, repository, manifest, key, archive_name, path)
-        zero_ids: dict[int, bytes] = {}
-        entries = []
-        offset = 0
-        for chunk in item.chunks:
-            if chunk.size not in zero_ids:
-                zero_ids[chunk.size] = key.id_hash(borg.zeros[:chunk.size])
-            entries.append((offset, chunk.size, chunk.id, chunk.id == zero_ids[chunk.size]))
-            offset += chunk.size
+        entries = _chunk_entries(key, item)
         data_ids = [chunk_id for _, _, chunk_id, hole in entries if not hole]
         with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool, \
                 _ChunkFetcher(repository, data_ids, _ChunkOpener(key), pool) as opened:
@@ -1398,6 +1416,29 @@ class _ChunkOpener:
             data = bytes(key.decompress(payload))
         key.assert_id(chunk_id, data)
         return data
+
+
+def read_top_files(repo: Repo, archive_name: str, name: str) -> dict[str, bytes]:
+    """Return the content of each regular file ``<directory>/<name>`` of ``archive_name`` (a
+    directory at the top of the archive), by path; empty when there is none.
+
+    One pass over the archive's metadata, whatever the archive is called: how restore finds the
+    VM's directory of an archive renamed since. Raises NotFound when the archive is missing.
+    """
+    with _open_for_reading(repo) as (repository, manifest, key):
+        if archive_name not in manifest.archives:
+            raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
+        archive = _borg().Archive(repository, key, manifest, archive_name)
+        items = [item for item in archive.iter_items(
+                     lambda i: i.path.count("/") == 1 and i.path.rpartition("/")[2] == name)
+                 if "chunks" in item]
+        opener = _ChunkOpener(key)
+        found = {}
+        for item in items:
+            found[item.path] = b"".join(
+                bytes(length) if hole else opener.open(chunk_id, repository.get(chunk_id))
+                for _, length, chunk_id, hole in _chunk_entries(key, item))
+        return found
 
 
 def read_file(repo: Repo, archive_name: str, path: str) -> bytes:

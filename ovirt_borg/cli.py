@@ -102,10 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-domain", metavar="SD", help="storage domain of the new disks")
     p.add_argument("--disk", action="append", metavar="ID", help="only this disk (id or alias); repeatable")
     p.add_argument("--to-storage-domain", metavar="SD", help="restore the --disk into SD, attached to no VM")
-    p.add_argument("--to-dir", metavar="DIR", type=Path, help="write the disks as sparse files into DIR")
+    p.add_argument("--to-dir", metavar="DIR", type=Path,
+                   help="write the disks as sparse files into DIR, with the VM's vm.ovf (all mode 0600)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="file format with --to-dir")
+    p.add_argument("--force", action="store_true",
+                   help="with --to-dir: replace files of the same names (refused otherwise)")
     p.add_argument("--start", action="store_true", help="start the recreated VM")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--sha256", action="store_true",
+                   help="compute each restored image's sha256 on the way (holes hashed too: slow "
+                        "for large sparse disks)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary: the VM, each disk with its ids, bytes sent, sha256 "
+                        "(with --sha256), time")
 
     p = sub.add_parser("verify", help="re-read archives and compare with the hashes taken at backup time",
                        description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM, "
@@ -313,8 +321,11 @@ def cmd_list(args: argparse.Namespace, config: config_mod.Config) -> int:
     repo = _repo(config)
     prefix = config.repository.prefix
     rows = []
+    archived = set()
     for a in borgcli.list_archives(repo, f"{prefix}*"):
         vm = vm_of_archive(a["name"], prefix)
+        if vm is not None:
+            archived.add(vm)
         if vm is None or (args.vms and vm not in args.vms):
             continue  # not an archive of this job, or not a VM asked for
         fields = parse_archive_comment(a.pop("comment", ""))
@@ -323,6 +334,12 @@ def cmd_list(args: argparse.Namespace, config: config_mod.Config) -> int:
                      "checkpoint": fields.get("checkpoint", "-"), "size": int(fields.get("size", 0)),
                      "bytes_read": int(fields.get("read", 0)),
                      "blocks_stored": int(fields.get("blocks_stored", 0))})
+    unknown = [vm for vm in args.vms if vm not in archived]
+    if unknown:
+        from ovirt_borg.errors import NotFound, nearest_hint
+
+        raise NotFound("; ".join(f"no archives of VM {vm!r} in the repository{nearest_hint(vm, archived)}"
+                                 for vm in unknown))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -347,18 +364,23 @@ def _transfer_settings(config: config_mod.Config):
 def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import restore
 
+    from ovirt_borg.progress import human_size
+
     repo = _repo(config)
     prefix = config.repository.prefix
+    if args.force and not args.to_dir:
+        raise ConfigError("--force replaces local files: it goes with --to-dir")
     if args.to_dir:
         result = restore.restore_to_dir(repo, args.archive, prefix, args.to_dir, fmt=args.format,
-                                        disk_ids=args.disk)
+                                        disk_ids=args.disk, force=args.force, sha256=args.sha256)
     elif args.to_storage_domain:
         if not args.disk or len(args.disk) != 1:
             raise ConfigError("--to-storage-domain restores one disk: name it with --disk ID")
         with _engine(config) as engine:
             result = restore.restore_disk(engine, repo, args.archive, prefix, args.disk[0],
                                           args.to_storage_domain, _transfer_settings(config),
-                                          inactivity_timeout=config.transfer.inactivity_timeout)
+                                          inactivity_timeout=config.transfer.inactivity_timeout,
+                                          sha256=args.sha256)
     elif args.vm_name:
         if not args.storage_domain:
             raise ConfigError("--vm-name needs --storage-domain SD for the new disks")
@@ -367,15 +389,19 @@ def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
                                         cluster=args.cluster, storage_domain=args.storage_domain,
                                         settings=_transfer_settings(config),
                                         inactivity_timeout=config.transfer.inactivity_timeout,
-                                        disk_ids=args.disk, start=args.start)
+                                        disk_ids=args.disk, start=args.start, sha256=args.sha256)
     else:
         raise ConfigError("say where to restore: --vm-name NEW, --disk ID --to-storage-domain SD, or --to-dir DIR")
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         for disk in result.disks:
-            where = disk.path or f"new disk {disk.new_id}"
-            print(f"{disk.alias}: restored to {where} in {disk.seconds:.1f} s")
+            where = disk.path or f"new disk {disk.new_id} on {result.storage_domain}"
+            digest = f", sha256 {disk.sha256}" if disk.sha256 else ""
+            print(f"{disk.alias}: restored to {where}, {human_size(disk.bytes_sent)} of data in "
+                  f"{disk.seconds:.1f} s{digest}")
+        if result.ovf:
+            print(f"VM configuration: {result.ovf}")
         if result.vm_id:
             print(f"VM {result.vm_name} created ({result.vm_id})")
     return EXIT_OK
@@ -396,7 +422,10 @@ def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
     elif args.vm:
         names = [a["name"] for a in borgcli.list_archives(repo, vm_archive_glob(prefix, args.vm))][-args.last:]
         if not names:
-            raise NotFound(f"no archives of VM {args.vm!r} in the repository")
+            from ovirt_borg.errors import nearest_hint
+
+            by_vm = archives_by_vm((a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")), prefix)
+            raise NotFound(f"no archives of VM {args.vm!r} in the repository" + nearest_hint(args.vm, by_vm))
     elif args.all:
         by_vm = archives_by_vm((a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")), prefix)
         names = [name for vm in sorted(by_vm) for name in by_vm[vm][-args.last:]]

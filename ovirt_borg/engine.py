@@ -76,6 +76,17 @@ class DiskInfo:
 
 
 @dataclass(frozen=True)
+class StorageDomainInfo:
+    name: str
+    type: str  # the storage type: "nfs", "localfs", "iscsi", "fcp", ...
+
+    @property
+    def is_block(self) -> bool:
+        """A block domain: its volumes are LVs (the engine's StorageType.isBlockDomain)."""
+        return self.type in ("iscsi", "fcp")
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     id: str
     parent_id: str | None
@@ -596,21 +607,25 @@ class Engine:
 
     # -- restore -----------------------------------------------------------------------------
 
-    def storage_domain_exists(self, name: str) -> bool:
-        return self._has_named(self.system.storage_domains_service(), name, "storage domain")
+    def storage_domains(self) -> list[StorageDomainInfo]:
+        """The engine's storage domains with their storage type, by name."""
+        found = self._call(self.system.storage_domains_service().list, "listing storage domains")
+        return sorted((StorageDomainInfo(sd.name, _enum(sd.storage.type) if sd.storage else "")
+                       for sd in found if sd.name), key=lambda sd: sd.name)
 
-    def cluster_exists(self, name: str) -> bool:
-        return self._has_named(self.system.clusters_service(), name, "cluster")
-
-    def _has_named(self, service, name: str, what: str) -> bool:
-        found = self._call(service.list, f"looking up {what} {name}")
-        return any(item.name == name for item in found)
+    def cluster_names(self) -> list[str]:
+        """The names of the engine's clusters, sorted."""
+        found = self._call(self.system.clusters_service().list, "listing clusters")
+        return sorted(c.name for c in found if c.name)
 
     def create_disk(self, name: str, provisioned_size: int, storage_domain: str,
                     initial_size: int | None = None) -> str:
         """Create a qcow2 sparse disk with incremental backup enabled; wait until ok; return id.
 
-        A disk that does not become ok (an error, a timeout, an interrupt) is removed again.
+        ``initial_size`` is the room the disk's volume starts with on a block domain, where an
+        upload does not grow it (the engine passes it on to vdsm only for sparse disks on block
+        domains: AddImageFromScratchCommand.getInitialSize). A disk that does not become ok (an
+        error, a timeout, an interrupt) is removed again.
         """
         disk = types.Disk(
             name=name, format=types.DiskFormat.COW, sparse=True, provisioned_size=provisioned_size,

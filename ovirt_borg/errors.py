@@ -25,6 +25,9 @@ Exit codes (documented in ``ovirt-borg --help``):
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_ERROR = 2
@@ -41,6 +44,16 @@ class OvirtBorgError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def nearest_hint(name: str, choices: Iterable[str]) -> str:
+    """Return ``"; did you mean 'a' or 'b'?"`` with the choices nearest to ``name`` (difflib's
+    similarity), for the end of a message about a name that does not exist; '' when none is
+    near."""
+    near = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    if not near:
+        return ""
+    return "; did you mean " + " or ".join(repr(choice) for choice in near) + "?"
 
 
 class ConfigError(OvirtBorgError):

@@ -27,12 +27,15 @@ class Progress:
     """Reports the progress of one disk: bytes done of a total, rate and ETA.
 
     ``done`` counts the disk's bytes accounted for (read, reused or holes); ``moved`` the bytes
-    actually read over the network. On a TTY the line is redrawn at most 4 times a second; when
-    not a TTY (journald, CI) a log line is written every ``interval`` seconds.
+    actually read over the network (``moved_as`` names them: "read", or "sent" for a restore).
+    On a TTY the line is redrawn at most 4 times a second; when not a TTY (journald, CI) a log
+    line is written every ``interval`` seconds.
     """
 
-    def __init__(self, label: str, total: int, *, stream: TextIO | None = None, interval: float = 30.0):
+    def __init__(self, label: str, total: int, *, stream: TextIO | None = None, interval: float = 30.0,
+                 moved_as: str = "read"):
         self.label = label
+        self.moved_as = moved_as
         self.total = total
         self.done = 0
         self.moved = 0
@@ -55,7 +58,7 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else 0
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"{self.label}: {percent:5.1f}% of {_human(self.total)}, read {_human(self.moved)}, "
+        return (f"{self.label}: {percent:5.1f}% of {_human(self.total)}, {self.moved_as} {_human(self.moved)}, "
                 f"{_human(rate)}/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
     def _show(self, now: float) -> None:

@@ -7,22 +7,28 @@ Borg's all-zero chunk is a hole and is never read from the repository, never sen
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import logging
 import os
 import re
 import shutil
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ovirt_borg import archive, pagecache, sidecar as sc
-from ovirt_borg.engine import DiskInfo, Engine
-from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch
+from ovirt_borg import archive, pagecache, qcow2, sidecar as sc
+from ovirt_borg.backup import safe_name
+from ovirt_borg.engine import DiskInfo, Engine, StorageDomainInfo
+from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch, nearest_hint
 from ovirt_borg.imageio import ImageioClient, TransferSettings
-from ovirt_borg.progress import Progress
+from ovirt_borg.progress import Progress, human_size
+from ovirt_borg.retention import vm_of_archive
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +39,14 @@ _TIMESTAMP = re.compile(r"-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 class RestoredDisk:
     id: str
     alias: str
+    size: int = 0  # the disk's virtual size
     new_id: str = ""
     path: str = ""
+    initial_size: int | None = None  # asked for on a block storage domain
     bytes_sent: int = 0
     holes: int = 0
     seconds: float = 0.0
+    sha256: str | None = None  # of the whole image, when asked for
 
 
 @dataclass
@@ -45,6 +54,10 @@ class RestoreResult:
     archive: str
     vm_name: str = ""
     vm_id: str = ""
+    storage_domain: str = ""
+    directory: str = ""
+    ovf: str = ""  # where vm.ovf was written (restores to a directory)
+    seconds: float = 0.0
     disks: list[RestoredDisk] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -53,28 +66,45 @@ class RestoreResult:
         return d
 
 
-def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> sc.Sidecar:
-    """Read and validate the sidecar stored in an archive; raises NotFound or OvirtBorgError."""
-    vm_dir = _vm_dir(archive_name, prefix)
+@dataclass(frozen=True)
+class ArchivedVm:
+    """An archive's sidecar and the directory of the VM's files in it."""
+
+    directory: str  # holds vm.ovf, disks/ and the sidecar
+    sidecar: sc.Sidecar
+
+
+def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> ArchivedVm:
+    """Find the VM's directory in an archive by its content and read the sidecar there.
+
+    The directory is the one holding ``ovirt-borg.json``, whatever the archive is called (renamed
+    with ``borg rename``, written under another prefix); in the unlikely case of several, the
+    one the archive's name says. Raises NotFound (naming the nearest archives) or
+    OvirtBorgError for an archive without a sidecar or with a damaged one.
+    """
     try:
-        data = archive.read_file(repo, archive_name, f"{vm_dir}/{sc.SIDECAR_NAME}")
+        found = archive.read_top_files(repo, archive_name, sc.SIDECAR_NAME)
     except NotFound:
-        if archive_name not in archive.repository_view(repo).archives:
-            raise NotFound(f"no archive named {archive_name!r} in the repository; "
-                           "see 'ovirt-borg list' for the archive names") from None
-        raise OvirtBorgError(f"archive {archive_name} has no ovirt-borg sidecar ({vm_dir}/{sc.SIDECAR_NAME}); "
-                             "is it an ovirt-borg archive?") from None
+        names = archive.repository_view(repo).archives
+        raise NotFound(f"no archive named {archive_name!r} in the repository{nearest_hint(archive_name, names)} "
+                       "(see 'ovirt-borg list' for the archive names)") from None
+    if not found:
+        raise OvirtBorgError(f"archive {archive_name} has no ovirt-borg sidecar (<vm>/{sc.SIDECAR_NAME}); "
+                             "is it an ovirt-borg archive?")
+    path = next(iter(found))
+    if len(found) > 1:
+        path = f"{_vm_dir(archive_name, prefix)}/{sc.SIDECAR_NAME}"
+        if path not in found:
+            raise OvirtBorgError(f"archive {archive_name} holds several sidecars ({', '.join(sorted(found))}) "
+                                 "and its name points at none of them")
     try:
-        return sc.parse(data)
+        return ArchivedVm(path.rpartition("/")[0], sc.parse(found[path]))
     except sc.SidecarInvalid as e:
         raise OvirtBorgError(f"the sidecar in archive {archive_name} is damaged: {e}") from None
 
 
 def _vm_dir(archive_name: str, prefix: str) -> str:
-    """The directory of the VM's files in ``archive_name``: the VM name from the archive's name."""
-    from ovirt_borg.backup import safe_name
-    from ovirt_borg.retention import vm_of_archive
-
+    """The directory of the VM's files that the name ``archive_name`` says (pure)."""
     vm_name = vm_of_archive(archive_name, prefix)
     if vm_name is None:  # not this job's name pattern: another prefix, still <vm>-<UTC time>
         vm_name = _TIMESTAMP.sub("", archive_name[len(prefix):] if archive_name.startswith(prefix) else archive_name)
@@ -167,65 +197,177 @@ def _body(pieces: list) -> bytes | memoryview | tuple:
 # -- to oVirt ------------------------------------------------------------------------------------
 
 
-def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
-                storage_domain: str, settings: TransferSettings, name: str | None = None, *,
-                inactivity_timeout: int) -> RestoredDisk:
-    """Create a new disk on ``storage_domain`` and upload the image into it.
+def initial_size(domain: StorageDomainInfo, provisioned_size: int,
+                 data_extents: Iterable[tuple[int, int]]) -> int | None:
+    """Return the ``initial_size`` to create a restored disk with on ``domain`` (pure).
 
+    Given the disk's virtual size and the ``(offset, length)`` of the image's data blocks. On a
+    block domain a thin qcow2 disk is an LV that vdsm sizes from the initial size (or makes one
+    chunk, 2560 MiB on current hosts) and does not extend during an upload, so the image must
+    fit from the start: ``qemu-img measure``'s ``required`` for the image with its data blocks
+    allocated whole (the upload sends zero pieces as zero requests, so it never needs more).
+    None on a file domain: the engine ignores it there and the file grows as written.
+    """
+    if not domain.is_block:
+        return None
+    return qcow2.required_size(provisioned_size, data_extents)
+
+
+class _ImageDigest:
+    """The sha256 of an image given block by block in order, a hole counted as its zeros."""
+
+    _ZEROS = bytes(1 << 20)
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def add(self, length: int, data: bytes | None) -> None:
+        if data is not None:
+            self._hash.update(data)
+            return
+        zeros = memoryview(self._ZEROS)
+        while length:
+            piece = min(length, len(zeros))
+            self._hash.update(zeros[:piece])
+            length -= piece
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _blocks(repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
+            digest: _ImageDigest | None) -> Iterator[tuple[int, int, bytes | None]]:
+    """``archive.read_image`` of the disk's image, each block added to ``digest`` if given."""
+    for offset, length, data in archive.read_image(repo, archive_name, record.image):
+        if digest is not None:
+            digest.add(length, data)
+        yield offset, length, data
+
+
+def _rate(size: int, seconds: float) -> str:
+    return f"{human_size(size / seconds)}/s" if seconds > 0 else "-"
+
+
+def upload_disk(engine: Engine, repo: archive.Repo, archive_name: str, record: sc.DiskRecord,
+                domain: StorageDomainInfo, settings: TransferSettings, name: str | None = None, *,
+                inactivity_timeout: int, sha256: bool = False) -> RestoredDisk:
+    """Create a new disk on the storage domain ``domain`` and upload the image into it.
+
+    The disk is a thin qcow2 with incremental backup, which the engine takes on file and block
+    domains alike (ImagesHandler.checkImageConfiguration refuses a thin raw disk on block
+    domains); on a block domain it is created with room for the whole image (``initial_size``).
+    Progress: a line on a terminal, a log line every 30 s otherwise. With ``sha256`` the image's
+    sha256 is computed on the way (holes hashed as zeros: slow for a large sparse disk).
     On failure the transfer is cancelled (the engine removes the new disk) and the disk is
     removed if it is still there; the error is raised.
     """
     t0 = time.monotonic()
-    result = RestoredDisk(record.id, record.alias)
-    new_id = engine.create_disk(name or record.alias, record.provisioned_size, storage_domain)
+    result = RestoredDisk(record.id, record.alias, size=record.provisioned_size)
+    extents = archive.image_data_extents(repo, archive_name, record.image)
+    result.initial_size = initial_size(domain, record.provisioned_size, extents)
+    log.info("disk %s: %s of data in %s, to a new disk on storage domain %s (%s)%s", record.alias,
+             human_size(sum(length for _, length in extents)), human_size(record.provisioned_size),
+             domain.name, domain.type or "?",
+             f", initial size {human_size(result.initial_size)}" if result.initial_size else "")
+    new_id = engine.create_disk(name or record.alias, record.provisioned_size, domain.name,
+                                initial_size=result.initial_size)
     result.new_id = new_id
+    digest = _ImageDigest() if sha256 else None
     try:
         with engine.transfer(new_id, direction="upload", inactivity_timeout=inactivity_timeout) as transfer, \
                 ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
-            progress = Progress(f"restore {record.alias}", record.provisioned_size)
+            progress = Progress(f"restore {record.alias}", record.provisioned_size, moved_as="sent")
 
             def items() -> Iterator[tuple[int, int, bytes | None]]:
-                for offset, length, data in _runs(split_zeros(archive.read_image(repo, archive_name,
-                                                                                 record.image))):
+                for offset, length, data in _runs(split_zeros(_blocks(repo, archive_name, record, digest))):
                     if data is None:
                         result.holes += 1
                     progress.update(length, 0 if data is None else length)
                     yield offset, length, data
 
-            client.write_ranges(items())
-            progress.finish()
+            try:
+                client.write_ranges(items())
+            finally:
+                progress.finish()
             result.bytes_sent = client.bytes_written
         engine.wait_disk_ok(new_id)
     except BaseException:
         engine.remove_disk(new_id)
         raise
     result.seconds = round(time.monotonic() - t0, 3)
+    result.sha256 = digest.hexdigest() if digest else None
+    log.info("disk %s: restored into disk %s, %s sent in %.1f s (%s)", record.alias, new_id,
+             human_size(result.bytes_sent), result.seconds, _rate(result.bytes_sent, result.seconds))
     return result
+
+
+_OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1/"
+_RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+_XSI_TYPE = "{http://www.w3.org/2001/XMLSchema-instance}type"
+_DISK_RESOURCE_TYPE = "17"  # rasd:ResourceType of a disk image in the engine's OVF
+
+
+def ovf_without_disks(ovf: str) -> str:
+    """Return the OVF with its disks taken out (pure): the References' File elements, the
+    DiskSection's Disk elements and the hardware section's disk Items.
+
+    The engine imports a VM from an OVF (ImportVmFromConfigurationCommand) by taking the OVF's
+    disks off the new VM and, once it exists, attaching each of them to the VM its
+    DiskVmElement names, which is the OVF's own VM (OvfReader.fixDiskVmElements), regenerated
+    ids or not: to the source VM. That fails for the disks the source VM still has (an event
+    "failed to attach" in the engine's log) and attaches a disk detached from it since back to
+    it. Restore attaches the new disks itself. Raises OvirtBorgError when the OVF is not XML.
+    """
+    try:
+        for _, (prefix, uri) in ET.iterparse(io.StringIO(ovf), events=("start-ns",)):
+            if prefix:
+                ET.register_namespace(prefix, uri)  # keep the prefixes: xsi:type values name them
+        root = ET.fromstring(ovf)
+    except ET.ParseError as e:
+        raise OvirtBorgError(f"the VM's saved configuration (vm.ovf) is not valid XML: {e}") from None
+    for references in root.iter("References"):
+        for element in references.findall("File"):
+            references.remove(element)
+    for section in root.iter("Section"):
+        kind = section.get(_XSI_TYPE, "")
+        if kind.endswith("DiskSection_Type"):
+            for element in section.findall("Disk"):
+                section.remove(element)
+        elif kind.endswith("VirtualHardwareSection_Type"):
+            for element in section.findall("Item"):
+                if element.findtext(f"{{{_RASD_NS}}}ResourceType") == _DISK_RESOURCE_TYPE:
+                    section.remove(element)
+    return ET.tostring(root, encoding="unicode")
 
 
 def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: str, *, vm_name: str,
                cluster: str, storage_domain: str, settings: TransferSettings, inactivity_timeout: int,
-               disk_ids: list[str] | None = None, start: bool = False) -> RestoreResult:
+               disk_ids: list[str] | None = None, start: bool = False, sha256: bool = False) -> RestoreResult:
     """Recreate the VM of an archive under ``vm_name`` with new ids and its disks uploaded.
 
-    The storage domain, the cluster and the free name are checked before the first upload. On
-    failure, every disk created so far and a half-created VM are removed.
+    The storage domain, the cluster and the free name are checked before the first upload. The
+    VM is made from its saved OVF without the OVF's disks (``ovf_without_disks``), then the new
+    disks are attached. On failure, every disk created so far and a half-created VM are removed.
     """
-    sidecar = load_archive_sidecar(repo, archive_name, prefix)
-    records = _pick_disks(sidecar, disk_ids)
-    _check_storage_domain(engine, storage_domain)
-    if not engine.cluster_exists(cluster):
-        raise NotFound(f"cluster {cluster!r} does not exist on the engine (--cluster)")
+    t0 = time.monotonic()
+    archived = load_archive_sidecar(repo, archive_name, prefix)
+    records = _pick_disks(archived.sidecar, disk_ids)
+    domain = _storage_domain(engine, storage_domain)
+    clusters = engine.cluster_names()
+    if cluster not in clusters:
+        raise NotFound(f"cluster {cluster!r} does not exist on the engine (--cluster); it has: "
+                       f"{', '.join(clusters) or 'none'}{nearest_hint(cluster, clusters)}")
     if any(vm.name == vm_name for vm in engine.list_vms(search=f"name={vm_name}")):
         raise ConfigError(f"a VM named {vm_name!r} already exists on the engine; choose another --vm-name")
-    ovf = archive.read_file(repo, archive_name, f"{_vm_dir(archive_name, prefix)}/vm.ovf").decode()
-    result = RestoreResult(archive_name, vm_name)
+    ovf = ovf_without_disks(archive.read_file(repo, archive_name, f"{archived.directory}/vm.ovf").decode())
+    result = RestoreResult(archive_name, vm_name, storage_domain=domain.name)
     done: list[RestoredDisk] = []
     vm_id = None
     try:
         for record in records:
-            done.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
-                                    name=f"{vm_name}_{record.alias}", inactivity_timeout=inactivity_timeout))
+            done.append(upload_disk(engine, repo, archive_name, record, domain, settings,
+                                    name=f"{vm_name}_{record.alias}", inactivity_timeout=inactivity_timeout,
+                                    sha256=sha256))
         vm_id = engine.create_vm_from_ovf(ovf, vm_name, cluster)
         for record, disk in zip(records, done):
             engine.attach_disk(vm_id, DiskInfo(id=record.id, alias=record.alias, format="cow",
@@ -242,85 +384,192 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
         raise
     result.vm_id = vm_id
     result.disks = done
+    result.seconds = round(time.monotonic() - t0, 3)
     return result
 
 
 def restore_disk(engine: Engine, repo: archive.Repo, archive_name: str, prefix: str, disk_id: str,
-                 storage_domain: str, settings: TransferSettings, *, inactivity_timeout: int) -> RestoreResult:
+                 storage_domain: str, settings: TransferSettings, *, inactivity_timeout: int,
+                 sha256: bool = False) -> RestoreResult:
     """Upload one disk of an archive into a new disk on ``storage_domain``, attached to no VM."""
-    sidecar = load_archive_sidecar(repo, archive_name, prefix)
-    [record] = _pick_disks(sidecar, [disk_id])
-    _check_storage_domain(engine, storage_domain)
-    result = RestoreResult(archive_name, sidecar.vm_name)
-    result.disks.append(upload_disk(engine, repo, archive_name, record, storage_domain, settings,
-                                    inactivity_timeout=inactivity_timeout))
+    t0 = time.monotonic()
+    archived = load_archive_sidecar(repo, archive_name, prefix)
+    [record] = _pick_disks(archived.sidecar, [disk_id])
+    domain = _storage_domain(engine, storage_domain)
+    result = RestoreResult(archive_name, archived.sidecar.vm_name, storage_domain=domain.name)
+    result.disks.append(upload_disk(engine, repo, archive_name, record, domain, settings,
+                                    inactivity_timeout=inactivity_timeout, sha256=sha256))
+    result.seconds = round(time.monotonic() - t0, 3)
     return result
 
 
-def _check_storage_domain(engine: Engine, name: str) -> None:
-    if not engine.storage_domain_exists(name):
-        raise NotFound(f"storage domain {name!r} does not exist on the engine")
+def _storage_domain(engine: Engine, name: str) -> StorageDomainInfo:
+    """The engine's storage domain ``name``; raises NotFound naming the ones there are."""
+    domains = engine.storage_domains()
+    for domain in domains:
+        if domain.name == name:
+            return domain
+    raise NotFound(f"storage domain {name!r} does not exist on the engine; it has: "
+                   + (", ".join(f"{d.name} ({d.type})" for d in domains) or "none")
+                   + nearest_hint(name, [d.name for d in domains]))
 
 
 # -- to local files ------------------------------------------------------------------------------
 
 
 def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory: Path, *,
-                   fmt: str = "raw", disk_ids: list[str] | None = None) -> RestoreResult:
-    """Write each disk as a local sparse file (holes preserved); no engine needed.
+                   fmt: str = "raw", disk_ids: list[str] | None = None, force: bool = False,
+                   sha256: bool = False) -> RestoreResult:
+    """Write each disk as a local sparse file (holes preserved) and the VM's ``vm.ovf`` beside
+    them, all mode 0600; no engine needed.
 
-    ``fmt`` is ``raw`` or ``qcow2`` (converted with qemu-img from a sparse raw temporary).
+    ``fmt`` is ``raw`` or ``qcow2`` (converted with qemu-img from a sparse raw temporary). Each
+    file is first written as a hidden temporary and all are renamed into place once every one
+    is complete, so a failure (a read-only directory, a full file system, a damaged chunk, a
+    signal) leaves none of them. Raises ConfigError before anything is written when a file to
+    write exists (``force`` replaces it), qemu-img is missing or the directory cannot be made;
+    OvirtBorgError with one line when writing fails; the archive's typed errors.
     """
+    t0 = time.monotonic()
     if fmt not in ("raw", "qcow2"):
         raise ConfigError(f"--format must be raw or qcow2, not {fmt!r}")
     if fmt == "qcow2" and shutil.which("qemu-img") is None:
         raise ConfigError("--format qcow2 converts with qemu-img, which is not installed (qemu-utils)")
-    sidecar = load_archive_sidecar(repo, archive_name, prefix)
-    directory.mkdir(parents=True, exist_ok=True)
-    result = RestoreResult(archive_name, sidecar.vm_name)
-    for record in _pick_disks(sidecar, disk_ids):
-        t0 = time.monotonic()
-        raw = directory / f"{record.alias}-{record.id}.raw"
-        target = raw if fmt == "raw" else directory / f"{record.alias}-{record.id}.qcow2"
-        disk = RestoredDisk(record.id, record.alias, path=str(target))
-        tmp = raw.with_name("." + raw.name + ".part")
-        converted = target.with_name("." + target.name + ".part")
-        try:
-            disk.bytes_sent, disk.holes = _write_sparse(repo, archive_name, record, tmp)
+    archived = load_archive_sidecar(repo, archive_name, prefix)
+    records = _pick_disks(archived.sidecar, disk_ids)
+    names = [f"{safe_name(record.alias)}-{safe_name(record.id)}" for record in records]
+    targets = [directory / f"{name}.{fmt}" for name in names]
+    ovf_target = directory / "vm.ovf"
+    _refuse_existing([*targets, ovf_target], force)
+    with _writing(directory):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    result = RestoreResult(archive_name, archived.sidecar.vm_name, directory=str(directory), ovf=str(ovf_target))
+    parts: list[Path] = []  # temporaries written so far: removed on failure
+    ready: list[tuple[Path, Path]] = []  # complete temporaries and their final names
+    try:
+        for record, name, target in zip(records, names, targets):
+            started = time.monotonic()
+            disk = RestoredDisk(record.id, record.alias, size=record.provisioned_size, path=str(target))
+            raw = _part(directory / f"{name}.raw")
+            parts.append(raw)
+            digest = _ImageDigest() if sha256 else None
+            disk.bytes_sent, disk.holes = _write_sparse(repo, archive_name, record, raw, digest)
             if fmt == "qcow2":
-                _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tmp), str(converted)])
-                os.replace(converted, target)
-                tmp.unlink()
+                converted = _part(target)
+                parts.append(converted)
+                _convert(raw, converted)
+                raw.unlink()
+                ready.append((converted, target))
             else:
-                os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            converted.unlink(missing_ok=True)
-            raise
-        disk.seconds = round(time.monotonic() - t0, 3)
-        result.disks.append(disk)
+                ready.append((raw, target))
+            disk.sha256 = digest.hexdigest() if digest else None
+            disk.seconds = round(time.monotonic() - started, 3)
+            log.info("disk %s: written to %s (%s of data) in %.1f s", record.alias, target,
+                     human_size(disk.bytes_sent), disk.seconds)
+            result.disks.append(disk)
+        ovf = archive.read_file(repo, archive_name, f"{archived.directory}/vm.ovf")
+        ovf_part = _part(ovf_target)
+        parts.append(ovf_part)
+        _write_private(ovf_part, ovf)
+        ready.append((ovf_part, ovf_target))
+        for part, target in ready:
+            with _writing(target):
+                os.replace(part, target)
+    except BaseException:
+        for part in parts:
+            _remove_quietly(part)
+        raise
+    result.seconds = round(time.monotonic() - t0, 3)
     return result
 
 
-def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, path: Path) -> tuple[int, int]:
+def _remove_quietly(path: Path) -> None:
+    """Remove ``path`` if it is there; a failure is logged, never raised over the error that
+    made the clean-up necessary (a read-only file system refuses even a missing file)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove %s: %s", path, e)
+
+
+def _part(target: Path) -> Path:
+    """The hidden temporary a file is written as before it takes its name."""
+    return target.with_name(f".{target.name}.part")
+
+
+def _final(path: Path) -> Path:
+    """The name the temporary ``path`` is written for (``path`` itself for another file)."""
+    if path.name.startswith(".") and path.name.endswith(".part"):
+        return path.with_name(path.name[1:-len(".part")])
+    return path
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    """Raise ConfigError naming the first of ``paths`` that exists (unless ``force`` and it is
+    a file, which is then replaced)."""
+    for path in paths:
+        if path.is_symlink() or path.exists():
+            if path.is_dir() and not path.is_symlink():
+                raise ConfigError(f"{path} is a directory; restore --to-dir writes a file of that name")
+            if not force:
+                raise ConfigError(f"{path} exists; restore --to-dir does not overwrite files: "
+                                  "remove it, choose another --to-dir, or give --force to replace it")
+            log.warning("%s exists and is replaced (--force) once the restore is complete", path)
+
+
+_WRITE_HINTS = {errno.ENOSPC: "; free space there or restore elsewhere",
+                errno.EROFS: "; choose another --to-dir", errno.EACCES: "; choose another --to-dir",
+                errno.EPERM: "; choose another --to-dir", errno.EDQUOT: "; free space there or restore elsewhere"}
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError of a local write to ``path`` into one line (exit 2)."""
+    try:
+        yield
+    except OSError as e:
+        raise OvirtBorgError(f"cannot write {_final(path)}: {e.strerror or e}{_WRITE_HINTS.get(e.errno, '')}") from None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to the new file ``path``, mode 0600, and flush it to disk."""
+    with _writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_sparse(repo: archive.Repo, archive_name: str, record: sc.DiskRecord, path: Path,
+                  digest: _ImageDigest | None = None) -> tuple[int, int]:
+    """Write the disk's image to the new file ``path`` (mode 0600), holes and all-zero
+    64 KiB pieces left as holes; return (bytes of data blocks, holes)."""
     written = holes = 0
-    progress = Progress(f"restore {record.alias}", record.provisioned_size)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    progress = Progress(f"restore {record.alias}", record.provisioned_size, moved_as="written")
+    with _writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     behind = pagecache.WriteBehind()  # the pieces come in order: a file growing at its end
     try:
-        os.ftruncate(fd, record.provisioned_size)
-        for offset, length, data in archive.read_image(repo, archive_name, record.image):
+        with _writing(path):
+            os.ftruncate(fd, record.provisioned_size)
+        for offset, length, data in _blocks(repo, archive_name, record, digest):
             if data is None:
                 holes += 1
             else:
                 # Zero pieces of data blocks stay holes in the file too.
-                for piece_offset, _, piece in split_zeros([(offset, length, data)]):
-                    if piece is not None:
-                        os.pwrite(fd, piece, piece_offset)
-                        behind.wrote(fd, fd, piece_offset + len(piece), _nothing_buffered)
+                with _writing(path):
+                    for piece_offset, _, piece in split_zeros([(offset, length, data)]):
+                        if piece is not None:
+                            os.pwrite(fd, piece, piece_offset)
+                            behind.wrote(fd, fd, piece_offset + len(piece), _nothing_buffered)
                 written += length
             progress.update(length, 0 if data is None else length)
-        os.fsync(fd)
+        with _writing(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
         progress.finish()
@@ -331,10 +580,22 @@ def _nothing_buffered() -> None:
     """The flush of a file written with os.pwrite: nothing is buffered."""
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _convert(raw: Path, out: Path) -> None:
+    """Convert the sparse raw ``raw`` into the new qcow2 ``out`` (mode 0600) with qemu-img.
+
+    Raises ConfigError when qemu-img is missing, OvirtBorgError with its message when it fails.
+    """
+    try:
+        # umask: qemu-img creates the file with the usual 0644 otherwise.
+        proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)],
+                              capture_output=True, text=True, umask=0o077)
+    except FileNotFoundError:
+        raise ConfigError("--format qcow2 converts with qemu-img, which is not installed (qemu-utils)") from None
     if proc.returncode:
-        raise OvirtBorgError(f"{cmd[0]} failed: {proc.stderr.strip()}")
+        detail = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+        raise OvirtBorgError(f"qemu-img could not write {_final(out)}: {detail}")
+    with _writing(out):
+        os.chmod(out, 0o600)
 
 
 # -- verify --------------------------------------------------------------------------------------
@@ -362,7 +623,7 @@ def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[V
     digests (archives of the 'cli' writer) with the sha256 of each block read. Returns one
     VerifiedDisk per disk; raises VerifyMismatch if any differs.
     """
-    sidecar = load_archive_sidecar(repo, archive_name, prefix)
+    sidecar = load_archive_sidecar(repo, archive_name, prefix).sidecar
     results = []
     for record in sidecar.disks:
         digests = archive.read_file(repo, archive_name, record.blocks_file)

@@ -10,6 +10,8 @@ Load them in a test module (or the root conftest) with::
 - ``lab_clean``: the session lab, with every fault switched off before and after the test.
 - ``lab_vm``: a fresh up VM with one 16 MiB data disk in the session lab, deleted afterwards.
 - ``module_lab``: a lab of its own for one test module, for tests that need a pristine lab.
+- ``small_block_domain``: the name of a new iSCSI domain in the session lab with small vdsm
+  sizes (thin disks without an initial size get 1 MiB; LVs in 1 MiB extents).
 - ``engine``: an ``ovirtsdk4.Connection`` to the session lab, closed after the test.
 """
 
@@ -25,6 +27,7 @@ from ovirt_borg.lab.control import Lab
 LAB_VMS = 3
 LAB_DISK_SIZE = "32M"
 _vm_numbers = itertools.count(1)
+_domain_numbers = itertools.count(1)
 
 
 def _start_lab(directory) -> Lab:
@@ -64,6 +67,15 @@ def lab_vm(lab_clean, request):
         yield lab_clean.vm_info(name)
     finally:
         lab_clean.delete_vm(name)
+
+
+@pytest.fixture
+def small_block_domain(lab_clean) -> str:
+    """A new block (iSCSI) domain in the session lab whose chunk and extent are 1 MiB, so that
+    a thin disk holds only a few MiB more than its initial size; returns its name."""
+    name = f"block-small{next(_domain_numbers)}-{os.getpid()}"
+    lab_clean.add_storage_domain(name, type="iscsi", chunk_size="1M", extent_size="1M")
+    return name
 
 
 @pytest.fixture(scope="module")

@@ -252,7 +252,8 @@ def test_inventory_search_and_ovf_through_the_sdk(mlab, conn):
     assert vms.list(search="name=vm2")[0].status == types.VmStatus.DOWN
 
     sds = system.storage_domains_service().list()
-    assert [sd.name for sd in sds] == ["data1"]
+    assert [(sd.name, sd.storage.type) for sd in sds] == [("data1", types.StorageType.LOCALFS),
+                                                          ("block1", types.StorageType.ISCSI)]
     cluster = system.clusters_service().list()[0]
     assert cluster.name == "Default"
     host = system.hosts_service().host_service(vm1.host.id).get()

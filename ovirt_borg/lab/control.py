@@ -311,6 +311,15 @@ class Lab:
         return self._call("add-vm", vm=name, disks=disks, size=parse_size(size), format=format,
                           status=status, tags=list(tags), seed=seed)
 
+    def add_storage_domain(self, name: str, *, type: str = "iscsi", chunk_size: int | str | None = None,
+                           extent_size: int | str | None = None) -> dict[str, Any]:
+        """Add a data storage domain: ``iscsi`` or ``fcp`` for a block domain (thin disks hold
+        their LV's size, vdsm's ``chunk_size`` without an initial size, LVs in whole
+        ``extent_size``; both vdsm's when not given), ``localfs`` or ``nfs`` for a file one."""
+        sizes = {key: parse_size(value) for key, value in
+                 (("chunk_size", chunk_size), ("extent_size", extent_size)) if value is not None}
+        return self._call("add-storage-domain", name=name, type=type, **sizes)
+
     def add_guests(self, vm: str = "guests") -> dict[str, Any]:
         """Add the VM with the guest disks of file-level recovery (``ovirt_borg.lab.guests``).
 

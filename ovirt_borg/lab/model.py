@@ -22,6 +22,7 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -39,6 +40,20 @@ ZERO_ID = "00000000-0000-0000-0000-000000000000"
 API_PATH = "/ovirt-engine/api"
 
 BLOCK = 64 * 1024  # guest writes and bitmap granularity: qcow2 cluster size
+MIB = 1 << 20
+# vdsm's sizes for volumes on block storage domains (iSCSI, FC), where each volume is an LV:
+# the first allocation of a thin volume without an initial size (lib/vdsm/common/config.py.in,
+# [irs] volume_utilization_chunk_mb: 2560 since vdsm 4.50.0.7, 1024 before), and the extent
+# size of the domain's VG, which every LV is a multiple of (lib/vdsm/storage/constants.py
+# VG_EXTENT_SIZE; lvm.py creates the VG with --physicalextentsize 128m).
+VDSM_CHUNK_SIZE = 2560 * MIB
+VG_EXTENT_SIZE = 128 * MIB
+# blockVolume.py QCOW_OVERHEAD_FACTOR (applied to an initial size) and constants.py
+# COW_OVERHEAD (volume.py max_size: the largest qcow2 volume of a virtual size).
+QCOW_OVERHEAD_FACTOR = 1.1
+COW_OVERHEAD = 1.1
+# The engine's storage types that are block domains (StorageType.isBlockDomain: ISCSI, FCP).
+BLOCK_STORAGE_TYPES = ("iscsi", "fcp")
 TICKET_TIMEOUT = 24 * 3600  # imageio resets a patched timeout, so give tickets a long one
 
 # Backup phases in the order polling advances them.
@@ -203,9 +218,25 @@ class Host:
 
 @dataclass
 class StorageDomain:
+    """A data storage domain: a directory of image files (``type`` localfs, nfs...) or, for
+    ``type`` iscsi or fcp, a block domain whose volumes are LVs of a fixed size.
+
+    The lab keeps a block domain's volumes as files too, each as large as its LV: a qcow2 at
+    the start of a sparse file of ``lv_size`` bytes, written through a qemu ``raw`` node of that
+    size, which refuses writes past it with ENOSPC as the LV's end does. ``chunk_size`` and
+    ``extent_size`` are vdsm's (VDSM_CHUNK_SIZE, VG_EXTENT_SIZE); tests may make them small.
+    """
+
     id: str
     name: str
     path: str
+    type: str = "localfs"
+    chunk_size: int = VDSM_CHUNK_SIZE
+    extent_size: int = VG_EXTENT_SIZE
+
+    @property
+    def is_block(self) -> bool:
+        return self.type in BLOCK_STORAGE_TYPES
 
 
 @dataclass
@@ -231,6 +262,7 @@ class Disk:
     sparse: bool = True
     content_type: str = "data"
     created: str = ""
+    lv_size: int = 0  # on a block domain: the size of the volume's LV (0 on file domains)
 
     @property
     def qemu_format(self) -> str:
@@ -334,6 +366,39 @@ class Inventory:
             return cls.from_json(json.load(f))
 
 
+def _round_up(value: float, unit: int) -> int:
+    return -(-int(math.ceil(value)) // unit) * unit
+
+
+def block_volume_size(domain: StorageDomain, *, fmt: str, sparse: bool, capacity: int,
+                      initial_size: int | None) -> int:
+    """Return the size of the LV vdsm creates for a new volume on the block domain ``domain``.
+
+    Given the disk's format ("cow" or "raw"), allocation, virtual size and the initial size the
+    engine passes on (AddImageFromScratchCommand.getInitialSize: a sparse disk's initial_size on
+    a block domain, else none). As vdsm's BlockVolumeManifest.calculate_volume_alloc_size: a
+    thin volume gets its initial size times QCOW_OVERHEAD_FACTOR, or without one a chunk (at
+    most the virtual size, since vdsm 4.50.3); a preallocated one its initial size or its
+    virtual size.
+    BlockVolume._create rounds that up to MiB for lvcreate, LVM up to whole extents.
+
+    Raises ValueError where vdsm refuses (InvalidParameterException): an initial size for a
+    raw volume, or one above volume.py max_size (the virtual size times COW_OVERHEAD, in
+    whole extents).
+    """
+    if initial_size and fmt == "raw":
+        raise ValueError("initial size is not supported for raw preallocated volumes")
+    if initial_size:
+        max_size = _round_up(capacity * COW_OVERHEAD, domain.extent_size)
+        if initial_size > max_size:
+            raise ValueError(f"initial size {initial_size} is bigger than the max size {max_size}")
+    if sparse:
+        alloc = int(initial_size * QCOW_OVERHEAD_FACTOR) if initial_size else min(domain.chunk_size, capacity)
+    else:
+        alloc = initial_size or capacity
+    return _round_up(_round_up(alloc, MIB), domain.extent_size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Transient state
 
@@ -393,14 +458,14 @@ class Transfer:
 class DataPlane(Protocol):
     """The real parts the engine drives: qcow2 files, bitmaps, qemu-nbd, imageio tickets."""
 
-    def create_image(self, path: Path, size: int, fmt: str) -> None: ...
+    def create_image(self, path: Path, size: int, fmt: str, *, container_size: int = 0) -> None: ...
     def remove_image(self, path: Path) -> None: ...
     def add_bitmap(self, path: Path, name: str) -> None: ...
     def remove_bitmap(self, path: Path, name: str) -> None: ...
     def broken_bitmaps(self, path: Path, names: Iterable[str]) -> set[str]: ...
     def break_bitmap(self, path: Path, name: str) -> None: ...
     def start_export(self, key: str, path: Path, fmt: str, *, read_only: bool,
-                     bitmap: str | None) -> str: ...
+                     bitmap: str | None, limit: int = 0) -> str: ...
     def stop_export(self, key: str) -> None: ...
     def add_ticket(self, ticket: dict[str, Any]) -> tuple[str, str]: ...
     def delete_ticket(self, ticket_id: str) -> None: ...
@@ -564,6 +629,8 @@ class Engine:
         self._pending_bitmap_removals: dict[str, set[str]] = {}
         self._export_urls: dict[str, str] = {}  # export key -> nbd URL
         self._new_disks: set[str] = set()  # added disks still locked until their first poll
+        self._failed_disks: dict[str, str] = {}  # added disks whose volume vdsm refused: why
+        self.events: list[dict[str, str]] = []  # the engine's audit log (lab stats "events")
         self._rng = random.Random()
 
     # -- persistence ----------------------------------------------------------------------
@@ -574,6 +641,11 @@ class Engine:
             self.inv.save(self.state_file)
         except OSError as e:
             log.error("cannot save lab engine state to %s: %s", self.state_file, e)
+
+    def _event(self, code: str, message: str) -> None:
+        """Add an entry to the engine's audit log (what its event list would show)."""
+        self.events.append({"time": timestamp(), "code": code, "message": message})
+        log.info("event %s: %s", code, message)
 
     # -- authentication -------------------------------------------------------------------
 
@@ -738,6 +810,25 @@ class Engine:
     def list_storage_domains(self, search: str | None = None) -> list[StorageDomain]:
         return self._named_search(self.inv.storage_domains, search)
 
+    def add_storage_domain(self, name: str, *, type: str, chunk_size: int = VDSM_CHUNK_SIZE,
+                           extent_size: int = VG_EXTENT_SIZE) -> StorageDomain:
+        """Add a data storage domain (lab control); its files go to ``storage-<name>`` beside
+        the inventory. Raises ``ApiFault`` 409 for a name in use, 400 for bad values."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,50}", name or ""):
+            raise ApiFault(400, f"a storage domain name is 1-50 letters, digits, _ or -: {name!r}")
+        if any(sd.name == name for sd in self.inv.storage_domains):
+            raise ApiFault(409, f"[Cannot add Storage. The Storage Domain name {name} is already in use.]")
+        if type not in ("localfs", "nfs", *BLOCK_STORAGE_TYPES):
+            raise ApiFault(400, f"unknown storage type {type!r} (localfs, nfs, iscsi, fcp)")
+        if chunk_size < MIB or chunk_size % MIB or extent_size < MIB or extent_size % MIB:
+            raise ApiFault(400, "chunk_size and extent_size are whole MiB")
+        sd = StorageDomain(id=new_id(), name=name, path=str(self.state_file.parent / f"storage-{name}"),
+                           type=type, chunk_size=chunk_size, extent_size=extent_size)
+        self.inv.storage_domains.append(sd)
+        self.save()
+        log.info("added %s storage domain %s", type, name)
+        return sd
+
     def list_clusters(self, search: str | None = None) -> list[Cluster]:
         return self._named_search(self.inv.clusters, search)
 
@@ -747,8 +838,20 @@ class Engine:
     # -- disks ----------------------------------------------------------------------------
 
     def poll_disk(self, disk_id: str) -> Disk:
-        """Return the disk for a GET; a freshly added disk turns ``ok`` on its first poll."""
+        """Return the disk for a GET; a freshly added disk turns ``ok`` on its first poll.
+
+        A disk whose volume the host could not create is gone by then (404), as the engine
+        removes it (AddImageFromScratchCommand.endWithFailure).
+        """
         disk = self.disk(disk_id)
+        failed = self._failed_disks.pop(disk.id, None)
+        if failed is not None:
+            self._new_disks.discard(disk.id)
+            self.inv.disks = [d for d in self.inv.disks if d.id != disk.id]
+            self.save()
+            self._event("USER_ADD_DISK_FINISHED_FAILURE",
+                        f"Add-Disk operation failed to complete: {disk.name} ({failed}).")
+            raise not_found("Disk", disk_id)
         if disk.status == "locked" and disk.id in self._new_disks:
             self._new_disks.discard(disk.id)
             disk.status = "ok"
@@ -757,11 +860,16 @@ class Engine:
 
     def add_disk(self, *, name: str | None, fmt: str | None, provisioned_size: int | None,
                  backup: str | None, storage_domain: dict[str, str] | None,
-                 sparse: bool | None = None, description: str = "") -> Disk:
+                 sparse: bool | None = None, description: str = "",
+                 initial_size: int | None = None) -> Disk:
         """Create a floating disk (restore); it is ``locked`` until polled once.
 
-        Raises ``ApiFault`` 400 for a missing size or bad format, 404 for an unknown storage
-        domain.
+        On a block domain the disk's volume is an LV sized by ``block_volume_size``: the
+        engine passes ``initial_size`` on for a sparse disk there and ignores it elsewhere
+        (AddImageFromScratchCommand.getInitialSize). An initial size vdsm refuses fails the
+        volume's creation: the disk is gone at its first poll. Raises ``ApiFault`` 400 for a
+        missing size or bad format, 404 for an unknown storage domain, 409 for a format and
+        allocation the domain does not take.
         """
         if not provisioned_size or provisioned_size <= 0:
             raise _cannot(400, "add Virtual Disk", "provisioned_size is required.")
@@ -774,20 +882,41 @@ class Engine:
         if backup == "incremental" and fmt == "raw":
             raise _cannot(409, "add Virtual Disk",
                           "Incremental backup is supported only for QCOW2 disks.")
+        sparse = True if sparse is None else sparse
+        # ImagesHandler.checkImageConfiguration: preallocated qcow2 only with incremental
+        # backup, and no thin raw volume on a block domain (an LV cannot be sparse).
+        if (not sparse and fmt == "cow" and backup != "incremental") or (sd.is_block and sparse and fmt == "raw"):
+            allocation = "Sparse" if sparse else "Preallocated"
+            raise _cannot(409, "add Virtual Disk", f"Disk configuration ({fmt.upper()} {allocation} "
+                          f"backup-{'Incremental' if backup == 'incremental' else 'None'}) is "
+                          "incompatible with the storage domain type.")
         disk_id = new_id()
         disk = Disk(
             id=disk_id, image_id=new_id(), name=name or f"disk-{disk_id[:8]}", format=fmt,
             provisioned_size=int(provisioned_size),
             path=str(Path(sd.path) / f"{disk_id}.{'qcow2' if fmt == 'cow' else 'raw'}"),
             storage_domain_id=sd.id, backup=backup or "none", status="locked",
-            description=description, sparse=True if sparse is None else sparse,
-            created=timestamp(),
+            description=description, sparse=sparse, created=timestamp(),
         )
-        self.plane.create_image(Path(disk.path), disk.provisioned_size, disk.qemu_format)
+        failed = None
+        if sd.is_block:
+            try:
+                disk.lv_size = block_volume_size(sd, fmt=fmt, sparse=sparse, capacity=disk.provisioned_size,
+                                                 initial_size=initial_size if sparse else None)
+            except ValueError as e:
+                failed = str(e)
+        if failed is None:
+            # A qcow2 volume starts at the beginning of its LV; a raw one is the LV.
+            self.plane.create_image(Path(disk.path), disk.provisioned_size, disk.qemu_format,
+                                    container_size=disk.lv_size if fmt == "cow" else 0)
+        else:
+            log.info("vdsm refuses the volume of disk %s: %s", disk.name, failed)
+            self._failed_disks[disk.id] = failed
         self.inv.disks.append(disk)
         self._new_disks.add(disk.id)
         self.save()
-        log.info("added disk %s (%s, %d bytes) on %s", disk.name, fmt, disk.provisioned_size, sd.name)
+        log.info("added disk %s (%s, %d bytes%s) on %s", disk.name, fmt, disk.provisioned_size,
+                 f", LV {disk.lv_size} bytes" if disk.lv_size else "", sd.name)
         return disk
 
     def _find_storage_domain(self, ref: dict[str, str]) -> StorageDomain:
@@ -871,7 +1000,30 @@ class Engine:
         self.inv.vms.append(vm)
         self.save()
         log.info("added VM %s", vm.name)
+        if ovf.get("disk_ids"):
+            self._attach_ovf_disks(vm, ovf)
         return vm
+
+    def _attach_ovf_disks(self, vm: Vm, ovf: dict[str, Any]) -> None:
+        """What the engine does with the disks of an OVF it imports a VM from.
+
+        ImportVmFromConfigurationCommand takes the OVF's disks off the new VM
+        (setDisksToBeAttached) and, once the VM exists, attaches each with its DiskVmElement
+        from the OVF (attemptToAttachDisksToImportedVm), which names the OVF's own VM
+        (OvfReader.fixDiskVmElements), even with regenerated ids: a disk of a VM that still
+        has it fails, logged as an event; a floating disk goes back to that VM.
+        """
+        aliases = {d["disk_id"]: d.get("alias") for d in ovf.get("disks", [])}
+        failed = []
+        for disk_id in ovf["disk_ids"]:
+            try:
+                self.attach_disk(ovf.get("id") or ZERO_ID, disk_id)
+            except ApiFault:
+                failed.append(aliases.get(disk_id) or disk_id)
+        if failed:
+            self._event("VM_IMPORT_FROM_CONFIGURATION_ATTACH_DISKS_FAILED",
+                        f"VM {vm.name} has been imported from the given configuration but the "
+                        f"following disk(s) failed to attach: {','.join(failed)}.")
 
     def remove_vm(self, vm_id: str, *, detach_only: bool = False, force: bool = False) -> None:
         """Delete a VM (and its disks unless ``detach_only``); raises ``ApiFault`` 409.
@@ -1216,7 +1368,12 @@ class Engine:
         transfer.stuck = not transfer.fail and self.faults.consume("transfer_stuck")
         if owns_export:
             try:
-                self._start_export(key, disk, read_only=direction == "download", bitmap=None)
+                # An upload writes into the volume vdsm prepared (nbd.py start_server): a qcow2
+                # on a block domain can grow only to the end of its LV, which vdsm does not
+                # extend during a transfer (a VM's drive monitor extends it, no upload's).
+                limit = disk.lv_size if direction == "upload" and disk.format == "cow" else 0
+                self._start_export(key, disk, read_only=direction == "download", bitmap=None,
+                                   limit=limit)
             except Exception:
                 log.exception("exporting disk %s failed", disk.name)
                 raise ApiFault(500, f"[Cannot transfer Virtual Disk. Failed to prepare disk "
@@ -1322,9 +1479,10 @@ class Engine:
 
     # -- exports --------------------------------------------------------------------------
 
-    def _start_export(self, key: str, disk: Disk, *, read_only: bool, bitmap: str | None) -> None:
+    def _start_export(self, key: str, disk: Disk, *, read_only: bool, bitmap: str | None,
+                      limit: int = 0) -> None:
         url = self.plane.start_export(key, Path(disk.path), disk.qemu_format,
-                                      read_only=read_only, bitmap=bitmap)
+                                      read_only=read_only, bitmap=bitmap, limit=limit)
         self._export_urls[key] = url
         self._exports_by_disk.setdefault(disk.id, set()).add(key)
 
@@ -1543,6 +1701,7 @@ class Engine:
             },
             "calls": dict(sorted(self.calls.items())),
             "faults": self.faults.listing(),
+            "events": list(self.events),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -1555,7 +1714,9 @@ class Engine:
                 "cluster": self.cluster(vm.cluster_id).name,
                 "disks": [
                     {"id": d.id, "name": d.name, "format": d.format, "path": d.path,
-                     "size": d.provisioned_size, "backup": d.backup, "status": d.status}
+                     "size": d.provisioned_size, "backup": d.backup, "status": d.status,
+                     "storage_domain": self.storage_domain(d.storage_domain_id).name,
+                     "lv_size": d.lv_size}
                     for d in self.vm_disks(vm, active_only=False)
                 ],
             })

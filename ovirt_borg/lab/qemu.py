@@ -295,13 +295,16 @@ def start_export(
     bitmap: str | None = None,
     shared: int = 8,
     discard: bool = False,
+    limit: int = 0,
     timeout: float = 10.0,
 ) -> NbdExport:
     """Start qemu-nbd exporting ``image`` on the unix socket ``socket_path``.
 
     ``bitmap`` exposes that persistent bitmap (for dirty extents); ``shared`` is the number of
     NBD clients allowed at once (imageio opens one per HTTP connection); ``discard`` lets a
-    writable export unmap. Waits until the socket accepts connections.
+    writable export unmap; ``limit`` (bytes, at most the file's size) is where the image's file
+    ends for qemu: a ``raw`` node of that size between the format and the file refuses writes
+    past it with ENOSPC, as the end of an LV does. Waits until the socket accepts connections.
 
     Returns the running ``NbdExport``. Raises ``LabError`` when qemu-nbd exits or does not
     listen within ``timeout`` seconds (its log is in the message), or the path is too long.
@@ -313,8 +316,10 @@ def start_export(
     socket_path.unlink(missing_ok=True)
     cmd = [
         "qemu-nbd", "--persistent", f"--shared={shared}", "--allocation-depth",
-        f"--socket={socket_path}", f"--format={fmt}",
+        f"--socket={socket_path}",
     ]
+    if not limit:
+        cmd.append(f"--format={fmt}")
     if _direct_io(image):
         # As on oVirt hosts: the image is read and written around the page cache.
         cmd += ["--cache=none", "--aio=native"]
@@ -324,7 +329,13 @@ def start_export(
         cmd.append(f"--bitmap={bitmap}")
     if discard:
         cmd.append("--discard=unmap")
-    cmd.append(os.fspath(image))
+    if limit:
+        # A json: filename, as vdsm's nbd.py json_uri gives qemu-nbd its volume.
+        cmd.append("json:" + json.dumps({"driver": fmt, "file": {
+            "driver": "raw", "size": limit,
+            "file": {"driver": "file", "filename": os.fspath(image.resolve())}}}))
+    else:
+        cmd.append(os.fspath(image))
     log_path = socket_path.with_name(socket_path.name + ".log")
     with open(log_path, "ab") as log_file:
         try:

@@ -70,8 +70,10 @@ def create_sample(layout: LabLayout, *, vms: int = 2,
     cluster = Cluster(id=new_id(), name="Default")
     host = Host(id=new_id(), name="host1", address="127.0.0.1", cluster_id=cluster.id)
     sd = StorageDomain(id=new_id(), name="data1", path=str(layout.storage))
+    # A block domain beside it (no disk at first): thin disks there hold what vdsm allocates.
+    block = StorageDomain(id=new_id(), name="block1", path=str(layout.dir / "storage-block1"), type="iscsi")
     tags = {name: Tag(id=new_id(), name=name) for name in ("prod", "test")}
-    inv = Inventory(clusters=[cluster], hosts=[host], storage_domains=[sd],
+    inv = Inventory(clusters=[cluster], hosts=[host], storage_domains=[sd, block],
                     tags=list(tags.values()))
     sample: dict[str, Any] = {"disk_size": disk_size, "vms": {}}
 

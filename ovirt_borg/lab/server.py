@@ -95,9 +95,13 @@ class LabDataPlane:
 
     # Images and bitmaps.
 
-    def create_image(self, path: Path, size: int, fmt: str) -> None:
+    def create_image(self, path: Path, size: int, fmt: str, *, container_size: int = 0) -> None:
+        """Create an empty image; ``container_size`` makes its file that large (sparse), as
+        the LV a qcow2 volume of a block domain lives in."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         qemu.create_image(path, size, fmt)
+        if container_size:
+            os.truncate(path, container_size)
 
     def remove_image(self, path: Path) -> None:
         Path(path).unlink(missing_ok=True)
@@ -160,13 +164,21 @@ class LabDataPlane:
     # Exports.
 
     def start_export(self, key: str, path: Path, fmt: str, *, read_only: bool,
-                     bitmap: str | None) -> str:
-        """Start a qemu-nbd export named ``key``; return its ``nbd:unix:`` URL."""
+                     bitmap: str | None, limit: int = 0) -> str:
+        """Start a qemu-nbd export named ``key``; return its ``nbd:unix:`` URL.
+
+        ``limit`` bounds the image's file (the LV of a block volume): writes past it fail with
+        ENOSPC. A file the guest's writes made larger is taken whole, as vdsm extends a running
+        VM's LV while it fills.
+        """
+        if limit:
+            limit = max(limit, os.path.getsize(path))
         with self._lock:
             self._socket_seq += 1
             sock = self.socket_dir / f"{self._socket_seq}.sock"
             export = qemu.start_export(Path(path), sock, fmt=fmt, read_only=read_only,
-                                       bitmap=bitmap, shared=8, discard=not read_only)
+                                       bitmap=bitmap, shared=8, discard=not read_only,
+                                       limit=limit)
             self.exports[key] = export
         self._on_change()
         return export.url
@@ -491,6 +503,7 @@ def _disks_add(srv: EngineServer, req: _Request) -> _Response:
         backup=xmlout.text(body, "backup"), storage_domain=sd,
         sparse=xmlout.boolean(body, "sparse"),
         description=xmlout.text(body, "description") or "",
+        initial_size=xmlout.integer(body, "initial_size"),
     )
     return _created(xmlout.disk(srv.engine, disk))
 
@@ -730,6 +743,11 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
                              tags=args.get("tags", ()), seed=args.get("seed"))
         return {"id": vm.id, "name": vm.name, "status": vm.status,
                 "disks": [a.disk_id for a in vm.attachments]}
+    if op == "add-storage-domain":
+        sd = e.add_storage_domain(args["name"], type=args.get("type", "iscsi"),
+                                  **{k: int(args[k]) for k in ("chunk_size", "extent_size") if args.get(k)})
+        return {"id": sd.id, "name": sd.name, "type": sd.type, "path": sd.path,
+                "chunk_size": sd.chunk_size, "extent_size": sd.extent_size}
     if op == "add-guests":
         from ovirt_borg.lab.guests import add_guest_vm
 

@@ -205,6 +205,8 @@ def disk(engine: Engine, disk: Disk, *, backup_mode: str | None = None,
 
 
 def _actual_size(disk: Disk) -> int:
+    if disk.lv_size:  # vdsm's BlockVolume.getVolumeTrueSize: the size of the volume's LV
+        return disk.lv_size
     try:
         return os.stat(disk.path).st_blocks * 512
     except OSError:
@@ -289,8 +291,8 @@ def storage_domain(engine: Engine, sd: StorageDomain) -> ET.Element:
     el = _obj("storage_domain", sd.id, f"{API_PATH}/storagedomains/{sd.id}")
     _sub(el, "name", sd.name)
     _sub(el, "description", "")
-    try:
-        usage = shutil.disk_usage(sd.path)
+    try:  # a new domain's directory appears with its first disk
+        usage = shutil.disk_usage(sd.path if os.path.isdir(sd.path) else os.path.dirname(sd.path))
         available, used = usage.free, usage.used
     except OSError:
         available, used = 0, 0
@@ -302,8 +304,9 @@ def storage_domain(engine: Engine, sd: StorageDomain) -> ET.Element:
     _sub(el, "master", True)
     _sub(el, "status", "active")
     storage = _sub(el, "storage")
-    _sub(storage, "type", "localfs")
-    _sub(storage, "path", sd.path)
+    _sub(storage, "type", sd.type)
+    if not sd.is_block:
+        _sub(storage, "path", sd.path)
     _sub(el, "storage_format", "v5")
     _sub(el, "type", "data")
     _sub(el, "backup", False)
@@ -473,8 +476,11 @@ def parse_ovf(text: str) -> dict[str, Any]:
     """Read the settings the lab restores from an engine OVF.
 
     Returns ``name``, ``description``, ``memory`` (bytes), ``sockets``, ``cores``, ``threads``,
-    ``os_type`` and ``disks`` (``image_id``, ``disk_id``, ``alias``, ``format``, ``boot``) for
-    the fields present. Raises ``BadRequest`` when the text is not an OVF envelope.
+    ``os_type``, ``id`` (the VM's own id: its OperatingSystemSection's, as OvfOvirtReader's
+    readOsSection takes it), ``disks`` (``image_id``, ``disk_id``, ``alias``, ``format``,
+    ``boot``) and ``disk_ids`` (the disks the engine reads from the References' File
+    elements, OvfOvirtReader.buildFileReference) for the fields present. Raises
+    ``BadRequest`` when the text is not an OVF envelope.
     """
     try:
         root = ET.fromstring(text)
@@ -492,6 +498,8 @@ def parse_ovf(text: str) -> dict[str, Any]:
         for section in content.findall("Section"):
             kind = section.get(f"{{{XSI_NS}}}type", "")
             if kind.endswith("OperatingSystemSection_Type"):
+                if section.get(_ovf("id")):
+                    out["id"] = section.get(_ovf("id"))
                 desc = section.find("Description")
                 if desc is not None and desc.text:
                     out["os_type"] = desc.text
@@ -524,6 +532,9 @@ def parse_ovf(text: str) -> dict[str, Any]:
                 "boot": d.get(_ovf("boot")) == "true",
             })
     out["disks"] = disks
+    references = root.find("References")
+    out["disk_ids"] = [] if references is None else [
+        href.split("/")[0] for href in (f.get(_ovf("href"), "") for f in references.findall("File")) if href]
     return out
 
 
