@@ -418,21 +418,19 @@ def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
 def cmd_mount(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import mount
 
-    mountpoint = args.mountpoint.absolute()
-    disks = mount.mount_archive(_repo(config), args.archive, mountpoint)
+    result = mount.mount_archive(_repo(config), args.archive, args.mountpoint.absolute())
     if args.json:
-        print(json.dumps({"archive": args.archive, "mountpoint": str(mountpoint),
-                          "disks": [d.as_dict() for d in disks]}, indent=2))
+        print(json.dumps(result.as_dict(), indent=2))
         return EXIT_OK
-    print(f"archive {args.archive} mounted at {mountpoint / mount.ARCHIVE_DIR}")
-    for disk in disks:
-        print(f"disk {disk.alias} ({disk.id}):")
+    print(f"archive {result.archive} of VM {mount.printable(result.vm)} mounted at {result.mountpoint}")
+    for disk in result.disks:
+        print(f"{disk.name}/  disk {mount.printable(disk.alias)} ({mount.printable(disk.id)})")
         for volume in disk.volumes:
             if volume.path:
                 print(f"  {volume.name}: {volume.fstype} mounted read-only at {volume.path}")
             else:
-                print(f"  {volume.name}: not mounted: {volume.reason}")
-    print(f"when done: ovirt-borg umount {mountpoint}")
+                print(f"  {volume.name}: {'' if volume.holds_volumes else 'not mounted: '}{volume.reason}")
+    print(f"the same in {result.mountpoint / mount.README_NAME}; when done: ovirt-borg umount {result.mountpoint}")
     return EXIT_OK
 
 

@@ -7,36 +7,47 @@ the kernel's file systems) and checks real bytes and the kernel's own mount tabl
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import make_job
-from ovirt_borg.mount import host_name, mounts_below, parse_mountinfo, unique_name
+from conftest import Job, make_job, sha256_file
+from ovirt_borg.lab.guests import HOSTILE_ALIAS
+from ovirt_borg.mount import host_name, mounts_below, unique_name
+from ovirt_borg.mountrecord import parse_mountinfo
 
 OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
+@dataclass
+class Guests:
+    job: Job
+    vm: str
+    archive: str  # its first archive
+    info: dict  # its sample.json entry
+
+
 @pytest.fixture(scope="module")
 def guests(lab, tmp_path_factory):
-    """(job, archive name, sample entry) of the guest VM, backed up once."""
+    """The guest VM, backed up once into a repository of its own."""
     name = f"guests-{os.getpid()}"
     info = lab.add_guests(name)
     job = make_job(lab, tmp_path_factory.mktemp("guests-job"))
     try:
-        result = job.backup(name)[name]
-        yield job, result["archive"], info
+        yield Guests(job, name, job.backup(name)[name]["archive"], info)
     finally:
         lab.delete_vm(name)
 
 
-def _volume_dir(mountpoint: Path, info: dict, disk: str, volume: str) -> Path:
-    return mountpoint / host_name(info["disks"][disk]["alias"]) / volume
+def _disk(info: dict, alias: str) -> dict:
+    return next(d for d in info["disks"].values() if d["alias"] == alias)
 
 
 def _no_mounts_left(mountpoint: Path) -> None:
@@ -45,14 +56,106 @@ def _no_mounts_left(mountpoint: Path) -> None:
     assert not any(str(mountpoint.resolve()) in b for b in backing), backing
 
 
+def _mount_json(job, archive_name: str, mountpoint: Path) -> tuple[dict, str]:
+    proc = job.run("mount", archive_name, str(mountpoint), "--json")
+    return json.loads(proc.stdout), proc.stderr
+
+
+def _tree(result: dict) -> dict[tuple[str, str], dict]:
+    """{(disk directory, volume directory): volume} of ``mount --json``."""
+    return {(disk["name"], volume["name"]): volume for disk in result["disks"] for volume in disk["volumes"]}
+
+
+def check_known_files(root: Path, files: dict, *, metadata: bool = True) -> None:
+    """Every known file below ``root`` has its size and sha256 (and mode, owner, mtime, when
+    ``metadata``); every known symlink its target."""
+    for name, known in files.items():
+        path = root / name.lstrip("/")
+        if "symlink" in known:
+            assert os.readlink(path) == known["symlink"], path
+            continue
+        info = path.lstat()
+        assert stat.S_ISREG(info.st_mode) and info.st_size == known["size"], path
+        assert sha256_file(path) == known["sha256"], f"{path} differs from sample.json"
+        if metadata:
+            assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == \
+                (known["mode"], known["uid"], known["gid"]), path
+            if "mtime" in known:
+                assert int(info.st_mtime) == known["mtime"], path
+
+
+def check_tree(result: dict, info: dict) -> None:
+    """The mount tree matches the guest disks of sample.json: every readable volume mounted
+    with its known files byte-identical, every other one listed with its reason."""
+    tree = _tree(result)
+    for disk in info["disks"].values():
+        disk_name = host_name(disk["alias"])
+        for volume_name, expected in disk["volumes"].items():
+            volume = tree[(disk_name, volume_name)]
+            if "files" in expected:
+                assert volume["mounted"], volume
+                assert volume["fstype"] == expected["fstype"], volume
+                # NTFS and vfat have no Unix owners and modes: ntfs-3g and fusefat give root's.
+                check_known_files(Path(volume["path"]), expected["files"],
+                                  metadata=expected["fstype"] not in ("ntfs", "vfat"))
+            elif "pv_of" in expected:
+                assert not volume["mounted"] and f"of VG {expected['pv_of']}" in volume["reason"], volume
+            else:
+                assert not volume["mounted"] and expected["reason"] in volume["reason"], volume
+
+
+def test_every_known_file_of_every_guest_disk_reads_back(guests, tmp_path):
+    """LVM (two segments, two disks), NTFS, GPT, MBR with logical partitions, partitionless,
+    XFS, ext2/4, vfat, btrfs: every known file byte-identical; LUKS, swap, BIOS boot and
+    damaged LVM metadata listed with their reason, in the README and on stderr too."""
+    job, archive_name, info = guests.job, guests.archive, guests.info
+    mountpoint = tmp_path / "mnt"
+    result, stderr = _mount_json(job, archive_name, mountpoint)
+    try:
+        check_tree(result, info)
+        for entry in mounts_below(mountpoint.resolve()):
+            assert {"ro", "nosuid", "nodev"} <= entry.options, entry
+        readme = (mountpoint / "README").read_text()
+        assert "encrypted (LUKS2)" in readme and "swap space" in readme and "wrong checksum" in readme
+        assert "rhel/rhel-root/" in readme
+        for unreadable in ("misc/p1", "rhel/rhel-swap", "misc/p8"):
+            assert f"{unreadable} (" in stderr, stderr
+    finally:
+        subprocess.run([OVIRT_BORG, "umount", str(mountpoint)], check=True)
+    _no_mounts_left(mountpoint)
+
+
+def test_a_second_night_mounts_beside_the_first(guests, tmp_path):
+    """Two archives of the same VM at once: their XFS (same UUID) and btrfs (same fsid) file
+    systems both mount."""
+    job, first, info = guests.job, guests.archive, guests.info
+    second = job.backup(guests.vm)[guests.vm]["archive"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    try:
+        first_result, _ = _mount_json(job, first, one)
+        second_result, _ = _mount_json(job, second, two)
+        for result in (first_result, second_result):
+            tree = _tree(result)
+            for key in (("rhel", "rhel-root"), ("misc", "p6")):
+                assert tree[key]["mounted"], tree[key]
+            check_known_files(Path(tree[("rhel", "rhel-root")]["path"]),
+                              _disk(info, "rhel")["volumes"]["rhel-root"]["files"])
+    finally:
+        for mountpoint in (two, one):
+            subprocess.run([OVIRT_BORG, "umount", str(mountpoint)], capture_output=True)
+    _no_mounts_left(one)
+    _no_mounts_left(two)
+
+
 def test_hostile_guest_gives_nothing_on_the_host(guests, tmp_path):
     """A setuid-root binary and a device node in a guest give an unprivileged user nothing."""
-    job, archive_name, info = guests
+    job, archive_name, info = guests.job, guests.archive, guests.info
     mountpoint = tmp_path / "mnt"
     job.run("mount", archive_name, str(mountpoint))
     try:
         assert stat.S_IMODE(mountpoint.stat().st_mode) == 0o700
-        disk_dir = mountpoint / host_name(info["disks"]["1"]["alias"])
+        hostile = _disk(info, HOSTILE_ALIAS)
+        disk_dir = mountpoint / host_name(HOSTILE_ALIAS)
         assert disk_dir.parent == mountpoint and stat.S_IMODE(disk_dir.stat().st_mode) == 0o700
         below = mounts_below(mountpoint.resolve())
         assert len(below) >= 2, below  # the archive and the hostile file system
@@ -60,7 +163,7 @@ def test_hostile_guest_gives_nothing_on_the_host(guests, tmp_path):
             assert {"nosuid", "nodev"} <= entry.options, entry
         volume = disk_dir / "whole-disk"
         assert volume in [Path(e.mount_point) for e in below]
-        expected = info["disks"]["1"]["volumes"]["whole-disk"]
+        expected = hostile["volumes"]["whole-disk"]
         setuid = volume / expected["setuid"].lstrip("/")
         assert setuid.stat().st_mode & stat.S_ISUID and setuid.stat().st_uid == 0
         # Open the way to the binary for nobody, as a careless admin might.
@@ -83,7 +186,7 @@ def test_hostile_guest_gives_nothing_on_the_host(guests, tmp_path):
 
 def test_umount_refuses_a_mount_it_did_not_make(guests, tmp_path):
     """umount with a foreign tmpfs below the mountpoint refuses and leaves everything as is."""
-    job, archive_name, info = guests
+    job, archive_name, info = guests.job, guests.archive, guests.info
     mountpoint = tmp_path / "mnt"
     job.run("mount", archive_name, str(mountpoint))
     foreign = mountpoint / "foreign"
