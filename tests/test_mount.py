@@ -7,11 +7,14 @@ the kernel's file systems) and checks real bytes and the kernel's own mount tabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +148,62 @@ def test_a_second_night_mounts_beside_the_first(guests, tmp_path):
             subprocess.run([OVIRT_BORG, "umount", str(mountpoint)], capture_output=True)
     _no_mounts_left(one)
     _no_mounts_left(two)
+
+
+def _mount_stopped_midway(job, archive_name: str, mountpoint: Path, signum: int) -> int:
+    """Run ``mount`` and send it ``signum`` once it has mounted a first guest file system;
+    return its exit code."""
+    cmd = [OVIRT_BORG, "-c", str(job.config), "mount", archive_name, str(mountpoint)]
+    process = subprocess.Popen(cmd, env=job.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    record = mountpoint / ".ovirt-borg-mount.json"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                steps = json.loads(record.read_text())["steps"]
+            except (OSError, ValueError):
+                steps = []
+            if any(step["kind"] == "mount" and step.get("mount_id") for step in steps):
+                process.send_signal(signum)
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail(f"mount ended before it could be stopped: {process.returncode}")
+        process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def _volume_servers(mountpoint: Path) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if b"ovirt_borg.volumefs" in cmdline.read_bytes() and str(mountpoint).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_midway_undoes_the_whole_mount(guests, tmp_path, signum):
+    mountpoint = tmp_path / "mnt"
+    code = _mount_stopped_midway(guests.job, guests.archive, mountpoint, signum)
+    assert code == 128 + signum
+    _no_mounts_left(tmp_path)
+    assert not mountpoint.exists() and not _volume_servers(mountpoint)
+
+
+def test_umount_cleans_up_after_a_crashed_mount(guests, tmp_path):
+    """A mount killed midway (SIGKILL: no rollback) leaves its record; umount undoes it all."""
+    mountpoint = tmp_path / "mnt"
+    assert _mount_stopped_midway(guests.job, guests.archive, mountpoint, signal.SIGKILL) == -signal.SIGKILL
+    assert mounts_below(mountpoint.resolve()), "the killed mount left nothing to clean up"
+    proc = subprocess.run([OVIRT_BORG, "umount", str(mountpoint)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    _no_mounts_left(tmp_path)
+    assert not mountpoint.exists() and not _volume_servers(mountpoint)
 
 
 def test_hostile_guest_gives_nothing_on_the_host(guests, tmp_path):

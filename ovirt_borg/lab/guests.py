@@ -14,7 +14,8 @@ cryptsetup), never by mounting anything on the host:
 4. ``data``: a partitionless ext4 file system.
 5. ``misc``, MBR with an extended partition: p1 LUKS2 (no key given), then logical p5 vfat
    (an EFI system partition), p6 btrfs, p7 ext2, p8 an LVM PV of VG ``broken`` whose metadata
-   text was damaged after it was written.
+   text was damaged after it was written, p9 an ext4 whose superblock claims more blocks than
+   its partition holds (the kernel refuses to mount it).
 6. ``../hostile`` (an alias with a slash and a leading dot, as a hostile engine user could
    choose): a partitionless ext4 file system holding a setuid-root copy of ``id``
    (``/suid-id``), a block device node 7,0 (``/loop0``, the host's first loop device) and a
@@ -202,7 +203,7 @@ def _misc_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
     _blank(disk, 128 * MIB)
     parts = _partition(disk, "label: dos\nstart=2048, size=32MiB, type=83\ntype=5\n"
                              "size=16MiB, type=ef\nsize=24MiB, type=83\nsize=8MiB, type=83\n"
-                             "size=8MiB, type=8e\n")
+                             "size=8MiB, type=8e\nsize=8MiB, type=83\n")
     by_number = {number: (offset, size) for offset, size, number in parts}
     luks = work / "luks.img"
     _blank(luks, 32 * MIB)
@@ -229,11 +230,16 @@ def _misc_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
         lvm.run("vgcreate", "-s", "1m", "broken", pv)
         lvm.run("lvcreate", "-an", "-Zn", "-y", "-l", "2", "-n", "lost", "broken")
     _damage_lvm_metadata(disk, by_number[8][0])
+    # An ext4 whose superblock claims more blocks than its partition has: the kernel refuses it.
+    bad = _ext4_image(work / "bad", 8 * MIB, "bad", {"lost.txt": b"never seen\n"}, {})
+    _tool("debugfs", "-w", "-R", "ssv blocks_count 1000000", str(bad))
+    _write_at(disk, by_number[9][0], bad)
     return disk, {"p1": {"readable": False, "reason": "encrypted"},
                   "p5": {"fstype": "vfat", "sha256": _sha256(esp), "files": esp_files},
                   "p6": {"fstype": "btrfs", "sha256": _sha256(btrfs), "files": btrfs_files},
                   "p7": {"fstype": "ext2", "sha256": _sha256(ext2), "files": ext2_files},
-                  "p8": {"readable": False, "reason": "checksum"}}
+                  "p8": {"readable": False, "reason": "checksum"},
+                  "p9": {"readable": False, "reason": "could not be mounted"}}
 
 
 def _hostile_disk(work: Path) -> tuple[Path, dict[str, Any]]:
