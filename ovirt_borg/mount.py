@@ -21,11 +21,11 @@ error, a signal or a crash midway is undone from the record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import select
 import stat
 import subprocess
 import sys
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 ARCHIVE_DIR = ".archive"
 VOLUMES_DIR = ".volumes"
 VOLUMES_LOG = ".volumes.log"
+BORG_LOG = ".borg.log"
 README_NAME = "README"
 
 #: Options of every guest file system mount, whatever its type: nothing in a guest may act
@@ -184,9 +185,13 @@ def mount_archive(repo: archive.Repo, archive_name: str, mountpoint: Path, *,
     record = MountRecord.create(mountpoint, archive_name, made_mountpoint=made)
     try:
         archive_dir = record.make_dir(ARCHIVE_DIR)
+        borg_log = record.write_file(BORG_LOG, "")
         step = record.add("borg", target=ARCHIVE_DIR, source="borgfs", fstype="fuse")
-        borgcli.mount(repo, archive_name, archive_dir, options=("noexec",))
-        record.mount_id(step)
+        with signals_deferred():
+            borg = borgcli.start_mount(repo, archive_name, archive_dir, log_file=borg_log, options=("noexec",))
+            record.update(step, pid=borg.pid)
+        if not record.wait_mounted(step, borg):
+            borgcli.raise_for_mount(repo, archive_name, borg.wait(), borg_log)
         vm_name, images = _archive_disks(archive_dir, archive_name)
         result = MountedArchive(archive_name, vm_name, mountpoint, [])
         _mount_volumes(record, result, images, only)
@@ -303,7 +308,7 @@ def _mount_volumes(record: MountRecord, result: MountedArchive, images: list[tup
         for mounted in disk.volumes:
             where = f"{disk.name}/{mounted.name}"
             if mounted.holds_volumes:
-                log.info("%s: %s", where, mounted.reason)
+                log.debug("%s: %s", where, mounted.reason)
             elif mounted.path is None and (only is None or (disk.name, mounted.name) in only):
                 log.warning("%s (%s) is not mounted: %s", where, mounted.what, mounted.reason)
 
@@ -400,24 +405,19 @@ def _start_volume_server(record: MountRecord, pieced: list[tuple[MountedVolume, 
         documents.append({"name": name, "size": volume.size,
                           "pieces": [[str(images[p.disk][2]), p.offset, p.length] for p in volume.pieces]})
     step = record.add("volumes", target=VOLUMES_DIR, source=volumefs.FSNAME, fstype="fuse")
-    # A session of its own: it serves after this command ends, and a Ctrl-C here is not for it.
-    server = subprocess.Popen([sys.executable, "-m", "ovirt_borg.volumefs", str(directory), str(log_file)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    record.update(step, pid=server.pid)
-    try:
+    with signals_deferred():
+        # A session of its own: it serves after this command ends, and a Ctrl-C here is not for it.
+        server = subprocess.Popen([sys.executable, "-m", "ovirt_borg.volumefs", str(directory), str(log_file)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        record.update(step, pid=server.pid)
+    with contextlib.suppress(BrokenPipeError):
         server.stdin.write(json.dumps({"volumes": documents}).encode())
         server.stdin.close()
-    except BrokenPipeError:
-        pass
-    ready, _, _ = select.select([server.stdout], [], [], _VOLUMES_START_SECONDS)
-    answer = server.stdout.readline().decode().strip() if ready else ""
-    server.stdout.close()
-    if answer != volumefs.READY:
+    if not record.wait_mounted(step, server, timeout=_VOLUMES_START_SECONDS):
         lines = log_file.read_text(errors="replace").strip().splitlines()
         raise MountError("the volume file system (ovirt_borg.volumefs) did not start: "
                          + (lines[-1] if lines else "no answer"))
-    record.mount_id(step)
     return files
 
 

@@ -117,7 +117,8 @@ class MountRecord:
     - ``dir``: ``path``, a directory made (relative to the mountpoint);
     - ``file``: ``path``, a file written;
     - ``borg``, ``volumes``, ``mount``: ``target`` (relative), ``source`` and ``fstype`` as
-      mountinfo will show them, then ``mount_id``; ``volumes`` also the server's ``pid``;
+      mountinfo will show them, then ``mount_id``; ``borg`` and ``volumes`` also the ``pid``
+      of the process serving the file system (its command line names the target);
     - ``loop``: ``backing`` (absolute path), ``offset``, then ``device``.
     """
 
@@ -215,6 +216,17 @@ class MountRecord:
             f.write(text)
         return path
 
+    def wait_mounted(self, step: dict[str, Any], process: subprocess.Popen, timeout: float | None = None) -> bool:
+        """Wait until the server ``process`` has mounted ``step``; record the mount id and
+        return True, or return False when it ended (or ``timeout`` passed) first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not any(self._matches(step, entry, with_id=False) for entry in mounts()):
+            if process.poll() is not None or (deadline is not None and time.monotonic() > deadline):
+                return False
+            time.sleep(0.02)
+        self.mount_id(step)
+        return True
+
     def mount_id(self, step: dict[str, Any]) -> None:
         """Record the mount id of a mount step that has just been mounted."""
         found = [m for m in mounts() if self._matches(step, m, with_id=False)]
@@ -263,29 +275,54 @@ class MountRecord:
         kind = step.get("kind")
         if kind in ("dir", "file"):
             path = self.mountpoint / step["path"]
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.rmdir() if kind == "dir" else path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise MountError(f"cannot remove {path}: {e.strerror}; run 'ovirt-borg umount "
+                                 f"{self.mountpoint}' again once it is free") from None
         elif kind in MOUNT_KINDS:
-            target = self.mountpoint / step["target"]
-            deadline = time.monotonic() + (_SETTLE_SECONDS if kind != "mount" else 0)
-            while any(self._matches(step, entry) for entry in mounts()):
-                try:
-                    run(["umount", str(target)])
-                except MountError as e:
-                    if "busy" in str(e) and time.monotonic() < deadline:
-                        time.sleep(0.2)
-                        continue
-                    raise MountError(f"could not unmount {target} ({e}); if it is busy, leave it "
-                                     f"(see: fuser -vm {target}) and run 'ovirt-borg umount "
-                                     f"{self.mountpoint}' again") from None
-            if kind == "volumes" and step.get("pid"):
-                _stop_process(int(step["pid"]), "ovirt_borg.volumefs")
+            unmounted = self._unmount(step)
+            pid = step.get("pid")
+            marker = str(self.mountpoint / step["target"])
+            if pid and _alive(int(pid), marker):
+                # Once its file system is unmounted a server ends by itself; one still starting
+                # (stopped midway) is told to stop, and what it mounted meanwhile unmounted.
+                if not (unmounted and _wait_gone(int(pid), marker)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGTERM)
+                    if not _wait_gone(int(pid), marker):
+                        os.kill(int(pid), signal.SIGKILL)
+                self._unmount(step)
         elif kind == "loop":
             devices = [step["device"]] if step.get("device") else loops_of(step["backing"])
             for device in devices:
                 if loop_backing(device) == (step["backing"], int(step.get("offset", 0))):
                     run(["losetup", "-d", device])
                     _wait_detached(device)
+
+
+    def _unmount(self, step: dict[str, Any]) -> bool:
+        """Unmount a recorded mount while it is mounted; return True when there was one.
+
+        The internal FUSE file systems (the archive, the volume files) may stay busy a moment
+        after what used them went away: those are tried again for a while."""
+        target = self.mountpoint / step["target"]
+        deadline = time.monotonic() + (_SETTLE_SECONDS if step["kind"] != "mount" else 0)
+        unmounted = False
+        while any(self._matches(step, entry) for entry in mounts()):
+            try:
+                run(["umount", str(target)])
+                unmounted = True
+            except MountError as e:
+                if "busy" in str(e) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise MountError(f"could not unmount {target} ({e}); if it is busy, leave it "
+                                 f"(see: fuser -vm {target}) and run 'ovirt-borg umount "
+                                 f"{self.mountpoint}' again") from None
+        return unmounted
 
 
 def loop_backing(device: str) -> tuple[str, int] | None:
@@ -314,16 +351,14 @@ def _wait_detached(device: str) -> None:
         time.sleep(0.1)
 
 
-def _stop_process(pid: int, marker: str) -> None:
-    """Wait for a server whose file system was unmounted to exit; end it if it does not."""
+def _wait_gone(pid: int, marker: str) -> bool:
+    """Wait up to a while for a process to end; True when it has."""
     deadline = time.monotonic() + _SETTLE_SECONDS
     while _alive(pid, marker):
         if time.monotonic() > deadline:
-            log.warning("process %d (%s) did not exit after its unmount; terminating it", pid, marker)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            return
+            return False
         time.sleep(0.05)
+    return True
 
 
 def _alive(pid: int, marker: str) -> bool:
@@ -343,14 +378,22 @@ def _alive(pid: int, marker: str) -> bool:
 # -- running tools -------------------------------------------------------------------------------
 
 
-def run(cmd: list[str]) -> str:
-    """Run a host tool (losetup, mount, umount, ntfs-3g...); return its stdout or raise
-    ``MountError`` with the tool's last line of error."""
+def run(cmd: list[str], timeout: float = 120) -> str:
+    """Run a host tool (losetup, mount, umount, ntfs-3g...) to its end; return its stdout or
+    raise ``MountError`` with the tool's last line of error.
+
+    The tool runs in a session of its own and a stop signal waits for it to finish (then
+    ``Interrupted`` is raised): a step is done or not, never half done, so the record says
+    what to undo."""
     log.debug("running %s", " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise MountError(f"{cmd[0]} is not installed") from None
+    with signals_deferred():
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  start_new_session=True, timeout=timeout)
+        except FileNotFoundError:
+            raise MountError(f"{cmd[0]} is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise MountError(f"{os.path.basename(cmd[0])} did not finish within {timeout:.0f} s") from None
     if proc.returncode:
         lines = proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines()
         message = lines[-1].strip() if lines else f"exit code {proc.returncode}"
@@ -358,14 +401,20 @@ def run(cmd: list[str]) -> str:
     return proc.stdout
 
 
+_deferred: list[int] | None = None  # the stop signals received while they are held back
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back while cleaning up; raise ``Interrupted`` after.
+    """Hold SIGINT, SIGTERM and SIGHUP back while a step or a cleanup runs; raise
+    ``Interrupted`` after it when one came.
 
-    A second Ctrl-C during a rollback would otherwise leave it half done. Only in the main
-    thread (elsewhere signals are not delivered to Python code anyway).
+    A Ctrl-C would otherwise leave a step or a rollback half done. Nested uses hold them until
+    the outermost ends. Only in the main thread (elsewhere signals are not delivered to Python
+    code anyway).
     """
-    if threading.current_thread() is not threading.main_thread():
+    global _deferred
+    if _deferred is not None or threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
@@ -374,9 +423,11 @@ def signals_deferred() -> Iterator[None]:
     for signum in stops:
         if previous[signum] is not signal.SIG_IGN:
             signal.signal(signum, lambda number, frame: received.append(number))
+    _deferred = received
     try:
         yield
     finally:
+        _deferred = None
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:

@@ -9,9 +9,8 @@ own and writes on its stdin a JSON document::
 
     {"volumes": [{"name": "v1", "size": N, "pieces": [["/path/of/disk.raw", offset, length], ...]}]}
 
-It opens the images, mounts ``DIR`` (``ro,nosuid,nodev,noexec``, files mode 0400 of root),
-answers ``ready`` on stdout, and serves until ``DIR`` is unmounted; then it exits. Messages go
-to the file ``LOG``.
+It opens the images, mounts ``DIR`` (``ro,nosuid,nodev,noexec``, files mode 0400 of root) and
+serves until ``DIR`` is unmounted; then it exits. Messages go to the file ``LOG``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import stat
 import sys
 
 FSNAME = "ovirt-borg-volumes"
-READY = "ready"
 
 log = logging.getLogger("ovirt_borg.volumefs")
 
@@ -98,9 +96,6 @@ def serve(mountpoint: str, volumes: list[dict]) -> None:
     options = set(pyfuse3.default_options) | {f"fsname={FSNAME}", "ro", "nosuid", "nodev", "noexec"}
     pyfuse3.init(Operations(), mountpoint, options)
     try:
-        print(READY, flush=True)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=False)

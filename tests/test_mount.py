@@ -23,7 +23,7 @@ import pytest
 from conftest import Job, make_job, sha256_file
 from ovirt_borg.lab.guests import HOSTILE_ALIAS
 from ovirt_borg.mount import host_name, mounts_below, unique_name
-from ovirt_borg.mountrecord import parse_mountinfo
+from ovirt_borg.mountrecord import mounts, parse_mountinfo
 
 OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -150,31 +150,37 @@ def test_a_second_night_mounts_beside_the_first(guests, tmp_path):
     _no_mounts_left(two)
 
 
-def _mount_stopped_midway(job, archive_name: str, mountpoint: Path, signum: int) -> int:
-    """Run ``mount`` and send it ``signum`` once it has mounted a first guest file system;
-    return its exit code."""
-    cmd = [OVIRT_BORG, "-c", str(job.config), "mount", archive_name, str(mountpoint)]
-    process = subprocess.Popen(cmd, env=job.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    record = mountpoint / ".ovirt-borg-mount.json"
+def _stopped_midway(job, args: list[str], records: Path, signum: int, step: str = "mount",
+                    env: dict | None = None) -> int:
+    """Run ``ovirt-borg ARGS`` and send it ``signum`` once a mount record matching the glob
+    ``records`` holds a ``step`` (``borg``: borg mount starting; ``volumes``: the volume file
+    system starting; ``mount``: a guest file system being mounted); return its exit code."""
+    cmd = [OVIRT_BORG, "-c", str(job.config), *args]
+    process = subprocess.Popen(cmd, env=env or job.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and process.poll() is None:
-            try:
-                steps = json.loads(record.read_text())["steps"]
-            except (OSError, ValueError):
-                steps = []
-            if any(step["kind"] == "mount" and step.get("mount_id") for step in steps):
+            steps = []
+            for record in Path(records.anchor).glob(str(records.relative_to(records.anchor))):
+                with contextlib.suppress(OSError, ValueError):
+                    steps += json.loads(record.read_text())["steps"]
+            if any(taken["kind"] == step for taken in steps):
                 process.send_signal(signum)
                 break
             time.sleep(0.005)
         else:
-            pytest.fail(f"mount ended before it could be stopped: {process.returncode}")
+            pytest.fail(f"ovirt-borg {args[0]} ended before it could be stopped: {process.returncode}")
         process.wait(60)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
     return process.returncode
+
+
+def _mount_stopped_midway(job, archive_name: str, mountpoint: Path, signum: int, step: str = "mount") -> int:
+    return _stopped_midway(job, ["mount", archive_name, str(mountpoint)],
+                           mountpoint / ".ovirt-borg-mount.json", signum, step)
 
 
 def _volume_servers(mountpoint: Path) -> list[int]:
@@ -186,10 +192,11 @@ def _volume_servers(mountpoint: Path) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_midway_undoes_the_whole_mount(guests, tmp_path, signum):
+@pytest.mark.parametrize("signum, step", [(signal.SIGTERM, "borg"), (signal.SIGINT, "volumes"),
+                                          (signal.SIGHUP, "loop"), (signal.SIGTERM, "mount")])
+def test_a_signal_midway_undoes_the_whole_mount(guests, tmp_path, signum, step):
     mountpoint = tmp_path / "mnt"
-    code = _mount_stopped_midway(guests.job, guests.archive, mountpoint, signum)
+    code = _mount_stopped_midway(guests.job, guests.archive, mountpoint, signum, step)
     assert code == 128 + signum
     _no_mounts_left(tmp_path)
     assert not mountpoint.exists() and not _volume_servers(mountpoint)
@@ -309,3 +316,99 @@ def test_parse_mountinfo_unescapes_paths():
         (36, 35, "/mnt/with space", "ext4", "/dev/loop0")
     assert first.options == {"rw", "nosuid", "nodev"}
     assert second.mount_point == "/mnt/with space/x" and second.source == "tmp\\fs"
+
+
+# -- ovirt-borg files ----------------------------------------------------------------------------
+
+
+def _private_mounts() -> list:
+    """What the private mounts of 'files' left mounted (nothing, once each command ended)."""
+    return [m for m in mounts() if "/ovirt-borg-files-" in m.mount_point]
+
+
+def _restored(known: dict) -> dict:
+    """What ``files`` restores of a known file: the same, without setuid and setgid bits."""
+    return {**known, "mode": known["mode"] & 0o1777} if "mode" in known else known
+
+
+def test_files_restores_every_known_file_of_every_guest_disk(guests, tmp_path):
+    """Through files, without mounting: byte-identical, owner, mode (no setuid), mtime kept;
+    symlinks as symlinks; the device node of the hostile disk skipped."""
+    job, archive_name, info = guests.job, guests.archive, guests.info
+    for disk in info["disks"].values():
+        readable = {name: v for name, v in disk["volumes"].items() if "files" in v}
+        if not readable:
+            continue
+        disk_name = host_name(disk["alias"])
+        target = tmp_path / "out" / disk_name
+        proc = job.run("files", archive_name, *(f"{disk_name}/{name}" for name in readable),
+                       "--to", str(target), "--json")
+        results = {Path(r["to"]).name: r for r in json.loads(proc.stdout)}
+        for name, volume in readable.items():
+            check_known_files(target / name, {k: _restored(v) for k, v in volume["files"].items()},
+                              metadata=volume["fstype"] not in ("ntfs", "vfat"))
+            assert not results[name]["failed"], results[name]
+            if "device" in volume:
+                assert results[name]["skipped"] == [
+                    f"{disk_name}/{name}/{volume['device'].lstrip('/')} (block device: not restored)"]
+                assert not os.path.lexists(target / name / volume["device"].lstrip("/"))
+    assert not _private_mounts()
+
+
+def test_files_follows_symlinks_inside_the_guest_only(guests, tmp_path):
+    """Paths through the guest's symlinks resolve in the guest's tree (never the host's
+    /usr/share/zoneinfo or /etc/hostname); a symlink named last is copied as a symlink."""
+    job, archive_name = guests.job, guests.archive
+    root_files = _disk(guests.info, "rhel")["volumes"]["rhel-root"]["files"]
+    target = tmp_path / "out"
+    job.run("files", archive_name, "rhel/rhel-root/etc/zoneinfo/UTC", "rhel/rhel-root/etc/up/etc/hostname",
+            "rhel/rhel-root/etc/shadow-link", "--to", str(target))
+    assert sha256_file(target / "UTC") == root_files["/usr/share/zoneinfo/UTC"]["sha256"]
+    assert sha256_file(target / "hostname") == root_files["/etc/hostname"]["sha256"]
+    assert os.readlink(target / "shadow-link") == "/etc/shadow"
+
+
+def test_files_never_overwrites_and_says_why(guests, tmp_path):
+    job, archive_name = guests.job, guests.archive
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "hostname").write_text("mine")
+    proc = job.run("files", archive_name, "rhel/rhel-root/etc/os-release", "rhel/rhel-root/etc/hostname",
+                   "--to", str(target), expect=2)
+    assert f"{target / 'hostname'} exists already; nothing was copied" in proc.stderr
+    assert (target / "hostname").read_text() == "mine" and not (target / "os-release").exists()
+    proc = job.run("files", archive_name, "misc/p1/secret", "--to", str(target), expect=2)
+    assert "misc/p1 (partition 1 (MBR, Linux)) cannot be read: encrypted (LUKS2)" in proc.stderr
+    proc = job.run("files", archive_name, "rhel/rhel-root/etc/nothing", "--to", str(target), expect=11)
+    assert "etc/nothing does not exist in the guest" in proc.stderr
+    proc = job.run("files", archive_name, "rhel/no-such-volume", "--to", str(target), expect=11)
+    assert "disk rhel has no volume 'no-such-volume'; it has: p1, p2, p3, rhel-root" in proc.stderr
+    job.run("files", archive_name, "rhel", "--to", str(target), expect=2)
+    assert sorted(p.name for p in target.iterdir()) == ["hostname"]
+    assert not _private_mounts()
+
+
+def test_files_lists_volumes_and_directories(guests):
+    job, archive_name = guests.job, guests.archive
+    top = json.loads(job.run("files", archive_name, "--list", "--json").stdout)
+    volumes = {(d["name"], v["name"]): v for d in top["disks"] for v in d["volumes"]}
+    assert volumes[("rhel", "rhel-root")]["fstype"] == "xfs"
+    assert "encrypted (LUKS2)" in volumes[("misc", "p1")]["reason"]
+    listing = json.loads(job.run("files", archive_name, "--list", "rhel/rhel-root/etc", "--json").stdout)
+    entries = {e["name"]: e for e in listing["entries"]}
+    assert entries["hostname"]["type"] == "file" and entries["hostname"]["size"] == 18
+    assert entries["zoneinfo"] == {**entries["zoneinfo"], "type": "symlink", "target": "/usr/share/zoneinfo"}
+    text = job.run("files", archive_name, "--list", "rhel/rhel-home/alice").stdout
+    assert "-rw-r-----  1000  1000      3145728 " in text and text.rstrip().endswith("photo.raw")
+    assert not _private_mounts()
+
+
+def test_a_signal_stops_files_and_undoes_its_private_mount(guests, tmp_path):
+    private = tmp_path / "tmp"
+    private.mkdir()
+    env = {**guests.job.env, "TMPDIR": str(private)}
+    args = ["files", guests.archive, "rhel/rhel-root/var", "rhel/rhel-home/alice", "--to", str(tmp_path / "out")]
+    code = _stopped_midway(guests.job, args, private / "ovirt-borg-files-*" / "mnt" / ".ovirt-borg-mount.json",
+                           signal.SIGTERM, env=env)
+    assert code == 128 + signal.SIGTERM
+    assert not _private_mounts() and not list(private.iterdir())

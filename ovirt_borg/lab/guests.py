@@ -301,7 +301,8 @@ def _ext4_image(work: Path, size: int, label: str, contents: dict[str, bytes], f
 
 def _xfs_image(work: Path, size: int, rng: random.Random, files: Files) -> Path:
     """An XFS root file system made from a protofile (mkfs.xfs -p), as RHEL installs it:
-    known files, a setuid file, a symlink inside the tree and one pointing out of it."""
+    known files, a setuid file, symlinks inside the tree and ones pointing out of it (to
+    /etc/shadow, and up past the root), which must resolve inside the guest, never the host."""
     work.mkdir()
     sources = {"hostname": b"guest.lab.example\n",
                "os-release": b'NAME="Lab Linux"\nVERSION_ID="9.4"\nID="rhel"\n',
@@ -320,6 +321,8 @@ hostname ---644 0 0 {work / 'hostname'}
 os-release ---644 0 0 {work / 'os-release'}
 localtime l--777 0 0 ../usr/share/zoneinfo/UTC
 shadow-link l--777 0 0 /etc/shadow
+zoneinfo l--777 0 0 /usr/share/zoneinfo
+up l--777 0 0 ../../../../..
 $
 usr d--755 0 0
 bin d--755 0 0
@@ -353,6 +356,8 @@ $
         "/root/secret": _known(sources["secret"], mode=0o600),
         "/etc/localtime": {"symlink": "../usr/share/zoneinfo/UTC"},
         "/etc/shadow-link": {"symlink": "/etc/shadow"},
+        "/etc/zoneinfo": {"symlink": "/usr/share/zoneinfo"},
+        "/etc/up": {"symlink": "../../../../.."},
     })
     return image
 
