@@ -159,8 +159,8 @@ shows them. Symlinks in PATH are followed inside the guest's file system only (a
 target starts at that volume's root); the last part of PATH is never followed.
 
 Each PATH is copied to DIR/<its last name>: a directory with everything below it. Owner,
-group, permission bits and times are kept where DIR's file system allows; setuid and setgid
-bits never are. Symlinks are copied as symlinks (never followed), device nodes, FIFOs and
+group, permission bits and times are kept where DIR's file system allows (not the times of a
+vfat volume read by fusefat, which shows them wrong); setuid and setgid bits never are. Symlinks are copied as symlinks (never followed), device nodes, FIFOs and
 sockets are skipped (and listed). Nothing is ever overwritten: if DIR/<name> exists, nothing
 is copied. Extended attributes and ACLs are not copied.""",
         epilog="""\
@@ -520,6 +520,8 @@ def cmd_files(args: argparse.Namespace, config: config_mod.Config) -> int:
                 print(f"  FAILED {line}")
             if not result.metadata_kept:
                 print(f"  owners, modes or times could not all be kept on {result.to}'s file system")
+            if not result.times:
+                print("  times not restored: fusefat shows this vfat volume's times wrong")
     return 1 if any(r.failed for r in results) else EXIT_OK
 
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 from ovirt_borg import archive
 from ovirt_borg.errors import NotFound, OvirtBorgError
-from ovirt_borg.mount import MountedArchive, mount_archive, printable, umount_archive
+from ovirt_borg.mount import MountedArchive, MountedVolume, mount_archive, printable, umount_archive
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Copied:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     metadata_kept: bool = True
+    times: bool = True  # whether the guest's times are trusted and kept
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -110,8 +111,8 @@ def _mounted(repo: archive.Repo, archive_name: str, paths: list[GuestPath]) -> I
             directory.rmdir()
 
 
-def _volume_root(mounted: MountedArchive, path: GuestPath) -> Path:
-    """Where the volume of ``path`` is mounted; raises ``NotFound`` or ``FilesError``."""
+def _volume_root(mounted: MountedArchive, path: GuestPath) -> MountedVolume:
+    """The mounted volume of ``path``; raises ``NotFound`` or ``FilesError``."""
     disks = [d.name for d in mounted.disks]
     if path.disk not in disks:
         raise NotFound(f"archive {mounted.archive} has no disk {path.disk!r}; it has: {', '.join(disks)}")
@@ -121,7 +122,7 @@ def _volume_root(mounted: MountedArchive, path: GuestPath) -> Path:
         raise NotFound(f"disk {path.disk} has no volume {path.volume!r}; it has: {', '.join(names)}")
     if volume.path is None:
         raise FilesError(f"{path.disk}/{path.volume} ({volume.what}) cannot be read: {volume.reason}")
-    return Path(volume.path)
+    return volume
 
 
 # -- walking the guest's tree --------------------------------------------------------------------
@@ -192,7 +193,7 @@ def list_files(repo: archive.Repo, archive_name: str, path: str | None) -> dict[
     with _mounted(repo, archive_name, wanted) as mounted:
         if not wanted:
             return {**mounted.as_dict(), "mountpoint": None}
-        root = _volume_root(mounted, wanted[0])
+        root = Path(_volume_root(mounted, wanted[0]).path)
         dir_fd, name = resolve(root, wanted[0].inside)
         try:
             if name is not None and not stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
@@ -255,18 +256,19 @@ def restore_files(repo: archive.Repo, archive_name: str, paths: list[str], targe
             raise FilesError(f"{target / printable(name)} exists already; nothing was copied "
                              "(ovirt-borg never overwrites: choose another --to or move it away)")
     with _mounted(repo, archive_name, wanted) as mounted:
-        roots = [_volume_root(mounted, path) for path in wanted]
+        volumes = [_volume_root(mounted, path) for path in wanted]
         sources: list[tuple[int, str | None]] = []
         try:
-            for root, path in zip(roots, wanted):
-                sources.append(resolve(root, path.inside))
+            for volume, path in zip(volumes, wanted):
+                sources.append(resolve(Path(volume.path), path.inside))
             if not target.exists():
                 target.mkdir(parents=True, mode=0o700)
             target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 results = []
-                for path, name, (dir_fd, source) in zip(wanted, names, sources):
-                    copied = Copied(printable(str(path)), str(target / name))
+                for path, name, volume, (dir_fd, source) in zip(wanted, names, volumes, sources):
+                    # fusefat (0.1a) shows vfat times a month late: better none than wrong ones.
+                    copied = Copied(printable(str(path)), str(target / name), times=volume.driver != "fusefat")
                     if source is None:  # the volume's root
                         try:
                             _copy_directory(dir_fd, target_fd, name, copied, os.fstat(dir_fd), copied.path)
@@ -351,6 +353,8 @@ def _keep_metadata(dst_dir: int, name: str, fd: int | None, info: os.stat_result
         if e.errno not in (errno.EPERM, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         copied.metadata_kept = False
+    if not copied.times:
+        return
     times = (info.st_atime_ns, info.st_mtime_ns)
     try:
         if link:

@@ -130,10 +130,12 @@ class MountedVolume:
     path: str | None = None
     reason: str | None = None
     holds_volumes: bool = False  # an LVM PV whose logical volumes are listed too
+    driver: str | None = None  # what mounted it: "kernel", "ntfs-3g" or "fusefat"
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "what": self.what, "size": self.size, "fstype": self.fstype,
-                "mounted": self.path is not None, "path": self.path, "reason": self.reason}
+                "mounted": self.path is not None, "path": self.path, "driver": self.driver,
+                "reason": self.reason}
 
 
 @dataclass
@@ -367,29 +369,34 @@ def _mount_volume(record: MountRecord, disk: MountedDisk, mounted: MountedVolume
         record.update(step, device=device)
         if loop_backing(device) != (str(backing), offset):
             raise MountError(f"the loop device {device} is not attached to {backing}")
-        _mount_fs(record, relative, device, mounted.fstype or "")
+        mounted.driver = _mount_fs(record, relative, device, mounted.fstype or "")
         mounted.path = str(target)
     except MountError as e:
         mounted.reason = f"it could not be mounted: {e}"
         record.undo_steps(record.steps[first:])
 
 
-def _mount_fs(record: MountRecord, relative: str, device: str, fstype: str) -> None:
+def _mount_fs(record: MountRecord, relative: str, device: str, fstype: str) -> str:
     """Mount the file system on ``device`` at ``MOUNTPOINT/relative`` read-only, nosuid, nodev,
-    noexec, with the kernel's driver or a FUSE one."""
+    noexec, with the kernel's driver or a FUSE one; return which (``kernel``, ``ntfs-3g``,
+    ``fusefat``)."""
     target = str(record.mountpoint / relative)
     if fstype == "ntfs":
+        driver = "ntfs-3g"
         step = record.add("mount", target=relative, source=device, fstype="fuseblk")
         run(["ntfs-3g", "-o", ",".join(SAFE_OPTIONS + _NTFS_OPTIONS), device, target])
     elif fstype == "vfat" and not _kernel_has("vfat"):
+        driver = "fusefat"
         step = record.add("mount", target=relative, source="fusefat", fstype="fuse.fusefat")
         run(["fusefat", "-o", ",".join(SAFE_OPTIONS), device, target])
     else:
+        driver = "kernel"
         kernel_type = _KERNEL_TYPES.get(fstype, fstype)
         step = record.add("mount", target=relative, source=device, fstype=kernel_type)
         options = ",".join(SAFE_OPTIONS + _KERNEL_OPTIONS.get(kernel_type, ()))
         run(["mount", "-t", kernel_type, "-o", options, device, target])
     record.mount_id(step)
+    return driver
 
 
 def _start_volume_server(record: MountRecord, pieced: list[tuple[MountedVolume, vol.Volume]],
