@@ -412,3 +412,32 @@ def test_a_signal_stops_files_and_undoes_its_private_mount(guests, tmp_path):
                            signal.SIGTERM, env=env)
     assert code == 128 + signal.SIGTERM
     assert not _private_mounts() and not list(private.iterdir())
+
+
+def test_a_vg_whose_second_disk_was_not_backed_up(guests, tmp_path):
+    """The disk holding a PV of VG rhel excluded from the backup: the LVs wholly on the other
+    PV mount, the one with extents on the missing PV is listed with the reason."""
+    job = make_job(guests.job.lab, tmp_path / "job", '[selection]\nexclude_disks = ["rhel-data"]\n')
+    archive_name = job.backup(guests.vm)[guests.vm]["archive"]
+    result, stderr = _mount_json(job, archive_name, tmp_path / "mnt")
+    try:
+        tree = _tree(result)
+        assert ("rhel-data", "whole-disk") not in tree
+        check_known_files(Path(tree[("rhel", "rhel-root")]["path"]),
+                          _disk(guests.info, "rhel")["volumes"]["rhel-root"]["files"])
+        home = tree[("rhel", "rhel-home")]
+        assert not home["mounted"] and "its PV pv1" in home["reason"] and "is on no disk of this VM" in home["reason"]
+        assert "rhel/rhel-home (logical volume rhel/home) is not mounted" in stderr
+    finally:
+        subprocess.run([OVIRT_BORG, "umount", str(tmp_path / "mnt")], check=True)
+
+
+def test_a_failed_mount_leaves_nothing(guests, tmp_path):
+    mountpoint = tmp_path / "mnt"
+    proc = guests.job.run("mount", guests.archive + "-none", str(mountpoint), expect=11)
+    assert "does not exist" in proc.stderr
+    assert not mountpoint.exists()
+    mountpoint.mkdir()
+    (mountpoint / "something").write_text("")
+    proc = guests.job.run("mount", guests.archive, str(mountpoint), expect=2)
+    assert "is not empty" in proc.stderr and sorted(os.listdir(mountpoint)) == ["something"]
