@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -336,8 +337,6 @@ def _no_driver(fstype: str | None) -> str | None:
 
 
 def _which(program: str) -> bool:
-    import shutil
-
     return shutil.which(program) is not None
 
 

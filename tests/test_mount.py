@@ -252,7 +252,7 @@ def test_hostile_guest_gives_nothing_on_the_host(guests, tmp_path):
 
 def test_umount_refuses_a_mount_it_did_not_make(guests, tmp_path):
     """umount with a foreign tmpfs below the mountpoint refuses and leaves everything as is."""
-    job, archive_name, info = guests.job, guests.archive, guests.info
+    job, archive_name = guests.job, guests.archive
     mountpoint = tmp_path / "mnt"
     job.run("mount", archive_name, str(mountpoint))
     foreign = mountpoint / "foreign"

@@ -50,6 +50,7 @@ from typing import Any, Iterator
 
 from ovirt_borg.lab import LabError
 from ovirt_borg.lab.model import Attachment, Disk, Engine, LabLayout, new_id, timestamp
+from ovirt_borg.lab.sample import file_sha256, tool
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def add_guest_vm(engine: Engine, name: str = "guests", *, seed: int = 19) -> dic
             disk_id = new_id()
             path = Path(sd.path) / f"{disk_id}.qcow2"
             size = raw.stat().st_size
-            _tool("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+            tool("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path))
             raw.unlink()
             engine.inv.disks.append(Disk(
                 id=disk_id, image_id=new_id(), name=alias, format="cow", provisioned_size=size,
@@ -144,7 +145,7 @@ def _rhel_disks(work: Path, rng: random.Random) -> tuple[tuple[Path, dict], tupl
     root = _xfs_image(work / "root", 75 * EXTENT, rng, root_files)
     swap = work / "swap.img"
     _blank(swap, 2 * EXTENT)
-    _tool("mkswap", "-q", str(swap))
+    tool("mkswap", "-q", str(swap))
     home_files: Files = {}
     home = _ext4_image(work / "home", 6 * EXTENT, "home", {
         "alice/notes.txt": b"Remember the milk.\n",
@@ -155,11 +156,11 @@ def _rhel_disks(work: Path, rng: random.Random) -> tuple[tuple[Path, dict], tupl
         _write_extents(image, extents[lv])
     volumes1 = {
         "p1": {"readable": False, "reason": "no file system"},
-        "p2": {"fstype": "ext4", "sha256": _sha256(boot), "files": boot_files},
+        "p2": {"fstype": "ext4", "sha256": file_sha256(boot), "files": boot_files},
         "p3": {"pv_of": "rhel"},
-        "rhel-root": {"fstype": "xfs", "sha256": _sha256(root), "files": root_files},
+        "rhel-root": {"fstype": "xfs", "sha256": file_sha256(root), "files": root_files},
         "rhel-swap": {"readable": False, "reason": "swap"},
-        "rhel-home": {"fstype": "ext4", "sha256": _sha256(home), "files": home_files},
+        "rhel-home": {"fstype": "ext4", "sha256": file_sha256(home), "files": home_files},
     }
     volumes2 = {WHOLE_DISK: {"pv_of": "rhel"}}
     return (disk1, volumes1), (disk2, volumes2)
@@ -181,8 +182,8 @@ def _windows_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]
     }, system_files)
     _write_at(disk, parts[0][0], reserved)
     _write_at(disk, parts[1][0], system)
-    return disk, {"p1": {"fstype": "ntfs", "sha256": _sha256(reserved), "files": reserved_files},
-                  "p2": {"fstype": "ntfs", "sha256": _sha256(system), "files": system_files}}
+    return disk, {"p1": {"fstype": "ntfs", "sha256": file_sha256(reserved), "files": reserved_files},
+                  "p2": {"fstype": "ntfs", "sha256": file_sha256(system), "files": system_files}}
 
 
 def _data_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
@@ -193,7 +194,7 @@ def _data_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
         "notes.txt": b"The data disk has no partition table.\n",
         "projects/plan.bin": rng.randbytes(2 * MIB),
     }, files)
-    return disk, {WHOLE_DISK: {"fstype": "ext4", "sha256": _sha256(disk), "files": files}}
+    return disk, {WHOLE_DISK: {"fstype": "ext4", "sha256": file_sha256(disk), "files": files}}
 
 
 def _misc_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
@@ -209,7 +210,7 @@ def _misc_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
     _blank(luks, 32 * MIB)
     key = work / "key"
     key.write_bytes(rng.randbytes(32))
-    _tool("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+    tool("cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
           "--pbkdf-force-iterations", "1000", "--key-file", str(key), str(luks))
     _write_at(disk, by_number[1][0], luks)
     esp_files: Files = {}
@@ -232,12 +233,12 @@ def _misc_disk(work: Path, rng: random.Random) -> tuple[Path, dict[str, Any]]:
     _damage_lvm_metadata(disk, by_number[8][0])
     # An ext4 whose superblock claims more blocks than its partition has: the kernel refuses it.
     bad = _ext4_image(work / "bad", 8 * MIB, "bad", {"lost.txt": b"never seen\n"}, {})
-    _tool("debugfs", "-w", "-R", "ssv blocks_count 1000000", str(bad))
+    tool("debugfs", "-w", "-R", "ssv blocks_count 1000000", str(bad))
     _write_at(disk, by_number[9][0], bad)
     return disk, {"p1": {"readable": False, "reason": "encrypted"},
-                  "p5": {"fstype": "vfat", "sha256": _sha256(esp), "files": esp_files},
-                  "p6": {"fstype": "btrfs", "sha256": _sha256(btrfs), "files": btrfs_files},
-                  "p7": {"fstype": "ext2", "sha256": _sha256(ext2), "files": ext2_files},
+                  "p5": {"fstype": "vfat", "sha256": file_sha256(esp), "files": esp_files},
+                  "p6": {"fstype": "btrfs", "sha256": file_sha256(btrfs), "files": btrfs_files},
+                  "p7": {"fstype": "ext2", "sha256": file_sha256(ext2), "files": ext2_files},
                   "p8": {"readable": False, "reason": "checksum"},
                   "p9": {"readable": False, "reason": "could not be mounted"}}
 
@@ -247,7 +248,7 @@ def _hostile_disk(work: Path) -> tuple[Path, dict[str, Any]]:
     work.mkdir()
     raw = work / "disk.raw"
     _blank(raw, 16 * MIB)
-    _tool("mkfs.ext4", "-q", "-F", "-L", "hostile", "-E", "root_owner=0:0", str(raw))
+    tool("mkfs.ext4", "-q", "-F", "-L", "hostile", "-E", "root_owner=0:0", str(raw))
     text = work / "readme.txt"
     text.write_bytes(HOSTILE_TEXT)
     suid = Path(shutil.which("id") or "/usr/bin/id")
@@ -257,9 +258,9 @@ def _hostile_disk(work: Path) -> tuple[Path, dict[str, Any]]:
                         f"write {suid} suid-id\nsif suid-id mode 0104755\n"
                         "sif suid-id uid 0\nsif suid-id gid 0\n"
                         "mknod loop0 b 7 0\nsif loop0 mode 060666\n")
-    _tool("debugfs", "-w", "-f", str(commands), str(raw))
+    tool("debugfs", "-w", "-f", str(commands), str(raw))
     files = {"/readme.txt": _known(HOSTILE_TEXT), "/suid-id": _known(suid.read_bytes(), mode=0o4755)}
-    return raw, {WHOLE_DISK: {"fstype": "ext4", "sha256": _sha256(raw), "files": files,
+    return raw, {WHOLE_DISK: {"fstype": "ext4", "sha256": file_sha256(raw), "files": files,
                               "setuid": "/suid-id", "device": "/loop0"}}
 
 
@@ -295,7 +296,7 @@ def _ext4_image(work: Path, size: int, label: str, contents: dict[str, bytes], f
     _source_tree(tree, contents, files, owners=owners)
     image = work / "fs.img"
     _blank(image, size)
-    _tool(f"mkfs.{fs_type}", "-q", "-F", "-L", label, "-d", str(tree), "-E", "root_owner=0:0", str(image))
+    tool(f"mkfs.{fs_type}", "-q", "-F", "-L", label, "-d", str(tree), "-E", "root_owner=0:0", str(image))
     return image
 
 
@@ -346,7 +347,7 @@ $
 """)
     image = work / "fs.img"
     _blank(image, size)
-    _tool("mkfs.xfs", "-q", "-f", "-L", "root", "-p", str(proto), str(image))
+    tool("mkfs.xfs", "-q", "-f", "-L", "root", "-p", str(proto), str(image))
     files.update({
         "/etc/hostname": _known(sources["hostname"]),
         "/etc/os-release": _known(sources["os-release"]),
@@ -368,12 +369,12 @@ def _ntfs_image(work: Path, size: int, label: str, start: int, contents: dict[st
     work.mkdir()
     image = work / "fs.img"
     _blank(image, size)
-    _tool("mkntfs", "-q", "-F", "-f", "-L", label, "-s", "512", "-p", str(start // 512),
+    tool("mkntfs", "-q", "-F", "-f", "-L", label, "-s", "512", "-p", str(start // 512),
           "-H", "255", "-S", "63", str(image))
     for name, content in contents.items():
         source = work / "source"
         source.write_bytes(content)
-        _tool("ntfscp", "-f", str(image), str(source), name)
+        tool("ntfscp", "-f", str(image), str(source), name)
         files["/" + name] = _known(content)
     return image
 
@@ -383,18 +384,18 @@ def _vfat_image(work: Path, size: int, contents: dict[str, bytes], files: Files)
     work.mkdir()
     image = work / "fs.img"
     _blank(image, size)
-    _tool("mkfs.vfat", "-n", "ESP", str(image))
+    tool("mkfs.vfat", "-n", "ESP", str(image))
     made: set[str] = set()
     for relative, content in contents.items():
         parts = relative.split("/")
         for depth in range(1, len(parts)):
             directory = "/".join(parts[:depth])
             if directory not in made:
-                _tool("mmd", "-i", str(image), f"::/{directory}")
+                tool("mmd", "-i", str(image), f"::/{directory}")
                 made.add(directory)
         source = work / "source"
         source.write_bytes(content)
-        _tool("mcopy", "-i", str(image), str(source), f"::/{relative}")
+        tool("mcopy", "-i", str(image), str(source), f"::/{relative}")
         files["/" + relative] = _known(content)
     return image
 
@@ -407,7 +408,7 @@ def _btrfs_image(work: Path, size: int, contents: dict[str, bytes], files: Files
     _source_tree(tree, contents, files)
     image = work / "fs.img"
     _blank(image, size)
-    _tool("mkfs.btrfs", "-q", "--mixed", "-L", "srv", "--rootdir", str(tree), str(image))
+    tool("mkfs.btrfs", "-q", "--mixed", "-L", "srv", "--rootdir", str(tree), str(image))
     return image
 
 
@@ -417,8 +418,8 @@ def _btrfs_image(work: Path, size: int, contents: dict[str, bytes], files: Files
 def _partition(disk: Path, script: str) -> list[tuple[int, int, int]]:
     """Write a partition table with sfdisk; return (offset, size, number) per partition, as
     sfdisk reports them (the extended partition's container left out)."""
-    _tool("sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk), stdin=script)
-    table = json.loads(_tool("sfdisk", "--json", str(disk)))["partitiontable"]
+    tool("sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(disk), stdin=script)
+    table = json.loads(tool("sfdisk", "--json", str(disk)))["partitiontable"]
     sector = table.get("sectorsize", 512)
     out = []
     for part in table["partitions"]:
@@ -441,7 +442,7 @@ class _Lvm:
         command = ["losetup", "-f", "--show"]
         if offset or size:
             command += ["--offset", str(offset), "--sizelimit", str(size)]
-        device = _tool(*command, str(image)).strip()
+        device = tool(*command, str(image)).strip()
         self.loops.append(device)
         accept = ", ".join(f'"a|^{loop}$|"' for loop in self.loops)
         (self.dir / "lvm.conf").write_text(
@@ -453,7 +454,7 @@ class _Lvm:
         return device
 
     def run(self, command: str, *args: str) -> str:
-        return _tool(command, "--driverloaded", "n", *args,
+        return tool(command, "--driverloaded", "n", *args,
                      env={**os.environ, **_LVM_ENV, "LVM_SYSTEM_DIR": str(self.dir)})
 
     def extents(self, vg: str, where: dict[str, tuple[Path, int]]) -> dict[str, list[tuple[Path, int, int]]]:
@@ -543,14 +544,6 @@ def _write_at(disk: Path, offset: int, image: Path, *, source_offset: int = 0, l
             position = hole
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(MIB):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def _known(content: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0,
            mtime: int | None = None) -> dict[str, Any]:
     known: dict[str, Any] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
@@ -558,16 +551,3 @@ def _known(content: bytes, *, mode: int = 0o644, uid: int = 0, gid: int = 0,
     if mtime is not None:
         known["mtime"] = mtime
     return known
-
-
-def _tool(*cmd: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
-    """Run a tool that builds an image; return its stdout; raises ``LabError``."""
-    try:
-        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
-                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                              env=env)
-    except FileNotFoundError as e:
-        raise LabError(f"{cmd[0]} is not installed (see the Makefile's APT_PACKAGES)") from e
-    except subprocess.CalledProcessError as e:
-        raise LabError(f"{' '.join(cmd[:2])} failed: {(e.stderr or e.stdout).strip()}") from e
-    return proc.stdout
