@@ -296,6 +296,9 @@ def volume_group(metadata: dict[str, Any]) -> VolumeGroup:
     if len(groups) != 1:
         raise LvmError("the LVM metadata does not describe exactly one volume group")
     name, body = groups[0]
+    logical = body.get("logical_volumes", {})
+    if not isinstance(body["physical_volumes"], dict) or not isinstance(logical, dict):
+        raise LvmError(f"the LVM metadata of VG {name!r} has no sections of PVs and LVs")
     try:
         extent_size = int(body["extent_size"]) * SECTOR
         seqno = int(body.get("seqno", 0))
@@ -307,11 +310,11 @@ def volume_group(metadata: dict[str, Any]) -> VolumeGroup:
         raise LvmError(f"the LVM metadata of VG {name!r} has extent size {extent_size}")
     lvs = []
     cow_stores: set[str] = set()
-    for lv_name, lv in (body.get("logical_volumes") or {}).items():
+    for lv_name, lv in logical.items():
         if not isinstance(lv, dict):
             continue
-        status = lv.get("status") or []
-        volume = LogicalVolume(lv_name, "VISIBLE" in status)
+        status = lv.get("status")
+        volume = LogicalVolume(lv_name, isinstance(status, list) and "VISIBLE" in status)
         for key, seg in sorted(((k, v) for k, v in lv.items() if k.startswith("segment") and isinstance(v, dict)),
                                key=lambda kv: int(kv[0][7:]) if kv[0][7:].isdigit() else 0):
             try:

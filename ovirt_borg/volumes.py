@@ -121,13 +121,13 @@ def probe(read: Reader) -> tuple[str | None, str]:
         return "vfat", head[82:87].decode() if head[82:87] == b"FAT32" else head[54:59].decode()
     if head[:4] == b"XFSB":
         return "xfs", ""
-    if head[1080:1082] == b"\x53\xef":
+    if head[1080:1082] == b"\x53\xef" and len(head) >= 1024 + 0x68:
         compat, incompat, ro_compat = struct.unpack_from("<III", head, 1024 + 0x5C)
         if incompat & _EXT4_INCOMPAT or ro_compat & _EXT4_RO_COMPAT:
             return "ext4", ""
         return ("ext3" if compat & _EXT_HAS_JOURNAL else "ext2"), ""
     btrfs = read(_BTRFS_SUPER, 0x90)
-    if btrfs[0x40:0x48] == b"_BHRfS_M":
+    if btrfs[0x40:0x48] == b"_BHRfS_M" and len(btrfs) == 0x90:
         devices = struct.unpack_from("<Q", btrfs, 0x88)[0]
         return "btrfs", f"{devices} devices" if devices != 1 else ""
     for page in _SWAP_PAGES:

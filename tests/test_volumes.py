@@ -307,3 +307,18 @@ def test_probe_finds_each_signature():
     struct.pack_into("<I", ext, 1024 + 0x60, 0x40)  # extents
     assert probe(Image(MIB, bytes(ext)).read)[0] == "ext4"
     assert probe(Image(MIB).read) == (None, "only zeros at its start")
+
+
+@pytest.mark.parametrize("text", [
+    "rhel { physical_volumes = 5 extent_size = 8192 }",
+    'rhel { physical_volumes { } logical_volumes = ["x"] extent_size = 8192 }',
+    'rhel { physical_volumes { pv0 = 1 } logical_volumes { root { status = 7 segment1 { } } } extent_size = 8192 }',
+    'rhel { physical_volumes { pv0 { id = "A" pe_start = "x" } } extent_size = 8192 }',
+    "rhel { physical_volumes { } extent_size = -1 }",
+    'a { physical_volumes { } } b { physical_volumes { } }',
+    "[ ] = {",
+])
+def test_hostile_metadata_shapes_are_reported(text):
+    first, _ = two_disks(text)
+    [pv] = discover([(first.read, first.size)])
+    assert pv.reason.startswith("an LVM physical volume") and not pv.holds_volumes, pv.reason
