@@ -9,7 +9,11 @@ LABDIR ?= $(CURDIR)/lab
 
 APT_PACKAGES := qemu-utils libxml2-dev liblz4-dev libzstd-dev libxxhash-dev libacl1-dev \
                 libssl-dev pkg-config build-essential python3-dev fuse3 libfuse3-dev \
-                e2fsprogs openssl systemd util-linux
+                e2fsprogs openssl systemd util-linux \
+                ntfs-3g fusefat \
+                xfsprogs btrfs-progs dosfstools mtools fdisk lvm2 cryptsetup-bin
+# ntfs-3g and fusefat: file-level recovery of NTFS and vfat guests (the kernel mounts ext2/3/4,
+# XFS and btrfs); the rest builds the lab's guest disks (mkfs.*, sfdisk, lvm2, cryptsetup).
 
 .PHONY: setup apt venv test demo bench install clean lab-up lab-down
 

@@ -40,10 +40,11 @@ __all__ = [
     "list_archives",
     "lock_holders",
     "log_lock_wait",
-    "mount",
     "open_stream",
     "prune",
+    "raise_for_mount",
     "read_file",
+    "start_mount",
     "translate_error",
 ]
 
@@ -529,15 +530,32 @@ _ARCHIVE_ID = re.compile(r"\[(?P<id>[0-9a-f]{64})\]$")
 _KEEP_RULE = re.compile(r"^[a-z0-9]+$")
 
 
-def mount(repo: Repo, archive: str, mountpoint: str | os.PathLike, options: tuple[str, ...] = ()) -> None:
-    """``borg mount`` the archive read-only at ``mountpoint`` (a FUSE file system served by a
-    borg process in the background until it is unmounted); ``options`` are FUSE mount options.
+def start_mount(repo: Repo, archive: str, mountpoint: str | os.PathLike, *, log_file: str | os.PathLike,
+                options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start ``borg mount --foreground`` of the archive at ``mountpoint`` and return the process.
 
-    Raises the typed error for Borg's failure (busy repository, wrong passphrase, no archive).
+    It runs in a session of its own and serves the read-only FUSE file system until that is
+    unmounted, after this process has ended too; its log goes to ``log_file`` (``--log-json``
+    lines: ``raise_for_mount`` reads them if it exits early). ``options`` are FUSE mount options.
+    The caller waits for the mount to appear or the process to end.
     """
-    args = ["mount", *(("-o", ",".join(options)) if options else ()),
-            archive_location(repo, archive), os.fspath(mountpoint)]
-    _run(repo, *args, archive=archive)
+    if repo.lock_wait > 0 and lock_holders(repo, writers_only=True):
+        log_lock_wait(repo)  # Borg waits for the lock silently; say why nothing seems to happen.
+    argv = borg_command(repo, "mount", "--foreground", *(("-o", ",".join(options)) if options else ()),
+                        archive_location(repo, archive), os.fspath(mountpoint))
+    log.debug("starting %s", " ".join(argv))
+    with open(log_file, "ab") as output:
+        return subprocess.Popen(argv, env=borg_environment(repo), stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=output, start_new_session=True)
+
+
+def raise_for_mount(repo: Repo, archive: str, returncode: int, log_file: str | os.PathLike) -> None:
+    """Raise the typed error of a ``borg mount`` that ended with ``returncode`` before mounting."""
+    borg_log = BorgLog()
+    with contextlib.suppress(OSError):
+        for line in Path(log_file).read_text(errors="replace").splitlines():
+            borg_log.feed(line)
+    raise_for_borg(repo, returncode or 2, borg_log, archive=archive, allow_warning=False)
 
 
 def prune(repo: Repo, glob: str, keep: Mapping[str, int | str], dry_run: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -154,6 +155,49 @@ def build_parser() -> argparse.ArgumentParser:
                     "stopped or crashed midway. It refuses, touching nothing, when anything else "
                     "is mounted below MOUNTPOINT.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="the directory given to 'mount'")
+
+    p = sub.add_parser(
+        "files", help="restore files or directories from a VM's file systems, or browse them",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Restore files or directories from the file systems of the VM in ARCHIVE into DIR, or list
+them, without mounting anything by hand: the archive and the volumes named are mounted
+privately (as 'mount' does, read-only, in a new 0700 directory), copied from, and unmounted,
+also after an error or Ctrl-C.
+
+PATH is DISK/VOLUME[/PATH/IN/THE/GUEST], with DISK and VOLUME as 'mount' names them:
+the disk's alias, then pN (a partition), whole-disk (a disk without partitions) or VG-LV
+(an LVM logical volume, '-' doubled inside a name, as in /dev/mapper). 'files ARCHIVE --list'
+shows them. Symlinks in PATH are followed inside the guest's file system only (an absolute
+target starts at that volume's root); the last part of PATH is never followed.
+
+Each PATH is copied to DIR/<its last name>: a directory with everything below it. Owner,
+group, permission bits and times are kept where DIR's file system allows (not the times of a
+vfat volume read by fusefat, which shows them wrong); setuid and setgid bits never are. Symlinks are copied as symlinks (never followed), device nodes, FIFOs and
+sockets are skipped (and listed). Nothing is ever overwritten: if DIR/<name> exists, nothing
+is copied. Extended attributes and ACLs are not copied.""",
+        epilog="""\
+examples:
+  ovirt-borg files ARCHIVE --list                        the disks and volumes, and why any is unreadable
+  ovirt-borg files ARCHIVE --list rhel/rhel-root/etc     a directory of an LVM guest's root
+  ovirt-borg files ARCHIVE rhel/rhel-root/etc/hostname rhel/rhel-home/alice --to /srv/restore
+  ovirt-borg files ARCHIVE 'windows/p2/Users/Administrator/Documents' --to /srv/restore
+
+exit codes:
+  0   everything asked for was restored (skipped device nodes are listed, not errors)
+  1   restored, but some entries could not be read or written (listed)
+  2   nothing restored: a bad PATH, a name that exists in DIR, a volume that cannot be read
+      (encrypted, swap, no file system: the reason is given)
+  9   the repository is missing or damaged; 6 it is busy; 5 wrong passphrase
+  11  the archive, disk, volume or path does not exist
+  128+n  stopped by signal n; the private mount is undone""")
+    p.add_argument("archive", metavar="ARCHIVE", help="the archive (see 'ovirt-borg list')")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="what to restore: DISK/VOLUME[/PATH]")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", metavar="DIR", type=Path, help="restore into DIR (made 0700 when missing)")
+    what.add_argument("--list", nargs="?", const="", metavar="PATH",
+                      help="list the volumes, or the directory (or file) PATH, instead")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("prune", help="apply the retention rules per VM, then compact",
                        description="Prune this job's archives per VM with the [retention] keep rules "
@@ -459,22 +503,67 @@ def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
 def cmd_mount(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import mount
 
-    mountpoint = args.mountpoint.absolute()
-    disks = mount.mount_archive(_repo(config), args.archive, mountpoint)
+    result = mount.mount_archive(_repo(config), args.archive, args.mountpoint.absolute())
     if args.json:
-        print(json.dumps({"archive": args.archive, "mountpoint": str(mountpoint),
-                          "disks": [d.as_dict() for d in disks]}, indent=2))
+        print(json.dumps(result.as_dict(), indent=2))
         return EXIT_OK
-    print(f"archive {args.archive} mounted at {mountpoint / mount.ARCHIVE_DIR}")
-    for disk in disks:
-        print(f"disk {disk.alias} ({disk.id}):")
+    print(f"archive {result.archive} of VM {mount.printable(result.vm)} mounted at {result.mountpoint}")
+    for disk in result.disks:
+        print(f"{disk.name}/  disk {mount.printable(disk.alias)} ({mount.printable(disk.id)})")
         for volume in disk.volumes:
             if volume.path:
                 print(f"  {volume.name}: {volume.fstype} mounted read-only at {volume.path}")
             else:
-                print(f"  {volume.name}: not mounted: {volume.reason}")
-    print(f"when done: ovirt-borg umount {mountpoint}")
+                print(f"  {volume.name}: {'' if volume.holds_volumes else 'not mounted: '}{volume.reason}")
+    print(f"the same in {result.mountpoint / mount.README_NAME}; when done: ovirt-borg umount {result.mountpoint}")
     return EXIT_OK
+
+
+def cmd_files(args: argparse.Namespace, config: config_mod.Config) -> int:
+    from datetime import datetime
+
+    from ovirt_borg import files, mount
+
+    repo = _repo(config)
+    if args.list is not None:
+        if args.paths:
+            raise ConfigError("--list takes one PATH (files ARCHIVE --list PATH); give no other PATH")
+        listing = files.list_files(repo, args.archive, args.list or None)
+        if args.json:
+            print(json.dumps(listing, indent=2))
+        elif "entries" not in listing:
+            for disk in listing["disks"]:
+                print(f"{disk['name']}/  disk {mount.printable(disk['alias'])}")
+                for volume in disk["volumes"]:
+                    readable = volume["reason"] is None or volume["mounted"]
+                    state = volume["fstype"] if readable else volume["reason"]
+                    print(f"  {disk['name']}/{volume['name']}  {volume['what']}: {state}")
+        else:
+            for entry in listing["entries"]:
+                when = datetime.fromtimestamp(entry["mtime"]).strftime("%Y-%m-%d %H:%M")
+                kind = {"directory": "d", "symlink": "l", "file": "-"}.get(entry["type"], "?")
+                line = (f"{kind}{stat.filemode(entry['mode'])[1:]} {entry['uid']:>5} {entry['gid']:>5} "
+                        f"{entry['size']:>12} {when} {mount.printable(entry['name'])}")
+                if "target" in entry:
+                    line += f" -> {mount.printable(entry['target'])}"
+                print(line)
+        return EXIT_OK
+    results = files.restore_files(repo, args.archive, args.paths, args.to)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        for result in results:
+            print(f"{result.path} -> {result.to}: {result.files} files ({result.bytes} bytes), "
+                  f"{result.directories} directories, {result.symlinks} symlinks")
+            for line in result.skipped:
+                print(f"  skipped {line}")
+            for line in result.failed:
+                print(f"  FAILED {line}")
+            if not result.metadata_kept:
+                print(f"  owners, modes or times could not all be kept on {result.to}'s file system")
+            if not result.times:
+                print("  times not restored: fusefat shows this vfat volume's times wrong")
+    return 1 if any(r.failed for r in results) else EXIT_OK
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -545,7 +634,7 @@ def cmd_generate_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore, "verify": cmd_verify,
-            "mount": cmd_mount, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
+            "mount": cmd_mount, "files": cmd_files, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
 #: Commands that need no configuration: they are given everything on the command line.
 WITHOUT_CONFIG = {"generate-config": cmd_generate_config, "umount": cmd_umount}
 

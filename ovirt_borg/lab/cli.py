@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-size", type=_size, default="64M",
                    help="size of each sample disk: 64M, 1G, 1T (default 64M)")
     p.add_argument("--plain-http", action="store_true", help="serve http:// instead of https://")
+    p.add_argument("--guests", action="store_true",
+                   help="also add the VM 'guests' (LVM, NTFS, vfat, btrfs, LUKS... disks for file-level recovery)")
 
     command("down", "stop the engine, its imageio daemons and exports")
     command("status", "print lab.json and whether the engine answers")
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", choices=("up", "down"), default="up")
     p.add_argument("--tag", action="append", default=[], help="tag the VM (repeatable)")
 
+    p = command("add-guests", "add a VM whose disks hold what real guests hold (LVM, NTFS, vfat, btrfs, "
+                              "LUKS, swap, a hostile ext4); prints its sample.json entry")
+    p.add_argument("--vm", default="guests", help="VM name (default guests)")
+
     p = vm_command("detach-disk", "detach a disk from a VM (it stays as a floating disk)")
     p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
 
@@ -122,6 +128,8 @@ def _run(args: argparse.Namespace) -> Any:
     if args.command == "up":
         lab = Lab.up(args.dir, vms=args.vms, disk_size=args.disk_size,
                      plain_http=args.plain_http)
+        if args.guests and not any(vm["name"] == "guests" for vm in lab.describe()["vms"]):
+            lab.add_guests()
         return lab.info
     lab = Lab.open(args.dir)
     if args.command == "down":
@@ -151,6 +159,8 @@ def _run(args: argparse.Namespace) -> Any:
         if not args.name:
             raise LabError("fault needs a NAME, --list or --clear")
         return lab.fault(args.name, on=not args.off, vm=args.vm, times=args.times)
+    if args.command == "add-guests":
+        return lab.add_guests(args.vm)
     if args.command == "add-disk":
         return lab.add_disk(args.vm, size=args.size, format=args.format)
     if args.command == "add-vm":

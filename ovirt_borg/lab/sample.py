@@ -135,7 +135,7 @@ def _make_ext4_disk(path: Path, size: int, rng: random.Random) -> dict[str, dict
         raw = tmp_dir / "fs.raw"
         with open(raw, "wb") as f:
             f.truncate(size)
-        _tool("mkfs.ext4", "-q", "-F", "-L", "vm1-root", "-E", "root_owner=0:0", str(raw))
+        tool("mkfs.ext4", "-q", "-F", "-L", "vm1-root", "-E", "root_owner=0:0", str(raw))
         hello = tmp_dir / "hello.txt"
         hello.write_bytes(HELLO_TEXT)
         data = tmp_dir / "random.bin"
@@ -143,8 +143,8 @@ def _make_ext4_disk(path: Path, size: int, rng: random.Random) -> dict[str, dict
         commands = tmp_dir / "debugfs.cmd"
         commands.write_text(f"write {hello} hello.txt\nmkdir data\ncd data\n"
                             f"write {data} random.bin\n")
-        _tool("debugfs", "-w", "-f", str(commands), str(raw))
-        _tool("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+        tool("debugfs", "-w", "-f", str(commands), str(raw))
+        tool("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path))
     return {name: {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
             for name, content in files.items()}
 
@@ -186,10 +186,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _tool(*cmd: str) -> None:
+def tool(*cmd: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+    """Run a tool that builds an image; return its stdout; raises ``LabError``."""
     try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                              env=env)
     except FileNotFoundError as e:
-        raise LabError(f"{cmd[0]} is not installed (Debian packages e2fsprogs, qemu-utils)") from e
+        raise LabError(f"{cmd[0]} is not installed (see the Makefile's APT_PACKAGES)") from e
     except subprocess.CalledProcessError as e:
         raise LabError(f"{' '.join(cmd[:2])} failed: {(e.stderr or e.stdout).strip()}") from e
+    return proc.stdout
