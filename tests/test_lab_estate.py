@@ -1,0 +1,75 @@
+"""The lab as strict as a real oVirt 4.5 estate, driven by the real SDK.
+
+Each test holds the lab to one engine rule read in the engine's sources (named in the lab's
+code): image transfers as the REST mapper writes them, the disks a backup leaves out and the
+VMs it refuses, backup descriptions, the two certificate authorities; and the sample disks of
+any size starting in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+
+import pytest
+
+from ovirt_borg.lab.model import LabLayout
+from ovirt_borg.lab.sample import FULL_SHA256_LIMIT, create_sample, data_sha256, parse_size
+
+MiB = 1 << 20
+
+
+def _seek_data_extents(path) -> list[tuple[int, int]]:
+    """The data ranges of a sparse file, from the kernel (SEEK_DATA/SEEK_HOLE), not qemu-img."""
+    extents = []
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(f.fileno(), offset, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            extents.append((start, end - start))
+            offset = end
+    return extents
+
+
+def _full_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(4 * MiB):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample disks of any size
+
+
+@pytest.mark.parametrize("size", ["64M", "2G", "2T"])
+def test_sample_disks_of_any_size_start_with_true_digests(tmp_path, size):
+    """A 2G sample used to crash (random.randbytes of a 256 MiB region) and a 2T one hashed
+    2 TiB of zeros; the digests come from the data extents and match the images."""
+    layout = LabLayout(tmp_path / "lab")
+    disk_size = parse_size(size)
+    inventory = create_sample(layout, vms=2, disk_size=disk_size)
+    sample = json.loads(layout.sample.read_text())
+    disks = {d.id: d for d in inventory.disks}
+    assert {d.provisioned_size for d in disks.values()} == {disk_size}
+    for vm_name, disk_key in (("vm1", "1"), ("vm2", "1")):  # vm1's ext4 disk, vm2's data disk
+        entry = sample["vms"][vm_name]["disks"][disk_key]
+        raw = tmp_path / f"{vm_name}.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", disks[entry["id"]].path, raw],
+                       check=True)
+        assert os.path.getsize(raw) == disk_size
+        assert entry["initial_data_sha256"] == data_sha256(raw, _seek_data_extents(raw), disk_size)
+        if disk_size <= FULL_SHA256_LIMIT:
+            assert entry["initial_sha256"] == _full_sha256(raw)
+        else:
+            assert "initial_sha256" not in entry
+        raw.unlink()
+    assert sample["vms"]["vm2"]["disks"]["1"]["regions"][0]["length"] == min(disk_size // 8, 64 * MiB)
