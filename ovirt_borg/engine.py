@@ -409,18 +409,24 @@ class Engine:
             if phase != "ready":
                 continue
             log.warning("finalizing a stale backup %s left open on VM %s", backup_id, vm_id)
-            for transfer_id in self._active_transfers(backup_id):
+            for transfer_id in self._active_transfers(vm_id, backup_id):
                 log.warning("cancelling image transfer %s left open by backup %s", transfer_id, backup_id)
                 self.cancel_transfer(transfer_id)
             self.finalize_backup(vm_id, backup_id)
             finalized.append(backup_id)
         return finalized
 
-    def _active_transfers(self, backup_id: str) -> list[str]:
-        """Ids of the image transfers of a backup that have not finished."""
+    def _active_transfers(self, vm_id: str, backup_id: str) -> list[str]:
+        """Ids of the image transfers of a backup that have not finished.
+
+        The engine's transfers carry neither their backup nor their disk, only ``<image id>``,
+        which is the disk id (ImageTransferMapper): a backup's transfers are those of its disks.
+        While the backup is open its disks are locked, so no other transfer of them can run.
+        """
+        disk_ids = set(self.backup_disk_modes(vm_id, backup_id))
         transfers = self._call(lambda: self.system.image_transfers_service().list(), "listing image transfers")
         return [t.id for t in transfers
-                if t.backup is not None and t.backup.id == backup_id
+                if t.image is not None and t.image.id in disk_ids
                 and not _enum(t.phase).startswith(("finished", "cancelled"))]
 
     def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None) -> str:

@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 
+import ovirtsdk4.types as types
 import pytest
 
 from ovirt_borg.lab.model import LabLayout
@@ -73,3 +75,53 @@ def test_sample_disks_of_any_size_start_with_true_digests(tmp_path, size):
             assert "initial_sha256" not in entry
         raw.unlink()
     assert sample["vms"]["vm2"]["disks"]["1"]["regions"][0]["length"] == min(disk_size // 8, 64 * MiB)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the SDK sees
+
+
+def _poll(fetch, done, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"did not settle: {value}"
+        time.sleep(0.02)
+
+
+def _ready_backup(engine, vm_id, disk_ids, **options):
+    backups = engine.system_service().vms_service().vm_service(vm_id).backups_service()
+    backup = backups.add(types.Backup(disks=[types.Disk(id=d) for d in disk_ids], **options))
+    service = backups.backup_service(backup.id)
+    return _poll(service.get, lambda b: b.phase == types.BackupPhase.READY), service
+
+
+def _finalize(service):
+    service.finalize()
+    _poll(service.get, lambda b: b.phase in (types.BackupPhase.SUCCEEDED, types.BackupPhase.FAILED))
+
+
+def test_image_transfers_carry_no_backup_and_no_disk(lab_vm, engine):
+    """ImageTransferMapper: a transfer shows its host and <image id> = the disk id, never the
+    <backup> or <disk> it was created with (POST reply, GET and list alike)."""
+    disk_id = lab_vm["disks"][0]["id"]
+    backup, backup_service = _ready_backup(engine, lab_vm["id"], [disk_id])
+    transfers = engine.system_service().image_transfers_service()
+    created = transfers.add(types.ImageTransfer(
+        disk=types.Disk(id=disk_id), backup=types.Backup(id=backup.id),
+        direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
+    service = transfers.image_transfer_service(created.id)
+    try:
+        got = _poll(service.get, lambda t: t.phase != types.ImageTransferPhase.INITIALIZING)
+        listed = [t for t in transfers.list() if t.id == created.id]
+        assert len(listed) == 1
+        for seen in (created, got, listed[0]):
+            assert seen.backup is None and seen.disk is None, seen.id
+            assert seen.image is not None and seen.image.id == disk_id
+            assert seen.host is not None and seen.host.id
+    finally:
+        service.finalize()
+        _poll(service.get, lambda t: t.phase.value.startswith("finished"))
+        _finalize(backup_service)

@@ -258,7 +258,13 @@ def checkpoint(engine: Engine, cp: Checkpoint) -> ET.Element:
 
 
 def transfer(engine: Engine, t: Transfer) -> ET.Element:
-    """Render an image transfer (URLs only while ``transferring``)."""
+    """Render an image transfer (URLs only while ``transferring``).
+
+    As ovirt-engine's ImageTransferMapper.map(entity) writes it: ``<host>`` and ``<image>``
+    (whose id is the entity's disk id, not a volume id; BackendImageTransferResource.addLinks
+    strips its href), never ``<backup>`` nor ``<disk>``, although the SDK's type has them and
+    a request may carry them. A client finds a backup's transfers by image id.
+    """
     href = f"{API_PATH}/imagetransfers/{t.id}"
     el = _obj("image_transfer", t.id, href)
     _sub(el, "active", t.phase == "transferring")
@@ -274,13 +280,8 @@ def transfer(engine: Engine, t: Transfer) -> ET.Element:
     _sub(el, "shallow", False)
     _sub(el, "timeout_policy", "legacy")
     _sub(el, "transferred", 0)
-    if t.backup_id:
-        _ref(el, "backup", t.backup_id)
-    _ref(el, "disk", t.disk_id, f"{API_PATH}/disks/{t.disk_id}")
     _ref(el, "host", t.host_id, f"{API_PATH}/hosts/{t.host_id}")
-    # The image is the disk's volume; a cancelled upload's disk may be gone already.
-    image_id = next((d.image_id for d in engine.inv.disks if d.id == t.disk_id), t.disk_id)
-    _ref(el, "image", image_id)
+    _ref(el, "image", t.disk_id)
     return el
 
 
