@@ -113,11 +113,14 @@ class VmResult:
     exit_code: int = 0
     # Problems after the archive was committed (the backup stands; the run exits 1).
     warnings: list[str] = field(default_factory=list)
+    # Disks the engine's backup leaves out: {"id", "alias", "reason"} each (the run exits 1).
+    skipped_disks: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["disks"] = [x.as_dict() for x in self.disks]
         d["warnings"] = list(self.warnings)
+        d["skipped_disks"] = [dict(x) for x in self.skipped_disks]
         return d
 
 
@@ -250,6 +253,14 @@ class VmBackup:
             if any(fnmatch.fnmatchcase(disk.alias, p) or p == disk.id for p in self.settings.exclude_disks):
                 log.info("VM %s: disk %s is excluded by the configuration", self.vm.name, disk.alias)
                 continue
+            reason = disk.not_backed_up
+            if reason:
+                # Asking for it would fail the VM every night (a transfer that cannot start,
+                # or a 409 for an unplugged disk): leave it out, and say so until excluded.
+                self.result.skipped_disks.append({"id": disk.id, "alias": disk.alias, "reason": reason})
+                self._warn(f"VM {self.vm.name}: disk {disk.alias} ({disk.id}) is not backed up: {reason}; "
+                           "name it in selection.exclude_disks to leave it out without this warning")
+                continue
             if disk.format == "cow" and disk.backup != "incremental" and self.settings.enable_incremental:
                 log.info("VM %s: enabling incremental backup on disk %s", self.vm.name, disk.alias)
                 disk = self.engine.enable_incremental(disk)
@@ -306,6 +317,10 @@ class VmBackup:
         t0 = time.monotonic()
         self._refresh_vm()
         disks = self._disks()
+        if not disks and self.result.skipped_disks:
+            self.result.error = "skipped: the engine backs up none of its disks"
+            self.result.exit_code = 1
+            return self.result
         if not disks:
             raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
         previous = self.state.load(self.vm.id)
@@ -741,6 +756,14 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
     results: list[VmResult] = []
     codes = set()
     for vm in vms:
+        if vm.hosted_engine:
+            reason = ("it is the hosted engine's VM, which the engine refuses to back up (use "
+                      "engine-backup for the engine); name it in selection.exclude to leave it out "
+                      "without this warning")
+            log.warning("VM %s skipped: %s", vm.name, reason)
+            results.append(VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {reason}", exit_code=1))
+            codes.add(1)
+            continue
         vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
         if vetoes:
             log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))

@@ -49,6 +49,10 @@ class EngineSettings:
     retries: int = 3
 
 
+#: The origins of the hosted engine's VM (ovirt-engine VmBase.isHostedEngine).
+HOSTED_ENGINE_ORIGINS = ("hosted_engine", "managed_hosted_engine")
+
+
 @dataclass(frozen=True)
 class VmInfo:
     id: str
@@ -56,6 +60,12 @@ class VmInfo:
     status: str  # "up", "down", ...
     cluster: str = ""
     tags: tuple[str, ...] = ()
+    origin: str = ""
+
+    @property
+    def hosted_engine(self) -> bool:
+        """The engine's own VM: StartVmBackupCommand refuses to back it up (409)."""
+        return self.origin in HOSTED_ENGINE_ORIGINS
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,30 @@ class DiskInfo:
     bootable: bool = False
     active: bool = True
     status: str = "ok"
+    storage_type: str = "image"  # "image", "lun", "cinder", "managed_block_storage"
+    shareable: bool = False
 
     @property
     def incremental_capable(self) -> bool:
         return self.format == "cow" and self.backup == "incremental"
+
+    @property
+    def not_backed_up(self) -> str | None:
+        """Why the engine's backup leaves this disk out, or None when it backs it up.
+
+        StartVmBackupCommand takes plugged image disks that are not shareable: a LUN, Cinder,
+        managed-block or shareable disk is left out silently (its transfer then fails) and an
+        unplugged one fails the whole backup with 409 "disks are not active".
+        """
+        if self.storage_type != "image":
+            kind = {"lun": "a direct LUN", "managed_block_storage": "a managed block storage disk",
+                    "cinder": "a Cinder disk"}.get(self.storage_type, f"a {self.storage_type} disk")
+            return f"it is {kind}: the engine backs up image disks only"
+        if self.shareable:
+            return "it is shareable: the engine does not back up shareable disks"
+        if not self.active:
+            return "it is unplugged (inactive): the engine refuses a backup that names an unplugged disk"
+        return None
 
 
 @dataclass(frozen=True)
@@ -287,13 +317,13 @@ class Engine:
                 cluster = ""
                 if vm.cluster is not None:
                     cluster = vm.cluster.name or clusters.get(vm.cluster.id, "")
-                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags))
+                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags, vm.origin or ""))
         return result
 
     def get_vm(self, vm_id: str) -> VmInfo:
         """The VM as the engine has it now; raises NotFound when it was deleted."""
         vm = self._call(lambda: self.system.vms_service().vm_service(vm_id).get(), f"reading VM {vm_id}")
-        return VmInfo(vm.id, vm.name, _enum(vm.status))
+        return VmInfo(vm.id, vm.name, _enum(vm.status), origin=vm.origin or "")
 
     def find_vm(self, name: str) -> VmInfo:
         for vm in self.list_vms(search=f"name={name}"):
@@ -325,7 +355,8 @@ class Engine:
                     provisioned_size=int(disk.provisioned_size or 0), backup=_enum(disk.backup) or "none",
                     interface=_enum(attachment.interface) or "virtio_scsi",
                     bootable=bool(attachment.bootable), active=attachment.active is not False,
-                    status=_enum(disk.status) or "ok"))
+                    status=_enum(disk.status) or "ok", storage_type=_enum(disk.storage_type) or "image",
+                    shareable=bool(disk.shareable)))
         return result
 
     def enable_incremental(self, disk: DiskInfo) -> DiskInfo:

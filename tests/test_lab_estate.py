@@ -9,11 +9,13 @@ any size starting in seconds.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
 import time
 
+import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 import pytest
 
@@ -21,6 +23,7 @@ from ovirt_borg.lab.model import LabLayout
 from ovirt_borg.lab.sample import FULL_SHA256_LIMIT, create_sample, data_sha256, parse_size
 
 MiB = 1 << 20
+_numbers = itertools.count(1)
 
 
 def _seek_data_extents(path) -> list[tuple[int, int]]:
@@ -125,3 +128,86 @@ def test_image_transfers_carry_no_backup_and_no_disk(lab_vm, engine):
         service.finalize()
         _poll(service.get, lambda t: t.phase.value.startswith("finished"))
         _finalize(backup_service)
+
+
+# ---------------------------------------------------------------------------------------------
+# Disks a backup leaves out, VMs it refuses
+
+
+@pytest.fixture
+def estate_vm(lab_clean):
+    """A running VM with an image disk, then a LUN, a managed-block, a shareable and an
+    unplugged image disk (as the engine shows them); deleted afterwards."""
+    name = f"estate{next(_numbers)}-{os.getpid()}"
+    lab_clean.add_vm(name, disks=1, size="16M")
+    try:
+        extra = {
+            "lun": lab_clean.add_disk(name, size="8M", storage_type="lun")["id"],
+            "managed_block_storage": lab_clean.add_disk(name, size="8M", storage_type="managed_block_storage")["id"],
+            "shareable": lab_clean.add_disk(name, size="8M", shareable=True)["id"],
+            "unplugged": lab_clean.add_disk(name, size="8M", active=False)["id"],
+        }
+        info = lab_clean.vm_info(name)
+        yield {"name": name, "id": info["id"], "image": info["disks"][0]["id"], **extra}
+    finally:
+        lab_clean.delete_vm(name)
+
+
+def test_backup_leaves_out_lun_managed_block_and_shareable_disks(estate_vm, engine):
+    """StartVmBackupCommand.getDisks keeps plugged image disks that are not shareable; the
+    others are dropped from the backup without a word, and their transfer then fails."""
+    vm_service = engine.system_service().vms_service().vm_service(estate_vm["id"])
+    attachments = {a.disk.id: a for a in vm_service.disk_attachments_service().list()}
+    assert attachments[estate_vm["unplugged"]].active is False
+    assert all(a.active for d, a in attachments.items() if d != estate_vm["unplugged"])
+    disks = {d: engine.follow_link(a.disk) for d, a in attachments.items()}
+    assert disks[estate_vm["lun"]].storage_type == types.DiskStorageType.LUN
+    assert disks[estate_vm["lun"]].lun_storage is not None and disks[estate_vm["lun"]].provisioned_size is None
+    assert disks[estate_vm["managed_block_storage"]].storage_type == types.DiskStorageType.MANAGED_BLOCK_STORAGE
+    assert disks[estate_vm["shareable"]].shareable is True
+    assert disks[estate_vm["image"]].storage_type == types.DiskStorageType.IMAGE
+    assert disks[estate_vm["image"]].shareable is False
+
+    asked = [estate_vm[k] for k in ("image", "lun", "managed_block_storage", "shareable")]
+    backup, service = _ready_backup(engine, estate_vm["id"], asked)
+    try:
+        assert [d.id for d in service.disks_service().list()] == [estate_vm["image"]]
+        transfers = engine.system_service().image_transfers_service()
+        left_out = transfers.add(types.ImageTransfer(
+            disk=types.Disk(id=estate_vm["lun"]), backup=types.Backup(id=backup.id),
+            direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
+        ended = _poll(transfers.image_transfer_service(left_out.id).get,
+                      lambda t: t.phase != types.ImageTransferPhase.INITIALIZING)
+        assert ended.phase != types.ImageTransferPhase.TRANSFERRING and ended.transfer_url is None
+    finally:
+        _finalize(service)
+
+
+def test_backup_with_an_unplugged_disk_is_refused(estate_vm, engine):
+    """StartVmBackupCommand.allDisksPlugged: 409 'The following disks are not active'."""
+    backups = engine.system_service().vms_service().vm_service(estate_vm["id"]).backups_service()
+    with pytest.raises(sdk.Error) as refused:
+        backups.add(types.Backup(disks=[types.Disk(id=estate_vm["image"]), types.Disk(id=estate_vm["unplugged"])]))
+    assert refused.value.code == 409
+    assert f"The following disks are not active on VM {estate_vm['name']}: {estate_vm['unplugged']}" \
+        in str(refused.value)
+    assert backups.list() == []
+
+
+def test_hosted_engine_vm_cannot_be_backed_up(lab_clean, engine):
+    """StartVmBackupCommand.validate: the hosted engine's VM (origin managed_hosted_engine) is
+    refused first, 409, whatever its disks."""
+    name = f"HostedEngine{next(_numbers)}-{os.getpid()}"
+    lab_clean.add_vm(name, disks=1, size="8M", origin="managed_hosted_engine")
+    try:
+        vm = engine.system_service().vms_service().list(search=f"name={name}")[0]
+        assert vm.origin == "managed_hosted_engine"
+        disk_id = lab_clean.vm_info(name)["disks"][0]["id"]
+        backups = engine.system_service().vms_service().vm_service(vm.id).backups_service()
+        with pytest.raises(sdk.Error) as refused:
+            backups.add(types.Backup(disks=[types.Disk(id=disk_id)]))
+        assert refused.value.code == 409
+        assert "Backup of Hosted Engine VM is not supported" in str(refused.value)
+        assert backups.list() == []
+    finally:
+        lab_clean.delete_vm(name)

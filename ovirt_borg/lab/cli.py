@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = vm_command("add-disk", "create a disk and attach it to a VM")
     p.add_argument("--size", type=_size, default="64M", help="disk size (default 64M)")
     p.add_argument("--format", choices=("cow", "raw"), default="cow")
+    p.add_argument("--storage-type", choices=("image", "lun", "managed_block_storage", "cinder"),
+                   default="image", help="a LUN or managed-block disk is left out of backups")
+    p.add_argument("--shareable", action="store_true", help="a shareable disk (left out of backups)")
+    p.add_argument("--unplugged", action="store_true", help="attach the disk unplugged (active=false)")
 
     p = vm_command("add-vm", "create a VM with data disks (random data in two regions each)")
     p.add_argument("--disks", type=int, default=1, help="number of disks (default 1)")
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("cow", "raw"), default="cow")
     p.add_argument("--status", choices=("up", "down"), default="up")
     p.add_argument("--tag", action="append", default=[], help="tag the VM (repeatable)")
+    p.add_argument("--origin", default="ovirt",
+                   help="the VM's origin; managed_hosted_engine makes the hosted engine's VM")
 
     p = vm_command("detach-disk", "detach a disk from a VM (it stays as a floating disk)")
     p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
@@ -152,10 +158,12 @@ def _run(args: argparse.Namespace) -> Any:
             raise LabError("fault needs a NAME, --list or --clear")
         return lab.fault(args.name, on=not args.off, vm=args.vm, times=args.times)
     if args.command == "add-disk":
-        return lab.add_disk(args.vm, size=args.size, format=args.format)
+        return lab.add_disk(args.vm, size=args.size, format=args.format,
+                            storage_type=args.storage_type, shareable=args.shareable,
+                            active=not args.unplugged)
     if args.command == "add-vm":
         return lab.add_vm(args.vm, disks=args.disks, size=args.size, format=args.format,
-                          status=args.status, tags=tuple(args.tag))
+                          status=args.status, tags=tuple(args.tag), origin=args.origin)
     if args.command == "detach-disk":
         return lab.detach_disk(args.vm, _disk_arg(args.disk))
     if args.command == "delete-vm":

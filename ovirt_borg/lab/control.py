@@ -295,21 +295,28 @@ class Lab:
         """Turn every fault switch off."""
         self._call("clear-faults")
 
-    def add_disk(self, vm: str, *, size: int | str = DEFAULT_DISK_SIZE,
-                 format: str = "cow") -> dict[str, Any]:
-        """Create a disk (``cow`` or ``raw``) and attach it to the VM; returns its id and path."""
-        return self._call("add-disk", vm=vm, size=parse_size(size), format=format)
+    def add_disk(self, vm: str, *, size: int | str = DEFAULT_DISK_SIZE, format: str = "cow",
+                 storage_type: str = "image", shareable: bool = False,
+                 active: bool = True) -> dict[str, Any]:
+        """Create a disk (``cow`` or ``raw``) and attach it to the VM; returns its id and path.
+
+        ``storage_type`` ("lun", "managed_block_storage", "cinder") and ``shareable`` give the
+        disks an engine's backup leaves out; ``active=False`` attaches the disk unplugged.
+        """
+        return self._call("add-disk", vm=vm, size=parse_size(size), format=format,
+                          storage_type=storage_type, shareable=shareable, active=active)
 
     def add_vm(self, name: str, *, disks: int = 1, size: int | str = DEFAULT_DISK_SIZE,
                format: str = "cow", status: str = "up", tags: tuple[str, ...] = (),
-               seed: int | None = None) -> dict[str, Any]:
+               seed: int | None = None, origin: str = "ovirt") -> dict[str, Any]:
         """Create a VM with ``disks`` data disks (random data in two regions each).
 
         Tests that change checkpoints or turn faults on use their own VM, so a lab shared by
-        many tests stays predictable. Returns the VM's id, name, status and disk ids.
+        many tests stays predictable. ``origin`` "managed_hosted_engine" makes the hosted
+        engine's VM. Returns the VM's id, name, status and disk ids.
         """
         return self._call("add-vm", vm=name, disks=disks, size=parse_size(size), format=format,
-                          status=status, tags=list(tags), seed=seed)
+                          status=status, tags=list(tags), seed=seed, origin=origin)
 
     def detach_disk(self, vm: str, disk: int | str) -> dict[str, Any]:
         """Detach a VM disk (by 1-based index or id); it stays as a floating disk."""

@@ -720,14 +720,17 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
         e.faults.clear()
         return {"active": {}}
     if op == "add-disk":
-        disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"))
+        disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"),
+                             storage_type=args.get("storage_type", "image"),
+                             shareable=bool(args.get("shareable")), active=bool(args.get("active", True)))
         return {"vm": args["vm"], "id": disk.id, "name": disk.name, "format": disk.format,
                 "size": disk.provisioned_size, "path": disk.path}
     if op == "add-vm":
         vm = e.add_sample_vm(args["vm"], disks=int(args.get("disks", 1)),
                              size=int(args.get("size", 64 << 20)),
                              fmt=args.get("format", "cow"), status=args.get("status", "up"),
-                             tags=args.get("tags", ()), seed=args.get("seed"))
+                             tags=args.get("tags", ()), seed=args.get("seed"),
+                             origin=args.get("origin", "ovirt"))
         return {"id": vm.id, "name": vm.name, "status": vm.status,
                 "disks": [a.disk_id for a in vm.attachments]}
     if op == "detach-disk":
