@@ -63,6 +63,12 @@ class BackupSettings:
     cold_backup: bool = True
     exclude_disks: tuple[str, ...] = ()
     checkpoints_keep: int = 1
+    #: A checkpoint another job's sidecar names is kept unless that sidecar is older (0: always).
+    checkpoints_other_jobs_days: int = 14
+    #: The description this job writes on its engine backups (``job_description``).
+    description: str = ""
+    #: Another's backup left open is finalized once this old with no active transfer (0: at once).
+    foreign_stale_hours: float = 24.0
     inactivity_timeout: int = 120
     transfer: TransferSettings = field(default_factory=TransferSettings)
 
@@ -203,6 +209,15 @@ def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: d
                         previous.checkpoint_id)
 
 
+def job_description(job: str, repository_id: str) -> str:
+    """The description a job writes on its engine backups: how it tells its own from others'.
+
+    Given the job's name (its configuration file's name) and its repository's id. Engines from
+    4.4.8 keep a backup's description (up to 1024 characters) and list it with the backup.
+    """
+    return f"ovirt-borg job={job} repository={repository_id}"
+
+
 def archive_comment(vm_name: str, mode: str, path: str, checkpoint: str | None,
                     disks: Sequence[sc.DiskRecord] = ()) -> str:
     """The Borg archive comment: what ``ovirt-borg list`` shows without opening the archive.
@@ -326,7 +341,8 @@ class VmBackup:
         previous = self.state.load(self.vm.id)
         decision = self._decide(previous, started)
         ovf = self.engine.vm_ovf(self.vm.id)
-        self.engine.finalize_stale_backups(self.vm.id)
+        self.engine.finalize_stale_backups(self.vm.id, self.settings.description,
+                                           self.settings.foreign_stale_hours * 3600)
 
         use_backup_api = self.vm.status != "down" or self.settings.cold_backup
         backup_id = to_checkpoint = None
@@ -424,7 +440,8 @@ class VmBackup:
                     self._finalize(backup_id, finalizing, stop_finalizing)
         if to_checkpoint:
             try:
-                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
+                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep,
+                                              also_keep=self._other_jobs_checkpoints(utc_now()))
             except OvirtBorgError as e:
                 self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
                            "the next run purges them")
@@ -432,6 +449,30 @@ class VmBackup:
         self.result.seconds = round(time.monotonic() - t0, 3)
         self.result.ok = True
         return self.result
+
+    def _other_jobs_checkpoints(self, now: datetime) -> list[str]:
+        """The checkpoints of this VM that other jobs sharing the state directory (jobs writing
+        to other repositories) start their next incrementals from.
+
+        A job whose last backup of the VM finished more than ``checkpoints_other_jobs_days``
+        ago holds none: an abandoned job must not pile checkpoints up on the engine.
+        """
+        held = []
+        limit = self.settings.checkpoints_other_jobs_days
+        for other in self.state.other_jobs(self.vm.id):
+            if not other.checkpoint_id:
+                continue
+            try:
+                finished = datetime.strptime(other.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            if limit and now - finished > timedelta(days=limit):
+                log.info("VM %s: checkpoint %s of archive %s of another job is older than "
+                         "checkpoints.other_jobs_days; it is not kept for that job", self.vm.name,
+                         other.checkpoint_id, other.archive)
+                continue
+            held.append(other.checkpoint_id)
+        return held
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -482,13 +523,14 @@ class VmBackup:
 
     def _start_backup(self, disks: list[DiskInfo], decision: ModeDecision) -> tuple[str, ModeDecision]:
         disk_ids = [d.id for d in disks]
+        description = self.settings.description
         try:
-            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint), decision
+            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint, description), decision
         except CheckpointRefused as e:
             log.warning("VM %s: %s; falling back to a full backup", self.vm.name, e)
             decision = ModeDecision("full", f"the engine refused checkpoint {decision.from_checkpoint}")
             try:
-                return self.engine.start_backup(self.vm.id, disk_ids, None), decision
+                return self.engine.start_backup(self.vm.id, disk_ids, None, description), decision
             except CheckpointRefused as e2:
                 raise CheckpointError(f"VM {self.vm.name}: the engine refused a full backup: {e2}") from None
 

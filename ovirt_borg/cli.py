@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import hashlib
@@ -222,6 +223,8 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
         enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
         full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
+        checkpoints_other_jobs_days=config.checkpoints.other_jobs_days,
+        foreign_stale_hours=config.backup.foreign_stale_hours,
         inactivity_timeout=t.inactivity_timeout, transfer=_transfer_settings(config))
     repo = _repo(config)
     prefix = config.repository.prefix
@@ -244,6 +247,8 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
             # its archive list tells each VM whether its previous archive is still there.
             view = archive.repository_view(repo)
             state = _state_dir(config, view.id)
+            settings = dataclasses.replace(settings, description=backup.job_description(
+                Path(config.path).stem, view.id))
             all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
             if args.vms:
                 known = {vm.name for vm in all_vms}

@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from conftest import Job
+from conftest import Job, make_job
 from test_faults import check_log_lines, configure, open_on_engine
 
 pytestmark = pytest.mark.faults
@@ -125,3 +125,153 @@ def test_hosted_engine_vm_is_skipped_and_the_others_backed_up(job: Job, lab_clea
         assert list(results) == [other] and results[other]["mode"] == "incremental"
         for name in (engine_vm, other):
             assert open_on_engine(lab, name) == ([], [])
+
+
+# -- other tools' backups, and two ovirt-borg jobs on one VM -----------------------------------
+
+
+def _other_tools_backup(lab, vm: str, description: str):
+    """Start a backup of ``vm`` as another tool would (ready, with its own description)."""
+    import ovirtsdk4.types as types
+
+    connection = lab.connection()
+    info = lab.vm_info(vm)
+    service = connection.system_service().vms_service().vm_service(info["id"]).backups_service()
+    backup = service.add(types.Backup(disks=[types.Disk(id=d["id"]) for d in info["disks"]],
+                                      description=description))
+    backup_service = service.backup_service(backup.id)
+    for _ in range(100):
+        if backup_service.get().phase == types.BackupPhase.READY:
+            break
+    return connection, backup.id, backup_service
+
+
+def _open_backup_ids(lab, vm: str) -> list[str]:
+    return [b["id"] for b in lab.stats()["open_backups"] if b["vm"] == vm]
+
+
+def test_another_tools_backup_is_left_alone_until_abandoned(job: Job, lab_clean):
+    """A backup another tool has open is never finalized by ovirt-borg while it is young or
+    has an active image transfer: that VM fails for the night (exit 4, the backup named), the
+    other tool's backup goes on. Once it ended, the next run is incremental. An abandoned one
+    (older than backup.foreign_stale_hours, no active transfer) is finalized."""
+    import ovirtsdk4.types as types
+
+    lab = lab_clean
+    vm = _name("veeam")
+    with _vms(lab, (vm, {"disks": 1, "size": "16M"})):
+        job.backup(vm)
+        lab.write(vm, disk=1, percent=2)
+        connection, other, other_service = _other_tools_backup(lab, vm, "Veeam Backup & Replication")
+        try:
+            proc = job.run("backup", vm, "--json", expect=4)
+            result = json.loads(proc.stdout)[0]
+            assert other in result["error"] and "Veeam Backup & Replication" in result["error"]
+            assert _open_backup_ids(lab, vm) == [other], "the other tool's backup must stay open"
+            # older than the limit, but an image transfer of it is active: still alive
+            configure(job, backup={"foreign_stale_hours": 1e-9})
+            transfers = connection.system_service().image_transfers_service()
+            transfer = transfers.add(types.ImageTransfer(
+                disk=types.Disk(id=lab.vm_info(vm)["disks"][0]["id"]), backup=types.Backup(id=other),
+                direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
+            transfer_service = transfers.image_transfer_service(transfer.id)
+            transfer_service.get()
+            job.run("backup", vm, expect=4)
+            assert _open_backup_ids(lab, vm) == [other]
+            transfer_service.finalize()
+            while not transfer_service.get().phase.value.startswith("finished"):
+                pass
+            other_service.finalize()
+            other_service.get()
+        finally:
+            connection.close()
+        assert _open_backup_ids(lab, vm) == []
+        result = job.backup(vm)[vm]
+        assert result["mode"] == "incremental", result["reason"]
+        job.assert_identical(result)
+
+        # abandoned: no transfer, older than foreign_stale_hours (here: a nanosecond)
+        lab.write(vm, disk=1, percent=2)
+        connection, other, _ = _other_tools_backup(lab, vm, "vProtect")
+        connection.close()
+        proc = job.run("backup", vm, "--json")
+        assert re.search(rf"WARNING .*backup {other} .*'vProtect'.* finalizing it as abandoned", proc.stderr)
+        result = json.loads(proc.stdout)[0]
+        assert result["mode"] == "incremental", result["reason"]
+        job.assert_identical(result)
+        assert open_on_engine(lab, vm) == ([], [])
+
+
+def test_own_backup_left_by_a_killed_run_is_finalized_at_once(job: Job, lab_clean):
+    """This job's backup (its description names the job and the repository) is finalized at
+    once, whatever foreign_stale_hours says; the other tool's marker is not this job's."""
+    lab = lab_clean
+    vm = _name("own")
+    with _vms(lab, (vm, {"disks": 1, "size": "16M"})):
+        job.backup(vm)
+        repo_id = next(p.name for p in (job.dir / "state").iterdir() if p.is_dir())
+        own = f"ovirt-borg job={job.config.stem} repository={repo_id}"
+        lab.write(vm, disk=1, percent=2)
+        connection, stale, _ = _other_tools_backup(lab, vm, own)
+        connection.close()
+        proc = job.run("backup", vm, "--json")
+        assert f"finalizing a stale backup {stale}" in proc.stderr
+        result = json.loads(proc.stdout)[0]
+        assert result["mode"] == "incremental"
+        job.assert_identical(result)
+        assert [b["description"] for b in lab.stats()["open_backups"] if b["vm"] == vm] == []
+
+
+def _checkpoints(lab, vm: str) -> list[str]:
+    return [c["id"] for c in lab.stats()["checkpoints"].get(vm, [])]
+
+
+def test_two_jobs_on_one_vm_both_stay_incremental(lab_clean, tmp_path):
+    """An on-site and an off-site job (two repositories, one state directory) back up the same
+    VM alternately, night after night: each purge keeps the checkpoint the other job's next
+    incremental starts from, so both stay incremental with identical images, and the engine
+    keeps two checkpoints. A job gone quiet for checkpoints.other_jobs_days no longer holds one."""
+    lab = lab_clean
+    vm = _name("twojobs")
+    onsite = make_job(lab, tmp_path / "onsite")
+    offsite = make_job(lab, tmp_path / "offsite")
+    configure(offsite, state={"directory": str(onsite.dir / "state")})
+    with _vms(lab, (vm, {"disks": 2, "size": "16M"})):
+        assert onsite.backup(vm)[vm]["mode"] == "full"
+        assert offsite.backup(vm)[vm]["mode"] == "full"
+        for night in range(3):
+            for job in (onsite, offsite):
+                lab.write(vm, disk=1 + night % 2, percent=3)
+                result = job.backup(vm)[vm]
+                assert result["mode"] == "incremental", (night, job.dir.name, result["reason"])
+                job.assert_identical(result)
+            assert len(_checkpoints(lab, vm)) == 2, _checkpoints(lab, vm)
+        # the off-site job falls silent: its sidecar ages past checkpoints.other_jobs_days
+        sidecar_path = next((onsite.dir / "state").glob(f"*/{lab.vm_info(vm)['id']}.json"))
+        for path in (onsite.dir / "state").glob(f"*/{lab.vm_info(vm)['id']}.json"):
+            doc = json.loads(path.read_text())
+            if doc["archive"] in offsite.archives():
+                sidecar_path = path
+        doc = json.loads(sidecar_path.read_text())
+        doc["finished"] = "2020-01-01T00:00:00Z"
+        sidecar_path.write_text(json.dumps(doc))
+        held = doc["checkpoint_id"]
+        lab.write(vm, disk=1, percent=1)
+        onsite.backup(vm)
+        assert held not in _checkpoints(lab, vm) and len(_checkpoints(lab, vm)) == 1
+        result = offsite.backup(vm)[vm]
+        assert result["mode"] == "full" and "no longer exists" in result["reason"]
+        offsite.assert_identical(result)
+        assert open_on_engine(lab, vm) == ([], [])
+
+
+def test_checkpoint_purge_keeps_what_any_job_needs():
+    """Pure: only the head of the chain before the oldest checkpoint any job needs goes."""
+    from ovirt_borg.engine import checkpoints_to_purge
+
+    chain = ["c1", "c2", "c3", "c4", "c5"]
+    assert checkpoints_to_purge(chain, "c5") == ["c1", "c2", "c3", "c4"]
+    assert checkpoints_to_purge(chain, "c5", also_keep=["c3"]) == ["c1", "c2"]
+    assert checkpoints_to_purge(chain, "c5", keep=2, also_keep=["c3"]) == ["c1"]
+    assert checkpoints_to_purge(chain, "c4", also_keep=["gone", "c5"]) == ["c1", "c2", "c3"]
+    assert checkpoints_to_purge(chain, "missing", also_keep=["c3"]) == []

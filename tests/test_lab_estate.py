@@ -211,3 +211,22 @@ def test_hosted_engine_vm_cannot_be_backed_up(lab_clean, engine):
         assert backups.list() == []
     finally:
         lab_clean.delete_vm(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backups of other tools
+
+
+def test_backup_description_is_kept_and_listed(lab_vm, engine):
+    """VmBackupMapper maps a backup's description both ways (engines from 4.4.8); more than
+    1024 characters are refused with 400 (StartVmBackupCommand.validate)."""
+    disk_id = lab_vm["disks"][0]["id"]
+    backups = engine.system_service().vms_service().vm_service(lab_vm["id"]).backups_service()
+    with pytest.raises(sdk.Error) as refused:
+        backups.add(types.Backup(disks=[types.Disk(id=disk_id)], description="x" * 1025))
+    assert refused.value.code == 400 and "more than 1024 characters" in str(refused.value)
+    backup, service = _ready_backup(engine, lab_vm["id"], [disk_id], description="Veeam Backup & Replication")
+    assert backup.description == "Veeam Backup & Replication"
+    _finalize(service)
+    listed = [b for b in backups.list() if b.id == backup.id]
+    assert [b.description for b in listed] == ["Veeam Backup & Replication"]

@@ -361,6 +361,7 @@ class Backup:
     exports: dict[str, str] = field(default_factory=dict)  # disk id -> export key
     finalize_polls: int = 0
     stale: bool = False  # left open by the stale_backup fault
+    description: str = ""  # given by the client (engines >= 4.4.8 keep it; VmBackupMapper)
 
     @property
     def is_open(self) -> bool:
@@ -968,7 +969,7 @@ class Engine:
                     cp.state = "invalid"
 
     def add_backup(self, vm_id: str, *, from_checkpoint_id: str | None,
-                   disk_ids: list[str] | None) -> Backup:
+                   disk_ids: list[str] | None, description: str | None = None) -> Backup:
         """Start a backup of the VM's disks (all attached disks unless given).
 
         Adds the new checkpoint's bitmap to each change-tracking disk and exports every disk
@@ -989,6 +990,11 @@ class Engine:
                           "Backup is not supported by the host for a VM that is Down.")
         if self.open_backup(vm.id) is not None:
             raise _cannot(409, "backup VM", "VM is during a backup operation.")
+        if description is not None and len(description) > 1024:
+            # StartVmBackupCommand.validate: ACTION_TYPE_FAILED_VM_BACKUP_DESCRIPTION_IS_TOO_LONG
+            # (ErrorType.BAD_PARAMETERS); the vm_backups.description column is VARCHAR(1024).
+            raise _cannot(400, "backup VM", "The VM backup description shouldn't contain more than "
+                          "1024 characters.")
         plugged = {a.disk_id: a.active for a in vm.attachments}
         if disk_ids:
             for disk_id in disk_ids:
@@ -1043,7 +1049,7 @@ class Engine:
             id=new_id(), vm_id=vm.id, host_id=self.host_for(vm).id, phase="initializing",
             disk_ids=[d.id for d in disks], modes=modes,
             from_checkpoint_id=from_cp.id if from_cp else None,
-            new_checkpoint_id=new_cp_id, creation_date=timestamp(),
+            new_checkpoint_id=new_cp_id, creation_date=timestamp(), description=description or "",
         )
         added_bitmaps: list[Disk] = []
         try:
@@ -1568,7 +1574,8 @@ class Engine:
         return {
             **plane,
             "open_backups": [
-                {"id": b.id, "vm": names.get(b.vm_id, b.vm_id), "phase": b.phase}
+                {"id": b.id, "vm": names.get(b.vm_id, b.vm_id), "phase": b.phase,
+                 "description": b.description}
                 for b in self.backups.values() if b.is_open
             ],
             "open_transfers": [

@@ -581,7 +581,8 @@ def _backups_add(srv: EngineServer, req: _Request) -> _Response:
     body = req.xml("backup")
     backup = srv.engine.add_backup(req.params[0],
                                    from_checkpoint_id=xmlout.text(body, "from_checkpoint_id"),
-                                   disk_ids=xmlout.ids(body, "disks/disk"))
+                                   disk_ids=xmlout.ids(body, "disks/disk"),
+                                   description=xmlout.text(body, "description"))
     return _created(xmlout.backup(srv.engine, backup))
 
 

@@ -249,6 +249,8 @@ def backup(engine: Engine, b: Backup) -> ET.Element:
     el = _obj("backup", b.id, href)
     _link(el, f"{href}/disks", "disks")
     _sub(el, "creation_date", b.creation_date)
+    if b.description:
+        _sub(el, "description", b.description)
     if b.from_checkpoint_id:
         _sub(el, "from_checkpoint_id", b.from_checkpoint_id)
     _sub(el, "phase", b.phase)
