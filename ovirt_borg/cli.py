@@ -327,10 +327,14 @@ def _transfer_settings(config: config_mod.Config):
     from ovirt_borg.imageio import TransferSettings
 
     t = config.transfer
+    if t.host_ca_file and not os.access(t.host_ca_file, os.R_OK):
+        raise ConfigError(f"{config.path}: 'transfer.host_ca_file' {t.host_ca_file} does not exist or cannot "
+                          "be read; download the engine's internal CA there")
     return TransferSettings(
         readers=t.readers, connect_timeout=t.connect_timeout, read_timeout=t.read_timeout,
         extents_timeout=t.extents_timeout, retries=t.retries, force_proxy=t.use_proxy,
-        ca_file=config.engine.ca_file or None, verify=not config.engine.insecure,
+        ca_file=config.engine.ca_file or None, host_ca_file=t.host_ca_file or None,
+        verify=not config.engine.insecure,
         bandwidth_limit=config_mod.parse_size(t.bandwidth_limit) if t.bandwidth_limit else None)
 
 

@@ -137,6 +137,10 @@ class TransferConfig:
     extents_timeout: float = opt(600.0, "seconds to wait for the extents of a disk (slow on huge disks)")
     retries: int = opt(5, "retries of a failed range before giving up (with backoff)")
     use_proxy: bool = opt(False, "always go through the engine's imageio proxy (proxy_url)")
+    host_ca_file: str = opt("", "CA certificate of the hosts' imageio (port 54322): the engine's internal CA "
+                            "(https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate"
+                            "&format=X509-PEM-CA), also when the engine's web certificate was replaced; "
+                            "default: engine.ca_file", "/etc/ovirt-borg/engine-internal-ca.pem")
     bandwidth_limit: str = opt("", "cap on imageio bytes per second, e.g. 100M (empty: none)")
     inactivity_timeout: int = opt(120, "seconds the engine keeps an idle image transfer")
 

@@ -275,3 +275,70 @@ def test_checkpoint_purge_keeps_what_any_job_needs():
     assert checkpoints_to_purge(chain, "c5", keep=2, also_keep=["c3"]) == ["c1"]
     assert checkpoints_to_purge(chain, "c4", also_keep=["gone", "c5"]) == ["c1", "c2", "c3"]
     assert checkpoints_to_purge(chain, "missing", also_keep=["c3"]) == []
+
+
+# -- two certificate authorities -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_ca_lab(tmp_path_factory):
+    """A lab whose engine web certificate (HTTPS, imageio proxy) has a CA of its own, as after
+    an admin installed a commercial one; the host imageio keeps the engine's internal CA."""
+    from ovirt_borg.lab.control import Lab
+
+    instance = Lab.up(tmp_path_factory.mktemp("two-ca-lab"), vms=1, disk_size="16M", separate_web_ca=True)
+    try:
+        yield instance
+    finally:
+        instance.down()
+
+
+def _bytes(lab) -> tuple[int, int]:
+    stats = lab.stats()
+    return stats["imageio.host.bytes"], stats["imageio.proxy.bytes"]
+
+
+def test_a_replaced_web_certificate_needs_the_internal_ca_for_the_hosts(two_ca_lab, tmp_path):
+    """engine.ca_file verifies the engine and its imageio proxy, transfer.host_ca_file the
+    hosts' imageio. Without it the host's certificate is not trusted: the disk is read through
+    the proxy (verified all the way), with a warning naming the setting and where to download
+    the internal CA (exit 1); never an unverified connection."""
+    lab = two_ca_lab
+    job = make_job(lab, tmp_path / "job")
+    vm = "vm1"
+    # both CAs given: the data comes straight from the host
+    configure(job, transfer={"host_ca_file": str(lab.host_ca_file)})
+    host, proxy = _bytes(lab)
+    result = job.backup(vm)[vm]
+    assert result["warnings"] == []
+    assert _bytes(lab)[0] > host and _bytes(lab)[1] == proxy, "read from the host, not the proxy"
+    job.assert_identical(result)
+
+    # only the engine's (web) CA: the host is not trusted, the proxy path is taken and said
+    configure(job, transfer={"host_ca_file": ""})
+    lab.write(vm, disk=2, percent=5)
+    host, proxy = _bytes(lab)
+    proc = job.run("backup", vm, "--json", expect=1)
+    result = json.loads(proc.stdout)[0]
+    assert result["ok"] and result["mode"] == "incremental", result
+    assert _bytes(lab)[1] > proxy, "read through the proxy"
+    assert len(result["warnings"]) == len(result["disks"])
+    for text in [*result["warnings"], *_warnings(proc.stderr)]:
+        assert "transfer.host_ca_file" in text and \
+            "/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA" in text, text
+    assert check_log_lines(proc.stderr) == []
+    job.assert_identical(result)
+    assert open_on_engine(lab, vm) == ([], [])
+
+    # the internal CA given for the engine: its web certificate is not trusted, nothing is sent
+    configure(job, engine={"ca_file": str(lab.host_ca_file)})
+    logins = lab.stats()["calls"].get("sso.token", 0)
+    proc = job.run("backup", vm, expect=4)
+    assert "TLS certificate is not trusted" in proc.stderr
+    assert lab.stats()["calls"].get("sso.token", 0) == logins, "the password was sent"
+
+    # an unreadable host CA file is a configuration error naming the key
+    configure(job, engine={"ca_file": str(lab.ca_file)}, transfer={"host_ca_file": str(tmp_path / "none.pem")})
+    proc = job.run("backup", vm, expect=2)
+    assert "transfer.host_ca_file" in proc.stderr
+    assert open_on_engine(lab, vm) == ([], [])

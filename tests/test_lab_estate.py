@@ -9,16 +9,20 @@ any size starting in seconds.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import itertools
 import json
 import os
+import ssl
 import subprocess
 import time
+import urllib.parse
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 import pytest
 
+from ovirt_borg.lab.control import Lab
 from ovirt_borg.lab.model import LabLayout
 from ovirt_borg.lab.sample import FULL_SHA256_LIMIT, create_sample, data_sha256, parse_size
 
@@ -230,3 +234,77 @@ def test_backup_description_is_kept_and_listed(lab_vm, engine):
     _finalize(service)
     listed = [b for b in backups.list() if b.id == backup.id]
     assert [b.description for b in listed] == ["Veeam Backup & Replication"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two certificate authorities
+
+
+@pytest.fixture(scope="module")
+def two_ca_lab(tmp_path_factory):
+    """A lab whose engine web certificate (HTTPS, imageio proxy) has a CA of its own."""
+    instance = Lab.up(tmp_path_factory.mktemp("two-ca-lab"), vms=1, disk_size="16M", separate_web_ca=True)
+    try:
+        yield instance
+    finally:
+        instance.down()
+
+
+def _options(url: str, ca_file) -> int:
+    parts = urllib.parse.urlsplit(url)
+    con = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10,
+                                      context=ssl.create_default_context(cafile=os.fspath(ca_file)))
+    try:
+        con.request("OPTIONS", parts.path)
+        return con.getresponse().status
+    finally:
+        con.close()
+
+
+def test_engine_and_proxy_use_the_web_ca_hosts_the_internal_ca(two_ca_lab):
+    """ovirt-engine-setup's 50-engine.conf gives the proxy the Apache certificate and trusts the
+    hosts with the internal CA; vdsm's 50-vdsm.conf gives the host daemon the internal CA's."""
+    lab = two_ca_lab
+    assert lab.ca_file != lab.host_ca_file
+    with pytest.raises(sdk.Error, match="SSL|certificate"):
+        lab.connection(ca_file=os.fspath(lab.host_ca_file)).test(raise_exception=True)
+    engine = lab.connection()
+    try:
+        vm = engine.system_service().vms_service().list(search="name=vm1")[0]
+        disk_id = lab.vm_info("vm1")["disks"][0]["id"]
+        backup, backup_service = _ready_backup(engine, vm.id, [disk_id])
+        transfers = engine.system_service().image_transfers_service()
+        created = transfers.add(types.ImageTransfer(
+            disk=types.Disk(id=disk_id), backup=types.Backup(id=backup.id),
+            direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
+        service = transfers.image_transfer_service(created.id)
+        try:
+            transfer = _poll(service.get, lambda t: t.phase == types.ImageTransferPhase.TRANSFERRING)
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _options(transfer.transfer_url, lab.ca_file)
+            assert _options(transfer.transfer_url, lab.host_ca_file) == 200
+            with pytest.raises(ssl.SSLCertVerificationError):
+                _options(transfer.proxy_url, lab.host_ca_file)
+            # the proxy verifies the host with the internal CA and passes requests on
+            before = lab.stats()["imageio.host.bytes"]
+            assert _options(transfer.proxy_url, lab.ca_file) == 200
+            from ovirt_borg.imageio import ImageioClient, TransferSettings
+
+            with ImageioClient(transfer.proxy_url, None, TransferSettings(ca_file=os.fspath(lab.ca_file))) as client:
+                assert [len(piece) for _, piece in client.read_ranges([(0, MiB)])] == [MiB]
+            assert lab.stats()["imageio.host.bytes"] > before
+        finally:
+            service.finalize()
+            _poll(service.get, lambda t: t.phase.value.startswith("finished"))
+            _finalize(backup_service)
+    finally:
+        engine.close()
+
+
+def test_default_lab_signs_both_with_the_internal_ca(lab):
+    """As engine-setup leaves it: apache.cer signed by the engine CA, so one CA file does."""
+    assert lab.ca_file == lab.host_ca_file
+    pki = lab.ca_file.parent
+    for cert in ("server.pem", "host.pem"):
+        subprocess.run(["openssl", "verify", "-CAfile", lab.ca_file, pki / cert], check=True,
+                       capture_output=True)

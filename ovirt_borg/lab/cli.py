@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-size", type=_size, default="64M",
                    help="size of each sample disk: 64M, 1G, 1T (default 64M)")
     p.add_argument("--plain-http", action="store_true", help="serve http:// instead of https://")
+    p.add_argument("--separate-web-ca", action="store_true",
+                   help="the engine's web certificate (HTTPS, imageio proxy) from a CA of its own, as "
+                        "after an admin installed a commercial one; host imageio keeps the internal CA")
 
     command("down", "stop the engine, its imageio daemons and exports")
     command("status", "print lab.json and whether the engine answers")
@@ -127,7 +130,7 @@ def _run(args: argparse.Namespace) -> Any:
         return None
     if args.command == "up":
         lab = Lab.up(args.dir, vms=args.vms, disk_size=args.disk_size,
-                     plain_http=args.plain_http)
+                     plain_http=args.plain_http, separate_web_ca=args.separate_web_ca)
         return lab.info
     lab = Lab.open(args.dir)
     if args.command == "down":

@@ -71,8 +71,12 @@ class LabDataPlane:
                  on_change: Callable[[], None] = lambda: None):
         self.run_dir = Path(run_dir)
         self.socket_dir = _short_dir(self.run_dir / "nbd")
-        self.host = ImageioDaemon(self.run_dir / "imageio", "host", port=free_port(), pki=pki)
-        self.proxy = ImageioDaemon(self.run_dir / "imageio", "proxy", port=free_port(), pki=pki)
+        # The host daemon under the engine's internal CA, the proxy under the web certificate
+        # (see tls): a client needs the right CA for each.
+        self.host = ImageioDaemon(self.run_dir / "imageio", "host", port=free_port(),
+                                  pki=pki.host() if pki else None)
+        self.proxy = ImageioDaemon(self.run_dir / "imageio", "proxy", port=free_port(), pki=pki,
+                                   backend_ca_file=pki.host_ca_file if pki else None)
         self.exports: dict[str, qemu.NbdExport] = {}
         self._on_change = on_change
         self._lock = threading.RLock()  # daemons and exports: engine calls and the restart thread
