@@ -8,6 +8,7 @@ any size starting in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import itertools
@@ -22,6 +23,7 @@ import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 import pytest
 
+from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.lab.control import Lab
 from ovirt_borg.lab.model import LabLayout
 from ovirt_borg.lab.sample import FULL_SHA256_LIMIT, create_sample, data_sha256, parse_size
@@ -110,28 +112,38 @@ def _finalize(service):
     _poll(service.get, lambda b: b.phase in (types.BackupPhase.SUCCEEDED, types.BackupPhase.FAILED))
 
 
+@contextlib.contextmanager
+def _backup_transfer(engine, vm_id, disk_id):
+    """A ready backup of the VM's disk and a download transfer of it as the POST answered it,
+    with the transfer's service; both are finalized afterwards."""
+    backup, backup_service = _ready_backup(engine, vm_id, [disk_id])
+    try:
+        transfers = engine.system_service().image_transfers_service()
+        created = transfers.add(types.ImageTransfer(
+            disk=types.Disk(id=disk_id), backup=types.Backup(id=backup.id),
+            direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
+        service = transfers.image_transfer_service(created.id)
+        try:
+            yield created, service
+        finally:
+            service.finalize()
+            _poll(service.get, lambda t: t.phase.value.startswith("finished"))
+    finally:
+        _finalize(backup_service)
+
+
 def test_image_transfers_carry_no_backup_and_no_disk(lab_vm, engine):
     """ImageTransferMapper: a transfer shows its host and <image id> = the disk id, never the
     <backup> or <disk> it was created with (POST reply, GET and list alike)."""
     disk_id = lab_vm["disks"][0]["id"]
-    backup, backup_service = _ready_backup(engine, lab_vm["id"], [disk_id])
-    transfers = engine.system_service().image_transfers_service()
-    created = transfers.add(types.ImageTransfer(
-        disk=types.Disk(id=disk_id), backup=types.Backup(id=backup.id),
-        direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
-    service = transfers.image_transfer_service(created.id)
-    try:
+    with _backup_transfer(engine, lab_vm["id"], disk_id) as (created, service):
         got = _poll(service.get, lambda t: t.phase != types.ImageTransferPhase.INITIALIZING)
-        listed = [t for t in transfers.list() if t.id == created.id]
+        listed = [t for t in engine.system_service().image_transfers_service().list() if t.id == created.id]
         assert len(listed) == 1
         for seen in (created, got, listed[0]):
             assert seen.backup is None and seen.disk is None, seen.id
             assert seen.image is not None and seen.image.id == disk_id
             assert seen.host is not None and seen.host.id
-    finally:
-        service.finalize()
-        _poll(service.get, lambda t: t.phase.value.startswith("finished"))
-        _finalize(backup_service)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,19 +278,15 @@ def test_engine_and_proxy_use_the_web_ca_hosts_the_internal_ca(two_ca_lab):
     hosts with the internal CA; vdsm's 50-vdsm.conf gives the host daemon the internal CA's."""
     lab = two_ca_lab
     assert lab.ca_file != lab.host_ca_file
+    wrong = lab.connection(ca_file=os.fspath(lab.host_ca_file))
     with pytest.raises(sdk.Error, match="SSL|certificate"):
-        lab.connection(ca_file=os.fspath(lab.host_ca_file)).test(raise_exception=True)
+        wrong.test(raise_exception=True)
+    with contextlib.suppress(sdk.Error):
+        wrong.close()
     engine = lab.connection()
     try:
         vm = engine.system_service().vms_service().list(search="name=vm1")[0]
-        disk_id = lab.vm_info("vm1")["disks"][0]["id"]
-        backup, backup_service = _ready_backup(engine, vm.id, [disk_id])
-        transfers = engine.system_service().image_transfers_service()
-        created = transfers.add(types.ImageTransfer(
-            disk=types.Disk(id=disk_id), backup=types.Backup(id=backup.id),
-            direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
-        service = transfers.image_transfer_service(created.id)
-        try:
+        with _backup_transfer(engine, vm.id, lab.vm_info("vm1")["disks"][0]["id"]) as (_, service):
             transfer = _poll(service.get, lambda t: t.phase == types.ImageTransferPhase.TRANSFERRING)
             with pytest.raises(ssl.SSLCertVerificationError):
                 _options(transfer.transfer_url, lab.ca_file)
@@ -288,15 +296,9 @@ def test_engine_and_proxy_use_the_web_ca_hosts_the_internal_ca(two_ca_lab):
             # the proxy verifies the host with the internal CA and passes requests on
             before = lab.stats()["imageio.host.bytes"]
             assert _options(transfer.proxy_url, lab.ca_file) == 200
-            from ovirt_borg.imageio import ImageioClient, TransferSettings
-
             with ImageioClient(transfer.proxy_url, None, TransferSettings(ca_file=os.fspath(lab.ca_file))) as client:
                 assert [len(piece) for _, piece in client.read_ranges([(0, MiB)])] == [MiB]
             assert lab.stats()["imageio.host.bytes"] > before
-        finally:
-            service.finalize()
-            _poll(service.get, lambda t: t.phase.value.startswith("finished"))
-            _finalize(backup_service)
     finally:
         engine.close()
 
