@@ -50,7 +50,8 @@ lab-down:
 
 # Install the systemd units (the package itself: pip install .).
 install:
-	install -m 0644 systemd/ovirt-borg@.service systemd/ovirt-borg@.timer /etc/systemd/system/
+	install -m 0644 systemd/ovirt-borg@.service systemd/ovirt-borg@.timer \
+		systemd/ovirt-borg-verify@.service systemd/ovirt-borg-verify@.timer /etc/systemd/system/
 	install -d -m 0700 /etc/ovirt-borg /var/lib/ovirt-borg /root/.cache/borg /root/.config/borg
 	systemctl daemon-reload
 

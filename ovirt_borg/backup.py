@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ovirt_borg import archive, plan, sidecar as sc
+from ovirt_borg import archive, logs, plan, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo, WaitStopped
-from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
+from ovirt_borg.errors import EXIT_ERROR, CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
 from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings
 from ovirt_borg.progress import Progress
 
@@ -786,6 +786,48 @@ class RunOutcome:
     exit_code: int
 
 
+def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings, vm: VmInfo,
+               name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool,
+               archives: frozenset[str] | None) -> VmResult:
+    """Back up one VM of a run and tell the plugins; return its result, failed or not.
+
+    Any error of the VM, also an unexpected one (a bug: its trace is logged at debug level), is
+    that VM's failure (exit 2 for an unexpected one); an interrupt is raised.
+    """
+    from ovirt_borg.plugins import notify
+
+    if vm.hosted_engine:
+        reason = ("it is the hosted engine's VM, which the engine refuses to back up (use "
+                  "engine-backup for the engine); name it in selection.exclude to leave it out "
+                  "without this warning")
+        log.warning("VM %s skipped: %s", vm.name, reason)
+        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {reason}", exit_code=1)
+    vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
+    if vetoes:
+        log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))
+        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {'; '.join(vetoes)}", exit_code=1)
+    job = None
+    try:
+        archive_name = name_for(vm)
+        logs.set_context(archive=archive_name)
+        job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, archive_name, force_full=force_full,
+                       archives=archives)
+        result = job.run()  # an Interrupted is no Exception: it stops the run, not just this VM
+    except Exception as e:
+        if isinstance(e, OvirtBorgError):
+            message, exit_code = str(e), e.exit_code
+        else:
+            log.debug("VM %s: unexpected error", vm.name, exc_info=True)
+            message, exit_code = f"unexpected error (please report it; -v shows its trace): {e!r}", EXIT_ERROR
+        log.error("VM %s: backup failed: %s", vm.name, message)
+        failed = job.result if job else VmResult(vm=vm.name, vm_id=vm.id)
+        failed.error, failed.exit_code = message, exit_code
+        notify(pm, "ovirt_borg_backup_failed", config=config, vm=vm, error=message, exit_code=exit_code)
+        return failed
+    notify(pm, "ovirt_borg_vm_finished", config=config, vm=vm, result=result.as_dict())
+    return result
+
+
 def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
                 vms: list[VmInfo], name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool = False,
                 archives: frozenset[str] | None = None) -> RunOutcome:
@@ -795,40 +837,12 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
     at the start of the run (see ``VmBackup``). Returns every VM's result and the run's exit code
     (0, or the failed VMs' exit code; 2 when they differ). Interrupts propagate at once.
     """
-    from ovirt_borg.plugins import notify
-
     results: list[VmResult] = []
-    codes = set()
     for vm in vms:
-        if vm.hosted_engine:
-            reason = ("it is the hosted engine's VM, which the engine refuses to back up (use "
-                      "engine-backup for the engine); name it in selection.exclude to leave it out "
-                      "without this warning")
-            log.warning("VM %s skipped: %s", vm.name, reason)
-            results.append(VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {reason}", exit_code=1))
-            codes.add(1)
-            continue
-        vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
-        if vetoes:
-            log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))
-            results.append(VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {'; '.join(vetoes)}", exit_code=1))
-            codes.add(1)
-            continue
-        job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, name_for(vm), force_full=force_full,
-                       archives=archives)
-        try:
-            result = job.run()  # an Interrupted is no OvirtBorgError: it stops the run, not just this VM
-        except OvirtBorgError as e:
-            log.error("VM %s: backup failed: %s", vm.name, e)
-            job.result.error, job.result.exit_code = str(e), e.exit_code
-            results.append(job.result)
-            codes.add(e.exit_code)
-            notify(pm, "ovirt_borg_backup_failed", config=config, vm=vm, error=str(e), exit_code=e.exit_code)
-            continue
-        results.append(result)
-        if result.warnings:
-            codes.add(1)
-        notify(pm, "ovirt_borg_vm_finished", config=config, vm=vm, result=result.as_dict())
+        with logs.context(vm=vm.name):
+            results.append(_backup_vm(engine, repo, state, settings, vm, name_for, pm, config,
+                                      force_full=force_full, archives=archives))
+    codes = {r.exit_code for r in results if r.exit_code} | {1 for r in results if r.warnings}
     failures = codes - {1}
     if failures:
         exit_code = failures.pop() if len(failures) == 1 else 2

@@ -40,6 +40,7 @@ __all__ = [
     "list_archives",
     "lock_holders",
     "log_lock_wait",
+    "mount",
     "open_stream",
     "prune",
     "read_file",
@@ -526,6 +527,17 @@ def open_stream(repo: Repo, archive: str, path: str) -> Iterator[IO[bytes]]:
 _PRUNED_LINE = re.compile(r"^(?:Would prune|Pruning archive \(\d+/\d+\)):\s+(?P<rest>.*?)\s*$")
 _ARCHIVE_ID = re.compile(r"\[(?P<id>[0-9a-f]{64})\]$")
 _KEEP_RULE = re.compile(r"^[a-z0-9]+$")
+
+
+def mount(repo: Repo, archive: str, mountpoint: str | os.PathLike, options: tuple[str, ...] = ()) -> None:
+    """``borg mount`` the archive read-only at ``mountpoint`` (a FUSE file system served by a
+    borg process in the background until it is unmounted); ``options`` are FUSE mount options.
+
+    Raises the typed error for Borg's failure (busy repository, wrong passphrase, no archive).
+    """
+    args = ["mount", *(("-o", ",".join(options)) if options else ()),
+            archive_location(repo, archive), os.fspath(mountpoint)]
+    _run(repo, *args, archive=archive)
 
 
 def prune(repo: Repo, glob: str, keep: Mapping[str, int | str], dry_run: bool = False) -> list[str]:

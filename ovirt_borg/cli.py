@@ -109,28 +109,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
     p = sub.add_parser("verify", help="re-read archives and compare with the hashes taken at backup time",
-                       description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM) "
-                                   "from the repository (Borg checks each chunk's MAC and id as it reads) and "
-                                   "compare each block with the digest recorded at backup time: its Borg "
-                                   "chunk id, or its sha256 for archives of the 'cli' writer. Exit 10 on a "
-                                   "mismatch.")
+                       description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM, "
+                                   "or of every VM of this job) from the repository (Borg checks each chunk's "
+                                   "MAC and id as it reads) and compare each block with the digest recorded at "
+                                   "backup time: its Borg chunk id, or its sha256 for archives of the 'cli' "
+                                   "writer. Exit 10 on a mismatch. Borg's shared lock is held while an archive "
+                                   "is read: a backup of the same repository waits for it (lock_wait).")
     p.add_argument("archive", nargs="?", metavar="ARCHIVE", help="the archive to verify")
-    p.add_argument("--vm", help="verify this VM's newest archives")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--vm", help="verify this VM's newest archives")
+    which.add_argument("--all", action="store_true",
+                       help="verify the newest archives of every VM with archives of this job (the weekly "
+                            "ovirt-borg-verify@.timer runs this)")
     p.add_argument("--last", type=_at_least_one, default=1, metavar="N",
-                   help="with --vm: how many of the newest (default 1)")
+                   help="with --vm or --all: how many of each VM's newest (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("mount", help="mount an archive and its disks' file systems read-only",
-                       description="borg mount ARCHIVE at MOUNTPOINT/.archive, attach each disk image to a "
-                                   "read-only loop device with partition scanning, and mount every file "
-                                   "system found read-only at MOUNTPOINT/<disk alias>[-pN]. Needs root. "
-                                   "Borg holds the repository's shared lock while the archive is mounted: "
-                                   "backups and prunes of the repository wait for 'umount' (up to "
-                                   "repository.lock_wait) and then fail.")
+    p = sub.add_parser(
+        "mount", help="mount an archive and its disks' file systems read-only",
+        description="borg mount ARCHIVE at MOUNTPOINT/.archive and mount every file system found "
+                    "on its disks read-only at MOUNTPOINT/<disk alias>/<partition> (pN, or "
+                    "whole-disk for a disk without partitions). Every file system is mounted "
+                    "ro,nosuid,nodev,noexec: a guest is not trusted. MOUNTPOINT, when new, and "
+                    "every directory made below it are mode 0700 (root alone can read the guests' "
+                    "files). Needs root. Borg holds the repository's shared lock while the archive "
+                    "is mounted: backups and prunes of the repository wait for 'umount' (up to "
+                    "repository.lock_wait) and then fail.")
     p.add_argument("archive", metavar="ARCHIVE", help="the archive to mount (see 'ovirt-borg list')")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an empty directory")
-    p = sub.add_parser("umount", help="undo 'ovirt-borg mount'",
-                       description="Unmount the file systems, detach the loop devices, unmount the archive.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path,
+                   help="a new directory, or an empty one of root's that no one else may write to")
+    p.add_argument("--json", action="store_true", help="print what was mounted where as JSON")
+    p = sub.add_parser(
+        "umount", help="undo 'ovirt-borg mount' (needs no -c)",
+        description="Unmount what 'ovirt-borg mount' made at MOUNTPOINT, as recorded in "
+                    "MOUNTPOINT/.ovirt-borg-mount.json while it was made: the file systems, the loop "
+                    "devices, the archive, then the directories. Also after a mount that was "
+                    "stopped or crashed midway. It refuses, touching nothing, when anything else "
+                    "is mounted below MOUNTPOINT.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="the directory given to 'mount'")
 
     p = sub.add_parser("prune", help="apply the retention rules per VM, then compact",
@@ -378,19 +393,26 @@ def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
 def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import restore
     from ovirt_borg.backup import vm_archive_glob
+    from ovirt_borg.errors import NotFound
+    from ovirt_borg.retention import archives_by_vm
 
     repo = _repo(config)
     prefix = config.repository.prefix
+    if args.archive and (args.vm or args.all):
+        raise ConfigError("name an ARCHIVE, or use --vm or --all, not both")
     if args.archive:
         names = [args.archive]
     elif args.vm:
         names = [a["name"] for a in borgcli.list_archives(repo, vm_archive_glob(prefix, args.vm))][-args.last:]
         if not names:
-            from ovirt_borg.errors import NotFound
-
             raise NotFound(f"no archives of VM {args.vm!r} in the repository")
+    elif args.all:
+        by_vm = archives_by_vm((a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")), prefix)
+        names = [name for vm in sorted(by_vm) for name in by_vm[vm][-args.last:]]
+        if not names:
+            raise NotFound(f"no archives of this job (prefix {prefix!r}) in the repository")
     else:
-        raise ConfigError("name an ARCHIVE, or --vm VM [--last N]")
+        raise ConfigError("name an ARCHIVE, or --vm VM [--last N], or --all [--last N]")
     report = []
     failed = None
     for name in names:
@@ -417,17 +439,25 @@ def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
 def cmd_mount(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import mount
 
-    disks = mount.mount_archive(_repo(config), args.archive, args.mountpoint)
-    print(f"archive mounted at {args.mountpoint / mount.ARCHIVE_DIR}")
+    mountpoint = args.mountpoint.absolute()
+    disks = mount.mount_archive(_repo(config), args.archive, mountpoint)
+    if args.json:
+        print(json.dumps({"archive": args.archive, "mountpoint": str(mountpoint),
+                          "disks": [d.as_dict() for d in disks]}, indent=2))
+        return EXIT_OK
+    print(f"archive {args.archive} mounted at {mountpoint / mount.ARCHIVE_DIR}")
     for disk in disks:
-        print(f"{disk.image} -> {disk.loop} (read-only)")
-        for fs in disk.filesystems:
-            print(f"  file system mounted read-only at {fs}")
-    print(f"when done: ovirt-borg -c {config.path} umount {args.mountpoint}")
+        print(f"disk {disk.alias} ({disk.id}):")
+        for volume in disk.volumes:
+            if volume.path:
+                print(f"  {volume.name}: {volume.fstype} mounted read-only at {volume.path}")
+            else:
+                print(f"  {volume.name}: not mounted: {volume.reason}")
+    print(f"when done: ovirt-borg umount {mountpoint}")
     return EXIT_OK
 
 
-def cmd_umount(args: argparse.Namespace, config: config_mod.Config) -> int:
+def cmd_umount(args: argparse.Namespace) -> int:
     from ovirt_borg import mount
 
     mount.umount_archive(args.mountpoint)
@@ -495,7 +525,9 @@ def cmd_generate_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore, "verify": cmd_verify,
-            "mount": cmd_mount, "umount": cmd_umount, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
+            "mount": cmd_mount, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
+#: Commands that need no configuration: they are given everything on the command line.
+WITHOUT_CONFIG = {"generate-config": cmd_generate_config, "umount": cmd_umount}
 
 
 #: Signals that stop a run cleanly (Ctrl-C, systemctl stop, a closed terminal or ssh session).
@@ -508,6 +540,9 @@ def _raise_interrupted(signum: int, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run one command, map errors to exit codes. The only exit point."""
+    # Everything ovirt-borg creates is its user's alone: repository segments and indexes written
+    # in-process, state, restored images, mountpoints (the systemd unit sets UMask=0077 too).
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
@@ -516,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, _raise_interrupted)
     memory.tune_allocator()
     try:
-        if args.command == "generate-config":
-            code = cmd_generate_config(args)
+        if args.command in WITHOUT_CONFIG:
+            code = WITHOUT_CONFIG[args.command](args)
         else:
             config = _load_config(args.config)
             code = COMMANDS[args.command](args, config)

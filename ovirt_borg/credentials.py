@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 from ovirt_borg import borgmatic
@@ -32,9 +33,14 @@ def _credential_file(name: str) -> Path | None:
 
 def _read_secret(path: Path, what: str) -> str:
     try:
-        text = path.read_text()
+        with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read the {what} from {path}: {e.strerror}") from None
+    if mode & stat.S_IROTH:
+        log.warning("the %s file %s is readable by every user (mode %04o): chmod 600 %s", what, path,
+                    stat.S_IMODE(mode), path)
     secret = text.rstrip("\r\n")
     if not secret:
         raise ConfigError(f"the {what} file {path} is empty")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ovirt_borg import archive, borgcli, sidecar as sc
@@ -37,6 +38,16 @@ def vm_of_archive(name: str, prefix: str) -> str | None:
     return match.group(1) if match else None
 
 
+def archives_by_vm(names: Iterable[str], prefix: str) -> dict[str, list[str]]:
+    """This job's archive names grouped by VM, each VM's in the given order (pure)."""
+    by_vm: dict[str, list[str]] = {}
+    for name in names:
+        vm = vm_of_archive(name, prefix)
+        if vm is not None:
+            by_vm.setdefault(vm, []).append(name)
+    return by_vm
+
+
 def keep_rules(retention) -> dict[str, int | str]:
     """Borg keep rules from the [retention] section; zero and empty rules are left out (pure)."""
     rules: dict[str, int | str] = {}
@@ -53,12 +64,7 @@ def prune(repo: archive.Repo, state: sc.StateDir, prefix: str, keep: dict[str, i
 
     Returns what was (or, with ``dry_run``, would be) pruned per VM.
     """
-    archives = borgcli.list_archives(repo, f"{prefix}*")
-    by_vm: dict[str, list[str]] = {}
-    for entry in archives:
-        vm = vm_of_archive(entry["name"], prefix)
-        if vm is not None:
-            by_vm.setdefault(vm, []).append(entry["name"])
+    by_vm = archives_by_vm((entry["name"] for entry in borgcli.list_archives(repo, f"{prefix}*")), prefix)
     protected = {s.vm_name: s.archive for s in state.all()}
     results = []
     for vm in sorted(vms or by_vm):

@@ -332,6 +332,14 @@ class Lab:
         return self._call("add-vm", vm=name, disks=disks, size=parse_size(size), format=format,
                           status=status, tags=list(tags), seed=seed, origin=origin)
 
+    def add_guests(self, vm: str = "guests") -> dict[str, Any]:
+        """Add the VM with the guest disks of file-level recovery (``ovirt_borg.lab.guests``).
+
+        Returns its ``sample.json`` entry: per disk its id, alias and volumes with their known
+        files. Raises ``LabRequestError`` (409) when the name is taken.
+        """
+        return self._call("add-guests", vm=vm)
+
     def detach_disk(self, vm: str, disk: int | str) -> dict[str, Any]:
         """Detach a VM disk (by 1-based index or id); it stays as a floating disk."""
         return self._call("detach-disk", vm=vm, disk=disk)

@@ -738,6 +738,10 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
                              origin=args.get("origin", "ovirt"))
         return {"id": vm.id, "name": vm.name, "status": vm.status,
                 "disks": [a.disk_id for a in vm.attachments]}
+    if op == "add-guests":
+        from ovirt_borg.lab.guests import add_guest_vm
+
+        return add_guest_vm(e, args.get("vm", "guests"))
     if op == "detach-disk":
         disk = e.vm_disk(args["vm"], args.get("disk", 1))
         e.detach_disk(e.vm_by_name(args["vm"]).id, disk.id)
