@@ -63,6 +63,12 @@ class BackupSettings:
     cold_backup: bool = True
     exclude_disks: tuple[str, ...] = ()
     checkpoints_keep: int = 1
+    #: A checkpoint another job's sidecar names is kept unless that sidecar is older (0: always).
+    checkpoints_other_jobs_days: int = 14
+    #: The description this job writes on its engine backups (``job_description``).
+    description: str = ""
+    #: Another's backup left open is finalized once this old with no active transfer (0: at once).
+    foreign_stale_hours: float = 24.0
     inactivity_timeout: int = 120
     transfer: TransferSettings = field(default_factory=TransferSettings)
 
@@ -113,11 +119,14 @@ class VmResult:
     exit_code: int = 0
     # Problems after the archive was committed (the backup stands; the run exits 1).
     warnings: list[str] = field(default_factory=list)
+    # Disks the engine's backup leaves out: {"id", "alias", "reason"} each (the run exits 1).
+    skipped_disks: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["disks"] = [x.as_dict() for x in self.disks]
         d["warnings"] = list(self.warnings)
+        d["skipped_disks"] = [dict(x) for x in self.skipped_disks]
         return d
 
 
@@ -200,6 +209,15 @@ def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: d
                         previous.checkpoint_id)
 
 
+def job_description(job: str, repository_id: str) -> str:
+    """The description a job writes on its engine backups: how it tells its own from others'.
+
+    Given the job's name (its configuration file's name) and its repository's id. Engines from
+    4.4.8 keep a backup's description (up to 1024 characters) and list it with the backup.
+    """
+    return f"ovirt-borg job={job} repository={repository_id}"
+
+
 def archive_comment(vm_name: str, mode: str, path: str, checkpoint: str | None,
                     disks: Sequence[sc.DiskRecord] = ()) -> str:
     """The Borg archive comment: what ``ovirt-borg list`` shows without opening the archive.
@@ -249,6 +267,14 @@ class VmBackup:
         for disk in self.engine.vm_disks(self.vm.id):
             if any(fnmatch.fnmatchcase(disk.alias, p) or p == disk.id for p in self.settings.exclude_disks):
                 log.info("VM %s: disk %s is excluded by the configuration", self.vm.name, disk.alias)
+                continue
+            reason = disk.not_backed_up
+            if reason:
+                # Asking for it would fail the VM every night (a transfer that cannot start,
+                # or a 409 for an unplugged disk): leave it out, and say so until excluded.
+                self.result.skipped_disks.append({"id": disk.id, "alias": disk.alias, "reason": reason})
+                self._warn(f"VM {self.vm.name}: disk {disk.alias} ({disk.id}) is not backed up: {reason}; "
+                           "name it in selection.exclude_disks to leave it out without this warning")
                 continue
             if disk.format == "cow" and disk.backup != "incremental" and self.settings.enable_incremental:
                 log.info("VM %s: enabling incremental backup on disk %s", self.vm.name, disk.alias)
@@ -306,12 +332,17 @@ class VmBackup:
         t0 = time.monotonic()
         self._refresh_vm()
         disks = self._disks()
+        if not disks and self.result.skipped_disks:
+            self.result.error = "skipped: the engine backs up none of its disks"
+            self.result.exit_code = 1
+            return self.result
         if not disks:
             raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
         previous = self.state.load(self.vm.id)
         decision = self._decide(previous, started)
         ovf = self.engine.vm_ovf(self.vm.id)
-        self.engine.finalize_stale_backups(self.vm.id)
+        self.engine.finalize_stale_backups(self.vm.id, self.settings.description,
+                                           self.settings.foreign_stale_hours * 3600)
 
         use_backup_api = self.vm.status != "down" or self.settings.cold_backup
         backup_id = to_checkpoint = None
@@ -409,7 +440,8 @@ class VmBackup:
                     self._finalize(backup_id, finalizing, stop_finalizing)
         if to_checkpoint:
             try:
-                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
+                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep,
+                                              also_keep=self._other_jobs_checkpoints(utc_now()))
             except OvirtBorgError as e:
                 self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
                            "the next run purges them")
@@ -417,6 +449,30 @@ class VmBackup:
         self.result.seconds = round(time.monotonic() - t0, 3)
         self.result.ok = True
         return self.result
+
+    def _other_jobs_checkpoints(self, now: datetime) -> list[str]:
+        """The checkpoints of this VM that other jobs sharing the state directory (jobs writing
+        to other repositories) start their next incrementals from.
+
+        A job whose last backup of the VM finished more than ``checkpoints_other_jobs_days``
+        ago holds none: an abandoned job must not pile checkpoints up on the engine.
+        """
+        held = []
+        limit = self.settings.checkpoints_other_jobs_days
+        for other in self.state.other_jobs(self.vm.id):
+            if not other.checkpoint_id:
+                continue
+            try:
+                finished = datetime.strptime(other.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            if limit and now - finished > timedelta(days=limit):
+                log.info("VM %s: checkpoint %s of archive %s of another job is older than "
+                         "checkpoints.other_jobs_days; it is not kept for that job", self.vm.name,
+                         other.checkpoint_id, other.archive)
+                continue
+            held.append(other.checkpoint_id)
+        return held
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -467,13 +523,14 @@ class VmBackup:
 
     def _start_backup(self, disks: list[DiskInfo], decision: ModeDecision) -> tuple[str, ModeDecision]:
         disk_ids = [d.id for d in disks]
+        description = self.settings.description
         try:
-            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint), decision
+            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint, description), decision
         except CheckpointRefused as e:
             log.warning("VM %s: %s; falling back to a full backup", self.vm.name, e)
             decision = ModeDecision("full", f"the engine refused checkpoint {decision.from_checkpoint}")
             try:
-                return self.engine.start_backup(self.vm.id, disk_ids, None), decision
+                return self.engine.start_backup(self.vm.id, disk_ids, None, description), decision
             except CheckpointRefused as e2:
                 raise CheckpointError(f"VM {self.vm.name}: the engine refused a full backup: {e2}") from None
 
@@ -539,6 +596,8 @@ class VmBackup:
             stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))
             progress.finish()
             bytes_read = client.bytes_read
+            if client.fallback_reason:  # logged by the client; a setting to fix: the run exits 1
+                self.result.warnings.append(f"VM {self.vm.name} disk {disk.alias}: {client.fallback_reason}")
         if sha256s is None:
             digest_bytes, kind = stats.chunk_ids, sc.BLOCKS_BORG_ID
         else:
@@ -737,6 +796,12 @@ def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings:
     """
     from ovirt_borg.plugins import notify
 
+    if vm.hosted_engine:
+        reason = ("it is the hosted engine's VM, which the engine refuses to back up (use "
+                  "engine-backup for the engine); name it in selection.exclude to leave it out "
+                  "without this warning")
+        log.warning("VM %s skipped: %s", vm.name, reason)
+        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {reason}", exit_code=1)
     vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
     if vetoes:
         log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))

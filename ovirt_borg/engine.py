@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
@@ -49,6 +49,10 @@ class EngineSettings:
     retries: int = 3
 
 
+#: The origins of the hosted engine's VM (ovirt-engine VmBase.isHostedEngine).
+HOSTED_ENGINE_ORIGINS = ("hosted_engine", "managed_hosted_engine")
+
+
 @dataclass(frozen=True)
 class VmInfo:
     id: str
@@ -56,6 +60,12 @@ class VmInfo:
     status: str  # "up", "down", ...
     cluster: str = ""
     tags: tuple[str, ...] = ()
+    origin: str = ""
+
+    @property
+    def hosted_engine(self) -> bool:
+        """The engine's own VM: StartVmBackupCommand refuses to back it up (409)."""
+        return self.origin in HOSTED_ENGINE_ORIGINS
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,30 @@ class DiskInfo:
     bootable: bool = False
     active: bool = True
     status: str = "ok"
+    storage_type: str = "image"  # "image", "lun", "cinder", "managed_block_storage"
+    shareable: bool = False
 
     @property
     def incremental_capable(self) -> bool:
         return self.format == "cow" and self.backup == "incremental"
+
+    @property
+    def not_backed_up(self) -> str | None:
+        """Why the engine's backup leaves this disk out, or None when it backs it up.
+
+        StartVmBackupCommand takes plugged image disks that are not shareable: a LUN, Cinder,
+        managed-block or shareable disk is left out silently (its transfer then fails) and an
+        unplugged one fails the whole backup with 409 "disks are not active".
+        """
+        if self.storage_type != "image":
+            kind = {"lun": "a direct LUN", "managed_block_storage": "a managed block storage disk",
+                    "cinder": "a Cinder disk"}.get(self.storage_type, f"a {self.storage_type} disk")
+            return f"it is {kind}: the engine backs up image disks only"
+        if self.shareable:
+            return "it is shareable: the engine does not back up shareable disks"
+        if not self.active:
+            return "it is unplugged (inactive): the engine refuses a backup that names an unplugged disk"
+        return None
 
 
 @dataclass(frozen=True)
@@ -298,13 +328,13 @@ class Engine:
                 cluster = ""
                 if vm.cluster is not None:
                     cluster = vm.cluster.name or clusters.get(vm.cluster.id, "")
-                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags))
+                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags, vm.origin or ""))
         return result
 
     def get_vm(self, vm_id: str) -> VmInfo:
         """The VM as the engine has it now; raises NotFound when it was deleted."""
         vm = self._call(lambda: self.system.vms_service().vm_service(vm_id).get(), f"reading VM {vm_id}")
-        return VmInfo(vm.id, vm.name, _enum(vm.status))
+        return VmInfo(vm.id, vm.name, _enum(vm.status), origin=vm.origin or "")
 
     def find_vm(self, name: str) -> VmInfo:
         for vm in self.list_vms(search=f"name={name}"):
@@ -336,7 +366,8 @@ class Engine:
                     provisioned_size=int(disk.provisioned_size or 0), backup=_enum(disk.backup) or "none",
                     interface=_enum(attachment.interface) or "virtio_scsi",
                     bootable=bool(attachment.bootable), active=attachment.active is not False,
-                    status=_enum(disk.status) or "ok"))
+                    status=_enum(disk.status) or "ok", storage_type=_enum(disk.storage_type) or "image",
+                    shareable=bool(disk.shareable)))
         return result
 
     def enable_incremental(self, disk: DiskInfo) -> DiskInfo:
@@ -373,17 +404,14 @@ class Engine:
         with _calling(f"waiting for checkpoint {checkpoint_id} to be deleted"):
             self._poll(gone, bool, f"deleting checkpoint {checkpoint_id}")
 
-    def purge_checkpoints(self, vm_id: str, keep_id: str, keep: int = 1) -> list[str]:
-        """Delete checkpoints older than ``keep_id`` (oldest first), keeping ``keep`` in all.
+    def purge_checkpoints(self, vm_id: str, keep_id: str, keep: int = 1, also_keep: Iterable[str] = ()) -> list[str]:
+        """Delete the checkpoints ``checkpoints_to_purge`` chooses, oldest first.
 
-        Returns the ids deleted. The checkpoint the next incremental starts from is never deleted.
+        Returns the ids deleted. The checkpoint the next incremental starts from (``keep_id``)
+        and those other jobs' next incrementals start from (``also_keep``) are never deleted.
         """
-        chain = self.checkpoints(vm_id)
-        ids = [c.id for c in chain]
-        if keep_id not in ids:
-            return []
-        older = ids[: ids.index(keep_id)]
-        removable = older[: max(0, len(older) - (keep - 1))]
+        ids = [c.id for c in self.checkpoints(vm_id)]
+        removable = checkpoints_to_purge(ids, keep_id, keep, also_keep)
         for checkpoint_id in removable:
             self.delete_checkpoint(vm_id, checkpoint_id)
             log.info("deleted engine checkpoint %s of VM %s", checkpoint_id, vm_id)
@@ -400,12 +428,16 @@ class Engine:
         return [(b.id, _enum(b.phase)) for b in backups
                 if _enum(b.phase) not in ("succeeded", "failed")]
 
-    def finalize_stale_backups(self, vm_id: str) -> list[str]:
+    def finalize_stale_backups(self, vm_id: str, description: str = "", foreign_after: float = 0.0) -> list[str]:
         """Close backups an earlier run left open on the VM (killed, or the engine failed it).
 
         A backup still starting is waited for; the image transfers of a ready one are cancelled
         (the engine refuses to finalize a backup with an active transfer), then it is finalized;
-        one finalizing is waited for. Returns their ids; raises typed errors.
+        one finalizing is waited for. Only this job's backups (their ``description`` is the
+        marker the job writes) are finalized at once: another tool's or job's only once it is
+        older than ``foreign_after`` seconds with no active image transfer (0: at once), else
+        BackupBusy is raised (the engine allows one backup per VM). Returns their ids; raises
+        typed errors.
         """
         finalized = []
         for backup_id, phase in self.open_backups(vm_id):
@@ -419,29 +451,61 @@ class Engine:
                 continue
             if phase != "ready":
                 continue
+            self._check_abandoned(vm_id, backup_id, description, foreign_after)
             log.warning("finalizing a stale backup %s left open on VM %s", backup_id, vm_id)
-            for transfer_id in self._active_transfers(backup_id):
+            for transfer_id in self._active_transfers(vm_id, backup_id):
                 log.warning("cancelling image transfer %s left open by backup %s", transfer_id, backup_id)
                 self.cancel_transfer(transfer_id)
             self.finalize_backup(vm_id, backup_id)
             finalized.append(backup_id)
         return finalized
 
-    def _active_transfers(self, backup_id: str) -> list[str]:
-        """Ids of the image transfers of a backup that have not finished."""
+    def _check_abandoned(self, vm_id: str, backup_id: str, description: str, foreign_after: float) -> None:
+        """Return when the ready backup may be finalized as stale; raise BackupBusy when it is
+        another's (see ``finalize_stale_backups``).
+
+        The API lists every backup of a VM, whoever started it. Engines before 4.4.8 keep no
+        description: there, this job's own backups count as another's.
+        """
+        backup = self._call(lambda: self._backups_service(vm_id).backup_service(backup_id).get(),
+                            f"reading backup {backup_id} of VM {vm_id}")
+        if (description and backup.description == description) or foreign_after == 0:
+            return
+        age = time.time() - backup.creation_date.timestamp() if backup.creation_date else 0.0
+        started = backup.creation_date.isoformat() if backup.creation_date else "at an unknown time"
+        owner = f"{backup.description!r}" if backup.description else "no description"
+        if age >= foreign_after and not self._active_transfers(vm_id, backup_id):
+            log.warning("backup %s of VM %s (%s), started %s by another tool or job, has no active image "
+                        "transfer and is older than backup.foreign_stale_hours: finalizing it as abandoned",
+                        backup_id, vm_id, owner, started)
+            return
+        raise BackupBusy(f"VM {vm_id} has backup {backup_id} open ({owner}, started {started}), not started by "
+                         "this job: it is left alone (the engine runs one backup of a VM at a time); the "
+                         "VM is backed up by the next run after it ends, or once it is older than "
+                         "backup.foreign_stale_hours with no active image transfer")
+
+    def _active_transfers(self, vm_id: str, backup_id: str) -> list[str]:
+        """Ids of the image transfers of a backup that have not finished.
+
+        The engine's transfers carry neither their backup nor their disk, only ``<image id>``,
+        which is the disk id (ImageTransferMapper): a backup's transfers are those of its disks.
+        While the backup is open its disks are locked, so no other transfer of them can run.
+        """
+        disk_ids = set(self.backup_disk_modes(vm_id, backup_id))
         transfers = self._call(lambda: self.system.image_transfers_service().list(), "listing image transfers")
         return [t.id for t in transfers
-                if t.backup is not None and t.backup.id == backup_id
+                if t.image is not None and t.image.id in disk_ids
                 and not _enum(t.phase).startswith(("finished", "cancelled"))]
 
-    def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None) -> str:
-        """Start a backup of ``disk_ids``; return its id.
+    def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None,
+                     description: str | None = None) -> str:
+        """Start a backup of ``disk_ids``, marked with ``description``; return its id.
 
         Raises CheckpointRefused when the engine refuses ``from_checkpoint``, ColdBackupRefused
         when it cannot back up the (powered-off) VM, BackupBusy when a backup is in progress.
         """
         backup = types.Backup(disks=[types.Disk(id=d) for d in disk_ids],
-                              from_checkpoint_id=from_checkpoint)
+                              from_checkpoint_id=from_checkpoint, description=description or None)
         try:
             created = self._backups_service(vm_id).add(backup)
         except sdk.Error as e:
@@ -689,6 +753,21 @@ class Engine:
 
 _TRANSFER_FAILED = {"finished_failure", "paused_system", "cancelled", "cancelled_system",
                     "cancelled_user", "finalizing_failure", "finished_cleanup", "unknown"}
+
+
+def checkpoints_to_purge(chain: list[str], keep_id: str, keep: int = 1, also_keep: Iterable[str] = ()) -> list[str]:
+    """Pure: the checkpoints of ``chain`` (ids, oldest first) to delete, oldest first.
+
+    Those older than the oldest of ``keep_id`` and ``also_keep`` present in the chain, less the
+    ``keep - 1`` newest of them. Only the head of the chain goes: engines before 4.4.7 delete
+    the root checkpoint only (DeleteVmCheckpointCommand), and each deletion here is of the root.
+    Nothing goes when ``keep_id`` is not in the chain.
+    """
+    if keep_id not in chain:
+        return []
+    oldest = min(chain.index(c) for c in {keep_id, *also_keep} if c in chain)
+    older = chain[:oldest]
+    return older[: max(0, len(older) - (keep - 1))]
 
 
 def _chain_order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:

@@ -523,6 +523,7 @@ def test_checkpoint_problem_falls_back_to_full_and_purges(job, backed_up, fault,
 
 def test_stale_backup_in_ready_is_finalized(job, backed_up):
     vm = backed_up
+    configure(job, backup={"foreign_stale_hours": 0})  # the fault's backup has no description
     job.lab.fault("stale_backup", vm=vm)
     proc = job.run("backup", vm, "--json")
     assert "stale backup" in proc.stderr

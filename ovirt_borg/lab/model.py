@@ -62,6 +62,10 @@ _BACKUP_CLOSED = ("succeeded", "failed")
 _TRANSFER_DONE = ("finished_success", "finished_failure", "cancelled")
 _FINALIZE_STUCK_POLLS = 5
 
+# VmBase.isHostedEngine(): the origins of the hosted-engine VM (VmBaseMapper writes the
+# OriginType name in lowercase as the VM's <origin>).
+HOSTED_ENGINE_ORIGINS = ("hosted_engine", "managed_hosted_engine")
+
 # Faults that stay on until turned off, and those consumed by the next matching event.
 PERSISTENT_FAULTS = ("wrong_password", "old_engine")
 ONE_SHOT_FAULTS = ("transfer_fail", "transfer_stuck", "finalize_stuck", "imageio_restart", "no_dirty_extents")
@@ -263,6 +267,10 @@ class Disk:
     content_type: str = "data"
     created: str = ""
     lv_size: int = 0  # on a block domain: the size of the volume's LV (0 on file domains)
+    # DiskStorageType as the API writes it: "image", "lun", "cinder", "managed_block_storage"
+    # (a LUN or managed-block disk is backed by a raw file here).
+    storage_type: str = "image"
+    shareable: bool = False
 
     @property
     def qemu_format(self) -> str:
@@ -298,6 +306,7 @@ class Vm:
     attachments: list[Attachment] = field(default_factory=list)
     creation_time: str = ""
     snapshot_id: str = field(default_factory=new_id)
+    origin: str = "ovirt"  # "hosted_engine" / "managed_hosted_engine" for the hosted engine
 
 
 @dataclass
@@ -417,6 +426,7 @@ class Backup:
     exports: dict[str, str] = field(default_factory=dict)  # disk id -> export key
     finalize_polls: int = 0
     stale: bool = False  # left open by the stale_backup fault
+    description: str = ""  # given by the client (engines >= 4.4.8 keep it; VmBackupMapper)
 
     @property
     def is_open(self) -> bool:
@@ -1111,7 +1121,7 @@ class Engine:
                     cp.state = "invalid"
 
     def add_backup(self, vm_id: str, *, from_checkpoint_id: str | None,
-                   disk_ids: list[str] | None) -> Backup:
+                   disk_ids: list[str] | None, description: str | None = None) -> Backup:
         """Start a backup of the VM's disks (all attached disks unless given).
 
         Adds the new checkpoint's bitmap to each change-tracking disk and exports every disk
@@ -1120,6 +1130,9 @@ class Engine:
         invalid checkpoint or a disk not attached to the VM, 409 when a disk is locked.
         """
         vm = self.vm(vm_id)
+        if vm.origin in HOSTED_ENGINE_ORIGINS:
+            # StartVmBackupCommand.validate, its first check (BZ#1989121); ErrorType.CONFLICT.
+            raise _cannot(409, "backup VM", "Backup of Hosted Engine VM is not supported")
         if vm.status not in ("up", "down"):
             raise _cannot(409, "backup VM", "The Virtual Machine should be in Up or Down status.")
         if vm.status == "down" and self.faults.is_on("old_engine"):
@@ -1129,17 +1142,34 @@ class Engine:
                           "Backup is not supported by the host for a VM that is Down.")
         if self.open_backup(vm.id) is not None:
             raise _cannot(409, "backup VM", "VM is during a backup operation.")
-        attached = [a.disk_id for a in vm.attachments if a.active]
+        if description is not None and len(description) > 1024:
+            # StartVmBackupCommand.validate: ACTION_TYPE_FAILED_VM_BACKUP_DESCRIPTION_IS_TOO_LONG
+            # (ErrorType.BAD_PARAMETERS); the vm_backups.description column is VARCHAR(1024).
+            raise _cannot(400, "backup VM", "The VM backup description shouldn't contain more than "
+                          "1024 characters.")
+        plugged = {a.disk_id: a.active for a in vm.attachments}
         if disk_ids:
             for disk_id in disk_ids:
-                if disk_id not in attached:
+                if disk_id not in plugged:
                     self.disk(disk_id)
                     raise _cannot(400, "backup VM", f"Disk {disk_id} is not attached to the VM.")
+            # StartVmBackupCommand.allDisksPlugged: a requested disk that is unplugged (its
+            # attachment active=false, DiskAttachmentMapper) refuses the whole backup,
+            # ACTION_TYPE_FAILED_DISKS_ARE_NOT_ACTIVE (ErrorType.CONFLICT).
+            unplugged = [d for d in disk_ids if not plugged[d]]
+            if unplugged:
+                raise _cannot(409, "backup VM", f"The following disks are not active on VM {vm.name}: "
+                              f"{', '.join(unplugged)}")
         else:
-            disk_ids = attached
+            disk_ids = [d for d, active in plugged.items() if active]
         if not disk_ids:
             raise _cannot(400, "backup VM", "The VM has no disks to back up.")
-        disks = [self.disk(d) for d in disk_ids]
+        # StartVmBackupCommand.getDisks: DisksFilter.filterImageDisks(ONLY_NOT_SHAREABLE,
+        # ONLY_SNAPABLE, ONLY_ACTIVE) keeps image disks (DiskStorageType.IMAGE) that are not
+        # shareable: a requested LUN, Cinder, managed-block or shareable disk is left out of
+        # the backup without a word (its transfer then fails).
+        disks = [disk for disk in (self.disk(d) for d in disk_ids)
+                 if disk.storage_type == "image" and not disk.shareable]
         for disk in disks:
             if disk.status != "ok" or self.disk_exported(disk.id):
                 raise _cannot(409, "backup VM", f"Disk {disk.name} is locked. "
@@ -1171,7 +1201,7 @@ class Engine:
             id=new_id(), vm_id=vm.id, host_id=self.host_for(vm).id, phase="initializing",
             disk_ids=[d.id for d in disks], modes=modes,
             from_checkpoint_id=from_cp.id if from_cp else None,
-            new_checkpoint_id=new_cp_id, creation_date=timestamp(),
+            new_checkpoint_id=new_cp_id, creation_date=timestamp(), description=description or "",
         )
         added_bitmaps: list[Disk] = []
         try:
@@ -1338,14 +1368,16 @@ class Engine:
             if backup.phase != "ready":
                 raise _cannot(409, "transfer Virtual Disk", "The VM backup is not ready "
                               f"(phase {backup.phase}).")
-            if disk.id not in backup.disk_ids:
-                raise _cannot(400, "transfer Virtual Disk",
-                              f"Disk {disk.name} is not part of the VM backup.")
             if fmt != "raw":
                 raise _cannot(400, "transfer Virtual Disk", "The image transfer format must "
                               "be raw for a VM backup.")
-            key = backup.exports[disk.id]
-            dirty = backup.modes[disk.id] == "incremental" and not self.faults.consume("no_dirty_extents")
+            # TransferDiskImageCommand.validateImageTransfer checks the backup's phase and the
+            # format, not that the disk is in the backup: a disk the backup left out has no
+            # backup URL (prepareImage), so its transfer fails once started.
+            outside_backup = disk.id not in backup.disk_ids
+            key = backup.exports.get(disk.id, "")
+            dirty = (not outside_backup and backup.modes[disk.id] == "incremental"
+                     and not self.faults.consume("no_dirty_extents"))
             host_id = backup.host_id
         else:
             vm = self.vm_of_disk(disk.id)
@@ -1357,6 +1389,7 @@ class Engine:
                               f"to VM {vm.name} which is running.")
             key = f"transfer-{transfer_id}"
             owns_export = True
+            outside_backup = False
             host_id = self.host_for(vm).id if vm else self.inv.hosts[0].id
         transfer = Transfer(
             id=transfer_id, direction=direction, disk_id=disk.id, backup_id=backup_id,
@@ -1364,7 +1397,7 @@ class Engine:
             inactivity_timeout=inactivity_timeout or 60, ticket_id=new_id(),
             export_key=key, owns_export=owns_export, dirty=dirty, created=timestamp(),
         )
-        transfer.fail = self.faults.consume("transfer_fail")
+        transfer.fail = outside_backup or self.faults.consume("transfer_fail")
         transfer.stuck = not transfer.fail and self.faults.consume("transfer_stuck")
         if owns_export:
             try:
@@ -1636,26 +1669,38 @@ class Engine:
         self.plane.to_raw(Path(target.path), Path(out), target.qemu_format)
         return target
 
-    def add_vm_disk(self, vm_name: str, *, size: int, fmt: str = "cow") -> Disk:
-        """Create a disk and attach it to the VM (a disk added between backups)."""
+    def add_vm_disk(self, vm_name: str, *, size: int, fmt: str = "cow", storage_type: str = "image",
+                    shareable: bool = False, active: bool = True) -> Disk:
+        """Create a disk and attach it to the VM (a disk added between backups).
+
+        ``storage_type`` "lun", "managed_block_storage" or "cinder" and ``shareable`` make the
+        disks a backup leaves out (raw, without incremental backup); ``active=False`` attaches
+        the disk unplugged. Raises ``ApiFault`` 400 for an unknown storage type.
+        """
+        if storage_type not in ("image", "lun", "managed_block_storage", "cinder"):
+            raise ApiFault(400, f"unknown disk storage type {storage_type}")
         vm = self.vm_by_name(vm_name)
         sd = self.inv.storage_domains[0]
         index = len(vm.attachments) + 1
+        if storage_type != "image" or shareable:
+            fmt = "raw"
         disk = self.add_disk(name=f"{vm.name}_Disk{index}", fmt=fmt, provisioned_size=size,
                              backup="incremental" if fmt == "cow" else "none",
                              storage_domain={"id": sd.id})
+        disk.storage_type, disk.shareable = storage_type, shareable
         disk.status = "ok"
         self._new_disks.discard(disk.id)
-        self.attach_disk(vm.id, disk.id)
+        self.attach_disk(vm.id, disk.id, active=active)
         return disk
 
     def add_sample_vm(self, name: str, *, disks: int = 1, size: int = 64 << 20,
                       fmt: str = "cow", status: str = "up", tags: Iterable[str] = (),
-                      seed: int | None = None) -> Vm:
+                      seed: int | None = None, origin: str = "ovirt") -> Vm:
         """Create a VM with ``disks`` data disks holding some random data (for isolated tests).
 
-        Each disk gets random data in its first MiB and at its middle. Raises ``ApiFault``
-        409 when the name is taken, 400 for a bad size or status.
+        Each disk gets random data in its first MiB and at its middle; ``origin``
+        "managed_hosted_engine" makes it a hosted-engine VM. Raises ``ApiFault`` 409 when the
+        name is taken, 400 for a bad size or status.
         """
         if status not in ("up", "down"):
             raise ApiFault(400, f"status must be up or down, got {status}")
@@ -1664,6 +1709,7 @@ class Engine:
         vm = self.add_vm(name=name, cluster={"id": self.inv.clusters[0].id}, ovf=None,
                          description="lab test VM")
         vm.status = status
+        vm.origin = origin
         for tag_name in tags:
             found = [t for t in self.inv.tags if t.name == tag_name]
             if not found:
@@ -1686,7 +1732,8 @@ class Engine:
         return {
             **plane,
             "open_backups": [
-                {"id": b.id, "vm": names.get(b.vm_id, b.vm_id), "phase": b.phase}
+                {"id": b.id, "vm": names.get(b.vm_id, b.vm_id), "phase": b.phase,
+                 "description": b.description}
                 for b in self.backups.values() if b.is_open
             ],
             "open_transfers": [

@@ -71,8 +71,12 @@ class LabDataPlane:
                  on_change: Callable[[], None] = lambda: None):
         self.run_dir = Path(run_dir)
         self.socket_dir = _short_dir(self.run_dir / "nbd")
-        self.host = ImageioDaemon(self.run_dir / "imageio", "host", port=free_port(), pki=pki)
-        self.proxy = ImageioDaemon(self.run_dir / "imageio", "proxy", port=free_port(), pki=pki)
+        # The host daemon under the engine's internal CA, the proxy under the web certificate
+        # (see tls): a client needs the right CA for each.
+        self.host = ImageioDaemon(self.run_dir / "imageio", "host", port=free_port(),
+                                  pki=pki.host() if pki else None)
+        self.proxy = ImageioDaemon(self.run_dir / "imageio", "proxy", port=free_port(), pki=pki,
+                                   backend_ca_file=pki.host_ca_file if pki else None)
         self.exports: dict[str, qemu.NbdExport] = {}
         self._on_change = on_change
         self._lock = threading.RLock()  # daemons and exports: engine calls and the restart thread
@@ -594,7 +598,8 @@ def _backups_add(srv: EngineServer, req: _Request) -> _Response:
     body = req.xml("backup")
     backup = srv.engine.add_backup(req.params[0],
                                    from_checkpoint_id=xmlout.text(body, "from_checkpoint_id"),
-                                   disk_ids=xmlout.ids(body, "disks/disk"))
+                                   disk_ids=xmlout.ids(body, "disks/disk"),
+                                   description=xmlout.text(body, "description"))
     return _created(xmlout.backup(srv.engine, backup))
 
 
@@ -733,14 +738,17 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
         e.faults.clear()
         return {"active": {}}
     if op == "add-disk":
-        disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"))
+        disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"),
+                             storage_type=args.get("storage_type", "image"),
+                             shareable=bool(args.get("shareable")), active=bool(args.get("active", True)))
         return {"vm": args["vm"], "id": disk.id, "name": disk.name, "format": disk.format,
                 "size": disk.provisioned_size, "path": disk.path}
     if op == "add-vm":
         vm = e.add_sample_vm(args["vm"], disks=int(args.get("disks", 1)),
                              size=int(args.get("size", 64 << 20)),
                              fmt=args.get("format", "cow"), status=args.get("status", "up"),
-                             tags=args.get("tags", ()), seed=args.get("seed"))
+                             tags=args.get("tags", ()), seed=args.get("seed"),
+                             origin=args.get("origin", "ovirt"))
         return {"id": vm.id, "name": vm.name, "status": vm.status,
                 "disks": [a.disk_id for a in vm.attachments]}
     if op == "add-storage-domain":
