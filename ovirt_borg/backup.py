@@ -17,6 +17,7 @@ open on the engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
@@ -33,7 +34,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ovirt_borg import archive, plan, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
-from ovirt_borg.engine import CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo, WaitStopped
+from ovirt_borg.engine import (BackupBusy, BackupEnd, CheckpointRefused, ColdBackupRefused, DiskInfo, Engine,
+                               StillFinalizing, TransferStopped, VmInfo, WaitStopped)
 from ovirt_borg.errors import CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
 from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings
 from ovirt_borg.progress import Progress
@@ -290,7 +292,15 @@ class VmBackup:
         was committed.
         """
         try:
-            return self._run()
+            try:
+                return self._run()
+            except _IncrementalUnusable as e:
+                # Hybrid and cold backups show a bad bitmap only here, with the checkpoint still
+                # "created": without a full read now, every night would fail the same way.
+                log.warning("VM %s: %s; its engine backup is finalized; starting a full backup", self.vm.name, e)
+                self.result = VmResult(vm=self.vm.name, vm_id=self.vm.id, archive=self.archive_name)
+                self._writer = None
+                return self._run(full_reason=f"the incremental backup failed: {e}")
         except Interrupted:
             log.error("VM %s: %s", self.vm.name,
                       f"stopped after archive {self.archive_name} was committed" if self._committed() else
@@ -301,7 +311,8 @@ class VmBackup:
         """The archive of this run is in the repository."""
         return self._writer is not None and self._writer.committed
 
-    def _run(self) -> VmResult:
+    def _run(self, full_reason: str | None = None) -> VmResult:
+        """One attempt at the VM's backup; ``full_reason`` makes it a full one, saying why."""
         started = utc_now()
         t0 = time.monotonic()
         self._refresh_vm()
@@ -309,9 +320,10 @@ class VmBackup:
         if not disks:
             raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
         previous = self.state.load(self.vm.id)
-        decision = self._decide(previous, started)
+        decision = ModeDecision("full", full_reason) if full_reason else self._decide(previous, started)
         ovf = self.engine.vm_ovf(self.vm.id)
-        self.engine.finalize_stale_backups(self.vm.id)
+        for backup_id, end in self.engine.finalize_stale_backups(self.vm.id).items():
+            self._snapshot_warning(backup_id, end)
 
         use_backup_api = self.vm.status != "down" or self.settings.cold_backup
         backup_id = to_checkpoint = None
@@ -410,6 +422,9 @@ class VmBackup:
         if to_checkpoint:
             try:
                 self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
+            except BackupBusy as e:
+                # A backup still finalizing (a hybrid one removing its snapshot): not a problem.
+                log.info("VM %s: old checkpoints stay until the next run: %s", self.vm.name, e)
             except OvirtBorgError as e:
                 self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
                            "the next run purges them")
@@ -453,10 +468,14 @@ class VmBackup:
         """
         try:
             if finalizing is None:
-                self.engine.finalize_backup(self.vm.id, backup_id)
+                end = self.engine.finalize_backup(self.vm.id, backup_id)
             else:
                 _settle(finalizing, stop)
-                finalizing.result()
+                end = finalizing.result()
+        except StillFinalizing as e:
+            # The engine accepted the finalize and goes on (a hybrid backup's snapshot removal
+            # can outlast engine.timeout); the next run waits for it and reports a leftover.
+            log.info("VM %s: %s; the next run waits for it", self.vm.name, e)
         except OvirtBorgError as e:
             if self._committed():
                 self._warn(f"VM {self.vm.name}: archive {self.archive_name} is committed, but finalizing "
@@ -464,6 +483,15 @@ class VmBackup:
             else:
                 log.error("VM %s: could not finalize engine backup %s: %s; the next run finalizes it",
                           self.vm.name, backup_id, e)
+        else:
+            self._snapshot_warning(backup_id, end)
+
+    def _snapshot_warning(self, backup_id: str, end: BackupEnd) -> None:
+        """Warn about the snapshot a finished hybrid backup left on the VM (a failed merge)."""
+        if end.snapshot_left:
+            self._warn(f"VM {self.vm.name}: engine backup {backup_id} {end.phase}, but its snapshot "
+                       f"{end.snapshot_left} is still on the VM (the engine could not remove it); delete "
+                       "the snapshot in the engine, it holds the VM's writes since the backup")
 
     def _start_backup(self, disks: list[DiskInfo], decision: ModeDecision) -> tuple[str, ModeDecision]:
         disk_ids = [d.id for d in disks]
@@ -471,7 +499,7 @@ class VmBackup:
             return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint), decision
         except CheckpointRefused as e:
             log.warning("VM %s: %s; falling back to a full backup", self.vm.name, e)
-            decision = ModeDecision("full", f"the engine refused checkpoint {decision.from_checkpoint}")
+            decision = ModeDecision("full", str(e))
             try:
                 return self.engine.start_backup(self.vm.id, disk_ids, None), decision
             except CheckpointRefused as e2:
@@ -509,9 +537,17 @@ class VmBackup:
         settings = self.settings.transfer
         if backup_id is None:
             settings = dataclasses.replace(settings, force_proxy=True)
-        with self.engine.transfer(disk.id, direction="download", backup_id=backup_id,
-                                  inactivity_timeout=self.settings.inactivity_timeout) as transfer, \
-                ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
+        with contextlib.ExitStack() as stack:
+            try:
+                transfer = stack.enter_context(self.engine.transfer(
+                    disk.id, direction="download", backup_id=backup_id,
+                    inactivity_timeout=self.settings.inactivity_timeout))
+            except TransferStopped as e:
+                if engine_mode != "incremental":
+                    raise
+                raise _IncrementalUnusable(f"disk {disk.alias}: {e} (a missing or broken dirty bitmap on a "
+                                           "hybrid or cold backup)") from None
+            client = stack.enter_context(ImageioClient(transfer.transfer_url, transfer.proxy_url, settings))
 
             def zero_extents() -> list[plan.Extent]:
                 """The whole disk to read: every extent dirty, its holes known."""
@@ -633,6 +669,10 @@ class VmBackup:
             if sha256s is not None:
                 for part in parts:
                     sha256s += part if isinstance(part, bytes) else part.result()
+
+
+class _IncrementalUnusable(TransferError):
+    """The engine stopped an incremental disk's transfer before it started: its bitmap is bad."""
 
 
 def _plan_disk(disk: DiskInfo, size: int, block_size: int, extents: list[plan.Extent],

@@ -508,17 +508,52 @@ def test_expired_token_mid_run_logs_in_again(job, lab_clean):
 @pytest.mark.parametrize("fault, reason", [
     ("invalid_checkpoint", "invalid"),
     ("missing_checkpoint", "no longer exists"),
-    ("broken_bitmap", "refused checkpoint"),
+    # hybrid (cluster level 4.7): the backup starts, the disk's transfer is stopped by the engine
+    ("broken_bitmap", "the incremental backup failed: .*cancelled_system"),
 ])
 def test_checkpoint_problem_falls_back_to_full_and_purges(job, backed_up, fault, reason):
     vm = backed_up
     job.lab.fault(fault, vm=vm)
+    backups_added = job.lab.stats()["calls"].get("backups.add", 0)
     result = recover(job, vm, mode="full")
-    assert reason in result["reason"]
+    assert re.search(reason, result["reason"]), result["reason"]
     assert checkpoint_ids(job.lab, vm) == [result["checkpoint"]], "the unusable checkpoint is purged"
     assert open_on_engine(job.lab, vm) == ([], [])
+    if fault == "broken_bitmap":  # the failed incremental, then the full in the same run
+        assert job.lab.stats()["calls"]["backups.add"] == backups_added + 2
     job.lab.write(vm, disk=1, percent=1)
     recover(job, vm)
+
+
+@pytest.mark.parametrize("level, status, reason", [
+    # live (StartVmBackupCommand): the failed redefinition removes every checkpoint, 400 "[]"
+    ("4.6", "up", r"could not redefine checkpoint .* \(a missing or broken bitmap\)"),
+    # cold: as hybrid, the transfer of the incremental disk is stopped (cancelled_system)
+    ("4.6", "down", r"the incremental backup failed: .*cancelled_system"),
+])
+def test_broken_bitmap_on_live_and_cold_backups_reads_in_full(job, lab_clean, level, status, reason):
+    """A broken bitmap never fails the same incremental night after night: whatever shape the
+    engine gives it, the run reads the VM in full and the next one is incremental again."""
+    lab = lab_clean
+    lab.cluster(f"level-{level}", level)
+    vm = f"bb{next(_names)}-{os.getpid()}"
+    lab.add_vm(vm, disks=1, size="16M", status=status, cluster=f"level-{level}")
+    try:
+        recover(job, vm, mode="full")
+        if status == "up":
+            lab.write(vm, disk=1, percent=3)
+        lab.fault("broken_bitmap", vm=vm)
+        proc = job.run("backup", vm, "--json")
+        result = json.loads(proc.stdout)[0]
+        assert result["mode"] == "full" and re.search(reason, result["reason"]), result["reason"]
+        job.assert_identical(result)
+        assert checkpoint_ids(lab, vm) == [result["checkpoint"]]
+        assert open_on_engine(lab, vm) == ([], [])
+        if status == "up":
+            lab.write(vm, disk=1, percent=1)
+        recover(job, vm)
+    finally:
+        lab.delete_vm(vm)
 
 
 def test_stale_backup_in_ready_is_finalized(job, backed_up):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def start_backup(service, disks, from_checkpoint=None):
 
 def finalize_backup(backup_service):
     backup_service.finalize()
+    return finalize_backup_polled(backup_service)
+
+
+def finalize_backup_polled(backup_service):
+    """Poll a finalized backup until it succeeded."""
     return poll(backup_service.get, lambda b: b.phase == types.BackupPhase.SUCCEEDED,
                 what="backup finalize")
 
@@ -416,13 +422,27 @@ def test_open_backup_blocks_writes_second_backup_and_early_finalize(mlab, conn):
     assert refused.value.status == 409
 
     transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    # StopVmBackupCommand.validate: any transfer not finished_* (a cancel's steps included)
+    # refuses the finalize with 409 (ACTION_TYPE_FAILED_ACTIVE_IMAGE_TRANSFER_FOR_VM_BACKUP: CONFLICT).
+    transfer_service.cancel()
+    phases = []
+    while not phases or phases[-1] != types.ImageTransferPhase.FINISHED_FAILURE:
+        with pytest.raises(sdk.Error) as error:
+            backup_service.finalize()
+        assert error.value.code == 409
+        assert "There is an active image transfer for VM backup" in fault_detail(error.value)
+        assert mlab.stats()["open_transfers"][0]["id"] == transfer.id
+        phases.append(transfer_service.get().phase)
+    assert phases == [types.ImageTransferPhase.FINALIZING_CLEANUP, types.ImageTransferPhase.FINISHED_CLEANUP,
+                      types.ImageTransferPhase.FINISHED_FAILURE]  # one step per poll
+    backup_service.finalize()
+    # A second finalize: StopVmBackupCommand.executeCommand fails it with the phase (400).
     with pytest.raises(sdk.Error) as error:
         backup_service.finalize()
     assert error.value.code == 400
-    assert "There is an active image transfer for VM backup" in fault_detail(error.value)
-    assert mlab.stats()["open_transfers"][0]["id"] == transfer.id
-    finish_transfer(transfer_service)
-    finalize_backup(backup_service)
+    assert re.search(r"backup '.*' is already (stopped|in '.*' phase), no need to stop the backup again",
+                     fault_detail(error.value)), fault_detail(error.value)
+    finalize_backup_polled(backup_service)
     assert mlab.write("busy", 1, offset=0, length=BLOCK) == [{"offset": 0, "length": BLOCK}]
     assert mlab.stats()["exports"] == 0
 
@@ -463,9 +483,24 @@ def test_checkpoint_faults_and_removal(mlab, conn, tmp_path):
     third = full_backup()
     mlab.fault("broken_bitmap", vm="cps")
     assert qemu.bitmap_is_broken(disk_path, third)
-    assert [c.state for c in checkpoints(service)] == [types.CheckpointState.CREATED]
-    assert "is invalid and should be removed" in incremental_refused(third)
-    assert [c.state for c in checkpoints(service)] == [types.CheckpointState.INVALID]
+    # Hybrid (cluster level 4.7, the default): the backup becomes ready and the checkpoint stays
+    # created; the transfer's NBD server cannot start (vdsm nbd._find_bitmap), so the engine
+    # stops it (cancelled_system) and it ends finished_failure.
+    backup, backup_service = start_backup(service, disks, from_checkpoint=third)
+    assert backup.snapshot is not None and backup.snapshot.id
+    transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    assert transfer.phase == types.ImageTransferPhase.CANCELLED_SYSTEM
+    poll(transfer_service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="failure")
+    finalize_backup(backup_service)
+    assert [c.state for c in checkpoints(service)] == [types.CheckpointState.CREATED] * 2
+    # Live (?legacy=true): redefining the checkpoint fails; the engine removes every checkpoint
+    # of the VM and answers 400 "Operation Failed" with detail "[]".
+    with pytest.raises(sdk.Error) as error:
+        service.backups_service().add(types.Backup(disks=[types.Disk(id=disks[0].id)], from_checkpoint_id=third),
+                                      query={"legacy": "true"})
+    assert error.value.code == 400 and fault_detail(error.value) == "[]"
+    assert error.value.fault.reason == "Operation Failed"
+    assert checkpoints(service) == []
 
     # A full backup still works next to the broken bitmap, and its data is right.
     backup, backup_service = start_backup(service, disks)
@@ -485,8 +520,11 @@ def test_transfer_and_finalize_faults(mlab, conn):
     backup, backup_service = start_backup(service, disks)
 
     mlab.fault("transfer_fail")
-    transfer, _ = open_transfer(conn, disks[0].id, backup_id=backup.id)
-    assert transfer.phase == types.ImageTransferPhase.FINISHED_FAILURE
+    transfer, failed_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    assert transfer.phase == types.ImageTransferPhase.CANCELLED_SYSTEM
+    assert [failed_service.get().phase for _ in range(3)] == [
+        types.ImageTransferPhase.FINALIZING_FAILURE, types.ImageTransferPhase.FINISHED_FAILURE,
+        types.ImageTransferPhase.FINISHED_FAILURE]
 
     mlab.fault("transfer_stuck")
     transfers = conn.system_service().image_transfers_service()
@@ -497,7 +535,7 @@ def test_transfer_and_finalize_faults(mlab, conn):
     for _ in range(5):
         assert stuck_service.get().phase == types.ImageTransferPhase.INITIALIZING
     stuck_service.cancel()
-    assert stuck_service.get().phase == types.ImageTransferPhase.FINISHED_FAILURE
+    poll(stuck_service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="cancel")
     assert mlab.faults()["active"] == {}  # both were one-shot
 
     transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
@@ -506,9 +544,10 @@ def test_transfer_and_finalize_faults(mlab, conn):
 
     mlab.fault("finalize_stuck")
     backup_service.finalize()
-    phases = [backup_service.get().phase for _ in range(4)]
-    assert phases == [types.BackupPhase.FINALIZING] * 4
-    finalize_backup(backup_service)
+    # hybrid: still ready (stopped) at the first poll, then removing its snapshot
+    phases = [backup_service.get().phase for _ in range(5)]
+    assert phases == [types.BackupPhase.READY] + [types.BackupPhase.FINALIZING] * 4
+    finalize_backup_polled(backup_service)
 
 
 def test_format_cow_is_refused_for_backups(mlab, conn):
@@ -637,7 +676,7 @@ def test_upload_restore_and_vm_from_ovf(mlab, conn, tmp_path):
     poll(disks.disk_service(doomed.id).get, lambda d: d.status == types.DiskStatus.OK)
     _, doomed_transfer = open_transfer(conn, doomed.id, direction="upload")
     doomed_transfer.cancel()
-    assert doomed_transfer.get().phase == types.ImageTransferPhase.FINISHED_FAILURE
+    poll(doomed_transfer.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="cancel")
     with pytest.raises(sdk.NotFoundError):
         disks.disk_service(doomed.id).get()
 
