@@ -4,9 +4,9 @@ Policy lives here; the engine, imageio, archive and sidecar modules do the talki
 
 1. list its disks, enable incremental backup on qcow2 disks that lack it;
 2. decide full or incremental from the last committed sidecar (``decide_mode``);
-3. finalize stale backups, start the backup (or, for a powered-off VM on an engine that
-   refuses cold backups, use plain image transfers through the engine's proxy) and open the
-   archive writer while the engine prepares it;
+3. finalize stale backups, lock the repository, start the backup (or, for a powered-off VM on
+   an engine that refuses cold backups, use plain image transfers through the engine's proxy)
+   and open the archive writer while the engine prepares it;
 4. per disk: image transfer, extents, read plan, stream into the archive writer;
 5. commit the archive while the engine finalizes its backup, store the sidecar, purge old
    checkpoints.
@@ -22,6 +22,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import logging
+import math
 import random
 import re
 import threading
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 _DIGESTS_AHEAD = 4
 #: Longest request to imageio: data of consecutive blocks is read together up to this size.
 READ_REQUEST = 4 << 20
+
+#: Added to ovirt-borg's own longest pause between reads in the inactivity_timeout it gives the engine.
+IDLE_SLACK = 60
 
 PATH_BACKUP = "backup"
 PATH_ENGINE_TRANSFER = "engine-transfer"
@@ -73,6 +77,27 @@ class BackupSettings:
         size = next((size for pattern, size in self.vm_block_sizes if fnmatch.fnmatchcase(name, pattern)),
                     self.block_size)
         return self if size == self.block_size else dataclasses.replace(self, block_size=size)
+
+
+def transfer_inactivity_timeout(settings: BackupSettings, lock_wait: int) -> int:
+    """The ``inactivity_timeout`` given to the engine for a backup's image transfers (pure).
+
+    The engine cancels a download whose imageio ticket idles longer than that, and imageio
+    counts only running reads as activity (TransferDiskImageCommand.stopTransferIfNecessary,
+    ovirt_imageio auth.Ticket.idle_time). Given the settings and the repository's
+    ``lock_wait``, returns the configured value, raised to ``IDLE_SLACK`` seconds above the
+    longest pause ovirt-borg itself may leave: an extents query (``extents_timeout``), the wait
+    a bandwidth limit puts before a read of ``READ_REQUEST`` bytes, and with the ``cli`` writer
+    a ``borg import-tar`` still waiting for the repository's lock. 0 (no timeout) stays 0.
+    """
+    if settings.inactivity_timeout == 0:
+        return 0
+    pauses = [settings.transfer.extents_timeout]
+    if settings.transfer.bandwidth_limit:
+        pauses.append(READ_REQUEST / settings.transfer.bandwidth_limit)
+    if settings.writer == "cli":
+        pauses.append(lock_wait)
+    return max(settings.inactivity_timeout, math.ceil(max(pauses)) + IDLE_SLACK)
 
 
 @dataclass(frozen=True)
@@ -325,24 +350,18 @@ class VmBackup:
         for backup_id, end in self.engine.finalize_stale_backups(self.vm.id).items():
             self._snapshot_warning(backup_id, end)
 
+        base = previous.archive if decision.mode == "incremental" else None
+        # Read before the writer locks the repository (a copy from the archive needs a reader).
+        base_ids = self._base_ids(previous, disks) if base else {}
+        writer = self._writer = archive.open_writer(
+            self.repo, self.archive_name, block_size=self.settings.block_size, base_archive=base,
+            kind=self.settings.writer)
+        # The lock before the engine is asked: a repository another borg holds (a reader too:
+        # borg mount, borg list) costs the engine nothing, no backup, no checkpoint.
+        writer.lock()
         use_backup_api = self.vm.status != "down" or self.settings.cold_backup
         backup_id = to_checkpoint = None
         path = PATH_BACKUP
-        if use_backup_api:
-            try:
-                backup_id, decision = self._start_backup(disks, decision)
-            except ColdBackupRefused as e:
-                if self.vm.status != "down":
-                    raise
-                log.warning("VM %s is powered off and the engine cannot back it up (%s); "
-                            "reading its disks through engine image transfers instead", self.vm.name, e)
-        if backup_id is None:
-            path = PATH_ENGINE_TRANSFER
-            decision = ModeDecision("full", "powered-off VM read through engine image transfers "
-                                    "(the engine refused a cold backup)")
-        self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
-        log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name, decision.reason)
-
         modes: dict[str, str] = {}
         finalizing: Future | None = None
         preparing: Future | None = None
@@ -358,16 +377,27 @@ class VmBackup:
                     preparing = None
 
         try:
-            base = previous.archive if decision.mode == "incremental" else None
-            # Read before the writer locks the repository (a copy from the archive needs a reader).
-            base_ids = self._base_ids(previous, disks) if base else {}
-            writer = self._writer = archive.open_writer(
-                self.repo, self.archive_name, block_size=self.settings.block_size, base_archive=base,
-                kind=self.settings.writer)
+            if use_backup_api:
+                try:
+                    backup_id, decision = self._start_backup(disks, decision)
+                except ColdBackupRefused as e:
+                    if self.vm.status != "down":
+                        raise
+                    log.warning("VM %s is powered off and the engine cannot back it up (%s); "
+                                "reading its disks through engine image transfers instead", self.vm.name, e)
+            if backup_id is None:
+                path = PATH_ENGINE_TRANSFER
+                decision = ModeDecision("full", "powered-off VM read through engine image transfers "
+                                        "(the engine refused a cold backup)")
+            if decision.mode != "incremental":
+                base, base_ids, writer.base_archive = None, {}, None
+            self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
+            log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name,
+                     decision.reason)
             if backup_id is not None:
-                # The engine prepares its backup (on a real engine seconds: checkpoint, scratch
-                # disks, NBD exports) while the repository is opened (ssh, Borg's lock and cache
-                # sync). Nothing else uses the engine connection until it is ready.
+                # The engine prepares its backup (on a real engine seconds: checkpoint, snapshot or
+                # scratch disks, NBD exports) while the locked repository is opened (Borg's
+                # manifest and cache sync). Nothing else uses the engine connection until it is ready.
                 preparing = _in_thread("engine-backup-ready", self._backup_ready, backup_id, stop_preparing)
                 if writer.comment_at_open:
                     engine_ready()
@@ -417,8 +447,11 @@ class VmBackup:
                 if preparing is not None:
                     self._stop_preparing(preparing, stop_preparing)
             finally:
-                if backup_id is not None:
-                    self._finalize(backup_id, finalizing, stop_finalizing)
+                try:
+                    if backup_id is not None:
+                        self._finalize(backup_id, finalizing, stop_finalizing)
+                finally:
+                    writer.release()  # a lock taken for a writer never entered
         if to_checkpoint:
             try:
                 self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
@@ -541,7 +574,7 @@ class VmBackup:
             try:
                 transfer = stack.enter_context(self.engine.transfer(
                     disk.id, direction="download", backup_id=backup_id,
-                    inactivity_timeout=self.settings.inactivity_timeout))
+                    inactivity_timeout=transfer_inactivity_timeout(self.settings, self.repo.lock_wait)))
             except TransferStopped as e:
                 if engine_mode != "incremental":
                     raise

@@ -135,7 +135,11 @@ class TransferConfig:
     retries: int = opt(5, "retries of a failed range before giving up (with backoff)")
     use_proxy: bool = opt(False, "always go through the engine's imageio proxy (proxy_url)")
     bandwidth_limit: str = opt("", "cap on imageio bytes per second, e.g. 100M (empty: none)")
-    inactivity_timeout: int = opt(120, "seconds the engine keeps an idle image transfer")
+    inactivity_timeout: int = opt(120, "seconds the engine keeps an image transfer whose ticket is idle (imageio "
+                                       "counts only running reads, not extents queries); ovirt-borg raises it to "
+                                       "60 s above its own longest pause: extents_timeout, the wait bandwidth_limit "
+                                       "puts before a 4 MiB read and, with the cli writer, repository.lock_wait; "
+                                       "set it above the longest stall your repository may have (0: no limit)")
 
 
 @dataclass(frozen=True)

@@ -140,8 +140,9 @@ def _fault_text(error: sdk.Error) -> str:
     return text.replace("\n", " ")
 
 
-# The SDK reports transport failures as 'Error while sending HTTP request: (CURLCODE, "text")'.
-_CURL_ERROR = re.compile(r"Error while sending HTTP request: \((\d+),")
+# The SDK reports transport failures as 'Error while sending HTTP request: (CURLCODE, "text")',
+# and a reply cut short as 'Failed to read response: [(<pycurl.Curl object ...>, CURLCODE, ...)]'.
+_CURL_ERROR = re.compile(r"(?:Error while sending HTTP request: \(|Failed to read response: \[\(<[^>]*>, )(\d+),")
 # curl: the peer's certificate is not trusted, does not match the host, or the CA file is bad.
 _CURL_TLS_UNTRUSTED = {51, 60, 77, 83, 90}
 # curl: refused, timed out, empty reply, send/receive failure (a reset), partial transfer.

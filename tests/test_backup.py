@@ -104,7 +104,7 @@ def test_ten_incrementals_then_check_and_prune(job, lab_vm):
 @pytest.mark.parametrize("fault, reason", [
     ("invalid_checkpoint", "invalid"),
     ("missing_checkpoint", "no longer exists"),
-    ("broken_bitmap", "checkpoint"),
+    ("broken_bitmap", "the incremental backup failed"),  # hybrid: the disk's transfer is stopped
 ])
 def test_checkpoint_problems_fall_back_to_full(job, lab_vm, fault, reason):
     vm = lab_vm["name"]

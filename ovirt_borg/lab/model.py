@@ -96,7 +96,8 @@ FAULT_HELP = {
                      "a hybrid or cold one's image transfer ends cancelled_system",
     "stale_backup": "a full backup is left open in phase ready on vm1 (or --vm)",
     "expired_tokens": "every SSO token issued so far expires now (clients must log in again)",
-    "transfer_fail": "the next image transfer goes to finished_failure",
+    "transfer_fail": "the engine stops the next image transfer before it starts (cancelled_system, "
+                     "then finished_failure)",
     "transfer_stuck": "the next image transfer never reaches transferring",
     "no_dirty_extents": "the next incremental backup transfer's ticket does not allow dirty extents "
                         "(imageio answers 404, as with a ticket from a host that cannot give them)",
@@ -431,6 +432,7 @@ class Transfer:
     stuck: bool = False
     bitmap: str | None = None  # the NBD server's --bitmap for a cold or hybrid incremental
     stepped: float = 0.0  # time.monotonic() of its last step (poll)
+    idle_stop: bool = False  # its ticket idled past inactivity_timeout: the engine stops it
     nbd_error: str = ""  # why vdsm could not start the NBD server (nbd._find_bitmap)
     ticket_added: bool = False
     transfer_url: str | None = None
@@ -1412,6 +1414,8 @@ class Engine:
                 transfer.phase = "cancelled_system"
             elif not transfer.stuck:
                 self._open_ticket(transfer)
+        elif transfer.phase == "transferring" and transfer.idle_stop:
+            transfer.phase = "cancelled_system" if transfer.direction == "download" else "paused_system"
         elif transfer.phase in _TRANSFER_STEPS:
             following = _TRANSFER_STEPS[transfer.phase]
             if transfer.phase.startswith("finalizing"):
@@ -1432,7 +1436,8 @@ class Engine:
         """
         now = time.monotonic() if now is None else now
         for transfer in list(self.transfers.values()):
-            if transfer.phase in _TRANSFER_STEPS and now - transfer.stepped >= _CALLBACK_INTERVAL:
+            moving = transfer.phase in _TRANSFER_STEPS or (transfer.phase == "transferring" and transfer.idle_stop)
+            if moving and now - transfer.stepped >= _CALLBACK_INTERVAL:
                 self.poll_transfer(transfer.id)
         self.check_inactivity()
 
@@ -1447,7 +1452,8 @@ class Engine:
         """
         stopped = []
         for transfer in self.transfers.values():
-            if transfer.phase != "transferring" or not transfer.ticket_added or transfer.inactivity_timeout <= 0:
+            if (transfer.phase != "transferring" or transfer.idle_stop or not transfer.ticket_added
+                    or transfer.inactivity_timeout <= 0):
                 continue
             try:
                 status = self.plane.ticket_status(transfer.ticket_id)
@@ -1455,10 +1461,9 @@ class Engine:
                 log.debug("reading the ticket of transfer %s failed: %s", transfer.id, e)
                 continue
             if not status.get("active") and (status.get("idle_time") or 0) > transfer.inactivity_timeout:
-                transfer.phase = "cancelled_system" if transfer.direction == "download" else "paused_system"
-                transfer.stepped = time.monotonic()
-                log.info("image transfer %s idle for %s s (inactivity_timeout %d): %s", transfer.id,
-                         status.get("idle_time"), transfer.inactivity_timeout, transfer.phase)
+                transfer.idle_stop = True  # its next step (a poll, or the callback) stops it
+                log.info("image transfer %s idle for %s s (inactivity_timeout %d): stopping it", transfer.id,
+                         status.get("idle_time"), transfer.inactivity_timeout)
                 stopped.append(transfer.id)
         return stopped
 

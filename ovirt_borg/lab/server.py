@@ -881,6 +881,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _send(self, response: _Response) -> None:
         if response.status == _NO_REPLY:
+            # A reply cut short (a proxy or network failure after the engine acted): the status
+            # line, then the connection closes. Nothing at all would make curl resend the
+            # request on a new connection, which hides the loss.
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
             self.close_connection = True
             return
         self.send_response(response.status)
