@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("cow", "raw"), default="cow")
     p.add_argument("--status", choices=("up", "down"), default="up")
     p.add_argument("--tag", action="append", default=[], help="tag the VM (repeatable)")
+    p.add_argument("--cluster", help="the VM's cluster (default: the first; see the cluster command)")
+
+    p = command("cluster", "create a cluster or set its compatibility level (4.7+: snapshot-based backups)")
+    p.add_argument("name", metavar="NAME", help="cluster name")
+    p.add_argument("level", metavar="LEVEL", help="compatibility level, 4.2 .. 4.8")
 
     p = vm_command("detach-disk", "detach a disk from a VM (it stays as a floating disk)")
     p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
@@ -155,7 +160,9 @@ def _run(args: argparse.Namespace) -> Any:
         return lab.add_disk(args.vm, size=args.size, format=args.format)
     if args.command == "add-vm":
         return lab.add_vm(args.vm, disks=args.disks, size=args.size, format=args.format,
-                          status=args.status, tags=tuple(args.tag))
+                          status=args.status, tags=tuple(args.tag), cluster=args.cluster)
+    if args.command == "cluster":
+        return lab.cluster(args.name, args.level)
     if args.command == "detach-disk":
         return lab.detach_disk(args.vm, _disk_arg(args.disk))
     if args.command == "delete-vm":
