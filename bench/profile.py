@@ -94,7 +94,7 @@ _WALL_RULES: list[tuple[str, Any]] = [
      and _is(p, "ovirt_borg/archive.py")),
     ("archive commit", lambda f, p, src: f == "commit" and _is(p, "ovirt_borg/archive.py")),
     ("engine: transfers (create, poll, finalize)", lambda f, p, src: f in ("start_transfer", "finalize_transfer",
-                                                                         "transfer", "cancel_transfer")),
+                                                                         "transfer", "abandon_transfer")),
     ("engine: backup (start, poll ready, finalize)", lambda f, p, src: f in (
         "start_backup", "wait_backup_ready", "finalize_backup", "backup_disk_modes", "finalize_stale_backups")),
     ("engine: checkpoints (list, purge)", lambda f, p, src: f in ("checkpoints", "purge_checkpoints",
