@@ -430,8 +430,9 @@ class Engine:
     def finalize_stale_backups(self, vm_id: str) -> dict[str, BackupEnd]:
         """Close backups an earlier run left open on the VM (killed, or the engine failed it).
 
-        A backup still starting is waited for; the image transfers of a ready one are cancelled
-        (the engine refuses to finalize a backup with an active transfer), then it is finalized;
+        A backup still starting is waited for; the image transfers of a ready one are ended
+        (``abandon_transfer``: the engine refuses to finalize a backup with an unfinished
+        transfer), then it is finalized;
         one finalizing is waited for. Returns how each ended, by id; raises typed errors.
         """
         finalized = {}
@@ -676,9 +677,9 @@ class Engine:
         ``direction`` is the transfer's. A download is finalized (the SDK's
         helpers/imagetransfer.py: "a download can always be finalized"; cancelled only when the
         engine refuses that), an upload cancelled (the engine then removes its disk); a
-        transfer the engine is already stopping is left to it. Either way the engine takes several steps
-        (cancelled_user -> finalizing_cleanup -> finished_cleanup -> finished_failure), and its
-        backup cannot be finalized before the last one (StopVmBackupCommand.validate).
+        transfer the engine is already stopping is left to it. The engine takes several steps
+        (a cancel: cancelled_user -> finalizing_cleanup -> finished_cleanup -> finished_failure),
+        and its backup cannot be finalized before the last (StopVmBackupCommand.validate).
         """
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         try:
@@ -690,25 +691,25 @@ class Engine:
             if phase in _TRANSFER_FINISHED:
                 return
             if phase not in _TRANSFER_ENDING:
-                # A download is finalized, or cancelled when the engine refuses that.
-                actions = [("cancelling", service.cancel)]
-                if direction == "download":
-                    actions.insert(0, ("finalizing", service.finalize))
-                for number, (doing, action) in enumerate(actions, start=1):
-                    try:
-                        self._retry(action, f"{doing} image transfer {transfer_id}")
-                        break
-                    except sdk.NotFoundError:
-                        raise
-                    except sdk.Error:
-                        if number == len(actions):
-                            raise
+                self._end_transfer(service, transfer_id, direction)
             self._poll(lambda: self._transfer_phase(service), lambda p: p in _TRANSFER_FINISHED,
                        f"ending image transfer {transfer_id}")
         except sdk.NotFoundError:
             pass
         except (sdk.Error, EngineError) as e:
             log.warning("image transfer %s did not end: %s", transfer_id, e)
+
+    def _end_transfer(self, service, transfer_id: str, direction: str) -> None:
+        """Finalize a download (cancel it when the engine refuses that), cancel an upload."""
+        if direction == "download":
+            try:
+                self._retry(service.finalize, f"finalizing image transfer {transfer_id}")
+                return
+            except sdk.NotFoundError:
+                raise
+            except sdk.Error as e:
+                log.warning("finalizing image transfer %s failed (%s); cancelling it", transfer_id, _fault_text(e))
+        self._retry(service.cancel, f"cancelling image transfer {transfer_id}")
 
     @contextlib.contextmanager
     def transfer(self, disk_id: str, *, direction: str, backup_id: str | None = None,
