@@ -109,8 +109,8 @@ FAULT_HELP = {
     "engine_500:<call>": "the call answers 500 with fault XML (e.g. backups.add, "
                          "backup.finalize, imagetransfers.add, transfer.finalize, "
                          "checkpoints.delete, vms.list, disks.add, vms.add; * for all)",
-    "reply_lost:<call>": "the call is carried out but its reply is lost (the connection closes "
-                         "without an answer), e.g. backup.finalize",
+    "reply_lost:<call>": "the call is carried out but its reply is cut short (the status line, "
+                         "then the connection closes), e.g. backup.finalize",
     "wrong_password": "SSO answers access_denied",
     "old_engine": "backups of powered-off VMs are refused with 409 as on engines before 4.4.5",
 }
@@ -400,7 +400,7 @@ class Backup:
     type: str = "live"
     snapshot_id: str | None = None  # the hybrid backup's snapshot (VmBackupMapper: <snapshot>)
     stopped: bool = False  # a hybrid backup finalized, still "ready" until the engine acts
-    stopped_seen: bool = False
+    stopped_seen: bool = False  # a poll saw it stopped (the next one starts the snapshot removal)
     snapshot_left: bool = False  # its snapshot survives the backup (a failed merge)
 
     @property
