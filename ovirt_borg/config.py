@@ -142,7 +142,11 @@ class TransferConfig:
                             "&format=X509-PEM-CA), also when the engine's web certificate was replaced; "
                             "default: engine.ca_file", "/etc/ovirt-borg/engine-internal-ca.pem")
     bandwidth_limit: str = opt("", "cap on imageio bytes per second, e.g. 100M (empty: none)")
-    inactivity_timeout: int = opt(120, "seconds the engine keeps an idle image transfer")
+    inactivity_timeout: int = opt(120, "seconds the engine keeps an image transfer whose ticket is idle (imageio "
+                                       "counts only running reads, not extents queries); ovirt-borg raises it to "
+                                       "60 s above its own longest pause: extents_timeout, the wait bandwidth_limit "
+                                       "puts before a 4 MiB read and, with the cli writer, repository.lock_wait; "
+                                       "set it above the longest stall your repository may have (0: no limit)")
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], help="tag the VM (repeatable)")
     p.add_argument("--origin", default="ovirt",
                    help="the VM's origin; managed_hosted_engine makes the hosted engine's VM")
+    p.add_argument("--cluster", help="the VM's cluster (default: the first; see the cluster command)")
+
+    p = command("cluster", "create a cluster or set its compatibility level (4.7+: snapshot-based backups)")
+    p.add_argument("name", metavar="NAME", help="cluster name")
+    p.add_argument("level", metavar="LEVEL", help="compatibility level, 4.2 .. 4.8")
 
     p = command("add-guests", "add a VM whose disks hold what real guests hold (LVM, NTFS, vfat, btrfs, "
                               "LUKS, swap, a hostile ext4); prints its sample.json entry")
@@ -176,7 +181,9 @@ def _run(args: argparse.Namespace) -> Any:
                             active=not args.unplugged)
     if args.command == "add-vm":
         return lab.add_vm(args.vm, disks=args.disks, size=args.size, format=args.format,
-                          status=args.status, tags=tuple(args.tag), origin=args.origin)
+                          status=args.status, tags=tuple(args.tag), origin=args.origin, cluster=args.cluster)
+    if args.command == "cluster":
+        return lab.cluster(args.name, args.level)
     if args.command == "detach-disk":
         return lab.detach_disk(args.vm, _disk_arg(args.disk))
     if args.command == "delete-vm":

@@ -322,16 +322,25 @@ class Lab:
 
     def add_vm(self, name: str, *, disks: int = 1, size: int | str = DEFAULT_DISK_SIZE,
                format: str = "cow", status: str = "up", tags: tuple[str, ...] = (),
-               seed: int | None = None, origin: str = "ovirt") -> dict[str, Any]:
+               seed: int | None = None, origin: str = "ovirt", cluster: str | None = None) -> dict[str, Any]:
         """Create a VM with ``disks`` data disks (random data in two regions each).
 
         Tests that change checkpoints or turn faults on use their own VM, so a lab shared by
         many tests stays predictable. ``origin`` "managed_hosted_engine" makes the hosted
-        engine's VM. Returns the VM's id, name, status and disk ids.
+        engine's VM; ``cluster`` names the VM's cluster (default: the first). Returns the VM's
+        id, name, status and disk ids.
         """
         return self._call("add-vm", vm=name, disks=disks, size=parse_size(size), format=format,
-                          status=status, tags=list(tags), seed=seed, origin=origin)
+                          status=status, tags=list(tags), seed=seed, origin=origin, cluster=cluster)
 
+    def cluster(self, name: str, version: str) -> dict[str, Any]:
+        """Create the cluster ``name``, or set its compatibility level (``"4.4"`` .. ``"4.8"``)."""
+        return self._call("cluster", name=name, version=version)
+
+    def engine_config(self, name: str, version: str, value: bool) -> dict[str, Any]:
+        """Set an engine option for one cluster level (``UseHybridBackup``,
+        ``IsIncrementalBackupSupported``), as ``engine-config -s NAME=VALUE --cver=VERSION``."""
+        return self._call("engine-config", name=name, version=version, value=value)
     def add_storage_domain(self, name: str, *, type: str = "iscsi", chunk_size: int | str | None = None,
                            extent_size: int | str | None = None) -> dict[str, Any]:
         """Add a data storage domain: ``iscsi`` or ``fcp`` for a block domain (thin disks hold

@@ -259,7 +259,19 @@ def backup(engine: Engine, b: Backup) -> ET.Element:
     if b.to_checkpoint_id:
         _sub(el, "to_checkpoint_id", b.to_checkpoint_id)
     _ref(el, "host", b.host_id, f"{API_PATH}/hosts/{b.host_id}")
+    if b.snapshot_id:  # VmBackupMapper: a hybrid backup names its snapshot
+        _ref(el, "snapshot", b.snapshot_id, f"{API_PATH}/vms/{b.vm_id}/snapshots/{b.snapshot_id}")
     _ref(el, "vm", b.vm_id, f"{API_PATH}/vms/{b.vm_id}")
+    return el
+
+
+def snapshot(vm_id: str, snapshot_id: str, description: str) -> ET.Element:
+    """Render a VM snapshot (the active one, or a hybrid backup's)."""
+    el = _obj("snapshot", snapshot_id, f"{API_PATH}/vms/{vm_id}/snapshots/{snapshot_id}")
+    _sub(el, "description", description)
+    _sub(el, "snapshot_status", "ok")
+    _sub(el, "snapshot_type", "active" if description == "Active VM" else "regular")
+    _ref(el, "vm", vm_id, f"{API_PATH}/vms/{vm_id}")
     return el
 
 
