@@ -312,7 +312,8 @@ def list_archives(config: Config, vms: Sequence[str] = ()) -> Listing:
     prefix = config.repository.prefix
     rows = []
     archived = set()
-    for a in borgcli.list_archives(repo, f"{prefix}*"):
+    described, archives = borgcli.list_repository(repo, f"{prefix}*")
+    for a in archives:
         vm = retention.vm_of_archive(a["name"], prefix)
         if vm is not None:
             archived.add(vm)
@@ -327,7 +328,7 @@ def list_archives(config: Config, vms: Sequence[str] = ()) -> Listing:
     unknown = [vm for vm in vms if vm not in archived]
     if unknown:
         raise NotFound("; ".join(_no_archives_of(vm, sorted(archived)) for vm in unknown))
-    return Listing(RepositoryInfo(archive.repository_id(repo), repo.location), rows)
+    return Listing(RepositoryInfo(described["id"], repo.location), rows)
 
 
 @dataclass
@@ -385,11 +386,11 @@ def verify(config: Config, names: Sequence[str] = (), *, last: int = 1, every_vm
     """
     repo = repository(config)
     prefix = config.repository.prefix
-    view = archive.repository_view(repo)
-    ordered = [a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")]
-    targets = verify_targets(names, sorted(view.archives), retention.archives_by_vm(ordered, prefix),
+    described, archives = borgcli.list_repository(repo)
+    ordered = [a["name"] for a in archives]
+    targets = verify_targets(names, ordered, retention.archives_by_vm(ordered, prefix),
                              last=last, every_vm=every_vm, prefix=prefix)
-    report = VerifyReport(RepositoryInfo(view.id, repo.location))
+    report = VerifyReport(RepositoryInfo(described["id"], repo.location))
     for name in targets:
         try:
             disks = restore.verify_archive(repo, name, prefix)

@@ -218,7 +218,7 @@ def test_ovirt_borg_waits_for_borgmatic_then_goes_on(lab_clean, tagged_vms, ssh_
         waited = time.monotonic() - started
     assert "locked by another borg process; waiting up to 60 s for its lock" in proc.stderr
     assert waited >= 1.5
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["archive"] in archive_names(ssh_repo)
     assert shared.restored_sha(result["archive"]) == shared.job.lab_image_sha(vm, 0)
 
@@ -259,7 +259,7 @@ def test_borgmatic_and_ovirt_borg_at_the_same_time_take_turns(lab_clean, tagged_
             backup.communicate()
     assert backup.returncode == 0, err
     assert "Repository: " + ssh_repo.location in files.stdout, "borgmatic's --stats of its archive"
-    results = json.loads(out)
+    results = json.loads(out)["archives"]
     assert sorted(r["vm"] for r in results) == sorted(tagged_vms)
     names = archive_names(ssh_repo)
     assert len(newest(names, "fileserver-files-")) == 1
