@@ -1188,16 +1188,16 @@ def test_state_permissions_and_no_secrets_in_logs(job, backed_up):
 
 def test_tls_verification_is_on_by_default(job, vm):
     """Verification of the engine and imageio is on unless engine.insecure says otherwise (loudly)."""
-    from ovirt_borg.cli import _transfer_settings
+    from ovirt_borg.jobs import transfer_settings
 
     config = config_mod.load(job.config)
-    settings = _transfer_settings(config)
+    settings = transfer_settings(config)
     assert settings.verify and settings.ca_file == str(job.lab.ca_file)
     data = tomllib.loads(job.config.read_text())
     del data["engine"]["ca_file"]
     defaults = config_mod.from_dict(data, "job.toml")
     assert not defaults.engine.insecure
-    assert _transfer_settings(defaults).verify and _transfer_settings(defaults).ca_file is None
+    assert transfer_settings(defaults).verify and transfer_settings(defaults).ca_file is None
     # without a CA file the lab's certificates are refused (test_engine_refuses_the_connection);
     # only the explicit opt-out connects, and says so
     configure(job, engine={"ca_file": "", "insecure": True})
