@@ -437,7 +437,7 @@ def test_restore_progress_says_what_was_sent(caplog):
     with caplog.at_level(logging.INFO, logger="ovirt_borg.progress"):
         progress.update(4 << 20, 1 << 20)
     [line] = [r.getMessage() for r in caplog.records if r.name == "ovirt_borg.progress"]
-    assert line.startswith("restore disk1:  50.0% of 8.0 MiB, sent 1.0 MiB, ") and ", ETA " in line
+    assert line.startswith("restore disk1:  50.0% of 8.0 MiB, sent 1.0 MiB at ") and ", ETA " in line
 
 
 def test_split_zeros_sends_zero_pieces_as_holes():
