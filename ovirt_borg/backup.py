@@ -299,6 +299,13 @@ def uses_backup_api(vm_status: str, cold_backup: bool) -> bool:
     return vm_status != "down" or cold_backup
 
 
+def engine_transfer_decision(cold_backup_refused: bool) -> ModeDecision:
+    """The mode of a powered-off VM read through engine image transfers (pure): full, because
+    the engine refused a cold backup, or because ``backup.cold_backup`` is false."""
+    why = "the engine refused a cold backup" if cold_backup_refused else "backup.cold_backup is false"
+    return ModeDecision("full", f"powered-off VM read through engine image transfers ({why})")
+
+
 def job_description(job: str, repository_id: str) -> str:
     """The description a job writes on its engine backups: how it tells its own from others'.
 
@@ -403,8 +410,7 @@ class VmBackup:
         else:
             path = PATH_ENGINE_TRANSFER
             path_note = "engine image transfers of the powered-off VM (backup.cold_backup is false)"
-            decision = ModeDecision("full", "powered-off VM read through engine image transfers "
-                                    "(backup.cold_backup is false)")
+            decision = engine_transfer_decision(cold_backup_refused=False)
         disks = []
         for disk in choice.backed_up:
             incremental_capable = disk.incremental_capable or disk in choice.to_enable
@@ -532,8 +538,7 @@ class VmBackup:
                                 "reading its disks through engine image transfers instead", self.vm.name, e)
             if backup_id is None:
                 path = PATH_ENGINE_TRANSFER
-                decision = ModeDecision("full", "powered-off VM read through engine image transfers "
-                                        "(the engine refused a cold backup)")
+                decision = engine_transfer_decision(cold_backup_refused=use_backup_api)
             if decision.mode != "incremental":
                 base, base_ids, writer.base_archive = None, {}, None
             self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
