@@ -131,6 +131,15 @@ class RepositoryInfo:
         return {"id": self.id, "location": self.location}
 
 
+def _require_vms(names: Sequence[str], vms: Sequence[VmInfo]) -> None:
+    """Raise NotFound, with the nearest names, for each of ``names`` that no VM of ``vms`` has."""
+    known = [vm.name for vm in vms]
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise NotFound("; ".join(f"no VM named {name!r} on the engine{nearest_hint(name, known)}"
+                                 for name in missing))
+
+
 def _no_archives_of(vm: str, archived: Sequence[str]) -> str:
     return f"no archives of VM {vm!r} in the repository{nearest_hint(vm, archived)}"
 
@@ -206,12 +215,7 @@ def _archive_namer(pm, config: Config, timestamp: str):
 def _select(pm, config: Config, engine: Engine, request: BackupRequest) -> list[VmInfo]:
     """The VMs of the run: those named (each must exist), or the configured selection."""
     all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
-    if request.vms:
-        known = [vm.name for vm in all_vms]
-        missing = [name for name in request.vms if name not in known]
-        if missing:
-            raise NotFound("; ".join(f"no VM named {name!r} on the engine{nearest_hint(name, known)}"
-                                     for name in missing))
+    _require_vms(request.vms, all_vms)
     vms = pm.hook.ovirt_borg_select_vms(config=config, vms=all_vms, requested=list(request.vms),
                                         all_vms=request.all_vms)
     rule = plugins.selection_rule(config)
@@ -459,6 +463,8 @@ def checkpoints(config: Config, vms: Sequence[str] = (), *, purge: bool = False)
     sidecars = {s.vm_name: s for s in state.all()}
     report = []
     with connect(config) as engine:
+        if vms:
+            _require_vms(vms, engine.list_vms())
         for name in list(vms) or sorted(sidecars):
             vm = engine.find_vm(name)
             in_use = sidecars[name].checkpoint_id if name in sidecars else None
@@ -504,6 +510,8 @@ def run_restore(config: Config, request: RestoreRequest) -> restore.RestoreResul
             raise ConfigError("--to-dir writes local files: it goes without --vm-name and --storage-domain")
         return restore.restore_to_dir(repo, request.archive, prefix, request.to_dir, fmt=request.format,
                                       disk_ids=disks, force=request.force, sha256=request.sha256)
+    if request.vm_name and not request.storage_domain:
+        raise ConfigError("--vm-name needs --storage-domain SD for the new disks")
     if not request.storage_domain:
         raise ConfigError("say where to restore: --vm-name NEW --storage-domain SD (the VM), --disk ID "
                           "--storage-domain SD (one disk), or --to-dir DIR (local files)")
