@@ -515,6 +515,8 @@ def run_restore(config: Config, request: RestoreRequest) -> restore.RestoreResul
     if not request.storage_domain:
         raise ConfigError("say where to restore: --vm-name NEW --storage-domain SD (the VM), --disk ID "
                           "--storage-domain SD (one disk), or --to-dir DIR (local files)")
+    if not request.vm_name and (not disks or len(disks) != 1):
+        raise ConfigError("without --vm-name, --storage-domain restores one disk: name it with --disk ID")
     settings = transfer_settings(config)
     inactivity_timeout = config.transfer.inactivity_timeout
     with connect(config) as engine:
@@ -523,8 +525,6 @@ def run_restore(config: Config, request: RestoreRequest) -> restore.RestoreResul
                                       cluster=request.cluster, storage_domain=request.storage_domain,
                                       settings=settings, inactivity_timeout=inactivity_timeout,
                                       disk_ids=disks, start=request.start, sha256=request.sha256)
-        if not disks or len(disks) != 1:
-            raise ConfigError("without --vm-name, --storage-domain restores one disk: name it with --disk ID")
         return restore.restore_disk(engine, repo, request.archive, prefix, disks[0], request.storage_domain,
                                     settings, inactivity_timeout=inactivity_timeout, sha256=request.sha256)
 

@@ -4,14 +4,16 @@ read, a run's exit code, the rate a progress line shows."""
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 
-from ovirt_borg import sidecar as sc
+from ovirt_borg import config as config_mod, sidecar as sc
 from ovirt_borg.backup import choose_disks, disk_full_reason, run_exit_code, uses_backup_api
 from ovirt_borg.engine import DiskInfo
 from ovirt_borg.errors import ConfigError, NotFound
-from ovirt_borg.jobs import verify_targets
+from ovirt_borg.jobs import RestoreRequest, run_restore, verify_targets
 from ovirt_borg.progress import Progress
 
 A1, A2, A3 = (f"ovirt-web-2026-11-2{day}T03:00:00Z" for day in (4, 5, 6))
@@ -98,3 +100,20 @@ def test_the_progress_rate_counts_bytes_moved_not_holes():
     progress.update(6 << 20, 1 << 20)  # 5 MiB of holes or reused blocks, 1 MiB read
     line = progress._line(progress.started + 2.0)
     assert line.startswith("VM 2 of 3, web/root:  75.0% of 8.0 MiB, read 1.0 MiB at 512.0 KiB/s, ETA 0m00s")
+
+
+@pytest.mark.parametrize("request_, message", [
+    (dict(), "say where to restore"),
+    (dict(vm_name="new"), "--vm-name needs --storage-domain"),
+    (dict(storage_domain="data1"), "restores one disk: name it with --disk ID"),
+    (dict(storage_domain="data1", disks=("a", "b")), "restores one disk"),
+    (dict(force=True, storage_domain="data1"), "--force replaces local files"),
+    (dict(to_dir=Path("/tmp/out"), storage_domain="data1"), "--to-dir writes local files"),
+])
+def test_a_restore_names_one_target(tmp_path, monkeypatch, request_, message):
+    """Refused before the repository or the engine is touched."""
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))  # no engine password anywhere
+    config = config_mod.from_dict({"engine": {"url": "https://engine.example.com/ovirt-engine/api"},
+                                   "repository": {"location": str(tmp_path / "none")}}, "job.toml")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_restore(config, RestoreRequest(archive="a", **request_))
