@@ -744,10 +744,10 @@ class VmBackup:
                 blocks = _plan_disk(disk, size, block_size, zero_extents())
             summary = plan.summarize(blocks)
             checked = client.bytes_read  # the clean blocks re-read to check the dirty bitmap
-            log.debug("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%s)%s", self.vm.name,
+            log.debug("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)%s", self.vm.name,
                       disk.alias, summary.blocks, summary.holes, summary.reused, summary.read,
-                      human_size(summary.bytes_to_read),
-                      f", after {human_size(checked)} read to check the dirty bitmap" if checked else "")
+                      summary.bytes_to_read,
+                      f", after {checked} bytes read to check the dirty bitmap" if checked else "")
             progress = Progress(f"VM {self.position[0]} of {self.position[1]}, {self.vm.name}/{disk.alias}", size)
             sha256s = None if writer.gives_chunk_ids else bytearray()
             stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))

@@ -264,7 +264,7 @@ def test_imageio_restart_mid_transfer_is_ridden_out(job, lab_clean):
         configure(job, transfer={"bandwidth_limit": "32M"})
         restarts = lab.stats()["imageio.host.restarts"]
         lab.fault("imageio_restart")
-        proc = job.run("backup", name, "--json")
+        proc = job.run("-v", "backup", name, "--json")  # -v: each disk's planned reads
         result = json.loads(proc.stdout)["archives"][0]
         assert lab.stats()["imageio.host.restarts"] == restarts + 1, "the restart must land mid-transfer"
         assert "retrying" in proc.stderr
@@ -306,7 +306,7 @@ def test_hung_imageio_read_times_out_and_resumes(job, lab_clean):
         configure(job, transfer={"read_timeout": 0.5, "connect_timeout": 0.5, "retries": 6,
                                  "bandwidth_limit": "16M"})
         start_bytes = host_bytes(lab)
-        with running(job, "backup", name, "--json") as proc:
+        with running(job, "-v", "backup", name, "--json") as proc:  # -v: each disk's planned reads
             wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
             with stopped(lab.stats()["imageio.host.pid"]):
                 time.sleep(1.5)
@@ -466,7 +466,7 @@ def test_engine_refuses_the_connection(job, backed_up, other_pki, tmp_path):
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not the password\n")
     cases = [
-        ({"url": "https://127.0.0.1:9/ovirt-engine/api"}, 4, r"cannot reach the engine"),
+        ({"url": "https://127.0.0.1:9/ovirt-engine/api"}, 4, r"cannot connect to the engine at 127\.0\.0\.1:9"),
         ({"password_file": str(wrong)}, 5, r"refused the credentials"),
         ({"ca_file": str(other_pki.ca_file)}, 4, r"TLS certificate is not trusted"),
         ({"ca_file": ""}, 4, r"TLS certificate is not trusted"),

@@ -176,7 +176,7 @@ def test_borgmatic_runs_ovirt_borg_from_its_hooks_in_one_repository(lab_clean, t
     run_borg(ssh_repo, "create", f"{{repo}}::other-{tagged_vms[0]}-2026-11-26T01:00:00Z", str(shared.files))
 
     first = shared.borgmatic("-v", "1")
-    assert first.stdout.count("full backup in") == 2, first.stdout
+    assert first.stdout.count(": full, read ") == 2, first.stdout
     after_first = archive_names(ssh_repo)
     assert len(newest(after_first, "fileserver-files-")) == 1
     first_vm_archives = {vm: newest(after_first, f"ovirt-{vm}-") for vm in tagged_vms}
@@ -186,7 +186,7 @@ def test_borgmatic_runs_ovirt_borg_from_its_hooks_in_one_repository(lab_clean, t
         lab_clean.write(vm, disk=1, offset=1 << 20, length=256 << 10)
     time.sleep(1.1)  # archive names carry the time to the second
     second = shared.borgmatic("-v", "1")
-    assert second.stdout.count("incremental backup in") == 2, second.stdout
+    assert second.stdout.count(": incremental, read ") == 2, second.stdout
 
     remaining = archive_names(ssh_repo)
     files = newest(remaining, "fileserver-files-")
