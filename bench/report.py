@@ -92,10 +92,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                                          for s in phases]), 1)
                 row["phase_provisioned_mb_s"] = round(_median([s["provisioned"] / s["extra"]["phase_seconds"] / MB
                                                                for s in phases]), 1)
-            for key in ("changed_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks"):
+            for key in ("changed_bytes", "dirty_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks",
+                        "imageio_bytes_read"):
                 values = [s["extra"][key] for s in items if key in s["extra"]]
                 if values:
                     row[key] = int(_median(values))
+            if row.get("dirty_bytes"):
+                # ovirt-borg: imageio's own count (the bitmap check's samples included); the
+                # two-step way: what the lab's imageio served it.
+                row["read_vs_dirty"] = round(row.get("imageio_bytes_read", row["moved"]) / row["dirty_bytes"], 3)
             metadata = [s["extra"]["metadata"] for s in items if "metadata" in s["extra"]]
             if metadata:
                 row["metadata_bytes"] = int(_median([x["item_bytes"] + x["archive_bytes"] for x in metadata]))
@@ -130,6 +135,29 @@ def goals(summary: dict[str, Any], block_size: int = 1 << 20) -> list[dict[str, 
         ratio = restore["client.upload"].get("vs_ovirt_borg", 0)
         out.append({"goal": "restore at least as fast as ovirt_imageio.client.upload",
                     "value": f"upload takes {ratio:.2f}x ovirt-borg's time", "met": ratio >= 1.0})
+    if "two-step restore" in restore:
+        two_restore = restore["two-step restore"]
+        ratio = two_restore.get("vs_ovirt_borg", 0)
+        out.append({"goal": "restore at least 1.5x faster than the two-step restore (borg extract + upload), "
+                            "no scratch file",
+                    "value": f"the two-step restore takes {ratio:.2f}x ovirt-borg's time and "
+                             f"{two_restore['scratch'] / MiB:.0f} MiB of scratch; ovirt-borg none",
+                    "met": ratio >= 1.5})
+    for case, rows in summary.items():
+        row = rows.get(OVIRT_BORG, {})
+        if case.startswith("incremental 1% scattered") and row.get("dirty_bytes"):
+            ratio = row.get("imageio_bytes_read", row["moved"]) / row["dirty_bytes"]
+            out.append({"goal": f"{case}: bytes read from imageio at most 1.3x the dirty bytes",
+                        "value": f"{_size(row.get('imageio_bytes_read', row['moved']))} read for "
+                                 f"{_size(row['dirty_bytes'])} dirty: {ratio:.1f}x", "met": ratio <= 1.3})
+    random_full = summary.get("full random data", {})
+    if OVIRT_BORG in random_full:
+        versus = {name: random_full[name].get("vs_ovirt_borg", 0)
+                  for name in ("borg create (local raw)", "two-step") if name in random_full}
+        out.append({"goal": "full backup of random data ahead of borg create of the local raw file and of "
+                            "the two-step way",
+                    "value": ", ".join(f"{name} takes {ratio:.2f}x ovirt-borg's time" for name, ratio in versus.items()),
+                    "met": all(ratio >= 1.0 for ratio in versus.values())})
     large = summary.get("large full", {}).get(OVIRT_BORG)
     if large and OVIRT_BORG in full:
         small_rss, large_rss = full[OVIRT_BORG]["peak_rss"], large["peak_rss"]
@@ -262,6 +290,162 @@ def metadata_text(summary: dict[str, Any]) -> str:
     return ("Archive metadata (item list and archive object, as stored): " + "; ".join(parts)) if parts else ""
 
 
+def _table(columns: tuple[str, ...], table: list[list[str]], markdown: bool) -> str:
+    """A table, first column left-aligned and the others right-aligned."""
+    if not table:
+        return ""
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table])
+    table = [list(columns)] + table
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+                     for r in table)
+
+
+def _steps(results: dict[str, Any], case: str, contender: str) -> list[dict]:
+    return [s for s in results["steps"] if s["case"] == case and s["contender"] == contender]
+
+
+def _cpu(measurement: dict) -> float:
+    return measurement["user"] + measurement["system"]
+
+
+RESTORE_COLUMNS = ("restore", "wall s", "vs ovirt-borg", "client CPU s", "lab CPU s", "scratch")
+
+
+def restore_text(results: dict[str, Any], markdown: bool = False) -> str:
+    """The restore against the two-step restore and the upload of a local file: wall time, the
+    client's and the lab's CPU seconds apart, scratch space (medians of the runs)."""
+    summary = summarize(results)
+    restore = summary.get("restore", {})
+    two = _steps(results, "restore", "two-step restore")
+    if not two:
+        return ""
+    table = []
+
+    def add(title: str, measurements: list[dict], versus: str, scratch: str) -> None:
+        table.append([title, f"{_median([m['wall'] for m in measurements]):.2f}", versus,
+                      f"{_median([_cpu(m) for m in measurements]):.1f}",
+                      f"{_median([sum(m['lab_cpu'].values()) for m in measurements]):.1f}", scratch])
+
+    for contender, title in ((OVIRT_BORG, "ovirt-borg restore"),
+                             ("two-step restore", "two-step: borg extract --sparse + client.upload"),
+                             ("client.upload", "client.upload of a local raw file")):
+        row = restore.get(contender)
+        if row is None:
+            continue
+        versus = f"{row['vs_ovirt_borg']:.2f}x" if "vs_ovirt_borg" in row else "1"
+        add(title, [s["measurement"] for s in _steps(results, "restore", contender)], versus,
+            _size(row["scratch"]) if row["scratch"] else "-")
+        if contender == "two-step restore":
+            add("  of which borg extract to the scratch file", [s["extra"]["extract"] for s in two], "", "")
+            add("  of which client.upload of the scratch file", [s["extra"]["upload"] for s in two], "", "")
+    return ("Restore against the two-step restore (the client's CPU seconds and the lab's apart):\n"
+            + _table(RESTORE_COLUMNS, table, markdown))
+
+
+DIRTY_COLUMNS = ("incremental", "dirty bytes (64 KiB granules)", "ovirt-borg read", "read / dirty",
+                 "two-step read (imageio's dirty extents)", "read / dirty")
+
+
+def dirty_text(results: dict[str, Any], markdown: bool = False) -> str:
+    """Bytes read from imageio by each incremental against the dirty bytes: the guest's writes
+    rounded out to the bitmap's 64 KiB granules."""
+    summary = summarize(results)
+    table = []
+    for case, rows in summary.items():
+        ob, two = rows.get(OVIRT_BORG, {}), rows.get("two-step", {})
+        dirty = ob.get("dirty_bytes")
+        if not dirty or case.startswith("large"):
+            continue
+        read = ob.get("imageio_bytes_read", ob["moved"])
+        cells = [case, _size(dirty), _size(read), f"{read / dirty:.2f}x"]
+        cells += [_size(two["moved"]), f"{two['moved'] / dirty:.2f}x"] if two else ["-", "-"]
+        table.append(cells)
+    if not table:
+        return ""
+    return "Bytes read from imageio against the dirty bytes:\n" + _table(DIRTY_COLUMNS, table, markdown)
+
+
+CPU_COLUMNS = ("data", "ovirt-borg CPU s/GiB", "lab CPU s/GiB", "borg create CPU s/GiB",
+               "floor CPU s/GiB (id / lz4 / AES+MAC)", "ovirt-borg / floor", "borg create / floor",
+               "wall: borg create / ovirt-borg")
+
+
+def cpu_per_gib(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """CPU seconds per GiB of each kind of data: ovirt-borg (its processes, and the lab apart),
+    ``borg create`` and the floor, each net of the contender's fixed cost in the same run
+    (ovirt-borg backing up a disk of holes, ``borg create`` of an empty file); medians of the runs."""
+    floors = results.get("floor", [])
+    out: dict[str, dict[str, Any]] = {}
+    fixed_case = "fixed cost: no data"
+    for kind in sorted({f["kind"] for f in floors}, key=["random", "text", "zero"].index):
+        case = f"full {kind} data"
+        row: dict[str, Any] = {}
+        for contender, key in ((OVIRT_BORG, "ovirt_borg"), ("borg create (local raw)", "borg_create")):
+            fixed = {s["run"]: s["measurement"] for s in _steps(results, fixed_case, contender)}
+            per_gib, lab_per_gib, gross = [], [], []
+            for step in _steps(results, case, contender):
+                gib = step["extra"]["data_bytes"] / (1 << 30)
+                m, base = step["measurement"], fixed.get(step["run"])
+                gross.append(_cpu(m) / gib)
+                if base is not None:
+                    per_gib.append((_cpu(m) - _cpu(base)) / gib)
+                    lab_per_gib.append((sum(m["lab_cpu"].values()) - sum(base["lab_cpu"].values())) / gib)
+            if gross:
+                row[key] = round(_median(per_gib), 3) if per_gib else None
+                row[f"{key}_gross"] = round(_median(gross), 3)
+                if key == "ovirt_borg" and lab_per_gib:
+                    row["lab"] = round(_median(lab_per_gib), 3)
+            if fixed:
+                row[f"{key}_fixed"] = round(_median([_cpu(m) for m in fixed.values()]), 3)
+        mine = [f for f in floors if f["kind"] == kind]
+        if mine:
+            gib = [f["kind_bytes"] / (1 << 30) for f in mine]
+            row["floor"] = round(_median([f["cpu_seconds"] / g for f, g in zip(mine, gib)]), 3)
+            row["floor_parts"] = {part: round(_median([f["seconds"][part] / g for f, g in zip(mine, gib)]), 3)
+                                  for part in mine[0]["seconds"]}
+        walls = summarize(results).get(case, {})
+        if "borg create (local raw)" in walls:
+            row["wall_ratio_borg_create"] = walls["borg create (local raw)"].get("vs_ovirt_borg")
+        if "two-step" in walls:
+            row["wall_ratio_two_step"] = walls["two-step"].get("vs_ovirt_borg")
+        out[kind] = row
+    return out
+
+
+def cpu_text(results: dict[str, Any], markdown: bool = False) -> str:
+    rows = cpu_per_gib(results)
+    if not rows:
+        return ""
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    def ratio(value: float | None, floor: float | None) -> str:
+        # Zeros have next to no floor (a zero test per block): no ratio to speak of.
+        return f"{value / floor:.2f}x" if value is not None and floor and floor >= 0.25 else "-"
+
+    table = []
+    for kind, row in rows.items():
+        parts = row.get("floor_parts", {})
+        floor_cell = (f"{row['floor']:.2f} ({parts.get('chunk id', 0):.2f} / {parts.get('compression', 0):.2f} / "
+                      f"{parts.get('encryption and MAC', 0):.2f})" if "floor" in row else "-")
+        wall = number(row.get("wall_ratio_borg_create")) + "x" if row.get("wall_ratio_borg_create") else "-"
+        if row.get("wall_ratio_two_step"):
+            wall += f" (two-step / ovirt-borg {row['wall_ratio_two_step']:.2f}x)"
+        table.append([kind, number(row.get("ovirt_borg")), number(row.get("lab")), number(row.get("borg_create")),
+                      floor_cell, ratio(row.get("ovirt_borg"), row.get("floor")),
+                      ratio(row.get("borg_create"), row.get("floor")), wall])
+    first = next(iter(rows.values()))
+    fixed = (f"fixed cost per run, subtracted above: ovirt-borg {first.get('ovirt_borg_fixed', 0):.2f} CPU s "
+             f"(a disk of holes only), borg create {first.get('borg_create_fixed', 0):.2f} CPU s (an empty file)")
+    return ("CPU seconds per GiB of data (net of each contender's fixed cost; floor: Borg's key and "
+            "compressor on the same 1 MiB blocks, one thread):\n" + _table(CPU_COLUMNS, table, markdown)
+            + ("\n\n" if markdown else "\n") + fixed)
+
+
 def profile_text(results: dict[str, Any]) -> str:
     """Where the profiled full backup spent its on-CPU time, client and imageio daemon."""
     profile = results.get("profile")
@@ -301,11 +485,12 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     checks = goals(summary, results["options"].get("block_size", 1 << 20))
     profile = profile_text(results)
     data_path = data_path_text(summary, markdown) + ("\n\n" if markdown else "\n") + metadata_text(summary)
+    extra = [restore_text(results, markdown), dirty_text(results, markdown), cpu_text(results, markdown)]
     if markdown:
         return "\n\n".join(part for part in [head, machine_text(results), markdown_table(summary), data_path,
-                                               "Goals:", goals_text(checks, True), profile] if part)
-    return "\n".join([head, machine_text(results), "", text_table(summary), "", data_path, "", "Goals:",
-                      goals_text(checks), "", profile])
+                                               *extra, "Goals:", goals_text(checks, True), profile] if part)
+    return "\n".join([head, machine_text(results), "", text_table(summary), "", data_path, "",
+                      *[part + "\n" for part in extra if part], "Goals:", goals_text(checks), "", profile])
 
 
 def main(argv: list[str] | None = None) -> int:
