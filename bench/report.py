@@ -92,6 +92,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                                          for s in phases]), 1)
                 row["phase_provisioned_mb_s"] = round(_median([s["provisioned"] / s["extra"]["phase_seconds"] / MB
                                                                for s in phases]), 1)
+                phase_cpu = [s["extra"]["phase_cpu_seconds"] for s in phases if s["extra"].get("phase_cpu_seconds")]
+                if phase_cpu:
+                    row["phase_cpu_seconds"] = round(_median(phase_cpu), 3)
             for key in ("changed_bytes", "dirty_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks",
                         "imageio_bytes_read"):
                 values = [s["extra"][key] for s in items if key in s["extra"]]
@@ -243,14 +246,20 @@ def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
                   ("imageio read only (ImageioClient.read_ranges)", halves.get("imageio read only")),
                   ("archive writer only (ArchiveWriter.add_image, image cached)", halves.get("archive writer only"))]
     out = []
+
+    def cpu(row: dict) -> str:
+        # The data phase's own CPU seconds where the component reports them, else (in
+        # parentheses) the whole process's.
+        return f"{row['phase_cpu_seconds']:.1f}" if "phase_cpu_seconds" in row else f"({row['cpu_seconds']:.1f})"
+
     for title, row in candidates:
         if row and "phase_seconds" in row:
             out.append([title, f"{row['phase_seconds']:.2f}", f"{row['phase_moved_mb_s']:.0f}",
-                        f"{row['phase_provisioned_mb_s']:.0f}"])
+                        f"{row['phase_provisioned_mb_s']:.0f}", cpu(row)])
     raw = full.get("borg create (local raw)")
     if raw:
         out.append(["borg create of the local raw file (whole command)", f"{raw['wall']:.2f}",
-                    f"{raw['moved_mb_s']:.0f}", f"{raw['provisioned_mb_s']:.0f}"])
+                    f"{raw['moved_mb_s']:.0f}", f"{raw['provisioned_mb_s']:.0f}", f"{raw['cpu_seconds']:.1f}"])
     restore = summary.get("restore", {})
     for title, row in (("restore: ovirt-borg (whole command)", restore.get(OVIRT_BORG)),
                        ("restore: archive read only (archive.read_image)",
@@ -259,24 +268,16 @@ def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
         if row:
             seconds = row.get("phase_seconds", row["wall"])
             mb_s = row.get("phase_moved_mb_s", row["moved_mb_s"])
-            out.append([title, f"{seconds:.2f}", f"{mb_s:.0f}", f"{row['provisioned'] / seconds / MB:.0f}"])
+            out.append([title, f"{seconds:.2f}", f"{mb_s:.0f}", f"{row['provisioned'] / seconds / MB:.0f}",
+                        cpu(row) if "phase_seconds" in row else f"{row['cpu_seconds']:.1f}"])
     return out
 
 
-DATA_PATH_COLUMNS = ("data phase", "seconds", "MB/s of data", "MB/s of provisioned")
+DATA_PATH_COLUMNS = ("data phase", "seconds", "MB/s of data", "MB/s of provisioned", "CPU s")
 
 
 def data_path_text(summary: dict[str, Any], markdown: bool = False) -> str:
-    table = data_path_rows(summary)
-    if not table:
-        return ""
-    if markdown:
-        lines = ["| " + " | ".join(DATA_PATH_COLUMNS) + " |", "|---|---:|---:|---:|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table])
-    table = [list(DATA_PATH_COLUMNS)] + table
-    widths = [max(len(r[i]) for r in table) for i in range(len(DATA_PATH_COLUMNS))]
-    return "\n".join("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-                     for r in table)
+    return _table(DATA_PATH_COLUMNS, data_path_rows(summary), markdown)
 
 
 def metadata_text(summary: dict[str, Any]) -> str:

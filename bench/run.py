@@ -386,7 +386,7 @@ class Bench:
             env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
         data = json.loads(out)
         steps = [Step("imageio read only", "full: halves of the data path", read, size, moved=data["bytes"],
-                      stored=0, extra={"phase_seconds": data["seconds"]})]
+                      stored=0, extra={"phase_seconds": data["seconds"], "phase_cpu_seconds": data["cpu_seconds"]})]
         repo = self.new_repo(run_dir / "components")
         write, out = measure.run(
             f"r{run}-component-write",
@@ -395,7 +395,8 @@ class Bench:
             env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
         data = json.loads(out)
         steps.append(Step("archive writer only", "full: halves of the data path", write, size, moved=data["bytes"],
-                          stored=borgrepo.size_on_disk(repo), extra={"phase_seconds": data["seconds"]}))
+                          stored=borgrepo.size_on_disk(repo),
+                          extra={"phase_seconds": data["seconds"], "phase_cpu_seconds": data["cpu_seconds"]}))
         shutil.rmtree(repo)
         return steps
 
@@ -466,7 +467,7 @@ class Bench:
                                  env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
             data = json.loads(out)
             return Step("archive read only", "restore: the Borg half alone", m, size, moved=data["bytes"], stored=0,
-                        extra={"phase_seconds": data["seconds"]})
+                        extra={"phase_seconds": data["seconds"], "phase_cpu_seconds": data["cpu_seconds"]})
 
         pair = [ovirt_borg, upload, two_step]
         if self.options.variant_env:
