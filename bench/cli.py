@@ -71,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunker", default="fixed,4194304",
                    help="borg create's --chunker-params (default fixed,4194304: fixed 4 MiB chunks)")
     p.add_argument("--variant-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="add a full-backup contender: ovirt-borg with this environment (repeatable), "
+                   help="add a contender to the full backups, the CPU cases and the restore: ovirt-borg with "
+                        "this environment (repeatable), "
                         "e.g. MALLOC_MMAP_THRESHOLD_=67108864")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of a full backup")
     p.add_argument("--quick", action="store_true", help="small sizes, one run, no profile")

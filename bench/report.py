@@ -291,16 +291,16 @@ def metadata_text(summary: dict[str, Any]) -> str:
     return ("Archive metadata (item list and archive object, as stored): " + "; ".join(parts)) if parts else ""
 
 
-def _table(columns: tuple[str, ...], table: list[list[str]], markdown: bool) -> str:
-    """A table, first column left-aligned and the others right-aligned."""
+def _table(columns: tuple[str, ...], table: list[list[str]], markdown: bool, left: int = 1) -> str:
+    """A table, its first ``left`` columns left-aligned and the others right-aligned."""
     if not table:
         return ""
     if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * left + "---:|" * (len(columns) - left)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table])
     table = [list(columns)] + table
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+    return "\n".join("  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(r))
                      for r in table)
 
 
@@ -369,82 +369,67 @@ def dirty_text(results: dict[str, Any], markdown: bool = False) -> str:
     return "Bytes read from imageio against the dirty bytes:\n" + _table(DIRTY_COLUMNS, table, markdown)
 
 
-CPU_COLUMNS = ("data", "ovirt-borg CPU s/GiB", "lab CPU s/GiB", "borg create CPU s/GiB",
-               "floor CPU s/GiB (id / lz4 / AES+MAC)", "ovirt-borg / floor", "borg create / floor",
-               "wall: borg create / ovirt-borg")
+FIXED_CASE = "fixed cost: no data"
+FLOOR = "floor: Borg's key and compressor"
+CPU_COLUMNS = ("data", "contender", "CPU s/GiB", "lab CPU s/GiB", "vs floor", "fixed CPU s", "wall s",
+               "wall vs ovirt-borg")
 
 
 def cpu_per_gib(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """CPU seconds per GiB of each kind of data: ovirt-borg (its processes, and the lab apart),
-    ``borg create`` and the floor, each net of the contender's fixed cost in the same run
-    (ovirt-borg backing up a disk of holes, ``borg create`` of an empty file); medians of the runs."""
+    """CPU seconds per GiB of each kind of data, ``{kind: {contender: ...}}``: the floor (Borg's
+    key and compressor on the same blocks, with its parts) and each contender that also ran
+    the fixed-cost case (ovirt-borg backing up a disk of holes, ``borg create`` of an empty
+    file), net of that fixed cost in the same run: its processes' CPU seconds, and the lab's
+    apart; medians of the runs."""
     floors = results.get("floor", [])
+    summary = summarize(results)
     out: dict[str, dict[str, Any]] = {}
-    fixed_case = "fixed cost: no data"
     for kind in sorted({f["kind"] for f in floors}, key=["random", "text", "zero"].index):
         case = f"full {kind} data"
-        row: dict[str, Any] = {}
-        for contender, key in ((OVIRT_BORG, "ovirt_borg"), ("borg create (local raw)", "borg_create")):
-            fixed = {s["run"]: s["measurement"] for s in _steps(results, fixed_case, contender)}
-            per_gib, lab_per_gib, gross = [], [], []
-            for step in _steps(results, case, contender):
-                gib = step["extra"]["data_bytes"] / (1 << 30)
-                m, base = step["measurement"], fixed.get(step["run"])
-                gross.append(_cpu(m) / gib)
-                if base is not None:
-                    per_gib.append((_cpu(m) - _cpu(base)) / gib)
-                    lab_per_gib.append((sum(m["lab_cpu"].values()) - sum(base["lab_cpu"].values())) / gib)
-            if gross:
-                row[key] = round(_median(per_gib), 3) if per_gib else None
-                row[f"{key}_gross"] = round(_median(gross), 3)
-                if key == "ovirt_borg" and lab_per_gib:
-                    row["lab"] = round(_median(lab_per_gib), 3)
-            if fixed:
-                row[f"{key}_fixed"] = round(_median([_cpu(m) for m in fixed.values()]), 3)
         mine = [f for f in floors if f["kind"] == kind]
-        if mine:
-            gib = [f["kind_bytes"] / (1 << 30) for f in mine]
-            row["floor"] = round(_median([f["cpu_seconds"] / g for f, g in zip(mine, gib)]), 3)
-            row["floor_parts"] = {part: round(_median([f["seconds"][part] / g for f, g in zip(mine, gib)]), 3)
-                                  for part in mine[0]["seconds"]}
-        walls = summarize(results).get(case, {})
-        if "borg create (local raw)" in walls:
-            row["wall_ratio_borg_create"] = walls["borg create (local raw)"].get("vs_ovirt_borg")
-        if "two-step" in walls:
-            row["wall_ratio_two_step"] = walls["two-step"].get("vs_ovirt_borg")
-        out[kind] = row
+        gib = [f["kind_bytes"] / (1 << 30) for f in mine]
+        rows: dict[str, Any] = {FLOOR: {
+            "cpu_per_gib": round(_median([f["cpu_seconds"] / g for f, g in zip(mine, gib)]), 3),
+            "parts": {part: round(_median([f["seconds"][part] / g for f, g in zip(mine, gib)]), 3)
+                      for part in mine[0]["seconds"]}}}
+        for contender, row in summary.get(case, {}).items():
+            fixed = {s["run"]: s["measurement"] for s in _steps(results, FIXED_CASE, contender)}
+            pairs = [(s, fixed[s["run"]]) for s in _steps(results, case, contender) if s["run"] in fixed]
+            if not pairs:
+                continue
+            cpu = [(_cpu(s["measurement"]) - _cpu(base)) / (s["extra"]["data_bytes"] / (1 << 30))
+                   for s, base in pairs]
+            lab = [(sum(s["measurement"]["lab_cpu"].values()) - sum(base["lab_cpu"].values()))
+                   / (s["extra"]["data_bytes"] / (1 << 30)) for s, base in pairs]
+            rows[contender] = {"cpu_per_gib": round(_median(cpu), 3), "lab_cpu_per_gib": round(_median(lab), 3),
+                               "fixed_cpu": round(_median([_cpu(base) for _, base in pairs]), 3),
+                               "wall": row["wall"], "vs_ovirt_borg": row.get("vs_ovirt_borg")}
+        out[kind] = rows
     return out
 
 
 def cpu_text(results: dict[str, Any], markdown: bool = False) -> str:
-    rows = cpu_per_gib(results)
-    if not rows:
-        return ""
-
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    def ratio(value: float | None, floor: float | None) -> str:
-        # Zeros have next to no floor (a zero test per block): no ratio to speak of.
-        return f"{value / floor:.2f}x" if value is not None and floor and floor >= 0.25 else "-"
-
+    kinds = cpu_per_gib(results)
     table = []
-    for kind, row in rows.items():
-        parts = row.get("floor_parts", {})
-        floor_cell = (f"{row['floor']:.2f} ({parts.get('chunk id', 0):.2f} / {parts.get('compression', 0):.2f} / "
-                      f"{parts.get('encryption and MAC', 0):.2f})" if "floor" in row else "-")
-        wall = number(row.get("wall_ratio_borg_create")) + "x" if row.get("wall_ratio_borg_create") else "-"
-        if row.get("wall_ratio_two_step"):
-            wall += f" (two-step / ovirt-borg {row['wall_ratio_two_step']:.2f}x)"
-        table.append([kind, number(row.get("ovirt_borg")), number(row.get("lab")), number(row.get("borg_create")),
-                      floor_cell, ratio(row.get("ovirt_borg"), row.get("floor")),
-                      ratio(row.get("borg_create"), row.get("floor")), wall])
-    first = next(iter(rows.values()))
-    fixed = (f"fixed cost per run, subtracted above: ovirt-borg {first.get('ovirt_borg_fixed', 0):.2f} CPU s "
-             f"(a disk of holes only), borg create {first.get('borg_create_fixed', 0):.2f} CPU s (an empty file)")
-    return ("CPU seconds per GiB of data (net of each contender's fixed cost; floor: Borg's key and "
-            "compressor on the same 1 MiB blocks, one thread):\n" + _table(CPU_COLUMNS, table, markdown)
-            + ("\n\n" if markdown else "\n") + fixed)
+    for kind, rows in kinds.items():
+        floor = rows[FLOOR]["cpu_per_gib"]
+        for contender, row in rows.items():
+            if contender == FLOOR:
+                parts = row["parts"]
+                table.append([kind, f"{FLOOR} (id {parts['chunk id']:.2f}, lz4 {parts['compression']:.2f}, "
+                                    f"AES+MAC {parts['encryption and MAC']:.2f})",
+                              f"{floor:.2f}", "-", "1", "-", "-", "-"])
+                continue
+            # Zeros have next to no floor (a zero test per block): no ratio to speak of.
+            versus = f"{row['cpu_per_gib'] / floor:.2f}x" if floor >= 0.25 else "-"
+            wall = "1" if contender == OVIRT_BORG else (f"{row['vs_ovirt_borg']:.2f}x" if row["vs_ovirt_borg"] else "-")
+            table.append([kind, contender, f"{row['cpu_per_gib']:.2f}",
+                          f"{row['lab_cpu_per_gib']:.2f}" if contender != "borg create (local raw)" else "-",
+                          versus, f"{row['fixed_cpu']:.2f}", f"{row['wall']:.2f}", wall])
+    if not table:
+        return ""
+    return ("CPU seconds per GiB of data (net of each contender's fixed cost, the lab's CPU apart; floor: one "
+            "thread of Borg's key and compressor on the same blocks):\n" + _table(CPU_COLUMNS, table, markdown, left=2))
 
 
 def profile_text(results: dict[str, Any]) -> str:

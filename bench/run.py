@@ -198,6 +198,11 @@ class Bench:
         return {"engine": pids["engine"], "imageio_host": pids["imageio_host"],
                 "imageio_proxy": pids["imageio_proxy"]}
 
+    @property
+    def variant_name(self) -> str:
+        """The name of the ``--variant-env`` contender."""
+        return "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
+
     def contender_args(self) -> list[str]:
         return [sys.executable, "-m", "bench.contenders", "--url", self.lab.url, "--user", self.lab.user,
                 "--password-file", os.fspath(self.lab.password_file), "--ca-file", os.fspath(self.lab.ca_file)]
@@ -332,9 +337,8 @@ class Bench:
         if self.options.variant_env:
             variant_env = dict(self.options.variant_env)
             variant = self.job_config(run_dir / "ovirt-borg-variant", keep_checkpoints=1000)
-            name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
-            full.append(lambda: self.ovirt_borg_backup(variant, ob_vm, "full", size, run, contender=name,
-                                                       extra_env=variant_env))
+            full.append(lambda: self.ovirt_borg_backup(variant, ob_vm, "full", size, run,
+                                                       contender=self.variant_name, extra_env=variant_env))
         shift = run % len(full)
         for contender in full[shift:] + full[:shift]:
             steps.append(contender())
@@ -471,8 +475,7 @@ class Bench:
 
         pair = [ovirt_borg, upload, two_step]
         if self.options.variant_env:
-            name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
-            pair.append(lambda: ovirt_borg(name, dict(self.options.variant_env)))
+            pair.append(lambda: ovirt_borg(self.variant_name, dict(self.options.variant_env)))
         shift = run % len(pair)
         steps = []
         # A restore reads what was written long before: both sources start out of the page
@@ -599,6 +602,11 @@ class Bench:
                 lambda: self.borg_create(raw_repo, raw, "raw", case, "borg create (local raw)", run,
                                          size if kind != NO_DATA else 0),
             ]
+            if self.options.variant_env:
+                variant = self.job_config(kind_dir / "ovirt-borg-variant")
+                contenders.append(lambda: self.ovirt_borg_backup(variant, vm, case, size, run,
+                                                                 contender=self.variant_name,
+                                                                 extra_env=dict(self.options.variant_env)))
             if kind == image.RANDOM:
                 ts_repo = self.new_repo(kind_dir / "two-step")
                 contenders.append(lambda: self.two_step(vm, ts_repo, kind_dir / "scratch.qcow2",
