@@ -162,7 +162,7 @@ def cmd_floor(args: argparse.Namespace) -> dict:
     iv = 0
     seconds = {"zero test": 0.0, "chunk id": 0.0, "compression": 0.0, "encryption and MAC": 0.0}
     seen: set[bytes] = set()
-    blocks = zero_blocks = data_bytes = 0
+    blocks = zero_blocks = data_bytes = stored = 0
     clock = time.thread_time
     with open(args.raw, "rb") as f:
         while data := f.read(args.block_size):
@@ -181,6 +181,7 @@ def cmd_floor(args: argparse.Namespace) -> dict:
             if chunk_id in seen:
                 continue
             seen.add(chunk_id)
+            stored += 1
             compressed = compressor.compress(data)
             t3 = clock()
             seconds["compression"] += t3 - t2
@@ -188,7 +189,7 @@ def cmd_floor(args: argparse.Namespace) -> dict:
                 cipher.encrypt(compressed, header=key.TYPE_STR, iv=iv)
                 iv = cipher.next_iv()
             seconds["encryption and MAC"] += clock() - t3
-    return {"blocks": blocks, "zero_blocks": zero_blocks, "data_bytes": data_bytes, "unique_chunks": len(seen),
+    return {"blocks": blocks, "zero_blocks": zero_blocks, "data_bytes": data_bytes, "unique_chunks": stored,
             "key": type(key).__name__, "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "cpu_seconds": round(sum(seconds.values()), 3)}
 
