@@ -90,11 +90,12 @@ _WALL_RULES: list[tuple[str, Any]] = [
     ("bitmap check (re-read samples, base blocks)", lambda f, p, src: f == "_check_sample"),
     ("imageio extents", lambda f, p, src: f == "extents" and _is(p, "ovirt_borg/imageio.py")),
     ("image data (read plan, reads, writer)", lambda f, p, src: f in ("add_image", "_write_image")),
-    ("repository open, lock, cache sync", lambda f, p, src: f in ("_open", "_open_repository", "__enter__")
+    ("repository open, lock, cache sync", lambda f, p, src: f in ("_open", "_open_repository", "__enter__",
+                                                                    "lock", "_lock_repository")
      and _is(p, "ovirt_borg/archive.py")),
     ("archive commit", lambda f, p, src: f == "commit" and _is(p, "ovirt_borg/archive.py")),
     ("engine: transfers (create, poll, finalize)", lambda f, p, src: f in ("start_transfer", "finalize_transfer",
-                                                                         "transfer", "cancel_transfer")),
+                                                                         "transfer", "abandon_transfer")),
     ("engine: backup (start, poll ready, finalize)", lambda f, p, src: f in (
         "start_backup", "wait_backup_ready", "finalize_backup", "backup_disk_modes", "finalize_stale_backups")),
     ("engine: checkpoints (list, purge)", lambda f, p, src: f in ("checkpoints", "purge_checkpoints",

@@ -189,8 +189,26 @@ class ArchiveWriter(ABC):
 
     # -- context manager -------------------------------------------------------------------
 
-    def __enter__(self) -> ArchiveWriter:
+    def lock(self) -> None:
+        """Take the repository's lock now, before the writer is entered (which then opens the rest).
+
+        Raises ``RepositoryBusy`` after ``lock_wait`` when another borg holds it (a shared lock,
+        as ``borg mount`` or ``borg list`` take, included), other typed errors when the
+        repository cannot be reached. Call ``release()`` if the writer is then never entered.
+        """
         if self._state != "new":
+            raise RuntimeError(f"archive writer for {self.archive_name} is {self._state}, not new")
+        self._lock()
+        self._state = "locked"
+
+    def release(self) -> None:
+        """Give the lock taken by ``lock()`` back when the writer was not entered (else nothing)."""
+        if self._state == "locked":
+            self._state = "aborted"
+            self._release()
+
+    def __enter__(self) -> ArchiveWriter:
+        if self._state not in ("new", "locked"):
             raise RuntimeError("an ArchiveWriter can be entered only once")
         self._open()
         self._state = "open"
@@ -220,6 +238,12 @@ class ArchiveWriter(ABC):
                                           archive=self.archive_name) from exc
 
     # -- interface -------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        """Take (or make sure of) the repository's lock for ``lock()``; raises typed errors."""
+
+    def _release(self) -> None:
+        """Give back what ``_lock()`` took."""
 
     @abstractmethod
     def base_image(self, path: str, size: int, chunk_ids: bytes) -> bool:
@@ -486,15 +510,27 @@ class _InternalWriter(ArchiveWriter):
         except borg.errors as exc:
             raise self._translate(exc) from exc
 
-    def _open(self) -> None:
+    def _lock(self) -> None:
         global _writer_thread
         if not _internal_writer_lock.acquire(blocking=False):
             raise RuntimeError("another internal archive writer is open in this process")
         _writer_thread = threading.get_ident()
         self._stack.callback(_release_writer_lock)
+        self._guarded(self._lock_repository)
+
+    def _release(self) -> None:
+        self._stack.close()
+
+    def _open(self) -> None:
+        if self._repository is None:
+            self._lock()
+        self._guarded(self._open_repository)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run an opening step; on failure close what is open (the lock too) and raise."""
         try:
             with self._borg_errors():
-                self._open_repository()
+                step()
         except BaseException:
             try:
                 self._stack.close()
@@ -502,12 +538,12 @@ class _InternalWriter(ArchiveWriter):
                 log.exception("closing repository %s after a failed open failed", self.repo.location)
             raise
 
-    def _open_repository(self) -> None:
+    def _lock_repository(self) -> None:
         borg = _borg()
-        settings, secrets = _split_environment(self.repo)
+        settings, self._secrets = _split_environment(self.repo)
         self._stack.enter_context(_environment(settings))
         try:
-            compressor = borg.CompressionSpec(self.repo.compression).compressor
+            self._compressor = borg.CompressionSpec(self.repo.compression).compressor
         except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
             raise ConfigError(f"invalid Borg compression {self.repo.compression!r}: {exc}") from exc
         try:
@@ -526,11 +562,14 @@ class _InternalWriter(ArchiveWriter):
             self._repository = self._stack.enter_context(
                 self._locked_repository(location, lock_wait=self.repo.lock_wait))
         log.debug("locked repository %s in %.1f s", self.repo.location, time.monotonic() - started)
+
+    def _open_repository(self) -> None:
+        borg = _borg()
         # The secrets are in os.environ only while the key is read: the ssh started above must
         # not inherit them, and nothing later needs them.
-        with _environment(secrets):
+        with _environment(self._secrets):
             self._manifest, self._key = borg.Manifest.load(self._repository, (borg.Manifest.Operation.WRITE,))
-        self._key.compressor = compressor
+        self._key.compressor = self._compressor
         self._seal = _sealer(self._key, self._cipher_lock)
         self._cache = self._stack.enter_context(
             borg.Cache(self._repository, self._key, self._manifest, lock_wait=self.repo.lock_wait))
@@ -1031,6 +1070,12 @@ class _CliWriter(ArchiveWriter):
         self._process: borgcli.BorgProcess | None = None
         self._tar: tarfile.TarFile | None = None
         self._zeros: dict[int, bytes] = {}
+
+    def _lock(self) -> None:
+        # borg import-tar takes the lock itself when it starts, which is after the engine
+        # prepared its backup (the comment names the checkpoint); until then, make sure no
+        # other borg holds it.
+        borgcli.wait_for_lock(self.repo)
 
     def _open(self) -> None:
         args = ["import-tar", "--json", "--checkpoint-interval", "0",

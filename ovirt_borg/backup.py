@@ -4,9 +4,9 @@ Policy lives here; the engine, imageio, archive and sidecar modules do the talki
 
 1. list its disks, enable incremental backup on qcow2 disks that lack it;
 2. decide full or incremental from the last committed sidecar (``decide_mode``);
-3. finalize stale backups, start the backup (or, for a powered-off VM on an engine that
-   refuses cold backups, use plain image transfers through the engine's proxy) and open the
-   archive writer while the engine prepares it;
+3. finalize stale backups, lock the repository, start the backup (or, for a powered-off VM on
+   an engine that refuses cold backups, use plain image transfers through the engine's proxy)
+   and open the archive writer while the engine prepares it;
 4. per disk: image transfer, extents, read plan, stream into the archive writer;
 5. commit the archive while the engine finalizes its backup, store the sidecar, purge old
    checkpoints.
@@ -17,10 +17,12 @@ open on the engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
 import logging
+import math
 import random
 import re
 import threading
@@ -33,7 +35,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ovirt_borg import archive, logs, plan, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
-from ovirt_borg.engine import CheckpointRefused, ColdBackupRefused, DiskInfo, Engine, VmInfo, WaitStopped
+from ovirt_borg.engine import (BackupBusy, BackupEnd, CheckpointRefused, ColdBackupRefused, DiskInfo, Engine,
+                               StillFinalizing, TransferStopped, VmInfo, WaitStopped)
 from ovirt_borg.errors import EXIT_ERROR, CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
 from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings
 from ovirt_borg.progress import Progress
@@ -44,6 +47,9 @@ log = logging.getLogger(__name__)
 _DIGESTS_AHEAD = 4
 #: Longest request to imageio: data of consecutive blocks is read together up to this size.
 READ_REQUEST = 4 << 20
+
+#: Added to ovirt-borg's own longest pause between reads in the inactivity_timeout it gives the engine.
+IDLE_SLACK = 60
 
 PATH_BACKUP = "backup"
 PATH_ENGINE_TRANSFER = "engine-transfer"
@@ -63,6 +69,12 @@ class BackupSettings:
     cold_backup: bool = True
     exclude_disks: tuple[str, ...] = ()
     checkpoints_keep: int = 1
+    #: A checkpoint another job's sidecar names is kept unless that sidecar is older (0: always).
+    checkpoints_other_jobs_days: int = 14
+    #: The description this job writes on its engine backups (``job_description``).
+    description: str = ""
+    #: Another's backup left open is finalized once this old with no active transfer (0: at once).
+    foreign_stale_hours: float = 24.0
     inactivity_timeout: int = 120
     transfer: TransferSettings = field(default_factory=TransferSettings)
 
@@ -71,6 +83,27 @@ class BackupSettings:
         size = next((size for pattern, size in self.vm_block_sizes if fnmatch.fnmatchcase(name, pattern)),
                     self.block_size)
         return self if size == self.block_size else dataclasses.replace(self, block_size=size)
+
+
+def transfer_inactivity_timeout(settings: BackupSettings, lock_wait: int) -> int:
+    """The ``inactivity_timeout`` given to the engine for a backup's image transfers (pure).
+
+    The engine cancels a download whose imageio ticket idles longer than that, and imageio
+    counts only running reads as activity (TransferDiskImageCommand.stopTransferIfNecessary,
+    ovirt_imageio auth.Ticket.idle_time). Given the settings and the repository's
+    ``lock_wait``, returns the configured value, raised to ``IDLE_SLACK`` seconds above the
+    longest pause ovirt-borg itself may leave: an extents query (``extents_timeout``), the wait
+    a bandwidth limit puts before a read of ``READ_REQUEST`` bytes, and with the ``cli`` writer
+    a ``borg import-tar`` still waiting for the repository's lock. 0 (no timeout) stays 0.
+    """
+    if settings.inactivity_timeout == 0:
+        return 0
+    pauses = [settings.transfer.extents_timeout]
+    if settings.transfer.bandwidth_limit:
+        pauses.append(READ_REQUEST / settings.transfer.bandwidth_limit)
+    if settings.writer == "cli":
+        pauses.append(lock_wait)
+    return max(settings.inactivity_timeout, math.ceil(max(pauses)) + IDLE_SLACK)
 
 
 @dataclass(frozen=True)
@@ -113,11 +146,14 @@ class VmResult:
     exit_code: int = 0
     # Problems after the archive was committed (the backup stands; the run exits 1).
     warnings: list[str] = field(default_factory=list)
+    # Disks the engine's backup leaves out: {"id", "alias", "reason"} each (the run exits 1).
+    skipped_disks: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["disks"] = [x.as_dict() for x in self.disks]
         d["warnings"] = list(self.warnings)
+        d["skipped_disks"] = [dict(x) for x in self.skipped_disks]
         return d
 
 
@@ -200,6 +236,15 @@ def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: d
                         previous.checkpoint_id)
 
 
+def job_description(job: str, repository_id: str) -> str:
+    """The description a job writes on its engine backups: how it tells its own from others'.
+
+    Given the job's name (its configuration file's name) and its repository's id. Engines from
+    4.4.8 keep a backup's description (up to 1024 characters) and list it with the backup.
+    """
+    return f"ovirt-borg job={job} repository={repository_id}"
+
+
 def archive_comment(vm_name: str, mode: str, path: str, checkpoint: str | None,
                     disks: Sequence[sc.DiskRecord] = ()) -> str:
     """The Borg archive comment: what ``ovirt-borg list`` shows without opening the archive.
@@ -250,6 +295,14 @@ class VmBackup:
             if any(fnmatch.fnmatchcase(disk.alias, p) or p == disk.id for p in self.settings.exclude_disks):
                 log.info("VM %s: disk %s is excluded by the configuration", self.vm.name, disk.alias)
                 continue
+            reason = disk.not_backed_up
+            if reason:
+                # Asking for it would fail the VM every night (a transfer that cannot start,
+                # or a 409 for an unplugged disk): leave it out, and say so until excluded.
+                self.result.skipped_disks.append({"id": disk.id, "alias": disk.alias, "reason": reason})
+                self._warn(f"VM {self.vm.name}: disk {disk.alias} ({disk.id}) is not backed up: {reason}; "
+                           "name it in selection.exclude_disks to leave it out without this warning")
+                continue
             if disk.format == "cow" and disk.backup != "incremental" and self.settings.enable_incremental:
                 log.info("VM %s: enabling incremental backup on disk %s", self.vm.name, disk.alias)
                 disk = self.engine.enable_incremental(disk)
@@ -290,7 +343,15 @@ class VmBackup:
         was committed.
         """
         try:
-            return self._run()
+            try:
+                return self._run()
+            except _IncrementalUnusable as e:
+                # Hybrid and cold backups show a bad bitmap only here, with the checkpoint still
+                # "created": without a full read now, every night would fail the same way.
+                log.warning("VM %s: %s; its engine backup is finalized; starting a full backup", self.vm.name, e)
+                self.result = VmResult(vm=self.vm.name, vm_id=self.vm.id, archive=self.archive_name)
+                self._writer = None
+                return self._run(full_reason=f"the incremental backup failed: {e}")
         except Interrupted:
             log.error("VM %s: %s", self.vm.name,
                       f"stopped after archive {self.archive_name} was committed" if self._committed() else
@@ -301,36 +362,38 @@ class VmBackup:
         """The archive of this run is in the repository."""
         return self._writer is not None and self._writer.committed
 
-    def _run(self) -> VmResult:
+    def _run(self, full_reason: str | None = None) -> VmResult:
+        """One attempt at the VM's backup; ``full_reason`` makes it a full one, saying why."""
         started = utc_now()
         t0 = time.monotonic()
         self._refresh_vm()
         disks = self._disks()
+        if not disks and self.result.skipped_disks:
+            self.result.error = "skipped: the engine backs up none of its disks"
+            self.result.exit_code = 1
+            return self.result
         if not disks:
             raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
         previous = self.state.load(self.vm.id)
-        decision = self._decide(previous, started)
+        decision = ModeDecision("full", full_reason) if full_reason else self._decide(previous, started)
         ovf = self.engine.vm_ovf(self.vm.id)
-        self.engine.finalize_stale_backups(self.vm.id)
+        stale = self.engine.finalize_stale_backups(self.vm.id, self.settings.description,
+                                                   self.settings.foreign_stale_hours * 3600)
+        for backup_id, end in stale.items():
+            self._snapshot_warning(backup_id, end)
 
+        base = previous.archive if decision.mode == "incremental" else None
+        # Read before the writer locks the repository (a copy from the archive needs a reader).
+        base_ids = self._base_ids(previous, disks) if base else {}
+        writer = self._writer = archive.open_writer(
+            self.repo, self.archive_name, block_size=self.settings.block_size, base_archive=base,
+            kind=self.settings.writer)
+        # The lock before the engine is asked: a repository another borg holds (a reader too:
+        # borg mount, borg list) costs the engine nothing, no backup, no checkpoint.
+        writer.lock()
         use_backup_api = self.vm.status != "down" or self.settings.cold_backup
         backup_id = to_checkpoint = None
         path = PATH_BACKUP
-        if use_backup_api:
-            try:
-                backup_id, decision = self._start_backup(disks, decision)
-            except ColdBackupRefused as e:
-                if self.vm.status != "down":
-                    raise
-                log.warning("VM %s is powered off and the engine cannot back it up (%s); "
-                            "reading its disks through engine image transfers instead", self.vm.name, e)
-        if backup_id is None:
-            path = PATH_ENGINE_TRANSFER
-            decision = ModeDecision("full", "powered-off VM read through engine image transfers "
-                                    "(the engine refused a cold backup)")
-        self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
-        log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name, decision.reason)
-
         modes: dict[str, str] = {}
         finalizing: Future | None = None
         preparing: Future | None = None
@@ -346,16 +409,27 @@ class VmBackup:
                     preparing = None
 
         try:
-            base = previous.archive if decision.mode == "incremental" else None
-            # Read before the writer locks the repository (a copy from the archive needs a reader).
-            base_ids = self._base_ids(previous, disks) if base else {}
-            writer = self._writer = archive.open_writer(
-                self.repo, self.archive_name, block_size=self.settings.block_size, base_archive=base,
-                kind=self.settings.writer)
+            if use_backup_api:
+                try:
+                    backup_id, decision = self._start_backup(disks, decision)
+                except ColdBackupRefused as e:
+                    if self.vm.status != "down":
+                        raise
+                    log.warning("VM %s is powered off and the engine cannot back it up (%s); "
+                                "reading its disks through engine image transfers instead", self.vm.name, e)
+            if backup_id is None:
+                path = PATH_ENGINE_TRANSFER
+                decision = ModeDecision("full", "powered-off VM read through engine image transfers "
+                                        "(the engine refused a cold backup)")
+            if decision.mode != "incremental":
+                base, base_ids, writer.base_archive = None, {}, None
+            self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
+            log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name,
+                     decision.reason)
             if backup_id is not None:
-                # The engine prepares its backup (on a real engine seconds: checkpoint, scratch
-                # disks, NBD exports) while the repository is opened (ssh, Borg's lock and cache
-                # sync). Nothing else uses the engine connection until it is ready.
+                # The engine prepares its backup (on a real engine seconds: checkpoint, snapshot or
+                # scratch disks, NBD exports) while the locked repository is opened (Borg's
+                # manifest and cache sync). Nothing else uses the engine connection until it is ready.
                 preparing = _in_thread("engine-backup-ready", self._backup_ready, backup_id, stop_preparing)
                 if writer.comment_at_open:
                     engine_ready()
@@ -405,11 +479,18 @@ class VmBackup:
                 if preparing is not None:
                     self._stop_preparing(preparing, stop_preparing)
             finally:
-                if backup_id is not None:
-                    self._finalize(backup_id, finalizing, stop_finalizing)
+                try:
+                    if backup_id is not None:
+                        self._finalize(backup_id, finalizing, stop_finalizing)
+                finally:
+                    writer.release()  # a lock taken for a writer never entered
         if to_checkpoint:
             try:
-                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep)
+                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep,
+                                              also_keep=self._other_jobs_checkpoints(utc_now()))
+            except BackupBusy as e:
+                # A backup still finalizing (a hybrid one removing its snapshot): not a problem.
+                log.info("VM %s: old checkpoints stay until the next run: %s", self.vm.name, e)
             except OvirtBorgError as e:
                 self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
                            "the next run purges them")
@@ -417,6 +498,30 @@ class VmBackup:
         self.result.seconds = round(time.monotonic() - t0, 3)
         self.result.ok = True
         return self.result
+
+    def _other_jobs_checkpoints(self, now: datetime) -> list[str]:
+        """The checkpoints of this VM that other jobs sharing the state directory (jobs writing
+        to other repositories) start their next incrementals from.
+
+        A job whose last backup of the VM finished more than ``checkpoints_other_jobs_days``
+        ago holds none: an abandoned job must not pile checkpoints up on the engine.
+        """
+        held = []
+        limit = self.settings.checkpoints_other_jobs_days
+        for other in self.state.other_jobs(self.vm.id):
+            if not other.checkpoint_id:
+                continue
+            try:
+                finished = datetime.strptime(other.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            if limit and now - finished > timedelta(days=limit):
+                log.info("VM %s: checkpoint %s of archive %s of another job is older than "
+                         "checkpoints.other_jobs_days; it is not kept for that job", self.vm.name,
+                         other.checkpoint_id, other.archive)
+                continue
+            held.append(other.checkpoint_id)
+        return held
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -453,10 +558,14 @@ class VmBackup:
         """
         try:
             if finalizing is None:
-                self.engine.finalize_backup(self.vm.id, backup_id)
+                end = self.engine.finalize_backup(self.vm.id, backup_id)
             else:
                 _settle(finalizing, stop)
-                finalizing.result()
+                end = finalizing.result()
+        except StillFinalizing as e:
+            # The engine accepted the finalize and goes on (a hybrid backup's snapshot removal
+            # can outlast engine.timeout); the next run waits for it and reports a leftover.
+            log.info("VM %s: %s; the next run waits for it", self.vm.name, e)
         except OvirtBorgError as e:
             if self._committed():
                 self._warn(f"VM {self.vm.name}: archive {self.archive_name} is committed, but finalizing "
@@ -464,16 +573,26 @@ class VmBackup:
             else:
                 log.error("VM %s: could not finalize engine backup %s: %s; the next run finalizes it",
                           self.vm.name, backup_id, e)
+        else:
+            self._snapshot_warning(backup_id, end)
+
+    def _snapshot_warning(self, backup_id: str, end: BackupEnd) -> None:
+        """Warn about the snapshot a finished hybrid backup left on the VM (a failed merge)."""
+        if end.snapshot_left:
+            self._warn(f"VM {self.vm.name}: engine backup {backup_id} {end.phase}, but its snapshot "
+                       f"{end.snapshot_left} is still on the VM (the engine could not remove it); delete "
+                       "the snapshot in the engine, it holds the VM's writes since the backup")
 
     def _start_backup(self, disks: list[DiskInfo], decision: ModeDecision) -> tuple[str, ModeDecision]:
         disk_ids = [d.id for d in disks]
+        description = self.settings.description
         try:
-            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint), decision
+            return self.engine.start_backup(self.vm.id, disk_ids, decision.from_checkpoint, description), decision
         except CheckpointRefused as e:
             log.warning("VM %s: %s; falling back to a full backup", self.vm.name, e)
-            decision = ModeDecision("full", f"the engine refused checkpoint {decision.from_checkpoint}")
+            decision = ModeDecision("full", str(e))
             try:
-                return self.engine.start_backup(self.vm.id, disk_ids, None), decision
+                return self.engine.start_backup(self.vm.id, disk_ids, None, description), decision
             except CheckpointRefused as e2:
                 raise CheckpointError(f"VM {self.vm.name}: the engine refused a full backup: {e2}") from None
 
@@ -509,9 +628,17 @@ class VmBackup:
         settings = self.settings.transfer
         if backup_id is None:
             settings = dataclasses.replace(settings, force_proxy=True)
-        with self.engine.transfer(disk.id, direction="download", backup_id=backup_id,
-                                  inactivity_timeout=self.settings.inactivity_timeout) as transfer, \
-                ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
+        with contextlib.ExitStack() as stack:
+            try:
+                transfer = stack.enter_context(self.engine.transfer(
+                    disk.id, direction="download", backup_id=backup_id,
+                    inactivity_timeout=transfer_inactivity_timeout(self.settings, self.repo.lock_wait)))
+            except TransferStopped as e:
+                if engine_mode != "incremental":
+                    raise
+                raise _IncrementalUnusable(f"disk {disk.alias}: {e} (a missing or broken dirty bitmap on a "
+                                           "hybrid or cold backup)") from None
+            client = stack.enter_context(ImageioClient(transfer.transfer_url, transfer.proxy_url, settings))
 
             def zero_extents() -> list[plan.Extent]:
                 """The whole disk to read: every extent dirty, its holes known."""
@@ -539,6 +666,8 @@ class VmBackup:
             stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))
             progress.finish()
             bytes_read = client.bytes_read
+            if client.fallback_reason:  # logged by the client; a setting to fix: the run exits 1
+                self.result.warnings.append(f"VM {self.vm.name} disk {disk.alias}: {client.fallback_reason}")
         if sha256s is None:
             digest_bytes, kind = stats.chunk_ids, sc.BLOCKS_BORG_ID
         else:
@@ -633,6 +762,10 @@ class VmBackup:
             if sha256s is not None:
                 for part in parts:
                     sha256s += part if isinstance(part, bytes) else part.result()
+
+
+class _IncrementalUnusable(TransferError):
+    """The engine stopped an incremental disk's transfer before it started: its bitmap is bad."""
 
 
 def _plan_disk(disk: DiskInfo, size: int, block_size: int, extents: list[plan.Extent],
@@ -737,6 +870,12 @@ def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings:
     """
     from ovirt_borg.plugins import notify
 
+    if vm.hosted_engine:
+        reason = ("it is the hosted engine's VM, which the engine refuses to back up (use "
+                  "engine-backup for the engine); name it in selection.exclude to leave it out "
+                  "without this warning")
+        log.warning("VM %s skipped: %s", vm.name, reason)
+        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {reason}", exit_code=1)
     vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
     if vetoes:
         log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))

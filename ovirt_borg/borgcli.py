@@ -596,6 +596,16 @@ def prune(repo: Repo, glob: str, keep: Mapping[str, int | str], dry_run: bool = 
     return pruned
 
 
+def wait_for_lock(repo: Repo) -> None:
+    """Wait until no other borg holds ``repo``'s lock: take it once and give it back.
+
+    ``borg with-lock REPO true`` waits up to ``repo.lock_wait`` for the exclusive lock, so a
+    shared holder (``borg mount``, ``borg list``) counts too. Raises ``RepositoryBusy`` after
+    that, other typed errors when the repository cannot be reached.
+    """
+    _run(repo, "with-lock", repo.location, "true")
+
+
 def compact(repo: Repo) -> None:
     """Free the space of deleted archives in ``repo`` (``borg compact``). Raises typed errors."""
     _run(repo, "compact", repo.location)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import gc
 import hashlib
@@ -289,6 +290,8 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
         enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
         full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
+        checkpoints_other_jobs_days=config.checkpoints.other_jobs_days,
+        foreign_stale_hours=config.backup.foreign_stale_hours,
         inactivity_timeout=t.inactivity_timeout, transfer=_transfer_settings(config))
     repo = _repo(config)
     prefix = config.repository.prefix
@@ -311,6 +314,8 @@ def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
             # its archive list tells each VM whether its previous archive is still there.
             view = archive.repository_view(repo)
             state = _state_dir(config, view.id)
+            settings = dataclasses.replace(settings, description=backup.job_description(
+                Path(config.path).stem, view.id))
             all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
             if args.vms:
                 known = {vm.name for vm in all_vms}
@@ -398,10 +403,14 @@ def _transfer_settings(config: config_mod.Config):
     from ovirt_borg.imageio import TransferSettings
 
     t = config.transfer
+    if t.host_ca_file and not os.access(t.host_ca_file, os.R_OK):
+        raise ConfigError(f"{config.path}: 'transfer.host_ca_file' {t.host_ca_file} does not exist or cannot "
+                          "be read; download the engine's internal CA there")
     return TransferSettings(
         readers=t.readers, connect_timeout=t.connect_timeout, read_timeout=t.read_timeout,
         extents_timeout=t.extents_timeout, retries=t.retries, force_proxy=t.use_proxy,
-        ca_file=config.engine.ca_file or None, verify=not config.engine.insecure,
+        ca_file=config.engine.ca_file or None, host_ca_file=t.host_ca_file or None,
+        verify=not config.engine.insecure,
         bandwidth_limit=config_mod.parse_size(t.bandwidth_limit) if t.bandwidth_limit else None)
 
 

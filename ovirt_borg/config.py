@@ -122,6 +122,9 @@ class BackupConfig:
     verify_sample: int = opt(4, "clean blocks re-read per disk on incrementals to check the dirty bitmap")
     full_every_days: int = opt(0, "force a full read when the last full is this old (0: never)", 30)
     cold_backup: bool = opt(True, "use the backup API for powered-off VMs when the engine allows it")
+    foreign_stale_hours: float = opt(24.0, "another tool's or job's backup left open on a VM is finalized "
+                                     "once it is this old with no active image transfer (0: at once, as "
+                                     "if it were this job's; for estates where ovirt-borg is the only tool)")
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,16 @@ class TransferConfig:
     extents_timeout: float = opt(600.0, "seconds to wait for the extents of a disk (slow on huge disks)")
     retries: int = opt(5, "retries of a failed range before giving up (with backoff)")
     use_proxy: bool = opt(False, "always go through the engine's imageio proxy (proxy_url)")
+    host_ca_file: str = opt("", "CA certificate of the hosts' imageio (port 54322): the engine's internal CA "
+                            "(https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate"
+                            "&format=X509-PEM-CA), also when the engine's web certificate was replaced; "
+                            "default: engine.ca_file", "/etc/ovirt-borg/engine-internal-ca.pem")
     bandwidth_limit: str = opt("", "cap on imageio bytes per second, e.g. 100M (empty: none)")
-    inactivity_timeout: int = opt(120, "seconds the engine keeps an idle image transfer")
+    inactivity_timeout: int = opt(120, "seconds the engine keeps an image transfer whose ticket is idle (imageio "
+                                       "counts only running reads, not extents queries); ovirt-borg raises it to "
+                                       "60 s above its own longest pause: extents_timeout, the wait bandwidth_limit "
+                                       "puts before a 4 MiB read and, with the cli writer, repository.lock_wait; "
+                                       "set it above the longest stall your repository may have (0: no limit)")
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,8 @@ class CheckpointsConfig:
     """Engine checkpoints."""
 
     keep: int = opt(1, "checkpoints to keep on the engine (the one the next incremental needs counts)")
+    other_jobs_days: int = opt(14, "a checkpoint that another job sharing the state directory still needs "
+                               "is kept unless that job's last backup of the VM is older than this (0: always)")
 
 
 @dataclass(frozen=True)
@@ -308,6 +321,9 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: 'engine.retries' must not be negative")
     if config.checkpoints.keep < 1:
         raise ConfigError(f"{source}: 'checkpoints.keep' must be at least 1")
+    if config.checkpoints.other_jobs_days < 0 or config.backup.foreign_stale_hours < 0:
+        raise ConfigError(f"{source}: 'checkpoints.other_jobs_days' and 'backup.foreign_stale_hours' "
+                          "must not be negative")
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
@@ -49,6 +49,10 @@ class EngineSettings:
     retries: int = 3
 
 
+#: The origins of the hosted engine's VM (ovirt-engine VmBase.isHostedEngine).
+HOSTED_ENGINE_ORIGINS = ("hosted_engine", "managed_hosted_engine")
+
+
 @dataclass(frozen=True)
 class VmInfo:
     id: str
@@ -56,6 +60,12 @@ class VmInfo:
     status: str  # "up", "down", ...
     cluster: str = ""
     tags: tuple[str, ...] = ()
+    origin: str = ""
+
+    @property
+    def hosted_engine(self) -> bool:
+        """The engine's own VM: StartVmBackupCommand refuses to back it up (409)."""
+        return self.origin in HOSTED_ENGINE_ORIGINS
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,30 @@ class DiskInfo:
     bootable: bool = False
     active: bool = True
     status: str = "ok"
+    storage_type: str = "image"  # "image", "lun", "cinder", "managed_block_storage"
+    shareable: bool = False
 
     @property
     def incremental_capable(self) -> bool:
         return self.format == "cow" and self.backup == "incremental"
+
+    @property
+    def not_backed_up(self) -> str | None:
+        """Why the engine's backup leaves this disk out, or None when it backs it up.
+
+        StartVmBackupCommand takes plugged image disks that are not shareable: a LUN, Cinder,
+        managed-block or shareable disk is left out silently (its transfer then fails) and an
+        unplugged one fails the whole backup with 409 "disks are not active".
+        """
+        if self.storage_type != "image":
+            kind = {"lun": "a direct LUN", "managed_block_storage": "a managed block storage disk",
+                    "cinder": "a Cinder disk"}.get(self.storage_type, f"a {self.storage_type} disk")
+            return f"it is {kind}: the engine backs up image disks only"
+        if self.shareable:
+            return "it is shareable: the engine does not back up shareable disks"
+        if not self.active:
+            return "it is unplugged (inactive): the engine refuses a backup that names an unplugged disk"
+        return None
 
 
 @dataclass(frozen=True)
@@ -113,8 +143,36 @@ class BackupBusy(EngineError):
     """The VM has a backup in progress."""
 
 
+class TransferStopped(TransferError):
+    """The engine stopped an image transfer before it started (``cancelled_system``).
+
+    On a hybrid or cold backup this is how a missing, inconsistent or disabled bitmap shows
+    (vdsm nbd._find_bitmap fails the transfer's NBD server).
+    """
+
+
+class StillFinalizing(EngineError):
+    """A finalized backup was still finalizing when the wait for it ended (a hybrid backup
+    removing its snapshot can take long); the engine goes on with it."""
+
+
+@dataclass(frozen=True)
+class BackupEnd:
+    """How a finalized backup ended: its phase, and the snapshot of a hybrid backup that is
+    still there afterwards (the engine's merge failed; it still reports ``succeeded``)."""
+
+    phase: str
+    snapshot_left: str | None = None
+
+
 def _enum(value) -> str:
     return value.value if hasattr(value, "value") else str(value or "")
+
+
+def _fault_detail(error: sdk.Error) -> str:
+    """The fault's detail as the engine sent it ("" when there is none)."""
+    fault = getattr(error, "fault", None)
+    return (fault.detail or "") if fault is not None else ""
 
 
 def _fault_text(error: sdk.Error) -> str:
@@ -123,8 +181,9 @@ def _fault_text(error: sdk.Error) -> str:
     return text.replace("\n", " ")
 
 
-# The SDK reports transport failures as 'Error while sending HTTP request: (CURLCODE, "text")'.
-_CURL_ERROR = re.compile(r"Error while sending HTTP request: \((\d+),")
+# The SDK reports transport failures as 'Error while sending HTTP request: (CURLCODE, "text")',
+# and a reply cut short as 'Failed to read response: [(<pycurl.Curl object ...>, CURLCODE, ...)]'.
+_CURL_ERROR = re.compile(r"(?:Error while sending HTTP request: \(|Failed to read response: \[\(<[^>]*>, )(\d+),")
 # curl: the peer's certificate is not trusted, does not match the host, or the CA file is bad.
 _CURL_TLS_UNTRUSTED = {51, 60, 77, 83, 90}
 # curl: refused, timed out, empty reply, send/receive failure (a reset), partial transfer.
@@ -298,13 +357,13 @@ class Engine:
                 cluster = ""
                 if vm.cluster is not None:
                     cluster = vm.cluster.name or clusters.get(vm.cluster.id, "")
-                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags))
+                result.append(VmInfo(vm.id, vm.name, _enum(vm.status), cluster, tags, vm.origin or ""))
         return result
 
     def get_vm(self, vm_id: str) -> VmInfo:
         """The VM as the engine has it now; raises NotFound when it was deleted."""
         vm = self._call(lambda: self.system.vms_service().vm_service(vm_id).get(), f"reading VM {vm_id}")
-        return VmInfo(vm.id, vm.name, _enum(vm.status))
+        return VmInfo(vm.id, vm.name, _enum(vm.status), origin=vm.origin or "")
 
     def find_vm(self, name: str) -> VmInfo:
         for vm in self.list_vms(search=f"name={name}"):
@@ -336,7 +395,8 @@ class Engine:
                     provisioned_size=int(disk.provisioned_size or 0), backup=_enum(disk.backup) or "none",
                     interface=_enum(attachment.interface) or "virtio_scsi",
                     bootable=bool(attachment.bootable), active=attachment.active is not False,
-                    status=_enum(disk.status) or "ok"))
+                    status=_enum(disk.status) or "ok", storage_type=_enum(disk.storage_type) or "image",
+                    shareable=bool(disk.shareable)))
         return result
 
     def enable_incremental(self, disk: DiskInfo) -> DiskInfo:
@@ -356,12 +416,21 @@ class Engine:
         return _chain_order(result)
 
     def delete_checkpoint(self, vm_id: str, checkpoint_id: str) -> None:
+        """Delete a checkpoint and wait until it is gone; raises BackupBusy while a backup of
+        the VM is open, typed errors otherwise."""
         service = self.system.vms_service().vm_service(vm_id).checkpoints_service().checkpoint_service(checkpoint_id)
         with _calling(f"deleting checkpoint {checkpoint_id}"):
             try:
                 self._retry(service.remove, f"deleting checkpoint {checkpoint_id}")
             except sdk.NotFoundError:
                 return
+            except sdk.Error as e:
+                if getattr(e, "code", None) == 409 and "during a backup" in _fault_text(e):
+                    # DeleteVmCheckpointCommand.validate: refused while any backup of the VM
+                    # is unfinished (a hybrid one still removing its snapshot included).
+                    raise BackupBusy(f"the engine keeps checkpoint {checkpoint_id} while a backup of VM "
+                                     f"{vm_id} is open: {_fault_text(e)}") from None
+                raise
 
         def gone() -> bool:
             try:
@@ -373,17 +442,14 @@ class Engine:
         with _calling(f"waiting for checkpoint {checkpoint_id} to be deleted"):
             self._poll(gone, bool, f"deleting checkpoint {checkpoint_id}")
 
-    def purge_checkpoints(self, vm_id: str, keep_id: str, keep: int = 1) -> list[str]:
-        """Delete checkpoints older than ``keep_id`` (oldest first), keeping ``keep`` in all.
+    def purge_checkpoints(self, vm_id: str, keep_id: str, keep: int = 1, also_keep: Iterable[str] = ()) -> list[str]:
+        """Delete the checkpoints ``checkpoints_to_purge`` chooses, oldest first.
 
-        Returns the ids deleted. The checkpoint the next incremental starts from is never deleted.
+        Returns the ids deleted. The checkpoint the next incremental starts from (``keep_id``)
+        and those other jobs' next incrementals start from (``also_keep``) are never deleted.
         """
-        chain = self.checkpoints(vm_id)
-        ids = [c.id for c in chain]
-        if keep_id not in ids:
-            return []
-        older = ids[: ids.index(keep_id)]
-        removable = older[: max(0, len(older) - (keep - 1))]
+        ids = [c.id for c in self.checkpoints(vm_id)]
+        removable = checkpoints_to_purge(ids, keep_id, keep, also_keep)
         for checkpoint_id in removable:
             self.delete_checkpoint(vm_id, checkpoint_id)
             log.info("deleted engine checkpoint %s of VM %s", checkpoint_id, vm_id)
@@ -400,48 +466,83 @@ class Engine:
         return [(b.id, _enum(b.phase)) for b in backups
                 if _enum(b.phase) not in ("succeeded", "failed")]
 
-    def finalize_stale_backups(self, vm_id: str) -> list[str]:
+    def finalize_stale_backups(self, vm_id: str, description: str = "",
+                               foreign_after: float = 0.0) -> dict[str, BackupEnd]:
         """Close backups an earlier run left open on the VM (killed, or the engine failed it).
 
-        A backup still starting is waited for; the image transfers of a ready one are cancelled
-        (the engine refuses to finalize a backup with an active transfer), then it is finalized;
-        one finalizing is waited for. Returns their ids; raises typed errors.
+        A backup still starting is waited for; the image transfers of a ready one are ended
+        (``abandon_transfer``: the engine refuses to finalize a backup with an unfinished
+        transfer), then it is finalized; one finalizing is waited for. Only this job's backups
+        (their ``description`` is the marker the job writes) are finalized at once: another
+        tool's or job's only once it is older than ``foreign_after`` seconds with no active image
+        transfer (0: at once), else BackupBusy is raised (the engine allows one backup per VM).
+        Returns how each ended, by id; raises typed errors.
         """
-        finalized = []
+        finalized = {}
         for backup_id, phase in self.open_backups(vm_id):
             if phase in ("initializing", "starting"):
                 log.warning("waiting for a stale backup %s of VM %s to start", backup_id, vm_id)
                 phase = self._backup_phase_when(vm_id, backup_id, lambda p: p not in ("initializing", "starting"))
             if phase == "finalizing":
                 log.warning("waiting for backup %s of VM %s to finish finalizing", backup_id, vm_id)
-                self._wait_backup_end(vm_id, backup_id)
-                finalized.append(backup_id)
+                finalized[backup_id] = self._wait_backup_end(vm_id, backup_id)
                 continue
             if phase != "ready":
                 continue
+            self._check_abandoned(vm_id, backup_id, description, foreign_after)
             log.warning("finalizing a stale backup %s left open on VM %s", backup_id, vm_id)
-            for transfer_id in self._active_transfers(backup_id):
-                log.warning("cancelling image transfer %s left open by backup %s", transfer_id, backup_id)
-                self.cancel_transfer(transfer_id)
-            self.finalize_backup(vm_id, backup_id)
-            finalized.append(backup_id)
+            for transfer_id in self._active_transfers(vm_id, backup_id):
+                log.warning("ending image transfer %s left open by backup %s", transfer_id, backup_id)
+                self.abandon_transfer(transfer_id)
+            finalized[backup_id] = self.finalize_backup(vm_id, backup_id)
         return finalized
 
-    def _active_transfers(self, backup_id: str) -> list[str]:
-        """Ids of the image transfers of a backup that have not finished."""
+    def _check_abandoned(self, vm_id: str, backup_id: str, description: str, foreign_after: float) -> None:
+        """Return when the ready backup may be finalized as stale; raise BackupBusy when it is
+        another's (see ``finalize_stale_backups``).
+
+        The API lists every backup of a VM, whoever started it. Engines before 4.4.8 keep no
+        description: there, this job's own backups count as another's.
+        """
+        backup = self._call(lambda: self._backups_service(vm_id).backup_service(backup_id).get(),
+                            f"reading backup {backup_id} of VM {vm_id}")
+        if (description and backup.description == description) or foreign_after == 0:
+            return
+        age = time.time() - backup.creation_date.timestamp() if backup.creation_date else 0.0
+        started = backup.creation_date.isoformat() if backup.creation_date else "at an unknown time"
+        owner = f"{backup.description!r}" if backup.description else "no description"
+        if age >= foreign_after and not self._active_transfers(vm_id, backup_id):
+            log.warning("backup %s of VM %s (%s), started %s by another tool or job, has no active image "
+                        "transfer and is older than backup.foreign_stale_hours: finalizing it as abandoned",
+                        backup_id, vm_id, owner, started)
+            return
+        raise BackupBusy(f"VM {vm_id} has backup {backup_id} open ({owner}, started {started}), not started by "
+                         "this job: it is left alone (the engine runs one backup of a VM at a time); the "
+                         "VM is backed up by the next run after it ends, or once it is older than "
+                         "backup.foreign_stale_hours with no active image transfer")
+
+    def _active_transfers(self, vm_id: str, backup_id: str) -> list[str]:
+        """Ids of the image transfers of a backup that have not finished.
+
+        The engine's transfers carry neither their backup nor their disk, only ``<image id>``,
+        which is the disk id (ImageTransferMapper): a backup's transfers are those of its disks.
+        While the backup is open its disks are locked, so no other transfer of them can run.
+        """
+        disk_ids = set(self.backup_disk_modes(vm_id, backup_id))
         transfers = self._call(lambda: self.system.image_transfers_service().list(), "listing image transfers")
         return [t.id for t in transfers
-                if t.backup is not None and t.backup.id == backup_id
+                if t.image is not None and t.image.id in disk_ids
                 and not _enum(t.phase).startswith(("finished", "cancelled"))]
 
-    def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None) -> str:
-        """Start a backup of ``disk_ids``; return its id.
+    def start_backup(self, vm_id: str, disk_ids: list[str], from_checkpoint: str | None,
+                     description: str | None = None) -> str:
+        """Start a backup of ``disk_ids``, marked with ``description``; return its id.
 
         Raises CheckpointRefused when the engine refuses ``from_checkpoint``, ColdBackupRefused
         when it cannot back up the (powered-off) VM, BackupBusy when a backup is in progress.
         """
         backup = types.Backup(disks=[types.Disk(id=d) for d in disk_ids],
-                              from_checkpoint_id=from_checkpoint)
+                              from_checkpoint_id=from_checkpoint, description=description or None)
         try:
             created = self._backups_service(vm_id).add(backup)
         except sdk.Error as e:
@@ -449,6 +550,17 @@ class Engine:
             code = getattr(e, "code", None)
             if from_checkpoint and code == 400 and "heckpoint" in text:
                 raise CheckpointRefused(f"the engine refused checkpoint {from_checkpoint}: {text}") from None
+            if from_checkpoint and code == 400 and _fault_detail(e) == "[]":
+                # StartVmBackupCommand: a live backup whose checkpoint redefinition failed (a
+                # missing or broken bitmap); the engine has removed every checkpoint of the VM.
+                raise CheckpointRefused(f"the engine could not redefine checkpoint {from_checkpoint} (a "
+                                        f"missing or broken bitmap): {text}") from None
+            if code == 400 and "Incremental backup is not supported" in text:
+                # StartVmBackupCommand.validate below cluster level 4.5: no cold backup, no
+                # incremental one (IsIncrementalBackupSupported).
+                if from_checkpoint:
+                    raise CheckpointRefused(f"the engine refused an incremental backup: {text}") from None
+                raise ColdBackupRefused(f"the engine cannot back up VM {vm_id} now: {text}") from None
             if code == 409 and "during a backup" in text:
                 raise BackupBusy(f"VM {vm_id} already has a backup in progress: {text}") from None
             if code == 409:
@@ -481,19 +593,38 @@ class Engine:
         disks = self._call(service.list, f"listing the disks of backup {backup_id}")
         return {d.id: _enum(d.backup_mode) or "full" for d in disks}
 
-    def finalize_backup(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> None:
-        """Finalize the backup and wait until the engine is done with it.
+    def finalize_backup(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> BackupEnd:
+        """Finalize the backup and wait until the engine is done with it; return how it ended.
 
-        Setting ``stop`` (from another thread) ends the wait with WaitStopped; the engine goes on
-        finalizing.
+        A finalize refused while an image transfer of the backup is still ending (409) is
+        repeated until ``timeout``; one refused because the backup is already stopped or
+        finalizing (400: a reply lost on the way back, then retried) counts as done. Setting
+        ``stop`` (from another thread) ends the wait with WaitStopped; the engine goes on
+        finalizing. Raises StillFinalizing when the backup is still finalizing at ``timeout``.
         """
         service = self._backups_service(vm_id).backup_service(backup_id)
-        with _calling(f"finalizing backup {backup_id} of VM {vm_id}"):
+        doing = f"finalizing backup {backup_id} of VM {vm_id}"
+
+        def finalize() -> bool:
             try:
-                self._retry(service.finalize, f"finalizing backup {backup_id} of VM {vm_id}")
+                service.finalize()  # _poll repeats it after transient failures
             except sdk.NotFoundError:
-                return
-        self._wait_backup_end(vm_id, backup_id, stop)
+                return True  # engines before 4.4.7 delete finished backups
+            except sdk.Error as e:
+                text = _fault_text(e)
+                if getattr(e, "code", None) == 409 and "active image transfer" in text:
+                    log.debug("%s: an image transfer is still ending; finalizing again", doing)
+                    return False
+                if getattr(e, "code", None) == 400 and "no need to stop the backup again" in text:
+                    # StopVmBackupCommand: already stopped, finalizing or done.
+                    log.info("%s: the engine has it already (%s)", doing, text)
+                    return True
+                raise
+            return True
+
+        with _calling(doing):
+            self._poll(finalize, bool, doing, stop=stop)
+        return self._wait_backup_end(vm_id, backup_id, stop)
 
     def _backup_phase_when(self, vm_id: str, backup_id: str, done: Callable[[str], bool],
                            what: str = "", stop: threading.Event | None = None) -> str:
@@ -510,11 +641,56 @@ class Engine:
         with _calling(f"waiting for {what}"):
             return self._poll(phase, done, what, stop=stop)
 
-    def _wait_backup_end(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> None:
-        end = self._backup_phase_when(vm_id, backup_id, lambda p: p in ("succeeded", "failed"),
-                                      f"finalizing backup {backup_id}", stop)
-        if end == "failed":
+    def _wait_backup_end(self, vm_id: str, backup_id: str, stop: threading.Event | None = None) -> BackupEnd:
+        """Wait for a finalized backup to end; return its phase and any snapshot it left behind.
+
+        Raises StillFinalizing when it is still finalizing (or, hybrid, still ready) at timeout.
+        """
+        service = self._backups_service(vm_id).backup_service(backup_id)
+        last: list = []
+
+        def get():
+            try:
+                backup = service.get()
+            except sdk.NotFoundError:  # engines before 4.4.7 delete finished backups
+                return None
+            last[:] = [backup]
+            return backup
+
+        what = f"finalizing backup {backup_id}"
+        try:
+            with _calling(f"waiting for {what}"):
+                backup = self._poll(get, lambda b: b is None or _enum(b.phase) in ("succeeded", "failed"),
+                                    what, stop=stop)
+        except EngineError as e:
+            if isinstance(e, WaitStopped) or "timed out" not in str(e):
+                raise
+            phase = _enum(last[0].phase) if last else "unknown"
+            raise StillFinalizing(f"backup {backup_id} of VM {vm_id} is still {phase} after "
+                                  f"{self.settings.timeout:.0f} s (a hybrid backup removes its snapshot "
+                                  "now); the engine goes on with it") from None
+        if backup is None:
+            return BackupEnd("succeeded")
+        end = BackupEnd(_enum(backup.phase), self._snapshot_left(vm_id, backup))
+        if end.phase == "failed":
             log.warning("the engine reports backup %s of VM %s as failed after finalize", backup_id, vm_id)
+        return end
+
+    def _snapshot_left(self, vm_id: str, backup) -> str | None:
+        """The id and description of a hybrid backup's snapshot that outlived it, or None.
+
+        HybridBackupCommand.endWithFailure: a snapshot removal that failed still ends the
+        backup ``succeeded`` (event VM_BACKUP_SNAPSHOT_POSSIBLE_LEFTOVER); only the snapshot
+        itself, still listed on the VM, tells.
+        """
+        if backup.snapshot is None or not backup.snapshot.id:
+            return None
+        service = self.system.vms_service().vm_service(vm_id).snapshots_service().snapshot_service(backup.snapshot.id)
+        try:
+            snapshot = self._call(service.get, f"reading snapshot {backup.snapshot.id} of VM {vm_id}")
+        except NotFound:
+            return None
+        return f"{snapshot.id} ({snapshot.description or 'no description'})"
 
     # -- image transfers ---------------------------------------------------------------------
 
@@ -522,8 +698,9 @@ class Engine:
                        inactivity_timeout: int = 120) -> Transfer:
         """Create an image transfer and wait until it is transferring.
 
-        On any failure the transfer is cancelled before TransferError is raised; on an
-        interrupt it is cancelled too.
+        On any failure (or an interrupt) the transfer is ended (``abandon_transfer``) before
+        the error is raised: TransferStopped when the engine stopped it (``cancelled_system``),
+        TransferError otherwise.
         """
         request = types.ImageTransfer(
             disk=types.Disk(id=disk_id),
@@ -543,66 +720,88 @@ class Engine:
                     failed=lambda t: (f"it went to phase {_enum(t.phase)}"
                                       if _enum(t.phase) in _TRANSFER_FAILED else None))
         except (EngineError, NotFound) as e:
-            self.cancel_transfer(created.id)
-            raise TransferError(f"the image transfer of disk {disk_id} did not start: {e}") from None
+            self.abandon_transfer(created.id, direction)
+            stopped = isinstance(e, EngineError) and "cancelled_system" in str(e)
+            raise (TransferStopped if stopped else TransferError)(
+                f"the image transfer of disk {disk_id} did not start: {e}") from None
         except BaseException:
-            self.cancel_transfer(created.id)
+            self.abandon_transfer(created.id, direction)
             raise
         return Transfer(created.id, transfer.transfer_url, transfer.proxy_url)
+
+    def _transfer_phase(self, service) -> str:
+        try:
+            return _enum(service.get().phase)
+        except sdk.NotFoundError:  # engines before 4.4.7 drop finished transfers at once
+            return "finished_success"
 
     def finalize_transfer(self, transfer_id: str) -> None:
         """Finalize a transfer and wait for finished_success; raises TransferError otherwise."""
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with _calling(f"finalizing image transfer {transfer_id}"):
             self._retry(service.finalize, f"finalizing image transfer {transfer_id}")
-
-        def phase() -> str:
-            try:
-                return _enum(service.get().phase)
-            except sdk.NotFoundError:  # some engines drop finished transfers
-                return "finished_success"
-
         with _calling(f"waiting for image transfer {transfer_id} to finish"):
-            end = self._poll(phase, lambda p: p.startswith("finished") or p.startswith("cancelled"),
+            end = self._poll(lambda: self._transfer_phase(service), lambda p: p in _TRANSFER_FINISHED,
                              f"finalizing image transfer {transfer_id}")
         if end != "finished_success":
             raise TransferError(f"image transfer {transfer_id} ended in phase {end}")
 
-    def cancel_transfer(self, transfer_id: str) -> None:
-        """Cancel a transfer; used on failure paths, so it logs instead of raising."""
+    def abandon_transfer(self, transfer_id: str, direction: str = "download") -> None:
+        """End a transfer given up on a failure path and wait until it is finished_*; logs, never raises.
+
+        ``direction`` is the transfer's. A download is finalized (the SDK's
+        helpers/imagetransfer.py: "a download can always be finalized"; cancelled only when the
+        engine refuses that), an upload cancelled (the engine then removes its disk); a
+        transfer the engine is already stopping is left to it. The engine takes several steps
+        (a cancel: cancelled_user -> finalizing_cleanup -> finished_cleanup -> finished_failure),
+        and its backup cannot be finalized before the last (StopVmBackupCommand.validate).
+        """
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         try:
-            self._retry(service.cancel, f"cancelling image transfer {transfer_id}")
-        except sdk.NotFoundError:
-            return
-        except sdk.Error as e:
-            log.warning("could not cancel image transfer %s: %s", transfer_id, _fault_text(e))
-            return
-        try:
-            self._poll(lambda: _enum(service.get().phase),
-                       lambda p: p.startswith("finished") or p.startswith("cancelled"),
-                       f"cancelling image transfer {transfer_id}", timeout=60)
+            try:
+                phase = self._transfer_phase(service)
+            except sdk.Error as e:
+                log.warning("cannot read image transfer %s (%s); ending it anyway", transfer_id, _fault_text(e))
+                phase = "unknown"
+            if phase in _TRANSFER_FINISHED:
+                return
+            if phase not in _TRANSFER_ENDING:
+                self._end_transfer(service, transfer_id, direction)
+            self._poll(lambda: self._transfer_phase(service), lambda p: p in _TRANSFER_FINISHED,
+                       f"ending image transfer {transfer_id}")
         except sdk.NotFoundError:
             pass
         except (sdk.Error, EngineError) as e:
-            log.warning("image transfer %s did not finish cancelling: %s", transfer_id, e)
+            log.warning("image transfer %s did not end: %s", transfer_id, e)
+
+    def _end_transfer(self, service, transfer_id: str, direction: str) -> None:
+        """Finalize a download (cancel it when the engine refuses that), cancel an upload."""
+        if direction == "download":
+            try:
+                self._retry(service.finalize, f"finalizing image transfer {transfer_id}")
+                return
+            except sdk.NotFoundError:
+                raise
+            except sdk.Error as e:
+                log.warning("finalizing image transfer %s failed (%s); cancelling it", transfer_id, _fault_text(e))
+        self._retry(service.cancel, f"cancelling image transfer {transfer_id}")
 
     @contextlib.contextmanager
     def transfer(self, disk_id: str, *, direction: str, backup_id: str | None = None,
                  inactivity_timeout: int = 120) -> Iterator[Transfer]:
-        """A transfer that is finalized on success and cancelled on error."""
+        """A transfer that is finalized on success and ended (``abandon_transfer``) on error."""
         transfer = self.start_transfer(disk_id, direction=direction, backup_id=backup_id,
                                        inactivity_timeout=inactivity_timeout)
         try:
             yield transfer
         except BaseException:
-            self.cancel_transfer(transfer.id)
+            self.abandon_transfer(transfer.id, direction)
             raise
         try:
             self.finalize_transfer(transfer.id)
         except BaseException:
             # A transfer left active would block finalizing the backup (and lock the disk).
-            self.cancel_transfer(transfer.id)
+            self.abandon_transfer(transfer.id, direction)
             raise
 
     # -- restore -----------------------------------------------------------------------------
@@ -689,6 +888,26 @@ class Engine:
 
 _TRANSFER_FAILED = {"finished_failure", "paused_system", "cancelled", "cancelled_system",
                     "cancelled_user", "finalizing_failure", "finished_cleanup", "unknown"}
+# ImageTransferPhase.isFinished(): the engine is done with the transfer (nothing else is).
+_TRANSFER_FINISHED = {"finished_success", "finished_failure"}
+# Phases in which the engine is already ending the transfer on its own.
+_TRANSFER_ENDING = {"cancelled_system", "cancelled_user", "finalizing_success", "finalizing_failure",
+                    "finalizing_cleanup", "finished_cleanup"}
+
+
+def checkpoints_to_purge(chain: list[str], keep_id: str, keep: int = 1, also_keep: Iterable[str] = ()) -> list[str]:
+    """Pure: the checkpoints of ``chain`` (ids, oldest first) to delete, oldest first.
+
+    Those older than the oldest of ``keep_id`` and ``also_keep`` present in the chain, less the
+    ``keep - 1`` newest of them. Only the head of the chain goes: engines before 4.4.7 delete
+    the root checkpoint only (DeleteVmCheckpointCommand), and each deletion here is of the root.
+    Nothing goes when ``keep_id`` is not in the chain.
+    """
+    if keep_id not in chain:
+        return []
+    oldest = min(chain.index(c) for c in {keep_id, *also_keep} if c in chain)
+    older = chain[:oldest]
+    return older[: max(0, len(older) - (keep - 1))]
 
 
 def _chain_order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:

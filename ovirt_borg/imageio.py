@@ -93,9 +93,11 @@ class TransferSettings:
     ``max_writers``); ``connect_timeout`` to establish a connection, ``read_timeout`` the longest
     silence from the server within a request, ``extents_timeout`` the same for the extents
     query, which is slow on huge disks; ``retries`` per range with exponential
-    backoff; ``force_proxy`` uses the proxy URL only; ``ca_file`` is the CA to trust (when unset
-    the system CAs are used); ``verify=False`` disables TLS verification (only for a user's
-    explicit "insecure"); ``bandwidth_limit`` in bytes/s over all connections.
+    backoff; ``force_proxy`` uses the proxy URL only; ``ca_file`` is the CA to trust for the
+    engine's proxy (its web certificate; when unset the system CAs are used), ``host_ca_file``
+    for the host's imageio (the engine's internal CA; when unset ``ca_file``); ``verify=False``
+    disables TLS verification (only for a user's explicit "insecure"); ``bandwidth_limit`` in
+    bytes/s over all connections.
     """
 
     readers: int = 4
@@ -105,6 +107,7 @@ class TransferSettings:
     retries: int = 5
     force_proxy: bool = False
     ca_file: str | None = None
+    host_ca_file: str | None = None
     verify: bool = True
     bandwidth_limit: int | None = None
 
@@ -226,8 +229,12 @@ class ImageioClient:
 
     Given the transfer's ``transfer_url`` (imageio on the host), its ``proxy_url`` (imageio
     proxy on the engine, may be None) and ``TransferSettings``. Nothing is sent until the first
-    call; then the host URL is tried, and on a connection error the proxy URL is used instead
-    (``force_proxy`` goes straight to the proxy). ``via_proxy`` tells which one is in use.
+    call; then the host URL is tried, and on a connection error, or a host certificate that
+    ``host_ca_file`` does not verify, the proxy URL is used instead (``force_proxy`` goes straight
+    to the proxy). ``via_proxy`` tells which one is in use, ``fallback_reason`` why the proxy is
+    used after an untrusted host certificate (a setting to fix: the caller says so). The proxy
+    path stays verified end to end: its web certificate against ``ca_file``, and the proxy
+    verifies the host with the engine's internal CA (its ``[backend_http] ca_file``).
     Use as a context manager, or call ``close()``.
 
     ``bytes_read``/``bytes_written`` count image bytes received and sent.
@@ -239,7 +246,10 @@ class ImageioClient:
         self._proxy = _Endpoint.parse(proxy_url) if proxy_url else None
         if settings.force_proxy and self._proxy is None:
             raise ConfigError("force_proxy is set but the image transfer has no proxy_url")
-        self._ssl_context = self._make_ssl_context(settings)
+        self._ssl_context = self._make_ssl_context(settings, settings.ca_file)
+        self._host_ssl_context = self._ssl_context
+        if settings.host_ca_file and settings.host_ca_file != settings.ca_file:
+            self._host_ssl_context = self._make_ssl_context(settings, settings.host_ca_file)
         self._throttle = _Throttle(settings.bandwidth_limit) if settings.bandwidth_limit else None
         self._endpoint: _Endpoint | None = None
         self._options: dict | None = None
@@ -249,6 +259,7 @@ class ImageioClient:
         self._lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.via_proxy = settings.force_proxy
+        self.fallback_reason: str | None = None
         self.bytes_read = 0
         self.bytes_written = 0
 
@@ -461,11 +472,11 @@ class ImageioClient:
     # First contact and connections.
 
     @staticmethod
-    def _make_ssl_context(settings: TransferSettings) -> ssl.SSLContext:
+    def _make_ssl_context(settings: TransferSettings, ca_file: str | None) -> ssl.SSLContext:
         try:
-            context = ssl.create_default_context(cafile=settings.ca_file)
+            context = ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"cannot load the CA file {settings.ca_file}: {e}") from e
+            raise ConfigError(f"cannot load the CA file {ca_file}: {e}") from e
         if not settings.verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -475,7 +486,8 @@ class ImageioClient:
         return self._endpoint or (self._proxy if self._settings.force_proxy else self._transfer)
 
     def _open(self) -> None:
-        """Choose the URL (host first, proxy on a connection error) and fetch OPTIONS once."""
+        """Choose the URL (host first; the proxy on a connection error or an untrusted host
+        certificate) and fetch OPTIONS once."""
         with self._lock:
             if self._endpoint is not None:
                 return
@@ -485,26 +497,39 @@ class ImageioClient:
                 self._endpoint = self._proxy
                 log.info("using the imageio proxy %s (forced by settings)", self._proxy.masked)
                 return
+            untrusted = None
             try:
                 self._options = self._first_contact(self._transfer, fallback=self._proxy is not None)
                 self._endpoint = self._transfer
                 self.via_proxy = False
+                return
+            except _Untrusted as e:
+                untrusted = str(e)
             except _Unreachable as e:
-                assert self._proxy is not None
                 log.warning(
                     "cannot reach imageio on the host at %s (%s); using the engine's proxy %s",
-                    self._transfer.masked, e, self._proxy.masked,
+                    self._transfer.masked, e, self._proxy.masked if self._proxy else None,
                 )
+            assert self._proxy is not None
+            try:
                 self._options = self._first_contact(self._proxy)
-                self._endpoint = self._proxy
-                self.via_proxy = True
+            except TransferError as e:
+                if untrusted:
+                    raise TransferError(f"{untrusted}; the engine's imageio proxy failed too: {e}") from None
+                raise
+            self._endpoint = self._proxy
+            self.via_proxy = True
+            if untrusted:
+                self.fallback_reason = (f"{untrusted}; until then the data goes through the engine's imageio "
+                                        f"proxy {self._proxy.masked}, verified with engine.ca_file")
+                log.warning("%s", self.fallback_reason)
 
     def _first_contact(self, endpoint: _Endpoint, *, fallback: bool = False) -> dict:
         """OPTIONS on ``endpoint``; return the options dict.
 
-        With ``fallback``, a first attempt that cannot connect raises ``_Unreachable`` at once
-        (the caller then tries the proxy). Otherwise transient errors are retried. Raises
-        ``TransferError`` when it gives up.
+        With ``fallback``, a first attempt that cannot connect raises ``_Unreachable`` at once,
+        and one whose certificate is not verified ``_Untrusted`` (the caller then tries the
+        proxy). Otherwise transient errors are retried. Raises ``TransferError`` when it gives up.
         """
 
         def options() -> dict:
@@ -524,6 +549,8 @@ class ImageioClient:
             try:
                 return options()
             except Exception as e:
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    raise _Untrusted(self._untrusted_text(endpoint, e)) from None
                 if _is_unreachable(e):
                     raise _Unreachable(endpoint.mask(str(e))) from None
                 if not _is_transient(e):
@@ -536,7 +563,7 @@ class ImageioClient:
         if endpoint.scheme == "https":
             con: http.client.HTTPConnection = _HTTPSConnection(
                 endpoint.host, endpoint.port, timeout=self._settings.connect_timeout,
-                context=self._ssl_context,
+                context=self._ssl_context if endpoint is self._proxy else self._host_ssl_context,
             )
         else:
             con = _HTTPConnection(endpoint.host, endpoint.port, timeout=self._settings.connect_timeout)
@@ -730,17 +757,30 @@ class ImageioClient:
     ) -> TransferError:
         """Build the user-facing error for a failed request (the ticket masked)."""
         if isinstance(error, ssl.SSLCertVerificationError):
-            return TransferError(
-                f"imageio at {endpoint.masked} presented a certificate that is not trusted "
-                f"({error.verify_message}); set the engine CA file in the configuration "
-                f"(currently {self._settings.ca_file or 'the system CAs'})"
-            )
+            return TransferError(self._untrusted_text(endpoint, error))
         if isinstance(error, _ServerError):
             detail = f"imageio answered {error.status}: {error.message}"
         else:
             detail = f"{type(error).__name__}: {endpoint.mask(str(error))}"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         return TransferError(f"imageio {endpoint.masked}: {what} failed{tries}: {detail}")
+
+    def _untrusted_text(self, endpoint: _Endpoint, error: ssl.SSLCertVerificationError) -> str:
+        """What to configure when ``endpoint``'s certificate is not verified: the host's imageio
+        has a certificate of the engine's internal CA, the proxy the engine's web certificate."""
+        reason = error.verify_message or str(error)
+        if endpoint is self._proxy:
+            ca = self._settings.ca_file or "the system CAs"
+            return (f"the engine's imageio proxy at {endpoint.masked} presented a certificate that is not "
+                    f"trusted ({reason}; CA file: {ca}); it is the engine's web certificate: set engine.ca_file "
+                    "to the CA that signed it")
+        ca = self._settings.host_ca_file or self._settings.ca_file or "the system CAs"
+        engine = self._proxy.host if self._proxy else "ENGINE"
+        return (f"imageio on the host at {endpoint.masked} presented a certificate that is not trusted "
+                f"({reason}; CA file: {ca}); the hosts' imageio has certificates of the engine's internal CA, whatever "
+                "certificate the engine's web server has: download it from "
+                f"https://{engine}/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA "
+                "and set transfer.host_ca_file to that file")
 
     def _error_text(self, endpoint: _Endpoint, body: bytes) -> str:
         text = body[:_MAX_ERROR_BODY].decode("utf-8", errors="replace").strip()
@@ -749,6 +789,10 @@ class ImageioClient:
 
 class _Unreachable(Exception):
     """The first contact could not connect (the caller may try the proxy)."""
+
+
+class _Untrusted(Exception):
+    """The first contact met a certificate that is not verified (the caller may try the proxy)."""
 
 
 class _NoDirtyExtents(Exception):

@@ -224,6 +224,26 @@ class StateDir:
                 found.append(sidecar)
         return found
 
+    def other_jobs(self, vm_id: str) -> list[Sidecar]:
+        """The VM's sidecars kept by other jobs under the same state root (``<state>/<other
+        repo-id>/<vm-id>.json``: jobs writing to other repositories); unreadable or invalid
+        ones are skipped."""
+        found = []
+        try:
+            directories = sorted(p for p in Path(self.root).iterdir() if p.is_dir() and p.name != self.repo_id)
+        except OSError:
+            return []
+        for directory in directories:
+            try:
+                sidecar = parse((directory / f"{vm_id}.json").read_bytes())
+            except (OSError, SidecarInvalid) as e:
+                if not isinstance(e, FileNotFoundError):
+                    log.debug("not reading the sidecar of VM %s in %s: %s", vm_id, directory, e)
+                continue
+            if sidecar.vm_id == vm_id:
+                found.append(sidecar)
+        return found
+
     def load_digests(self, vm_id: str, record: DiskRecord) -> bytes | None:
         """The block digests of a disk if present locally and matching the sidecar's hash."""
         try:

@@ -104,7 +104,7 @@ def test_ten_incrementals_then_check_and_prune(job, lab_vm):
 @pytest.mark.parametrize("fault, reason", [
     ("invalid_checkpoint", "invalid"),
     ("missing_checkpoint", "no longer exists"),
-    ("broken_bitmap", "checkpoint"),
+    ("broken_bitmap", "the incremental backup failed"),  # hybrid: the disk's transfer is stopped
 ])
 def test_checkpoint_problems_fall_back_to_full(job, lab_vm, fault, reason):
     vm = lab_vm["name"]
@@ -193,6 +193,8 @@ def test_block_size_per_vm(job, vm):
 
 def test_stale_backup_is_finalized_first(job, lab_vm):
     vm = lab_vm["name"]
+    # The fault's backup has no description: it counts as another tool's unless told otherwise.
+    job.config.write_text(job.config.read_text() + "[backup]\nforeign_stale_hours = 0\n")
     job.lab.fault("stale_backup", vm=vm)
     assert job.lab.stats()["open_backups"], "the fault leaves a backup open"
     proc = job.run("backup", vm, "--json")
@@ -303,3 +305,23 @@ def test_list_shows_this_jobs_archives_with_mode_and_checkpoint(job, lab_vm, tmp
     assert [(r["name"], r["mode"], r["checkpoint"]) for r in rows] == [
         (full["archive"], "full", full["checkpoint"]), (incr["archive"], "incremental", incr["checkpoint"])]
     assert rows[1]["size"] == 16 << 20 and rows[1]["bytes_read"] > 0
+
+
+def test_the_inactivity_timeout_given_to_the_engine_outlasts_ovirt_borgs_pauses():
+    """imageio counts only running reads as activity: the engine's inactivity_timeout must exceed
+    the extents query, a bandwidth-limited wait and (cli writer) a borg waiting for its lock."""
+    from ovirt_borg.backup import IDLE_SLACK, BackupSettings, transfer_inactivity_timeout
+    from ovirt_borg.imageio import TransferSettings
+
+    def timeout(**kw):
+        transfer = TransferSettings(**{k: v for k, v in kw.items() if k in ("extents_timeout", "bandwidth_limit")})
+        settings = BackupSettings(**{k: v for k, v in kw.items() if k in ("inactivity_timeout", "writer")},
+                                  transfer=transfer)
+        return transfer_inactivity_timeout(settings, lock_wait=kw.get("lock_wait", 60))
+
+    assert timeout(inactivity_timeout=120, extents_timeout=600.0) == 600 + IDLE_SLACK
+    assert timeout(inactivity_timeout=3600, extents_timeout=600.0) == 3600
+    assert timeout(inactivity_timeout=1, extents_timeout=1.0, bandwidth_limit=256 << 10) == 16 + IDLE_SLACK
+    assert timeout(inactivity_timeout=1, extents_timeout=1.0, writer="cli", lock_wait=300) == 300 + IDLE_SLACK
+    assert timeout(inactivity_timeout=1, extents_timeout=1.0, writer="internal", lock_wait=300) == 1 + IDLE_SLACK
+    assert timeout(inactivity_timeout=0) == 0  # no limit stays no limit

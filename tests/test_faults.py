@@ -282,10 +282,15 @@ def test_imageio_restart_beyond_the_retry_budget_fails_cleanly(job, backed_up):
     was = before(job, vm)
     restarts = job.lab.stats()["imageio.host.restarts"]
     job.lab.fault("imageio_restart")
+    calls = job.lab.stats()["calls"]
     # a restart costs the ranges in flight: with no retries the transfer is lost
     proc = job.run("backup", vm, expect=None)
     assert job.lab.stats()["imageio.host.restarts"] == restarts + 1
     assert_failed_cleanly(job, vm, proc, 8, was, r"imageio .*failed")
+    # the download failed on our side: finalized (a download can always be), never cancelled
+    after = job.lab.stats()["calls"]
+    assert after.get("transfer.finalize", 0) == calls.get("transfer.finalize", 0) + 1, (calls, after)
+    assert after.get("transfer.cancel", 0) == calls.get("transfer.cancel", 0)
     configure(job, transfer={"retries": 5, "bandwidth_limit": ""})
     recover(job, vm)
 
@@ -508,21 +513,57 @@ def test_expired_token_mid_run_logs_in_again(job, lab_clean):
 @pytest.mark.parametrize("fault, reason", [
     ("invalid_checkpoint", "invalid"),
     ("missing_checkpoint", "no longer exists"),
-    ("broken_bitmap", "refused checkpoint"),
+    # hybrid (cluster level 4.7): the backup starts, the disk's transfer is stopped by the engine
+    ("broken_bitmap", "the incremental backup failed: .*cancelled_system"),
 ])
 def test_checkpoint_problem_falls_back_to_full_and_purges(job, backed_up, fault, reason):
     vm = backed_up
     job.lab.fault(fault, vm=vm)
+    backups_added = job.lab.stats()["calls"].get("backups.add", 0)
     result = recover(job, vm, mode="full")
-    assert reason in result["reason"]
+    assert re.search(reason, result["reason"]), result["reason"]
     assert checkpoint_ids(job.lab, vm) == [result["checkpoint"]], "the unusable checkpoint is purged"
     assert open_on_engine(job.lab, vm) == ([], [])
+    if fault == "broken_bitmap":  # the failed incremental, then the full in the same run
+        assert job.lab.stats()["calls"]["backups.add"] == backups_added + 2
     job.lab.write(vm, disk=1, percent=1)
     recover(job, vm)
 
 
+@pytest.mark.parametrize("level, status, reason", [
+    # live (StartVmBackupCommand): the failed redefinition removes every checkpoint, 400 "[]"
+    ("4.6", "up", r"could not redefine checkpoint .* \(a missing or broken bitmap\)"),
+    # cold: as hybrid, the transfer of the incremental disk is stopped (cancelled_system)
+    ("4.6", "down", r"the incremental backup failed: .*cancelled_system"),
+])
+def test_broken_bitmap_on_live_and_cold_backups_reads_in_full(job, lab_clean, level, status, reason):
+    """A broken bitmap never fails the same incremental night after night: whatever shape the
+    engine gives it, the run reads the VM in full and the next one is incremental again."""
+    lab = lab_clean
+    lab.cluster(f"level-{level}", level)
+    vm = f"bb{next(_names)}-{os.getpid()}"
+    lab.add_vm(vm, disks=1, size="16M", status=status, cluster=f"level-{level}")
+    try:
+        recover(job, vm, mode="full")
+        if status == "up":
+            lab.write(vm, disk=1, percent=3)
+        lab.fault("broken_bitmap", vm=vm)
+        proc = job.run("backup", vm, "--json")
+        result = json.loads(proc.stdout)[0]
+        assert result["mode"] == "full" and re.search(reason, result["reason"]), result["reason"]
+        job.assert_identical(result)
+        assert checkpoint_ids(lab, vm) == [result["checkpoint"]]
+        assert open_on_engine(lab, vm) == ([], [])
+        if status == "up":
+            lab.write(vm, disk=1, percent=1)
+        recover(job, vm)
+    finally:
+        lab.delete_vm(vm)
+
+
 def test_stale_backup_in_ready_is_finalized(job, backed_up):
     vm = backed_up
+    configure(job, backup={"foreign_stale_hours": 0})  # the fault's backup has no description
     job.lab.fault("stale_backup", vm=vm)
     proc = job.run("backup", vm, "--json")
     assert "stale backup" in proc.stderr
@@ -537,9 +578,11 @@ def test_transfer_that_never_starts_fails_cleanly(job, backed_up):
     vm = backed_up
     was = before(job, vm)
     configure(job, engine={"timeout": 0.5})
-    for fault, message in (("transfer_fail", r"did not start.*finished_failure"),
-                           ("transfer_stuck", r"did not start.*timed out")):
-        job.lab.fault(fault)
+    # transfer_fail twice: the incremental's and the full's the run falls back to (the engine
+    # stopping an incremental disk's transfer is how a hybrid or cold backup shows a bad bitmap)
+    for fault, times, message in (("transfer_fail", 2, r"did not start.*cancelled_system"),
+                                  ("transfer_stuck", 1, r"did not start.*timed out")):
+        job.lab.fault(fault, times=times)
         proc = job.run("backup", vm, expect=None)
         try:
             assert_failed_cleanly(job, vm, proc, 8, was, message, check_repository=False)
@@ -587,23 +630,154 @@ def test_no_dirty_extents_reads_the_disk_in_full(job, backed_up):
 
 
 def test_backup_stuck_in_finalizing(job, backed_up):
-    """Finalizing outlasts [engine] timeout: the archive stands, the next run waits it out."""
+    """Finalizing outlasts [engine] timeout (a hybrid backup removing its snapshot takes long):
+    the archive stands with no warning, the checkpoint purge the engine refuses meanwhile (409)
+    waits for the next run, which waits the finalize out and purges."""
     vm = backed_up
+    old = checkpoint_ids(job.lab, vm)
     # polls at 0, 0.1, 0.25, 0.45, 0.65 s: the fifth, still finalizing, is past the timeout
     configure(job, engine={"timeout": 0.5, "poll_interval": 0.2})
     job.lab.fault("finalize_stuck")
-    proc = job.run("backup", vm, "--json", expect=1)
+    proc = job.run("backup", vm, "--json")
     result = json.loads(proc.stdout)[0]
-    assert result["ok"] and re.search(r"WARNING .*finaliz.*timed out", proc.stderr), proc.stderr
+    assert result["ok"] and result["warnings"] == [], result
+    assert re.search(r"INFO .*still finalizing.*next run waits for it", proc.stderr), proc.stderr
+    assert re.search(r"INFO .*old checkpoints stay until the next run.*during a backup", proc.stderr), proc.stderr
+    assert "WARNING" not in proc.stderr, proc.stderr
     job.assert_identical(result)
     assert [b["phase"] for b in open_on_engine(job.lab, vm)[0]] == ["finalizing"]
+    assert checkpoint_ids(job.lab, vm) == old + [result["checkpoint"]]
     configure(job, engine={"timeout": 30, "poll_interval": 0.05})
     proc = job.run("backup", vm, "--json")
     assert "finish finalizing" in proc.stderr
     again = json.loads(proc.stdout)[0]
+    assert checkpoint_ids(job.lab, vm) == [again["checkpoint"]]
     assert again["mode"] == "incremental", again["reason"]
     job.assert_identical(again)
     assert open_on_engine(job.lab, vm) == ([], [])
+
+
+def test_snapshot_left_by_a_hybrid_backup_is_a_warning_naming_it(job, backed_up):
+    """The engine's snapshot merge fails: the backup still ends succeeded (HybridBackupCommand),
+    the archive stands, and the run warns with the snapshot named (exit 1)."""
+    vm = backed_up
+    job.lab.fault("snapshot_left")
+    proc = job.run("backup", vm, "--json", expect=1)
+    result = json.loads(proc.stdout)[0]
+    assert result["ok"] and result["mode"] == "incremental", result
+    left = [b for b in _backups(job.lab, vm) if b.snapshot is not None]
+    snapshot_id = left[-1].snapshot.id
+    assert len(result["warnings"]) == 1 and snapshot_id in result["warnings"][0], result["warnings"]
+    assert "Auto-generated for Backup VM" in result["warnings"][0]
+    assert re.search(rf"WARNING .*{snapshot_id}", proc.stderr), proc.stderr
+    job.assert_identical(result)
+    assert open_on_engine(job.lab, vm) == ([], [])
+
+
+def _backups(lab, vm: str):
+    """The VM's backups as the engine lists them (through the SDK)."""
+    with lab.connection() as connection:
+        vms = connection.system_service().vms_service()
+        found = vms.list(search=f"name={vm}")[0]
+        return vms.vm_service(found.id).backups_service().list()
+
+
+@pytest.mark.parametrize("call", ["backup.finalize", "transfer.finalize"])
+def test_a_lost_finalize_reply_is_taken_as_done(job, backed_up, call):
+    """The engine carried out a finalize but its reply was lost: the repeated finalize answers
+    400 "already ..." (a backup) or is accepted again (a transfer); the run goes on, no warning."""
+    vm = backed_up
+    job.lab.fault(f"reply_lost:{call}")
+    calls = job.lab.stats()["calls"].get(call, 0)
+    proc = job.run("backup", vm, "--json")
+    assert job.lab.faults()["active"] == {}, "the fault was hit"
+    assert job.lab.stats()["calls"][call] >= calls + 2, "the finalize was repeated"
+    result = json.loads(proc.stdout)[0]
+    assert result["mode"] == "incremental" and result["warnings"] == [], result
+    job.assert_identical(result)
+    assert open_on_engine(job.lab, vm) == ([], [])
+    job.lab.write(vm, disk=1, percent=1)
+    recover(job, vm)
+
+
+def test_backup_finalize_waits_for_a_transfer_still_ending(lab_clean):
+    """StopVmBackupCommand refuses (409) while a transfer of the backup is not finished_*; a
+    cancel takes the engine several steps: the finalize is repeated until the engine took them."""
+    from ovirt_borg.engine import Engine, EngineSettings
+
+    import ovirtsdk4.types as types
+
+    lab = lab_clean
+    vm = f"end{next(_names)}-{os.getpid()}"
+    lab.add_vm(vm, disks=1, size="8M")
+    try:
+        settings = EngineSettings(url=lab.url, user=lab.user, password=lab.password_file.read_text().strip(),
+                                  ca_file=str(lab.ca_file), poll_interval=0.05, timeout=30)
+        with Engine(settings) as engine, lab.connection() as connection:
+            info = lab.vm_info(vm)
+            backup_id = engine.start_backup(info["id"], [info["disks"][0]["id"]], None)
+            engine.wait_backup_ready(info["id"], backup_id)
+            transfers = connection.system_service().image_transfers_service()
+            transfer = transfers.add(types.ImageTransfer(
+                disk=types.Disk(id=info["disks"][0]["id"]), backup=types.Backup(id=backup_id),
+                direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW))
+            service = transfers.image_transfer_service(transfer.id)
+            wait_for(lambda: service.get().phase == types.ImageTransferPhase.TRANSFERRING, what="transferring")
+            service.cancel()  # nobody polls it now: the engine takes its steps on its own
+            finalizes = lab.stats()["calls"].get("backup.finalize", 0)
+            end = engine.finalize_backup(info["id"], backup_id)
+            assert end.phase == "succeeded" and end.snapshot_left is None
+            assert lab.stats()["calls"]["backup.finalize"] > finalizes + 1, "the 409 was repeated"
+            assert service.get().phase == types.ImageTransferPhase.FINISHED_FAILURE
+        assert open_on_engine(lab, vm) == ([], [])
+    finally:
+        lab.delete_vm(vm)
+
+
+def test_idle_transfers_outlast_ovirt_borg_own_pauses(job, lab_clean):
+    """The engine cancels a download whose ticket idles past inactivity_timeout (imageio: no read
+    running or completed). ovirt-borg's own pauses between reads (here a bandwidth limit spacing
+    1 MiB reads 4 s apart) must not cost the transfer: it gives the engine a timeout above them."""
+    lab = lab_clean
+    vm = f"idle{next(_names)}-{os.getpid()}"
+    lab.add_vm(vm, disks=1, size="16M")
+    try:
+        configure(job, transfer={"inactivity_timeout": 1, "extents_timeout": 1.0, "bandwidth_limit": "256K"})
+        proc = job.run("backup", vm, "--json")
+        result = json.loads(proc.stdout)[0]
+        assert result["mode"] == "full" and result["warnings"] == []
+        job.assert_identical(result)
+        assert open_on_engine(lab, vm) == ([], [])
+    finally:
+        lab.delete_vm(vm)
+
+
+@pytest.mark.parametrize("status", ["down", "up"])
+def test_cluster_level_4_4(job, lab_clean, status):
+    """Below cluster level 4.5 the engine makes no checkpoints and refuses a cold backup with 400
+    "Incremental backup is not supported.": a powered-off VM is read through engine image
+    transfers, a running one in full each night; nothing is left open."""
+    lab = lab_clean
+    lab.cluster("level-4.4", "4.4")
+    vm = f"old{next(_names)}-{os.getpid()}"
+    lab.add_vm(vm, disks=1, size="16M", status=status, cluster="level-4.4")
+    try:
+        for run in range(2):
+            proc = job.run("backup", vm, "--json")
+            result = json.loads(proc.stdout)[0]
+            assert result["mode"] == "full" and result["checkpoint"] is None, result
+            if status == "down":
+                assert result["path"] == "engine-transfer"
+                assert re.search(r"WARNING .*Incremental backup is not supported", proc.stderr), proc.stderr
+            else:
+                assert result["path"] == "backup"
+                if run:
+                    assert "no engine checkpoint" in result["reason"], result["reason"]
+            job.assert_identical(result)
+            assert open_on_engine(lab, vm) == ([], [])
+            assert checkpoint_ids(lab, vm) == []
+    finally:
+        lab.delete_vm(vm)
 
 
 # -- signals -------------------------------------------------------------------------------------
@@ -705,13 +879,24 @@ def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
     vm = backed_up
     was = before(job, vm)
     configure(job, repository={"lock_wait": 2})
-    with lock_holder(job_repo(job)):
-        started = time.monotonic()
-        proc = job.run("backup", vm, expect=None)
-        elapsed = time.monotonic() - started
-    assert 2 <= elapsed < 2 + 10, f"exit 6 must come after waiting lock_wait ({elapsed:.1f} s)"
-    assert_failed_cleanly(job, vm, proc, 6, was, r"busy: another borg process holds its lock",
-                          check_repository=False)
+    checkpoints = checkpoint_ids(job.lab, vm)
+    for writer, holder in itertools.product(("internal", "cli"), (lock_holder, shared_lock_holder)):
+        configure(job, repository={"writer": writer})
+        backups_added = job.lab.stats()["calls"].get("backups.add", 0)
+        with holder(job_repo(job)):
+            started = time.monotonic()
+            proc = job.run("backup", vm, expect=None)
+            elapsed = time.monotonic() - started
+        try:
+            assert 2 <= elapsed < 2 + 10, f"exit 6 must come after waiting lock_wait ({elapsed:.1f} s)"
+            assert_failed_cleanly(job, vm, proc, 6, was, r"busy: another borg process holds its lock",
+                                  check_repository=False)
+            # the lock is taken before the engine is asked: no backup, no new checkpoint
+            assert job.lab.stats()["calls"].get("backups.add", 0) == backups_added
+            assert checkpoint_ids(job.lab, vm) == checkpoints
+        except AssertionError as e:
+            raise AssertionError(f"{writer} writer, {holder.__name__}: {e}") from None
+    configure(job, repository={"writer": "internal"})
 
     wrong = tmp_path / "wrong-passphrase"
     wrong.write_text("not the passphrase\n")
@@ -732,6 +917,25 @@ def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
     assert "not the passphrase" not in proc.stderr
     configure(job, repository={"passcommand": good})
     recover(job, vm)
+
+
+@contextlib.contextmanager
+def shared_lock_holder(repo: Repo, timeout: float = 20):
+    """Hold a shared lock of the local ``repo`` (as ``borg mount`` or ``borg list`` do) inside the block."""
+    code = ("import sys, time; from borg.repository import Repository\n"
+            "with Repository(sys.argv[1], exclusive=False, lock_wait=1):\n"
+            "    print('locked', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, repo.location], env={**os.environ, **repo.env},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "locked\n", proc.stderr.read()
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=timeout)
 
 
 def test_repository_refused_while_the_engine_prepares_its_backup(job, backed_up):

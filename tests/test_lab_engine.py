@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -78,6 +79,11 @@ def start_backup(service, disks, from_checkpoint=None):
 
 def finalize_backup(backup_service):
     backup_service.finalize()
+    return finalize_backup_polled(backup_service)
+
+
+def finalize_backup_polled(backup_service):
+    """Poll a finalized backup until it succeeded."""
     return poll(backup_service.get, lambda b: b.phase == types.BackupPhase.SUCCEEDED,
                 what="backup finalize")
 
@@ -417,13 +423,28 @@ def test_open_backup_blocks_writes_second_backup_and_early_finalize(mlab, conn):
     assert refused.value.status == 409
 
     transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    # StopVmBackupCommand.validate: any transfer not finished_* (a cancel's steps included)
+    # refuses the finalize with 409 (ACTION_TYPE_FAILED_ACTIVE_IMAGE_TRANSFER_FOR_VM_BACKUP: CONFLICT).
+    transfer_service.cancel()
+    phases = []
+    while not phases or phases[-1] != types.ImageTransferPhase.FINISHED_FAILURE:
+        assert len(phases) < 3, phases
+        with pytest.raises(sdk.Error) as error:
+            backup_service.finalize()
+        assert error.value.code == 409
+        assert "There is an active image transfer for VM backup" in fault_detail(error.value)
+        assert mlab.stats()["open_transfers"][0]["id"] == transfer.id
+        phases.append(transfer_service.get().phase)
+    assert phases == [types.ImageTransferPhase.FINALIZING_CLEANUP, types.ImageTransferPhase.FINISHED_CLEANUP,
+                      types.ImageTransferPhase.FINISHED_FAILURE]  # one step per poll
+    backup_service.finalize()
+    # A second finalize: StopVmBackupCommand.executeCommand fails it with the phase (400).
     with pytest.raises(sdk.Error) as error:
         backup_service.finalize()
     assert error.value.code == 400
-    assert "There is an active image transfer for VM backup" in fault_detail(error.value)
-    assert mlab.stats()["open_transfers"][0]["id"] == transfer.id
-    finish_transfer(transfer_service)
-    finalize_backup(backup_service)
+    assert re.search(r"backup '.*' is already (stopped|in '.*' phase), no need to stop the backup again",
+                     fault_detail(error.value)), fault_detail(error.value)
+    finalize_backup_polled(backup_service)
     assert mlab.write("busy", 1, offset=0, length=BLOCK) == [{"offset": 0, "length": BLOCK}]
     assert mlab.stats()["exports"] == 0
 
@@ -464,9 +485,24 @@ def test_checkpoint_faults_and_removal(mlab, conn, tmp_path):
     third = full_backup()
     mlab.fault("broken_bitmap", vm="cps")
     assert qemu.bitmap_is_broken(disk_path, third)
-    assert [c.state for c in checkpoints(service)] == [types.CheckpointState.CREATED]
-    assert "is invalid and should be removed" in incremental_refused(third)
-    assert [c.state for c in checkpoints(service)] == [types.CheckpointState.INVALID]
+    # Hybrid (cluster level 4.7, the default): the backup becomes ready and the checkpoint stays
+    # created; the transfer's NBD server cannot start (vdsm nbd._find_bitmap), so the engine
+    # stops it (cancelled_system) and it ends finished_failure.
+    backup, backup_service = start_backup(service, disks, from_checkpoint=third)
+    assert backup.snapshot is not None and backup.snapshot.id
+    transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    assert transfer.phase == types.ImageTransferPhase.CANCELLED_SYSTEM
+    poll(transfer_service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="failure")
+    finalize_backup(backup_service)
+    assert [c.state for c in checkpoints(service)] == [types.CheckpointState.CREATED] * 2
+    # Live (?legacy=true): redefining the checkpoint fails; the engine removes every checkpoint
+    # of the VM and answers 400 "Operation Failed" with detail "[]".
+    with pytest.raises(sdk.Error) as error:
+        service.backups_service().add(types.Backup(disks=[types.Disk(id=disks[0].id)], from_checkpoint_id=third),
+                                      query={"legacy": "true"})
+    assert error.value.code == 400 and fault_detail(error.value) == "[]"
+    assert error.value.fault.reason == "Operation Failed"
+    assert checkpoints(service) == []
 
     # A full backup still works next to the broken bitmap, and its data is right.
     backup, backup_service = start_backup(service, disks)
@@ -486,8 +522,11 @@ def test_transfer_and_finalize_faults(mlab, conn):
     backup, backup_service = start_backup(service, disks)
 
     mlab.fault("transfer_fail")
-    transfer, _ = open_transfer(conn, disks[0].id, backup_id=backup.id)
-    assert transfer.phase == types.ImageTransferPhase.FINISHED_FAILURE
+    transfer, failed_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    assert transfer.phase == types.ImageTransferPhase.CANCELLED_SYSTEM
+    assert [failed_service.get().phase for _ in range(3)] == [
+        types.ImageTransferPhase.FINALIZING_FAILURE, types.ImageTransferPhase.FINISHED_FAILURE,
+        types.ImageTransferPhase.FINISHED_FAILURE]
 
     mlab.fault("transfer_stuck")
     transfers = conn.system_service().image_transfers_service()
@@ -498,7 +537,7 @@ def test_transfer_and_finalize_faults(mlab, conn):
     for _ in range(5):
         assert stuck_service.get().phase == types.ImageTransferPhase.INITIALIZING
     stuck_service.cancel()
-    assert stuck_service.get().phase == types.ImageTransferPhase.FINISHED_FAILURE
+    poll(stuck_service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="cancel")
     assert mlab.faults()["active"] == {}  # both were one-shot
 
     transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
@@ -507,8 +546,181 @@ def test_transfer_and_finalize_faults(mlab, conn):
 
     mlab.fault("finalize_stuck")
     backup_service.finalize()
-    phases = [backup_service.get().phase for _ in range(4)]
-    assert phases == [types.BackupPhase.FINALIZING] * 4
+    # hybrid: still ready (stopped) at the first poll, then removing its snapshot
+    phases = [backup_service.get().phase for _ in range(5)]
+    assert phases == [types.BackupPhase.READY] + [types.BackupPhase.FINALIZING] * 4
+    finalize_backup_polled(backup_service)
+
+
+def test_cluster_level_and_engine_config_choose_the_backup(mlab, conn, tmp_path):
+    """BackendVmBackupsResource.add: hybrid from cluster level 4.7 (UseHybridBackup) unless
+    ?legacy=true; StartVmBackupCommand below: live for a running VM, cold for a powered-off one;
+    below 4.5 no cold and no incremental backup, and no checkpoint (0000_config.sql)."""
+    def backup_of(name, legacy=False, from_checkpoint=None):
+        _, service = vm_service(conn, name)
+        disks = vm_disks(conn, service)
+        backups = service.backups_service()
+        backup = backups.add(types.Backup(disks=[types.Disk(id=d.id) for d in disks],
+                                          from_checkpoint_id=from_checkpoint),
+                             query={"legacy": "true"} if legacy else None)
+        backup_service = backups.backup_service(backup.id)
+        backup = poll(backup_service.get, lambda b: b.phase == types.BackupPhase.READY, what="backup")
+        types_now = {b["id"]: b["type"] for b in mlab.stats()["open_backups"]}
+        return backup, backup_service, types_now[backup.id], service
+
+    mlab.cluster("lab-4.6", "4.6")
+    mlab.cluster("lab-4.4", "4.4")
+    mlab.add_vm("lvl47", disks=1, size="8M")
+    mlab.add_vm("lvl46", disks=1, size="8M", cluster="lab-4.6")
+    mlab.add_vm("lvl46down", disks=1, size="8M", cluster="lab-4.6", status="down")
+    mlab.add_vm("lvl44", disks=1, size="8M", cluster="lab-4.4")
+    mlab.add_vm("lvl44down", disks=1, size="8M", cluster="lab-4.4", status="down")
+
+    # 4.7: hybrid, with a snapshot named on the backup and listed on the VM while it is open
+    backup, backup_service, kind, service = backup_of("lvl47")
+    assert kind == "hybrid" and backup.snapshot.id
+    snapshots = {s.id: s.description for s in service.snapshots_service().list()}
+    assert snapshots[backup.snapshot.id] == "Auto-generated for Backup VM"
+    finalize_backup(backup_service)
+    assert backup.snapshot.id not in {s.id for s in service.snapshots_service().list()}
+    with pytest.raises(sdk.NotFoundError):
+        service.snapshots_service().snapshot_service(backup.snapshot.id).get()
+    # ?legacy=true: a live backup, no snapshot
+    backup, backup_service, kind, _ = backup_of("lvl47", legacy=True)
+    assert kind == "live" and backup.snapshot is None
+    finalize_backup(backup_service)
+    # UseHybridBackup off for 4.7 (engine-config): live again
+    mlab.engine_config("UseHybridBackup", "4.7", False)
+    try:
+        backup, backup_service, kind, _ = backup_of("lvl47")
+        assert kind == "live"
+        finalize_backup(backup_service)
+    finally:
+        mlab.engine_config("UseHybridBackup", "4.7", True)
+    # 4.6: live when up, cold when down; both make checkpoints
+    for name, expected in (("lvl46", "live"), ("lvl46down", "cold")):
+        backup, backup_service, kind, _ = backup_of(name)
+        assert kind == expected and backup.to_checkpoint_id
+        finalize_backup(backup_service)
+    # 4.4: a running VM's full backup works without a checkpoint; cold or incremental: 400
+    backup, backup_service, kind, service = backup_of("lvl44")
+    assert kind == "live" and backup.to_checkpoint_id is None
+    out = tmp_path / "lvl44.qcow2"
+    download_disk(conn, mlab, backup.id, vm_disks(conn, service)[0].id, out)
+    finalize_backup(backup_service)
+    assert image_sha256(out, tmp_path) == mlab.disk_sha256("lvl44")
+    assert checkpoints(service) == []
+    _, down_service = vm_service(conn, "lvl44down")
+    with pytest.raises(sdk.Error) as error:
+        down_service.backups_service().add(types.Backup(disks=[types.Disk(id=vm_disks(conn, down_service)[0].id)]))
+    assert error.value.code == 400
+    assert fault_detail(error.value) == "[Cannot backup VM. Incremental backup is not supported.]"
+    assert mlab.stats()["open_backups"] == []
+
+
+@pytest.mark.parametrize("damage", ["--disable", "--remove"])
+def test_hybrid_transfer_is_stopped_by_a_disabled_or_missing_bitmap(mlab, conn, damage):
+    """vdsm nbd._find_bitmap refuses a bitmap that is in use, disabled or missing: the backup
+    starts, the incremental disk's transfer is stopped (cancelled_system), the checkpoint stays."""
+    name = f"bm{damage.strip('-')}"
+    mlab.add_vm(name, disks=1, size="8M")
+    _, service = vm_service(conn, name)
+    disks = vm_disks(conn, service)
+    first, first_service = start_backup(service, disks)
+    finalize_backup(first_service)
+    path = mlab.vm_info(name)["disks"][0]["path"]
+    subprocess.run(["qemu-img", "bitmap", damage, path, first.to_checkpoint_id], check=True)
+    backup, backup_service = start_backup(service, disks, from_checkpoint=first.to_checkpoint_id)
+    transfer, transfer_service = open_transfer(conn, disks[0].id, backup_id=backup.id)
+    assert transfer.phase == types.ImageTransferPhase.CANCELLED_SYSTEM
+    poll(transfer_service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="failure")
+    finalize_backup(backup_service)
+    assert checkpoints(service)[0].id == first.to_checkpoint_id
+    assert checkpoints(service)[0].state == types.CheckpointState.CREATED
+
+
+def test_hybrid_finalize_snapshot_and_checkpoint_removal_during_a_backup(mlab, conn):
+    """HybridBackupCommand: finalize removes the snapshot (ready, then finalizing); a failed
+    removal still ends succeeded with the snapshot left. DeleteVmCheckpointCommand: 409 while a
+    backup of the VM is unfinished. A finalize whose reply was lost: the retry answers 400."""
+    mlab.add_vm("snap", disks=1, size="8M")
+    _, service = vm_service(conn, "snap")
+    disks = vm_disks(conn, service)
+    first, first_service = start_backup(service, disks)
+    finalize_backup(first_service)
+    backup, backup_service = start_backup(service, disks, from_checkpoint=first.to_checkpoint_id)
+    checkpoint_service = service.checkpoints_service().checkpoint_service(first.to_checkpoint_id)
+    with pytest.raises(sdk.Error) as error:
+        checkpoint_service.remove()
+    assert error.value.code == 409 and "The VM is during a backup operation" in fault_detail(error.value)
+
+    mlab.fault("snapshot_left")
+    mlab.fault("reply_lost:backup.finalize")
+    with pytest.raises(sdk.Error) as lost:
+        backup_service.finalize()
+    assert lost.value.code is None  # no HTTP answer at all
+    with pytest.raises(sdk.Error) as error:
+        backup_service.finalize()
+    assert error.value.code == 400 and "is already stopped, no need to stop the backup again" in fault_detail(error.value)
+    phases = []
+    while not phases or phases[-1] != types.BackupPhase.SUCCEEDED:
+        assert len(phases) < 10, phases
+        phases.append(backup_service.get().phase)
+        if phases[-1] == types.BackupPhase.FINALIZING:
+            with pytest.raises(sdk.Error) as error:
+                checkpoint_service.remove()  # the snapshot's removal still counts as a backup
+            assert error.value.code == 409
+            with pytest.raises(sdk.Error) as error:
+                backup_service.finalize()
+            assert "is already in 'REMOVING_SNAPSHOT' phase" in fault_detail(error.value)
+    assert phases[0] == types.BackupPhase.READY and types.BackupPhase.FINALIZING in phases
+    # the merge failed: succeeded, yet the snapshot is still on the VM
+    assert backup_service.get().snapshot.id == backup.snapshot.id
+    left = service.snapshots_service().snapshot_service(backup.snapshot.id).get()
+    assert left.description == "Auto-generated for Backup VM"
+    checkpoint_service.remove()
+    poll(lambda: [c.id for c in checkpoints(service)], lambda ids: first.to_checkpoint_id not in ids,
+         what="checkpoint removal")
+
+
+def test_engine_cancels_a_transfer_whose_ticket_idles(mlab, conn, tmp_path):
+    """TransferDiskImageCommand.stopTransferIfNecessary: a ticket idle (imageio: no read or write
+    running or completed; an extents query does not count) longer than inactivity_timeout
+    makes the engine cancel a download."""
+    mlab.add_vm("idle", disks=1, size="8M")
+    _, service = vm_service(conn, "idle")
+    disks = vm_disks(conn, service)
+    backup, backup_service = start_backup(service, disks)
+    transfers = conn.system_service().image_transfers_service()
+    transfer = transfers.add(types.ImageTransfer(
+        disk=types.Disk(id=disks[0].id), backup=types.Backup(id=backup.id),
+        direction=types.ImageTransferDirection.DOWNLOAD, format=types.DiskFormat.RAW, inactivity_timeout=2))
+    transfer_service = transfers.image_transfer_service(transfer.id)
+    transfer = poll(transfer_service.get, lambda t: t.phase == types.ImageTransferPhase.TRANSFERRING)
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = os.fspath(mlab.ca_file)
+
+    def read(url):
+        response = session.get(url, headers={"Range": "bytes=0-65535"})
+        assert response.status_code == 206
+
+    # Reads keep it alive, for longer than the timeout in all.
+    started = time.monotonic()
+    while time.monotonic() - started < 5:
+        read(transfer.transfer_url)
+        assert transfer_service.get().phase == types.ImageTransferPhase.TRANSFERRING
+        time.sleep(0.5)
+    # Extents queries alone do not: the engine stops it and ends it.
+    def extents_then_phase():
+        assert session.get(transfer.transfer_url + "/extents").status_code in (200, 403)
+        time.sleep(0.2)
+        return transfer_service.get().phase
+
+    phase = poll(extents_then_phase, lambda p: p != types.ImageTransferPhase.TRANSFERRING, what="idle transfer")
+    assert phase == types.ImageTransferPhase.CANCELLED_SYSTEM
+    poll(transfer_service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="failure")
+    assert session.get(transfer.transfer_url + "/extents").status_code == 403  # the ticket is gone
     finalize_backup(backup_service)
 
 
@@ -638,7 +850,7 @@ def test_upload_restore_and_vm_from_ovf(mlab, conn, tmp_path):
     poll(disks.disk_service(doomed.id).get, lambda d: d.status == types.DiskStatus.OK)
     _, doomed_transfer = open_transfer(conn, doomed.id, direction="upload")
     doomed_transfer.cancel()
-    assert doomed_transfer.get().phase == types.ImageTransferPhase.FINISHED_FAILURE
+    poll(doomed_transfer.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE, what="cancel")
     with pytest.raises(sdk.NotFoundError):
         disks.disk_service(doomed.id).get()
 

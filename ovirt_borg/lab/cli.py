@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-http", action="store_true", help="serve http:// instead of https://")
     p.add_argument("--guests", action="store_true",
                    help="also add the VM 'guests' (LVM, NTFS, vfat, btrfs, LUKS... disks for file-level recovery)")
+    p.add_argument("--separate-web-ca", action="store_true",
+                   help="the engine's web certificate (HTTPS, imageio proxy) from a CA of its own, as "
+                        "after an admin installed a commercial one; host imageio keeps the internal CA")
 
     command("down", "stop the engine, its imageio daemons and exports")
     command("status", "print lab.json and whether the engine answers")
@@ -95,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = vm_command("add-disk", "create a disk and attach it to a VM")
     p.add_argument("--size", type=_size, default="64M", help="disk size (default 64M)")
     p.add_argument("--format", choices=("cow", "raw"), default="cow")
+    p.add_argument("--storage-type", choices=("image", "lun", "managed_block_storage", "cinder"),
+                   default="image", help="a LUN or managed-block disk is left out of backups")
+    p.add_argument("--shareable", action="store_true", help="a shareable disk (left out of backups)")
+    p.add_argument("--unplugged", action="store_true", help="attach the disk unplugged (active=false)")
 
     p = vm_command("add-vm", "create a VM with data disks (random data in two regions each)")
     p.add_argument("--disks", type=int, default=1, help="number of disks (default 1)")
@@ -102,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("cow", "raw"), default="cow")
     p.add_argument("--status", choices=("up", "down"), default="up")
     p.add_argument("--tag", action="append", default=[], help="tag the VM (repeatable)")
+    p.add_argument("--origin", default="ovirt",
+                   help="the VM's origin; managed_hosted_engine makes the hosted engine's VM")
+    p.add_argument("--cluster", help="the VM's cluster (default: the first; see the cluster command)")
+
+    p = command("cluster", "create a cluster or set its compatibility level (4.7+: snapshot-based backups)")
+    p.add_argument("name", metavar="NAME", help="cluster name")
+    p.add_argument("level", metavar="LEVEL", help="compatibility level, 4.2 .. 4.8")
 
     p = command("add-guests", "add a VM whose disks hold what real guests hold (LVM, NTFS, vfat, btrfs, "
                               "LUKS, swap, a hostile ext4); prints its sample.json entry")
@@ -127,7 +141,7 @@ def _run(args: argparse.Namespace) -> Any:
         return None
     if args.command == "up":
         lab = Lab.up(args.dir, vms=args.vms, disk_size=args.disk_size,
-                     plain_http=args.plain_http)
+                     plain_http=args.plain_http, separate_web_ca=args.separate_web_ca)
         if args.guests and not any(vm["name"] == "guests" for vm in lab.describe()["vms"]):
             lab.add_guests()
         return lab.info
@@ -162,10 +176,14 @@ def _run(args: argparse.Namespace) -> Any:
     if args.command == "add-guests":
         return lab.add_guests(args.vm)
     if args.command == "add-disk":
-        return lab.add_disk(args.vm, size=args.size, format=args.format)
+        return lab.add_disk(args.vm, size=args.size, format=args.format,
+                            storage_type=args.storage_type, shareable=args.shareable,
+                            active=not args.unplugged)
     if args.command == "add-vm":
         return lab.add_vm(args.vm, disks=args.disks, size=args.size, format=args.format,
-                          status=args.status, tags=tuple(args.tag))
+                          status=args.status, tags=tuple(args.tag), origin=args.origin, cluster=args.cluster)
+    if args.command == "cluster":
+        return lab.cluster(args.name, args.level)
     if args.command == "detach-disk":
         return lab.detach_disk(args.vm, _disk_arg(args.disk))
     if args.command == "delete-vm":

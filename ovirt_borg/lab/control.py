@@ -30,6 +30,7 @@ import requests
 from ovirt_borg.lab import LabError
 from ovirt_borg.lab.model import LabLayout
 from ovirt_borg.lab.sample import DEFAULT_DISK_SIZE, create_sample, parse_size
+from ovirt_borg.lab.tls import LabPki
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,17 @@ class Lab:
 
     @classmethod
     def up(cls, dir: Path | str, *, vms: int = 2, disk_size: int | str = DEFAULT_DISK_SIZE,
-           plain_http: bool = False, timeout: float = _START_TIMEOUT) -> Lab:
+           plain_http: bool = False, separate_web_ca: bool = False,
+           timeout: float = _START_TIMEOUT) -> Lab:
         """Create the lab in ``dir`` when new, start its engine, and return it.
 
         The sample VMs (``vms``, each disk ``disk_size`` bytes or ``64M``/``1G``), secrets,
         PKI and Borg repository are made only once; a second ``up`` reuses them, and returns
-        at once when the engine is already running. Raises ``LabError`` when a tool fails or
-        the engine does not answer within ``timeout`` seconds (the end of ``engine.log`` is
-        in the message).
+        at once when the engine is already running. ``separate_web_ca`` gives the engine's web
+        certificate (engine HTTPS, imageio proxy) a CA of its own, as when an admin installs a
+        commercial one; the host imageio keeps the engine's internal CA (``host_ca_file``).
+        Raises ``LabError`` when a tool fails or the engine does not answer within ``timeout``
+        seconds (the end of ``engine.log`` is in the message).
         """
         layout = LabLayout(Path(dir).resolve())
         layout.dir.mkdir(parents=True, exist_ok=True)
@@ -79,15 +83,17 @@ class Lab:
             except LabError:
                 existing = None
             if existing is not None and existing.running:
-                if existing.info.get("plain_http", False) == plain_http:
+                if (existing.info.get("plain_http", False) == plain_http
+                        and existing.info.get("separate_web_ca", False) == separate_web_ca):
                     log.info("lab in %s is already running", layout.dir)
                     return existing
                 existing.down()
             elif existing is not None:
                 existing._kill_leftovers()
-        _prepare(layout, vms=vms, disk_size=parse_size(disk_size), plain_http=plain_http)
-        engine = _start_engine(layout, plain_http=plain_http, timeout=timeout)
-        info = _lab_info(layout, engine, plain_http=plain_http)
+        pki = _prepare(layout, vms=vms, disk_size=parse_size(disk_size), plain_http=plain_http,
+                       separate_web_ca=separate_web_ca)
+        engine = _start_engine(layout, ca_file=pki.ca_file if pki else None, timeout=timeout)
+        info = _lab_info(layout, engine, pki)
         _write_private(layout.lab_json, json.dumps(info, indent=1) + "\n", mode=0o644)
         layout.config.write_text(_config_toml(layout, info))
         log.info("lab up in %s: %s", layout.dir, info["url"])
@@ -178,8 +184,16 @@ class Lab:
 
     @property
     def ca_file(self) -> Path | None:
-        """The lab CA certificate (None for a plain-HTTP lab)."""
+        """The CA of the engine's web certificate (engine HTTPS, imageio proxy); None for a
+        plain-HTTP lab."""
         return Path(self.info["ca_file"]) if self.info.get("ca_file") else None
+
+    @property
+    def host_ca_file(self) -> Path | None:
+        """The engine's internal CA, which the host imageio's certificate has (``ca_file``
+        too unless the lab was started with ``separate_web_ca``); None for plain HTTP."""
+        path = self.info.get("host_ca_file") or self.info.get("ca_file")
+        return Path(path) if path else None
 
     @property
     def user(self) -> str:
@@ -295,22 +309,38 @@ class Lab:
         """Turn every fault switch off."""
         self._call("clear-faults")
 
-    def add_disk(self, vm: str, *, size: int | str = DEFAULT_DISK_SIZE,
-                 format: str = "cow") -> dict[str, Any]:
-        """Create a disk (``cow`` or ``raw``) and attach it to the VM; returns its id and path."""
-        return self._call("add-disk", vm=vm, size=parse_size(size), format=format)
+    def add_disk(self, vm: str, *, size: int | str = DEFAULT_DISK_SIZE, format: str = "cow",
+                 storage_type: str = "image", shareable: bool = False,
+                 active: bool = True) -> dict[str, Any]:
+        """Create a disk (``cow`` or ``raw``) and attach it to the VM; returns its id and path.
+
+        ``storage_type`` ("lun", "managed_block_storage", "cinder") and ``shareable`` give the
+        disks an engine's backup leaves out; ``active=False`` attaches the disk unplugged.
+        """
+        return self._call("add-disk", vm=vm, size=parse_size(size), format=format,
+                          storage_type=storage_type, shareable=shareable, active=active)
 
     def add_vm(self, name: str, *, disks: int = 1, size: int | str = DEFAULT_DISK_SIZE,
                format: str = "cow", status: str = "up", tags: tuple[str, ...] = (),
-               seed: int | None = None) -> dict[str, Any]:
+               seed: int | None = None, origin: str = "ovirt", cluster: str | None = None) -> dict[str, Any]:
         """Create a VM with ``disks`` data disks (random data in two regions each).
 
         Tests that change checkpoints or turn faults on use their own VM, so a lab shared by
-        many tests stays predictable. Returns the VM's id, name, status and disk ids.
+        many tests stays predictable. ``origin`` "managed_hosted_engine" makes the hosted
+        engine's VM; ``cluster`` names the VM's cluster (default: the first). Returns the VM's
+        id, name, status and disk ids.
         """
         return self._call("add-vm", vm=name, disks=disks, size=parse_size(size), format=format,
-                          status=status, tags=list(tags), seed=seed)
+                          status=status, tags=list(tags), seed=seed, origin=origin, cluster=cluster)
 
+    def cluster(self, name: str, version: str) -> dict[str, Any]:
+        """Create the cluster ``name``, or set its compatibility level (``"4.4"`` .. ``"4.8"``)."""
+        return self._call("cluster", name=name, version=version)
+
+    def engine_config(self, name: str, version: str, value: bool) -> dict[str, Any]:
+        """Set an engine option for one cluster level (``UseHybridBackup``,
+        ``IsIncrementalBackupSupported``), as ``engine-config -s NAME=VALUE --cver=VERSION``."""
+        return self._call("engine-config", name=name, version=version, value=value)
     def add_storage_domain(self, name: str, *, type: str = "iscsi", chunk_size: int | str | None = None,
                            extent_size: int | str | None = None) -> dict[str, Any]:
         """Add a data storage domain: ``iscsi`` or ``fcp`` for a block domain (thin disks hold
@@ -381,19 +411,25 @@ class Lab:
 # Set-up steps
 
 
-def _prepare(layout: LabLayout, *, vms: int, disk_size: int, plain_http: bool) -> None:
-    """Create whatever the lab directory lacks: secrets, PKI, sample VMs, Borg repository."""
+def _prepare(layout: LabLayout, *, vms: int, disk_size: int, plain_http: bool,
+             separate_web_ca: bool = False) -> LabPki | None:
+    """Create whatever the lab directory lacks: secrets, PKI, sample VMs, Borg repository.
+
+    Returns the PKI (None for plain HTTP).
+    """
     for path in (layout.password, layout.passphrase, layout.control_token):
         if not path.exists():
             _write_private(path, secrets.token_urlsafe(24) + "\n")
+    pki = None
     if not plain_http:
         from ovirt_borg.lab.tls import make_lab_pki
-        make_lab_pki(layout.pki)
+        pki = make_lab_pki(layout.pki, separate_web_ca=separate_web_ca)
     if not layout.engine_state.exists():
         create_sample(layout, vms=vms, disk_size=disk_size)
     layout.state.mkdir(exist_ok=True)
     if not (layout.repo / "config").exists():
         _borg_init(layout)
+    return pki
 
 
 def _borg_init(layout: LabLayout) -> None:
@@ -410,11 +446,12 @@ def _borg_init(layout: LabLayout) -> None:
     log.info("created Borg repository %s", layout.repo)
 
 
-def _start_engine(layout: LabLayout, *, plain_http: bool, timeout: float) -> dict[str, Any]:
-    """Spawn the detached engine and wait until it answers; return its run/engine.json."""
+def _start_engine(layout: LabLayout, *, ca_file: Path | None, timeout: float) -> dict[str, Any]:
+    """Spawn the detached engine (plain HTTP without ``ca_file``, the CA of its certificate)
+    and wait until it answers; return its run/engine.json."""
     layout.engine_json.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "ovirt_borg.lab", "serve", "--dir", os.fspath(layout.dir)]
-    if plain_http:
+    if ca_file is None:
         cmd.append("--plain-http")
     with open(layout.engine_log, "ab") as log_file:
         # Its own session: the engine outlives the command that started it, and a Ctrl-C in
@@ -431,7 +468,7 @@ def _start_engine(layout: LabLayout, *, plain_http: bool, timeout: float) -> dic
                            f"{_tail(layout.engine_log)}")
         runtime = _read_runtime(layout)
         if runtime and runtime.get("pid") == process.pid and runtime.get("url"):
-            if _ping(runtime["url"], token, None if plain_http else layout.pki / "ca.pem"):
+            if _ping(runtime["url"], token, ca_file):
                 return runtime
         if time.monotonic() > deadline:
             process.terminate()
@@ -468,13 +505,15 @@ def _ping(url: str, token: str, ca_file: Path | None) -> bool:
         session.close()
 
 
-def _lab_info(layout: LabLayout, runtime: dict[str, Any], *, plain_http: bool) -> dict[str, Any]:
+def _lab_info(layout: LabLayout, runtime: dict[str, Any], pki: LabPki | None) -> dict[str, Any]:
     children = runtime.get("children", {})
     passcommand = f"cat {layout.passphrase}"
     return {
         "dir": os.fspath(layout.dir),
         "url": runtime["url"],
-        "ca_file": None if plain_http else os.fspath(layout.pki / "ca.pem"),
+        "ca_file": os.fspath(pki.ca_file) if pki else None,
+        "host_ca_file": os.fspath(pki.host_ca_file) if pki else None,
+        "separate_web_ca": bool(pki and pki.ca_file != pki.host_ca_file),
         "user": USER,
         "password_file": os.fspath(layout.password),
         "pids": {"engine": runtime["pid"], "imageio_host": children.get("imageio_host"),
@@ -487,7 +526,7 @@ def _lab_info(layout: LabLayout, runtime: dict[str, Any], *, plain_http: bool) -
         "state_dir": os.fspath(layout.state),
         "sample": os.fspath(layout.sample),
         "engine_log": os.fspath(layout.engine_log),
-        "plain_http": plain_http,
+        "plain_http": pki is None,
         "running": True,
     }
 
@@ -515,6 +554,8 @@ def _config_toml(layout: LabLayout, info: dict[str, Any]) -> str:
         "[state]",
         f"directory = {_toml_string(os.fspath(layout.state))}",
     ]
+    if info.get("host_ca_file"):
+        lines += ["[transfer]", f"host_ca_file = {_toml_string(info['host_ca_file'])}"]
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,10 @@ Two daemons play the two roles of an oVirt data path:
   (``nbd:unix:/path.sock``);
 - the engine's imageio proxy (``proxy_url``): its tickets point at the host daemon's image URL
   (``https://127.0.0.1:PORT/images/ID``). The daemon's own http backend then forwards every
-  request, extents included, so data really flows proxy -> host -> qemu-nbd as in oVirt. The
-  backend trusts the ``[tls] ca_file``, which is the lab CA for both daemons.
+  request, extents included, so data really flows proxy -> host -> qemu-nbd as in oVirt. As
+  ovirt-engine-setup's ``50-engine.conf`` configures it, the proxy presents the engine's web
+  certificate and its backend trusts the hosts through ``[backend_http] ca_file``, the
+  engine's internal CA, which signs the host daemon's certificate (see ``tls``).
 
 Tickets are managed over the daemon's control socket (HTTP over a unix socket), as vdsm and
 the engine do. ``bytes_served`` counts image bytes moved through a daemon: imageio tracks, per
@@ -119,14 +121,18 @@ class ImageioDaemon:
     """One standalone ``ovirt-imageio`` daemon with its own config, run dir and log.
 
     Given a work directory, a name (the daemon's files go to ``workdir/name``), the TCP port
-    to listen on (127.0.0.1 only; use ``free_port()``), and a ``LabPki`` for HTTPS or None for
-    plain HTTP. Nothing runs until ``start()``.
+    to listen on (127.0.0.1 only; use ``free_port()``), a ``LabPki`` for HTTPS (the key and
+    certificate it presents, the CA it trusts) or None for plain HTTP, and for a proxy the CA
+    its http backend trusts (``backend_ca_file``, default: the ``pki`` CA). Nothing runs until
+    ``start()``.
     """
 
-    def __init__(self, workdir: Path, name: str, *, port: int, pki: LabPki | None):
+    def __init__(self, workdir: Path, name: str, *, port: int, pki: LabPki | None,
+                 backend_ca_file: Path | None = None):
         self.name = name
         self.port = port
         self.pki = pki
+        self.backend_ca_file = backend_ca_file
         self.dir = Path(workdir) / name
         self.conf_dir = self.dir / "conf"
         self.run_dir = self.dir / "run"
@@ -175,6 +181,8 @@ class ImageioDaemon:
                 f"cert_file = {self.pki.cert_file}\n"
                 f"ca_file = {self.pki.ca_file}\n"
             )
+            if self.backend_ca_file:
+                tls += f"\n[backend_http]\nca_file = {self.backend_ca_file}\n"
         else:
             tls = "[tls]\nenable = false\n"
         # The defaults assume a real oVirt host (systemd, user ovirtimg, /run, /var/log and a

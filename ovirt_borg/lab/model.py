@@ -28,6 +28,7 @@ import random
 import re
 import secrets
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,33 +60,77 @@ TICKET_TIMEOUT = 24 * 3600  # imageio resets a patched timeout, so give tickets 
 # Backup phases in the order polling advances them.
 _BACKUP_STARTUP = ("initializing", "starting", "ready")
 _BACKUP_CLOSED = ("succeeded", "failed")
-_TRANSFER_DONE = ("finished_success", "finished_failure", "cancelled")
+# ImageTransferPhase.isFinished(): only these two; "finished_cleanup" is still a step of a cancel.
+_TRANSFER_DONE = ("finished_success", "finished_failure")
+# The engine's transfer callback (TransferDiskImageCommand.executeStateHandler) moves a transfer
+# one step each time it runs; the lab takes a step at each poll.
+_TRANSFER_STEPS = {
+    "cancelled_user": "finalizing_cleanup",    # handleCancelledUser
+    "finalizing_cleanup": "finished_cleanup",  # handleFinalizingCleanup -> cleanup()
+    "finished_cleanup": "finished_failure",    # handleFinishedCleanup -> endWithFailure
+    "cancelled_system": "finalizing_failure",  # handleCancelledSystem
+    "finalizing_failure": "finished_failure",  # handleFinalizingFailure -> endWithFailure
+    "finalizing_success": "finished_success",  # handleFinalizingSuccess
+}
+# Seconds after which a stopping transfer nobody polls takes its next step anyway, as the
+# engine's callback (CommandCallbacksPoller) runs on its own.
+_CALLBACK_INTERVAL = 2.0
+# Polls a hybrid backup spends removing its snapshot after finalize (REMOVING_SNAPSHOT).
+_SNAPSHOT_REMOVAL_POLLS = 2
+SNAPSHOT_DESCRIPTION = "Auto-generated for Backup VM"  # StorageConstants.BACKUP_VM_AUTO_GENERATED_SNAPSHOT_DESCRIPTION
 _FINALIZE_STUCK_POLLS = 5
+
+# VmBase.isHostedEngine(): the origins of the hosted-engine VM (VmBaseMapper writes the
+# OriginType name in lowercase as the VM's <origin>).
+HOSTED_ENGINE_ORIGINS = ("hosted_engine", "managed_hosted_engine")
+
+
+def default_engine_config() -> dict[str, dict[str, bool]]:
+    """The engine's per-compatibility-version options the lab obeys, with their shipped values.
+
+    From ovirt-engine packaging/dbscripts/upgrade/pre_upgrade/0000_config.sql: incremental
+    backup (and cold backup) from cluster level 4.5 on, snapshot-based ("hybrid") backups from
+    4.7 on. An admin may change them (engine-config), so they are inventory, not constants.
+    """
+    versions = [f"4.{minor}" for minor in range(2, 9)]
+    return {
+        "IsIncrementalBackupSupported": {v: v >= "4.5" for v in versions},
+        "UseHybridBackup": {v: v >= "4.7" for v in versions},
+    }
+
 
 # Faults that stay on until turned off, and those consumed by the next matching event.
 PERSISTENT_FAULTS = ("wrong_password", "old_engine")
-ONE_SHOT_FAULTS = ("transfer_fail", "transfer_stuck", "finalize_stuck", "imageio_restart", "no_dirty_extents")
+ONE_SHOT_FAULTS = ("transfer_fail", "transfer_stuck", "finalize_stuck", "imageio_restart", "no_dirty_extents",
+                   "snapshot_left")
 # Faults that change state once, when turned on.
 ACTION_FAULTS = ("invalid_checkpoint", "missing_checkpoint", "broken_bitmap", "stale_backup",
                  "expired_tokens")
 ENGINE_500 = "engine_500"
+REPLY_LOST = "reply_lost"  # reply_lost:<call>: the call is carried out, its reply never sent
 FAULT_HELP = {
     "invalid_checkpoint": "the newest checkpoint of each VM (or --vm) becomes state invalid",
     "missing_checkpoint": "the newest checkpoint of each VM (or --vm) disappears, bitmaps removed",
-    "broken_bitmap": "the newest checkpoint's bitmaps are really broken; reported invalid "
-                     "on the next backup",
+    "broken_bitmap": "the newest checkpoint's bitmaps are really broken (in use): a live "
+                     "incremental backup from it fails (400, every checkpoint of the VM removed), "
+                     "a hybrid or cold one's image transfer ends cancelled_system",
     "stale_backup": "a full backup is left open in phase ready on vm1 (or --vm)",
     "expired_tokens": "every SSO token issued so far expires now (clients must log in again)",
-    "transfer_fail": "the next image transfer goes to finished_failure",
+    "transfer_fail": "the engine stops the next image transfer before it starts (cancelled_system, "
+                     "then finished_failure)",
     "transfer_stuck": "the next image transfer never reaches transferring",
     "no_dirty_extents": "the next incremental backup transfer's ticket does not allow dirty extents "
                         "(imageio answers 404, as with a ticket from a host that cannot give them)",
     "finalize_stuck": "the next finalized backup stays in finalizing for several polls",
+    "snapshot_left": "the next hybrid backup's snapshot is not removed (a failed merge); the "
+                     "backup still ends succeeded",
     "imageio_restart": "the host imageio daemon restarts once the next download has served "
                        "some bytes; tickets are re-added",
     "engine_500:<call>": "the call answers 500 with fault XML (e.g. backups.add, "
                          "backup.finalize, imagetransfers.add, transfer.finalize, "
                          "checkpoints.delete, vms.list, disks.add, vms.add; * for all)",
+    "reply_lost:<call>": "the call is carried out but its reply is cut short (the status line, "
+                         "then the connection closes), e.g. backup.finalize",
     "wrong_password": "SSO answers access_denied",
     "old_engine": "backups of powered-off VMs are refused with 409 as on engines before 4.4.5",
 }
@@ -263,6 +308,10 @@ class Disk:
     content_type: str = "data"
     created: str = ""
     lv_size: int = 0  # on a block domain: the size of the volume's LV (0 on file domains)
+    # DiskStorageType as the API writes it: "image", "lun", "cinder", "managed_block_storage"
+    # (a LUN or managed-block disk is backed by a raw file here).
+    storage_type: str = "image"
+    shareable: bool = False
 
     @property
     def qemu_format(self) -> str:
@@ -298,6 +347,7 @@ class Vm:
     attachments: list[Attachment] = field(default_factory=list)
     creation_time: str = ""
     snapshot_id: str = field(default_factory=new_id)
+    origin: str = "ovirt"  # "hosted_engine" / "managed_hosted_engine" for the hosted engine
 
 
 @dataclass
@@ -321,6 +371,7 @@ class Inventory:
     vms: list[Vm] = field(default_factory=list)
     disks: list[Disk] = field(default_factory=list)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    engine_config: dict[str, dict[str, bool]] = field(default_factory=default_engine_config)
 
     def to_json(self) -> dict[str, Any]:
         """Return the inventory as plain JSON-ready data."""
@@ -347,6 +398,7 @@ class Inventory:
             vms=vms,
             disks=[Disk(**d) for d in data.get("disks", [])],
             checkpoints=[Checkpoint(**c) for c in data.get("checkpoints", [])],
+            engine_config=data.get("engine_config") or default_engine_config(),
         )
 
     def save(self, path: Path) -> None:
@@ -417,6 +469,15 @@ class Backup:
     exports: dict[str, str] = field(default_factory=dict)  # disk id -> export key
     finalize_polls: int = 0
     stale: bool = False  # left open by the stale_backup fault
+    description: str = ""  # given by the client (engines >= 4.4.8 keep it; VmBackupMapper)
+    # VmBackupType: "live" (libvirt exports the disks), "cold" (VM down, bitmaps added by
+    # vdsm) or "hybrid" (a snapshot; HybridBackupCommand). Cold and hybrid transfers start
+    # their own NBD server (TransferDiskImageCommand.usingNbdServer).
+    type: str = "live"
+    snapshot_id: str | None = None  # the hybrid backup's snapshot (VmBackupMapper: <snapshot>)
+    stopped: bool = False  # a hybrid backup finalized, still "ready" until the engine acts
+    stopped_seen: bool = False  # a poll saw it stopped (the next one starts the snapshot removal)
+    snapshot_left: bool = False  # its snapshot survives the backup (a failed merge)
 
     @property
     def is_open(self) -> bool:
@@ -445,6 +506,10 @@ class Transfer:
     dirty: bool
     fail: bool = False
     stuck: bool = False
+    bitmap: str | None = None  # the NBD server's --bitmap for a cold or hybrid incremental
+    stepped: float = 0.0  # time.monotonic() of its last step (poll)
+    idle_stop: bool = False  # its ticket idled past inactivity_timeout: the engine stops it
+    nbd_error: str = ""  # why vdsm could not start the NBD server (nbd._find_bitmap)
     ticket_added: bool = False
     transfer_url: str | None = None
     proxy_url: str | None = None
@@ -469,6 +534,7 @@ class DataPlane(Protocol):
     def stop_export(self, key: str) -> None: ...
     def add_ticket(self, ticket: dict[str, Any]) -> tuple[str, str]: ...
     def delete_ticket(self, ticket_id: str) -> None: ...
+    def ticket_status(self, ticket_id: str) -> dict[str, Any]: ...
     def restart_host_daemon_during(self, ticket_id: str) -> None: ...
     def guest_write(self, path: Path, fmt: str, writes: list[tuple[int, int, bytes | None]], *,
                     zero: bool, discard: bool) -> None: ...
@@ -490,8 +556,9 @@ class Faults:
     @staticmethod
     def check_name(name: str) -> None:
         """Raise ValueError unless ``name`` is a known fault switch."""
-        if name.startswith(ENGINE_500 + ":") and len(name) > len(ENGINE_500) + 1:
-            return
+        for family in (ENGINE_500, REPLY_LOST):
+            if name.startswith(family + ":") and len(name) > len(family) + 1:
+                return
         if name in PERSISTENT_FAULTS or name in ONE_SHOT_FAULTS or name in ACTION_FAULTS:
             return
         known = ", ".join(sorted(FAULT_HELP))
@@ -499,7 +566,7 @@ class Faults:
 
     def on(self, name: str, times: int | None = None) -> None:
         """Turn a switch on, for ``times`` events (default: one for one-shot faults)."""
-        if times is None and name in ONE_SHOT_FAULTS:
+        if times is None and (name in ONE_SHOT_FAULTS or name.startswith(REPLY_LOST + ":")):
             times = 1
         self._active[name] = times
 
@@ -527,6 +594,10 @@ class Faults:
     def engine_500(self, call: str) -> bool:
         """Return True when the API call named ``call`` must answer 500 now."""
         return self.consume(f"{ENGINE_500}:{call}") or self.consume(f"{ENGINE_500}:*")
+
+    def reply_lost(self, call: str) -> bool:
+        """Return True when the reply of the API call named ``call`` must be lost now."""
+        return self.consume(f"{REPLY_LOST}:{call}")
 
     def listing(self) -> dict[str, int | None]:
         return dict(self._active)
@@ -1093,33 +1164,71 @@ class Engine:
 
     # -- backups --------------------------------------------------------------------------
 
-    def _check_bitmaps(self, vm: Vm) -> None:
-        """Mark checkpoints invalid whose bitmap is missing or broken on any of their disks.
+    def config_value(self, name: str, version: tuple[int, int]) -> bool:
+        """The engine option ``name`` for a compatibility version (unset versions: False)."""
+        return bool(self.inv.engine_config.get(name, {}).get(f"{version[0]}.{version[1]}", False))
 
-        This is what the real engine learns from the host when a backup starts.
+    def _broken_bitmaps(self, checkpoints: Iterable[Checkpoint]) -> list[tuple[Checkpoint, Disk]]:
+        """(checkpoint, disk) pairs whose bitmap is missing or inconsistent on the disk."""
+        found = []
+        for cp in checkpoints:
+            for disk_id in cp.disk_ids:
+                disk = next((d for d in self.inv.disks if d.id == disk_id), None)
+                if disk is None or not disk.tracks_changes:
+                    continue
+                if cp.id in self.plane.broken_bitmaps(Path(disk.path), [cp.id]):
+                    found.append((cp, disk))
+        return found
+
+    def _redefine_checkpoints(self, vm: Vm, from_cp: Checkpoint) -> bool:
+        """A live backup redefines checkpoints in libvirt first; return False when that fails.
+
+        RedefineVmCheckpointCommand: from cluster level 4.6 only the checkpoint the backup
+        starts from is redefined, before that the VM's whole chain; libvirt refuses a checkpoint
+        whose bitmap is missing or inconsistent (vdsm virt/backup.py redefine_checkpoints:
+        VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE). On failure the engine removes every
+        checkpoint of the VM (removeCheckpointChain), in libvirt and in its database.
         """
-        live = [cp for cp in self.checkpoints_of(vm.id) if cp.state == "created"]
-        for disk in self.vm_disks(vm, active_only=False):
-            names = [cp.id for cp in live if disk.id in cp.disk_ids]
-            if not names or not disk.tracks_changes:
-                continue
-            broken = self.plane.broken_bitmaps(Path(disk.path), names)
-            for cp in live:
-                if cp.id in broken and cp.state == "created":
-                    log.warning("checkpoint %s of VM %s: bitmap on disk %s is missing or "
-                                "inconsistent", cp.id, vm.name, disk.name)
-                    cp.state = "invalid"
+        version = self.cluster(vm.cluster_id).version
+        chain = [from_cp] if version >= (4, 6) else self.checkpoints_of(vm.id)
+        broken = self._broken_bitmaps(chain)
+        if not broken:
+            return True
+        for cp, disk in broken:
+            log.warning("redefining checkpoint %s of VM %s failed: its bitmap on disk %s is missing or "
+                        "inconsistent; removing every checkpoint of the VM", cp.id, vm.name, disk.name)
+        for cp in self.checkpoints_of(vm.id):
+            for disk_id in cp.disk_ids:
+                disk = next((d for d in self.inv.disks if d.id == disk_id), None)
+                if disk is not None:
+                    self._remove_bitmap(disk, cp.id)
+        self.inv.checkpoints = [c for c in self.inv.checkpoints if c.vm_id != vm.id]
+        return False
 
     def add_backup(self, vm_id: str, *, from_checkpoint_id: str | None,
-                   disk_ids: list[str] | None) -> Backup:
+                   disk_ids: list[str] | None, legacy: bool = False,
+                   description: str | None = None) -> Backup:
         """Start a backup of the VM's disks (all attached disks unless given).
 
-        Adds the new checkpoint's bitmap to each change-tracking disk and exports every disk
-        read-only. Returns the backup in phase ``initializing``. Raises ``ApiFault``: 409 when a
-        backup is open or the VM is powered off on an ``old_engine``, 400 for an unknown or
-        invalid checkpoint or a disk not attached to the VM, 409 when a disk is locked.
+        ``legacy`` is the API's ``?legacy=true``. The engine's choice (BackendVmBackupsResource
+        .add): a snapshot-based "hybrid" backup when UseHybridBackup holds for the cluster level
+        (4.7 and later) and legacy is not asked, else StartVmBackupCommand: "live" for a running
+        VM (libvirt exports the disks now), "cold" for a powered-off one. The new checkpoint's
+        bitmap is added to each change-tracking disk. Returns the backup in phase
+        ``initializing``. Raises ``ApiFault`` as StartVmBackupCommand.validate does: 409 for the
+        hosted engine's VM, when a backup is open, a requested disk is unplugged or the VM is
+        powered off on an ``old_engine``; 400 for a description over 1024 characters, an unknown or
+        invalid checkpoint, a disk not attached to the VM, an incremental or cold backup below
+        cluster level 4.5; 409 when a disk is locked; and 400 "Operation Failed" with detail
+        ``[]`` when a live backup's checkpoint redefinition failed (every checkpoint of the VM
+        is then gone).
         """
         vm = self.vm(vm_id)
+        if vm.origin in HOSTED_ENGINE_ORIGINS:
+            # StartVmBackupCommand.validate, its first check (BZ#1989121); ErrorType.CONFLICT.
+            raise _cannot(409, "backup VM", "Backup of Hosted Engine VM is not supported")
+        version = self.cluster(vm.cluster_id).version
+        incremental_supported = self.config_value("IsIncrementalBackupSupported", version)
         if vm.status not in ("up", "down"):
             raise _cannot(409, "backup VM", "The Virtual Machine should be in Up or Down status.")
         if vm.status == "down" and self.faults.is_on("old_engine"):
@@ -1127,59 +1236,88 @@ class Engine:
             # OVIRT_API.md lists for them.
             raise _cannot(409, "backup VM", "The Virtual Machine should be in Up or Down status. "
                           "Backup is not supported by the host for a VM that is Down.")
+        if (from_checkpoint_id or vm.status == "down") and not incremental_supported:
+            # StartVmBackupCommand.validate: an incremental backup, and any cold backup, need
+            # IsIncrementalBackupSupported (cluster level 4.5 and later).
+            raise _cannot(400, "backup VM", "Incremental backup is not supported.")
         if self.open_backup(vm.id) is not None:
-            raise _cannot(409, "backup VM", "VM is during a backup operation.")
-        attached = [a.disk_id for a in vm.attachments if a.active]
+            raise _cannot(409, "backup VM", "The VM is during a backup operation.")
+        if description is not None and len(description) > 1024:
+            # StartVmBackupCommand.validate: ACTION_TYPE_FAILED_VM_BACKUP_DESCRIPTION_IS_TOO_LONG
+            # (ErrorType.BAD_PARAMETERS); the vm_backups.description column is VARCHAR(1024).
+            raise _cannot(400, "backup VM", "The VM backup description shouldn't contain more than "
+                          "1024 characters.")
+        plugged = {a.disk_id: a.active for a in vm.attachments}
         if disk_ids:
             for disk_id in disk_ids:
-                if disk_id not in attached:
+                if disk_id not in plugged:
                     self.disk(disk_id)
                     raise _cannot(400, "backup VM", f"Disk {disk_id} is not attached to the VM.")
+            # StartVmBackupCommand.allDisksPlugged: a requested disk that is unplugged (its
+            # attachment active=false, DiskAttachmentMapper) refuses the whole backup,
+            # ACTION_TYPE_FAILED_DISKS_ARE_NOT_ACTIVE (ErrorType.CONFLICT).
+            unplugged = [d for d in disk_ids if not plugged[d]]
+            if unplugged:
+                raise _cannot(409, "backup VM", f"The following disks are not active on VM {vm.name}: "
+                              f"{', '.join(unplugged)}")
         else:
-            disk_ids = attached
+            disk_ids = [d for d, active in plugged.items() if active]
         if not disk_ids:
             raise _cannot(400, "backup VM", "The VM has no disks to back up.")
-        disks = [self.disk(d) for d in disk_ids]
+        # StartVmBackupCommand.getDisks: DisksFilter.filterImageDisks(ONLY_NOT_SHAREABLE,
+        # ONLY_SNAPABLE, ONLY_ACTIVE) keeps image disks (DiskStorageType.IMAGE) that are not
+        # shareable: a requested LUN, Cinder, managed-block or shareable disk is left out of
+        # the backup without a word (its transfer then fails).
+        disks = [disk for disk in (self.disk(d) for d in disk_ids)
+                 if disk.storage_type == "image" and not disk.shareable]
         for disk in disks:
             if disk.status != "ok" or self.disk_exported(disk.id):
                 raise _cannot(409, "backup VM", f"Disk {disk.name} is locked. "
                               "Please try again later.")
 
-        self._check_bitmaps(vm)
         from_cp = None
         if from_checkpoint_id:
             found = [c for c in self.checkpoints_of(vm.id) if c.id == from_checkpoint_id]
             if not found:
-                self.save()
                 raise _cannot(400, "backup VM",
                               f"Checkpoint ID {from_checkpoint_id} doesn't exist.")
             from_cp = found[0]
             if from_cp.state != "created":
-                self.save()
                 raise _cannot(400, "backup VM", f"Checkpoint ID {from_checkpoint_id} "
                               "is invalid and should be removed.")
 
+        kind = ("hybrid" if not legacy and self.config_value("UseHybridBackup", version)
+                else "live" if vm.status == "up" else "cold")
+        backup = Backup(
+            id=new_id(), vm_id=vm.id, host_id=self.host_for(vm).id, phase="initializing",
+            disk_ids=[d.id for d in disks], modes={}, from_checkpoint_id=from_cp.id if from_cp else None,
+            new_checkpoint_id=None, creation_date=timestamp(), type=kind, description=description or "",
+        )
+        if kind == "live" and from_cp is not None and not self._redefine_checkpoints(vm, from_cp):
+            # StartVmBackupCommand.executeCommand: the backup entity exists, the command fails
+            # without a message: the API answers 400 "Operation Failed" with detail "[]".
+            backup.phase = "failed"
+            self.backups[backup.id] = backup
+            self.save()
+            raise ApiFault(400, "[]")
+
         tracking = [d for d in disks if d.tracks_changes]
-        new_cp_id = new_id() if tracking else None
-        modes = {}
+        # No checkpoint below cluster level 4.5 or for raw disks only (createVmCheckpoint).
+        new_cp_id = new_id() if tracking and incremental_supported else None
         for disk in disks:
             incremental = (from_cp is not None and disk.tracks_changes
                            and disk.id in from_cp.disk_ids)
-            modes[disk.id] = "incremental" if incremental else "full"
-
-        backup = Backup(
-            id=new_id(), vm_id=vm.id, host_id=self.host_for(vm).id, phase="initializing",
-            disk_ids=[d.id for d in disks], modes=modes,
-            from_checkpoint_id=from_cp.id if from_cp else None,
-            new_checkpoint_id=new_cp_id, creation_date=timestamp(),
-        )
+            backup.modes[disk.id] = "incremental" if incremental else "full"
+        backup.new_checkpoint_id = new_cp_id
+        if kind == "hybrid":
+            backup.snapshot_id = new_id()  # CreateSnapshotForVm, its volumes carrying the new bitmap
         added_bitmaps: list[Disk] = []
         try:
-            for disk in tracking:
+            for disk in tracking if new_cp_id else ():
                 self.plane.add_bitmap(Path(disk.path), new_cp_id)
                 added_bitmaps.append(disk)
-            for disk in disks:
-                bitmap = from_cp.id if modes[disk.id] == "incremental" else None
+            for disk in disks if kind == "live" else ():
+                bitmap = from_cp.id if backup.modes[disk.id] == "incremental" else None
                 key = f"backup-{backup.id}-{disk.id}"
                 self._start_export(key, disk, read_only=True, bitmap=bitmap)
                 backup.exports[disk.id] = key
@@ -1193,7 +1331,7 @@ class Engine:
                            "on the host.]")
         self.backups[backup.id] = backup
         self.save()
-        log.info("backup %s of VM %s started (%s)", backup.id, vm.name,
+        log.info("%s backup %s of VM %s started (%s)", kind, backup.id, vm.name,
                  f"incremental from {from_cp.id}" if from_cp else "full")
         return backup
 
@@ -1209,19 +1347,42 @@ class Engine:
         return [b for b in self.backups.values() if b.vm_id == vm_id]
 
     def poll_backup(self, vm_id: str, backup_id: str) -> Backup:
-        """Return the backup for a GET, advancing its phase one step."""
+        """Return the backup for a GET, advancing its phase one step.
+
+        A finalized hybrid backup stays ``ready`` (stopped) until the engine's callback
+        starts removing its snapshot (HybridBackupCommand.performNextOperation), shown as
+        ``finalizing`` (VmBackupMapper: REMOVING_SNAPSHOT), for a few polls.
+        """
         backup = self.backup(vm_id, backup_id)
         if backup.phase in ("initializing", "starting"):
             backup.phase = _BACKUP_STARTUP[_BACKUP_STARTUP.index(backup.phase) + 1]
             if backup.phase == "ready":
                 self._record_checkpoint(backup)
+        elif backup.phase == "ready" and backup.stopped:
+            if backup.stopped_seen:
+                backup.phase = "finalizing"
+                backup.finalize_polls += _SNAPSHOT_REMOVAL_POLLS
+            backup.stopped_seen = True  # the first poll after the stop still sees it ready
         elif backup.phase == "finalizing":
             if backup.finalize_polls > 0:
                 backup.finalize_polls -= 1
             else:
+                # A failed snapshot removal still ends the backup "succeeded"
+                # (HybridBackupCommand.endWithFailure: VM_BACKUP_SNAPSHOT_POSSIBLE_LEFTOVER).
                 backup.phase = "succeeded"
-                log.info("backup %s succeeded", backup.id)
+                log.info("backup %s succeeded%s", backup.id,
+                         f", its snapshot {backup.snapshot_id} left behind" if backup.snapshot_left else "")
         return backup
+
+    def snapshots_of(self, vm_id: str) -> list[tuple[str, str]]:
+        """(id, description) of the VM's snapshots: the active one and those of hybrid backups
+        still open or left behind by a failed merge."""
+        vm = self.vm(vm_id)
+        found = [(vm.snapshot_id, "Active VM")]
+        for b in self.backups.values():
+            if b.vm_id == vm_id and b.snapshot_id and (b.is_open or b.snapshot_left):
+                found.append((b.snapshot_id, SNAPSHOT_DESCRIPTION))
+        return found
 
     def _record_checkpoint(self, backup: Backup) -> None:
         if not backup.new_checkpoint_id:
@@ -1244,15 +1405,24 @@ class Engine:
     def finalize_backup(self, vm_id: str, backup_id: str) -> Backup:
         """Finalize a backup: stop its exports; it reaches ``succeeded`` when polled.
 
-        Raises ``ApiFault`` 400 while an image transfer of the backup is unfinished.
+        StopVmBackupCommand: refused with 409 while any of the backup's transfers is not
+        finished (validate: ImageTransferPhase.isFinished), and with 400 when the backup is
+        already finalizing or done, or (hybrid) already stopped (executeCommand). A hybrid
+        backup is only marked stopped: it stays ``ready`` until the next poll.
         """
         backup = self.backup(vm_id, backup_id)
-        if not backup.is_open or backup.phase == "finalizing":
-            return backup
         for transfer in self.transfers.values():
             if transfer.backup_id == backup.id and transfer.is_active:
-                raise _cannot(400, "stop VM backup",
-                              "There is an active image transfer for VM backup.")
+                raise _cannot(409, "stop VM backup",
+                              "There is an active image transfer for VM backup")
+        if backup.phase in ("finalizing", "succeeded", "failed"):
+            engine_phase = ("REMOVING_SNAPSHOT" if backup.type == "hybrid" and backup.phase == "finalizing"
+                            else backup.phase.upper())
+            raise ApiFault(400, f"[VM '{vm_id}' backup '{backup.id}' is already in '{engine_phase}' phase, "
+                           "no need to stop the backup again]")
+        if backup.stopped:
+            raise ApiFault(400, f"[VM '{vm_id}' backup '{backup.id}' is already stopped, "
+                           "no need to stop the backup again]")
         was_ready = backup.phase == "ready"
         for disk_id, key in backup.exports.items():
             self._stop_export(key, disk_id)
@@ -1264,10 +1434,17 @@ class Engine:
                 if disk.tracks_changes:
                     self._remove_bitmap(disk, backup.new_checkpoint_id)
             backup.new_checkpoint_id = None
-        backup.phase = "finalizing"
         if self.faults.consume("finalize_stuck"):
             backup.finalize_polls = _FINALIZE_STUCK_POLLS
             log.info("fault finalize_stuck: backup %s stays in finalizing", backup.id)
+        if backup.type == "hybrid" and was_ready:
+            backup.stopped = True
+            if self.faults.consume("snapshot_left"):
+                backup.snapshot_left = True
+                log.info("fault snapshot_left: the snapshot of backup %s will survive it", backup.id)
+            log.info("backup %s stopped; its snapshot is removed next", backup.id)
+            return backup
+        backup.phase = "finalizing"
         log.info("backup %s finalizing", backup.id)
         return backup
 
@@ -1283,8 +1460,14 @@ class Engine:
     # -- checkpoints ----------------------------------------------------------------------
 
     def remove_checkpoint(self, vm_id: str, cp_id: str) -> None:
-        """Delete a checkpoint and its bitmaps (once no export holds the disk)."""
+        """Delete a checkpoint and its bitmaps (once no export holds the disk).
+
+        DeleteVmCheckpointCommand.validate: 409 while any backup of the VM is unfinished
+        (VmCommand.isVmDuringBackup, hybrid ones included: shouldBlockDuringBackup).
+        """
         cp = self.checkpoint(vm_id, cp_id)
+        if any(b.vm_id == vm_id and b.is_open for b in self.backups.values()):
+            raise _cannot(409, "remove checkpoint", "The VM is during a backup operation.")
         self.inv.checkpoints = [c for c in self.inv.checkpoints if c.id != cp.id]
         for child in self.inv.checkpoints:
             if child.parent_id == cp.id:
@@ -1328,6 +1511,7 @@ class Engine:
         transfer_id = new_id()
         dirty = False
         owns_export = False
+        bitmap = None
         if backup_id:
             backup = self.backups.get(backup_id)
             if backup is None:
@@ -1338,15 +1522,27 @@ class Engine:
             if backup.phase != "ready":
                 raise _cannot(409, "transfer Virtual Disk", "The VM backup is not ready "
                               f"(phase {backup.phase}).")
-            if disk.id not in backup.disk_ids:
-                raise _cannot(400, "transfer Virtual Disk",
-                              f"Disk {disk.name} is not part of the VM backup.")
             if fmt != "raw":
                 raise _cannot(400, "transfer Virtual Disk", "The image transfer format must "
                               "be raw for a VM backup.")
-            key = backup.exports[disk.id]
-            dirty = backup.modes[disk.id] == "incremental" and not self.faults.consume("no_dirty_extents")
+            # TransferDiskImageCommand.validateImageTransfer checks the backup's phase and the
+            # format, not that the disk is in the backup: a disk the backup left out has no
+            # backup URL (prepareImage), so its transfer fails once started.
+            outside_backup = disk.id not in backup.disk_ids
+            dirty = (not outside_backup and backup.modes[disk.id] == "incremental"
+                     and not self.faults.consume("no_dirty_extents"))
             host_id = backup.host_id
+            if outside_backup:
+                key = ""
+            elif backup.type == "live":
+                key = backup.exports[disk.id]  # libvirt's export, started with the backup
+            else:
+                # Cold and hybrid backups: the transfer starts an NBD server of its own, with the
+                # checkpoint's bitmap for an incremental disk (TransferDiskImageCommand.getBitmap).
+                key = f"transfer-{transfer_id}"
+                owns_export = True
+                if backup.modes[disk.id] == "incremental":
+                    bitmap = backup.from_checkpoint_id
         else:
             vm = self.vm_of_disk(disk.id)
             if disk.status != "ok" or self.disk_exported(disk.id):
@@ -1357,6 +1553,7 @@ class Engine:
                               f"to VM {vm.name} which is running.")
             key = f"transfer-{transfer_id}"
             owns_export = True
+            outside_backup = False
             host_id = self.host_for(vm).id if vm else self.inv.hosts[0].id
         transfer = Transfer(
             id=transfer_id, direction=direction, disk_id=disk.id, backup_id=backup_id,
@@ -1364,15 +1561,21 @@ class Engine:
             inactivity_timeout=inactivity_timeout or 60, ticket_id=new_id(),
             export_key=key, owns_export=owns_export, dirty=dirty, created=timestamp(),
         )
-        transfer.fail = self.faults.consume("transfer_fail")
+        transfer.fail = outside_backup or self.faults.consume("transfer_fail")
         transfer.stuck = not transfer.fail and self.faults.consume("transfer_stuck")
+        transfer.bitmap = bitmap
+        if bitmap and self.plane.broken_bitmaps(Path(disk.path), [bitmap]):
+            # vdsm nbd.start_server -> _find_bitmap: a missing, in-use or disabled bitmap fails
+            # the NBD server; the engine stops the transfer (updateEntityPhaseToStoppedBySystem).
+            transfer.nbd_error = f"bitmap {bitmap} of disk {disk.name} is missing, in use or disabled"
+            owns_export = transfer.owns_export = False
         if owns_export:
             try:
                 # An upload writes into the volume vdsm prepared (nbd.py start_server): a qcow2
                 # on a block domain can grow only to the end of its LV, which vdsm does not
                 # extend during a transfer (a VM's drive monitor extends it, no upload's).
                 limit = disk.lv_size if direction == "upload" and disk.format == "cow" else 0
-                self._start_export(key, disk, read_only=direction == "download", bitmap=None,
+                self._start_export(key, disk, read_only=direction == "download", bitmap=bitmap,
                                    limit=limit)
             except Exception:
                 log.exception("exporting disk %s failed", disk.name)
@@ -1391,20 +1594,73 @@ class Engine:
         return transfer
 
     def poll_transfer(self, transfer_id: str) -> Transfer:
-        """Return the transfer for a GET, advancing ``initializing`` and ``finalizing_*``."""
+        """Return the transfer for a GET, advancing it one step (``_TRANSFER_STEPS``).
+
+        Starting fails to ``cancelled_system`` when the NBD server cannot start (a bad bitmap)
+        or on the ``transfer_fail`` fault; a failed or cancelled transfer then takes a step per
+        poll to ``finished_failure``, releasing its ticket and export on the way (cleanup()).
+        """
         transfer = self.transfer(transfer_id)
+        transfer.stepped = time.monotonic()
         if transfer.phase == "initializing":
-            if transfer.fail:
-                log.info("fault transfer_fail: transfer %s fails", transfer.id)
-                self._close_transfer(transfer, "finished_failure")
+            if transfer.nbd_error or transfer.fail:
+                log.info("image transfer %s stopped by the system: %s", transfer.id,
+                         transfer.nbd_error or "fault transfer_fail")
+                transfer.phase = "cancelled_system"
             elif not transfer.stuck:
                 self._open_ticket(transfer)
-        elif transfer.phase == "finalizing_success":
-            transfer.phase = "finished_success"
-            log.info("image transfer %s finished", transfer.id)
-        elif transfer.phase == "finalizing_failure":
-            transfer.phase = "finished_failure"
+        elif transfer.phase == "transferring" and transfer.idle_stop:
+            transfer.phase = "cancelled_system" if transfer.direction == "download" else "paused_system"
+        elif transfer.phase in _TRANSFER_STEPS:
+            following = _TRANSFER_STEPS[transfer.phase]
+            if transfer.phase.startswith("finalizing"):
+                self._release_transfer(transfer)
+            if following == "finished_failure":
+                self._close_transfer(transfer, following)
+            else:
+                transfer.phase = following
+            log.info("image transfer %s: %s", transfer.id, transfer.phase)
         return transfer
+
+    def tick(self, now: float | None = None) -> None:
+        """What the engine does on its own between client requests (the server calls this often).
+
+        The engine's transfer callback keeps running without a client: a transfer being
+        stopped or ended that nobody polled for ``_CALLBACK_INTERVAL`` takes its next step; a
+        transfer whose ticket idles too long is stopped (``check_inactivity``).
+        """
+        now = time.monotonic() if now is None else now
+        for transfer in list(self.transfers.values()):
+            moving = transfer.phase in _TRANSFER_STEPS or (transfer.phase == "transferring" and transfer.idle_stop)
+            if moving and now - transfer.stepped >= _CALLBACK_INTERVAL:
+                self.poll_transfer(transfer.id)
+        self.check_inactivity()
+
+    def check_inactivity(self) -> list[str]:
+        """Stop transfers whose ticket was idle longer than their inactivity_timeout; return their ids.
+
+        TransferDiskImageCommand.pollTransferStatus/stopTransferIfNecessary: the engine reads
+        the host ticket's ``idle_time`` and ``active``; imageio counts a ticket active only
+        while a read or write runs, and resets its idle time when one completes or on OPTIONS
+        (ovirt_imageio auth.Ticket.idle_time, touch) - an extents query does not count. With
+        the "legacy" timeout policy a download is cancelled, an upload paused.
+        """
+        stopped = []
+        for transfer in self.transfers.values():
+            if (transfer.phase != "transferring" or transfer.idle_stop or not transfer.ticket_added
+                    or transfer.inactivity_timeout <= 0):
+                continue
+            try:
+                status = self.plane.ticket_status(transfer.ticket_id)
+            except Exception as e:  # a restarting daemon: the next check sees it again
+                log.debug("reading the ticket of transfer %s failed: %s", transfer.id, e)
+                continue
+            if not status.get("active") and (status.get("idle_time") or 0) > transfer.inactivity_timeout:
+                transfer.idle_stop = True  # its next step (a poll, or the callback) stops it
+                log.info("image transfer %s idle for %s s (inactivity_timeout %d): stopping it", transfer.id,
+                         status.get("idle_time"), transfer.inactivity_timeout)
+                stopped.append(transfer.id)
+        return stopped
 
     def _open_ticket(self, transfer: Transfer) -> None:
         disk = self.disk(transfer.disk_id)
@@ -1432,20 +1688,27 @@ class Engine:
             self.plane.restart_host_daemon_during(transfer.ticket_id)
 
     def finalize_transfer(self, transfer_id: str) -> Transfer:
-        """Finalize: delete the ticket, stop an owned export, unlock the disk."""
+        """Finalize: ``finalizing_success``; the next poll deletes the ticket, stops an owned
+        export, unlocks the disk and reports ``finished_success``.
+
+        TransferImageStatusCommand sets the phase from any phase that is not finished
+        (ImageTransferPhase.isValidTransition) and always answers 200: a second finalize, or
+        one of a failed download, is accepted (the SDK's helpers/imagetransfer.py: a download
+        can always be finalized).
+        """
         transfer = self.transfer(transfer_id)
-        if not transfer.is_active or transfer.phase.startswith("finalizing"):
-            return transfer
-        self._release_transfer(transfer)
-        transfer.phase = "finalizing_success"
+        if transfer.is_active:
+            transfer.phase = "finalizing_success"
+            transfer.stepped = time.monotonic()
         return transfer
 
     def cancel_transfer(self, transfer_id: str) -> Transfer:
-        """Cancel: like finalize, but the result is a failure and an upload's disk is removed."""
+        """Cancel: ``cancelled_user``, then one poll each to ``finalizing_cleanup``,
+        ``finished_cleanup`` and ``finished_failure`` (an upload's disk is removed then)."""
         transfer = self.transfer(transfer_id)
-        if not transfer.is_active:
-            return transfer
-        self._close_transfer(transfer, "finished_failure")
+        if transfer.is_active:
+            transfer.phase = "cancelled_user"
+            transfer.stepped = time.monotonic()
         return transfer
 
     def _release_transfer(self, transfer: Transfer) -> None:
@@ -1602,7 +1865,10 @@ class Engine:
         400 for ranges outside the disk.
         """
         target = self.vm_disk(vm_name, disk)
-        if self.disk_exported(target.id) or target.status == "locked":
+        # The lab has no snapshot overlay to take a hybrid backup's writes: a disk in any open
+        # backup keeps the data the backup reads, as a live backup's scratch disk would.
+        in_backup = any(b.is_open and target.id in b.disk_ids for b in self.backups.values())
+        if self.disk_exported(target.id) or target.status == "locked" or in_backup:
             raise ApiFault(409, f"[Cannot write to disk {target.name} of VM {vm_name}. The disk "
                            "is exported by an open backup or image transfer; finalize it first.]")
         rng = random.Random(seed) if seed is not None else self._rng
@@ -1636,34 +1902,48 @@ class Engine:
         self.plane.to_raw(Path(target.path), Path(out), target.qemu_format)
         return target
 
-    def add_vm_disk(self, vm_name: str, *, size: int, fmt: str = "cow") -> Disk:
-        """Create a disk and attach it to the VM (a disk added between backups)."""
+    def add_vm_disk(self, vm_name: str, *, size: int, fmt: str = "cow", storage_type: str = "image",
+                    shareable: bool = False, active: bool = True) -> Disk:
+        """Create a disk and attach it to the VM (a disk added between backups).
+
+        ``storage_type`` "lun", "managed_block_storage" or "cinder" and ``shareable`` make the
+        disks a backup leaves out (raw, without incremental backup); ``active=False`` attaches
+        the disk unplugged. Raises ``ApiFault`` 400 for an unknown storage type.
+        """
+        if storage_type not in ("image", "lun", "managed_block_storage", "cinder"):
+            raise ApiFault(400, f"unknown disk storage type {storage_type}")
         vm = self.vm_by_name(vm_name)
         sd = self.inv.storage_domains[0]
         index = len(vm.attachments) + 1
+        if storage_type != "image" or shareable:
+            fmt = "raw"
         disk = self.add_disk(name=f"{vm.name}_Disk{index}", fmt=fmt, provisioned_size=size,
                              backup="incremental" if fmt == "cow" else "none",
                              storage_domain={"id": sd.id})
+        disk.storage_type, disk.shareable = storage_type, shareable
         disk.status = "ok"
         self._new_disks.discard(disk.id)
-        self.attach_disk(vm.id, disk.id)
+        self.attach_disk(vm.id, disk.id, active=active)
         return disk
 
     def add_sample_vm(self, name: str, *, disks: int = 1, size: int = 64 << 20,
                       fmt: str = "cow", status: str = "up", tags: Iterable[str] = (),
-                      seed: int | None = None) -> Vm:
+                      seed: int | None = None, origin: str = "ovirt", cluster: str | None = None) -> Vm:
         """Create a VM with ``disks`` data disks holding some random data (for isolated tests).
 
-        Each disk gets random data in its first MiB and at its middle. Raises ``ApiFault``
-        409 when the name is taken, 400 for a bad size or status.
+        Each disk gets random data in its first MiB and at its middle; ``origin``
+        "managed_hosted_engine" makes it a hosted-engine VM. The VM goes to the cluster named
+        ``cluster`` (default: the first). Raises ``ApiFault`` 409 when the name is taken, 400
+        for a bad size or status, 404 for an unknown cluster.
         """
         if status not in ("up", "down"):
             raise ApiFault(400, f"status must be up or down, got {status}")
         if size < (2 << 20) or size % BLOCK:
             raise ApiFault(400, "size must be a multiple of 64 KiB and at least 2 MiB")
-        vm = self.add_vm(name=name, cluster={"id": self.inv.clusters[0].id}, ovf=None,
-                         description="lab test VM")
+        target = {"name": cluster} if cluster else {"id": self.inv.clusters[0].id}
+        vm = self.add_vm(name=name, cluster=target, ovf=None, description="lab test VM")
         vm.status = status
+        vm.origin = origin
         for tag_name in tags:
             found = [t for t in self.inv.tags if t.name == tag_name]
             if not found:
@@ -1679,6 +1959,37 @@ class Engine:
         self.save()
         return vm
 
+    def set_cluster(self, name: str, version: str) -> Cluster:
+        """Create the cluster ``name`` or change its compatibility level (``"4.4"``...).
+
+        Raises ValueError for a level the engine does not know.
+        """
+        match = re.fullmatch(r"4\.([2-8])", version)
+        if not match:
+            raise ValueError(f"cluster level must be 4.2 .. 4.8, got {version!r}")
+        level = (4, int(match.group(1)))
+        for cluster in self.inv.clusters:
+            if cluster.name == name:
+                cluster.version = level
+                break
+        else:
+            cluster = Cluster(id=new_id(), name=name, version=level)
+            self.inv.clusters.append(cluster)
+        self.save()
+        log.info("cluster %s is at level %d.%d", name, *level)
+        return cluster
+
+    def set_config(self, name: str, version: str, value: bool) -> dict[str, Any]:
+        """Set an engine option for one compatibility level, as ``engine-config -s`` does.
+
+        Raises ValueError for an option the lab does not model.
+        """
+        if name not in self.inv.engine_config:
+            raise ValueError(f"unknown engine option {name!r}; known: {', '.join(sorted(self.inv.engine_config))}")
+        self.inv.engine_config[name][version] = value
+        self.save()
+        return {"name": name, "version": version, "value": value}
+
     def stats(self) -> dict[str, Any]:
         """Return counters for tests and benchmarks (see the lab CLI ``stats``)."""
         plane = self.plane.stats()
@@ -1686,7 +1997,8 @@ class Engine:
         return {
             **plane,
             "open_backups": [
-                {"id": b.id, "vm": names.get(b.vm_id, b.vm_id), "phase": b.phase}
+                {"id": b.id, "vm": names.get(b.vm_id, b.vm_id), "phase": b.phase,
+                 "description": b.description, "type": b.type}
                 for b in self.backups.values() if b.is_open
             ],
             "open_transfers": [

@@ -207,6 +207,17 @@ def write(
         _run("qemu-io", "-f", fmt, "-c", f"write -q -s {source.name} {offset} {length}", path)
 
 
+def data_extents(path: Path, fmt: str) -> list[tuple[int, int]]:
+    """Return the ``(offset, length)`` ranges of the image that hold data, in order.
+
+    What ``qemu-img map`` reports as data and not zero; everything else reads as zeros. The
+    map is made from the image's allocation (qcow2 tables, or the file's holes for raw), so it
+    costs what the allocated part costs, not the disk's size. Raises ``LabError``.
+    """
+    extents = json.loads(_run("qemu-img", "map", "--output=json", "-f", fmt, path))
+    return [(e["start"], e["length"]) for e in extents if e.get("data") and not e.get("zero")]
+
+
 def to_raw(path: Path, out: Path, fmt: str) -> None:
     """Convert image ``path`` (format ``fmt``) to the sparse raw file ``out``.
 

@@ -53,6 +53,8 @@ _JSON = "application/json"
 _MAX_BODY = 64 << 20
 _MAX_SOCKET_DIR = 80  # leaves room for "<n>.sock" under the 107-byte sun_path limit
 _WRITE_BATCH = 64 << 20  # guest-write data staged per qemu-io run
+_NO_REPLY = -1  # a response never sent: the connection closes (the reply_lost fault)
+_MONITOR_INTERVAL = 0.5  # seconds between the engine's checks of its transfers' tickets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +73,12 @@ class LabDataPlane:
                  on_change: Callable[[], None] = lambda: None):
         self.run_dir = Path(run_dir)
         self.socket_dir = _short_dir(self.run_dir / "nbd")
-        self.host = ImageioDaemon(self.run_dir / "imageio", "host", port=free_port(), pki=pki)
-        self.proxy = ImageioDaemon(self.run_dir / "imageio", "proxy", port=free_port(), pki=pki)
+        # The host daemon under the engine's internal CA, the proxy under the web certificate
+        # (see tls): a client needs the right CA for each.
+        self.host = ImageioDaemon(self.run_dir / "imageio", "host", port=free_port(),
+                                  pki=pki.host() if pki else None)
+        self.proxy = ImageioDaemon(self.run_dir / "imageio", "proxy", port=free_port(), pki=pki,
+                                   backend_ca_file=pki.host_ca_file if pki else None)
         self.exports: dict[str, qemu.NbdExport] = {}
         self._on_change = on_change
         self._lock = threading.RLock()  # daemons and exports: engine calls and the restart thread
@@ -114,9 +120,11 @@ class LabDataPlane:
             qemu.remove_bitmap(path, name)
 
     def broken_bitmaps(self, path: Path, names: Iterable[str]) -> set[str]:
-        """Return the names that are missing from the image or inconsistent."""
+        """Return the names that are missing from the image, inconsistent (in use) or disabled
+        (no ``auto`` flag): the bitmaps vdsm's nbd._find_bitmap refuses."""
         present = {b.name: b for b in qemu.list_bitmaps(path)}
-        return {n for n in names if n not in present or present[n].inconsistent}
+        return {n for n in names
+                if n not in present or present[n].inconsistent or "auto" not in present[n].flags}
 
     def break_bitmap(self, path: Path, name: str) -> None:
         qemu.break_bitmap(path, name)
@@ -222,6 +230,11 @@ class LabDataPlane:
                 del self._write_tickets[ticket_id]
             self.proxy.delete_ticket(ticket_id)
             self.host.delete_ticket(ticket_id)
+
+    def ticket_status(self, ticket_id: str) -> dict[str, Any]:
+        """The host daemon's status of the ticket (``active``, ``idle_time``...); raises ``LabError``."""
+        with self._lock:
+            return self.host.get_ticket(ticket_id)
 
     @staticmethod
     def _transferred(daemon: ImageioDaemon, ticket_id: str) -> int:
@@ -594,7 +607,9 @@ def _backups_add(srv: EngineServer, req: _Request) -> _Response:
     body = req.xml("backup")
     backup = srv.engine.add_backup(req.params[0],
                                    from_checkpoint_id=xmlout.text(body, "from_checkpoint_id"),
-                                   disk_ids=xmlout.ids(body, "disks/disk"))
+                                   disk_ids=xmlout.ids(body, "disks/disk"),
+                                   description=xmlout.text(body, "description"),
+                                   legacy=req.flag("legacy"))  # BackendVmBackupsResource.legacy()
     return _created(xmlout.backup(srv.engine, backup))
 
 
@@ -616,6 +631,22 @@ def _backup_disks(srv: EngineServer, req: _Request) -> _Response:
 def _backup_finalize(srv: EngineServer, req: _Request) -> _Response:
     srv.engine.finalize_backup(*req.params)
     return _action()
+
+
+@_route("GET", f"vms/{_ID}/snapshots", "snapshots.list")
+def _snapshots_list(srv: EngineServer, req: _Request) -> _Response:
+    vm_id = req.params[0]
+    return _xml(xmlout.collection("snapshots", (
+        xmlout.snapshot(vm_id, sid, description) for sid, description in srv.engine.snapshots_of(vm_id))))
+
+
+@_route("GET", f"vms/{_ID}/snapshots/{_ID}", "snapshot.get")
+def _snapshot_get(srv: EngineServer, req: _Request) -> _Response:
+    vm_id, snapshot_id = req.params
+    for sid, description in srv.engine.snapshots_of(vm_id):
+        if sid == snapshot_id:
+            return _xml(xmlout.snapshot(vm_id, sid, description))
+    raise ApiFault(404, f"Entity not found: Snapshot: {snapshot_id}", reason="Resource not found")
 
 
 @_route("GET", f"vms/{_ID}/checkpoints", "checkpoints.list")
@@ -733,16 +764,24 @@ def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
         e.faults.clear()
         return {"active": {}}
     if op == "add-disk":
-        disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"))
+        disk = e.add_vm_disk(args["vm"], size=int(args["size"]), fmt=args.get("format", "cow"),
+                             storage_type=args.get("storage_type", "image"),
+                             shareable=bool(args.get("shareable")), active=bool(args.get("active", True)))
         return {"vm": args["vm"], "id": disk.id, "name": disk.name, "format": disk.format,
                 "size": disk.provisioned_size, "path": disk.path}
     if op == "add-vm":
         vm = e.add_sample_vm(args["vm"], disks=int(args.get("disks", 1)),
                              size=int(args.get("size", 64 << 20)),
                              fmt=args.get("format", "cow"), status=args.get("status", "up"),
-                             tags=args.get("tags", ()), seed=args.get("seed"))
+                             tags=args.get("tags", ()), seed=args.get("seed"),
+                             origin=args.get("origin", "ovirt"), cluster=args.get("cluster"))
         return {"id": vm.id, "name": vm.name, "status": vm.status,
                 "disks": [a.disk_id for a in vm.attachments]}
+    if op == "cluster":
+        cluster = e.set_cluster(args["name"], args["version"])
+        return {"id": cluster.id, "name": cluster.name, "version": ".".join(map(str, cluster.version))}
+    if op == "engine-config":
+        return e.set_config(args["name"], args["version"], bool(args["value"]))
     if op == "add-storage-domain":
         sd = e.add_storage_domain(args["name"], type=args.get("type", "iscsi"),
                                   **{k: int(args[k]) for k in ("chunk_size", "extent_size") if args.get(k)})
@@ -870,6 +909,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
                  response.status, (time.monotonic() - started) * 1000)
 
     def _send(self, response: _Response) -> None:
+        if response.status == _NO_REPLY:
+            # A reply cut short (a proxy or network failure after the engine acted): the status
+            # line, then the connection closes. Nothing at all would make curl resend the
+            # request on a new connection, which hides the loss.
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            self.close_connection = True
+            return
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -940,7 +986,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
                         "Operation Failed", f"[Internal Engine Error while running {call}]"))
                 request = _Request(method, match.groups(), query, self.headers, body)
                 try:
-                    return handler(self.server, request)
+                    response = handler(self.server, request)
+                    if engine.faults.reply_lost(call):
+                        log.info("fault reply_lost:%s: carried out, no reply sent", call)
+                        return _Response(_NO_REPLY)
+                    return response
                 except ApiFault as e:
                     log.info("%s refused: %s %s", call, e.status, e.detail)
                     return _Response(e.status, xmlout.fault(e.reason, e.detail))
@@ -1049,8 +1099,9 @@ def serve(dir: Path, *, plain_http: bool = False, port: int = 0) -> None:
         write_runtime()
         log.info("lab engine (pid %s) listening on %s://127.0.0.1:%s%s", os.getpid(),
                  server.scheme, server.port, API_PATH)
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(_MONITOR_INTERVAL):
+            with engine.lock:
+                engine.tick()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

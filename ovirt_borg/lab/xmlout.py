@@ -159,7 +159,7 @@ def vm(engine: Engine, vm: Vm, *, all_content: bool = False) -> ET.Element:
     _sub(el, "stateless", False)
     _sub(el, "type", "server")
     _sub(el, "status", vm.status)
-    _sub(el, "origin", "ovirt")
+    _sub(el, "origin", vm.origin)
     cluster = engine.cluster(vm.cluster_id)
     _ref(el, "cluster", cluster.id, f"{API_PATH}/clusters/{cluster.id}")
     if vm.status == "up":
@@ -176,8 +176,25 @@ def vm(engine: Engine, vm: Vm, *, all_content: bool = False) -> ET.Element:
 
 def disk(engine: Engine, disk: Disk, *, backup_mode: str | None = None,
          href: str | None = None) -> ET.Element:
-    """Render a disk (``backup_mode`` inside a backup's disk list)."""
+    """Render a disk (``backup_mode`` inside a backup's disk list).
+
+    A LUN disk carries ``<lun_storage>`` instead of the image fields (DiskMapper.map: only
+    image, Cinder and managed-block disks get sizes, format, status and storage domains).
+    """
     el = _obj("disk", disk.id, href or f"{API_PATH}/disks/{disk.id}")
+    if disk.storage_type == "lun":
+        _sub(el, "alias", disk.name)
+        _sub(el, "content_type", disk.content_type)
+        _sub(el, "description", disk.description)
+        lun = _sub(_sub(el, "lun_storage"), "logical_units")
+        unit = _sub(lun, "logical_unit", id=f"36001405{disk.id.replace('-', '')[:24]}")
+        _sub(unit, "size", disk.provisioned_size)
+        _sub(el, "name", disk.name)
+        _sub(el, "propagate_errors", False)
+        _sub(el, "shareable", disk.shareable)
+        _sub(el, "storage_type", "lun")
+        _sub(el, "wipe_after_delete", False)
+        return el
     _sub(el, "actual_size", _actual_size(disk))
     _sub(el, "alias", disk.name)
     _sub(el, "backup", disk.backup)
@@ -192,10 +209,10 @@ def disk(engine: Engine, disk: Disk, *, backup_mode: str | None = None,
     _sub(el, "provisioned_size", disk.provisioned_size)
     if disk.format == "cow":
         _sub(el, "qcow_version", "qcow2_v3")
-    _sub(el, "shareable", False)
+    _sub(el, "shareable", disk.shareable)
     _sub(el, "sparse", disk.sparse)
     _sub(el, "status", disk.status)
-    _sub(el, "storage_type", "image")
+    _sub(el, "storage_type", disk.storage_type)
     _sub(el, "total_size", _actual_size(disk))
     _sub(el, "wipe_after_delete", False)
     sd = engine.storage_domain(disk.storage_domain_id)
@@ -234,13 +251,27 @@ def backup(engine: Engine, b: Backup) -> ET.Element:
     el = _obj("backup", b.id, href)
     _link(el, f"{href}/disks", "disks")
     _sub(el, "creation_date", b.creation_date)
+    if b.description:
+        _sub(el, "description", b.description)
     if b.from_checkpoint_id:
         _sub(el, "from_checkpoint_id", b.from_checkpoint_id)
     _sub(el, "phase", b.phase)
     if b.to_checkpoint_id:
         _sub(el, "to_checkpoint_id", b.to_checkpoint_id)
     _ref(el, "host", b.host_id, f"{API_PATH}/hosts/{b.host_id}")
+    if b.snapshot_id:  # VmBackupMapper: a hybrid backup names its snapshot
+        _ref(el, "snapshot", b.snapshot_id, f"{API_PATH}/vms/{b.vm_id}/snapshots/{b.snapshot_id}")
     _ref(el, "vm", b.vm_id, f"{API_PATH}/vms/{b.vm_id}")
+    return el
+
+
+def snapshot(vm_id: str, snapshot_id: str, description: str) -> ET.Element:
+    """Render a VM snapshot (the active one, or a hybrid backup's)."""
+    el = _obj("snapshot", snapshot_id, f"{API_PATH}/vms/{vm_id}/snapshots/{snapshot_id}")
+    _sub(el, "description", description)
+    _sub(el, "snapshot_status", "ok")
+    _sub(el, "snapshot_type", "active" if description == "Active VM" else "regular")
+    _ref(el, "vm", vm_id, f"{API_PATH}/vms/{vm_id}")
     return el
 
 
@@ -260,7 +291,13 @@ def checkpoint(engine: Engine, cp: Checkpoint) -> ET.Element:
 
 
 def transfer(engine: Engine, t: Transfer) -> ET.Element:
-    """Render an image transfer (URLs only while ``transferring``)."""
+    """Render an image transfer (URLs only while ``transferring``).
+
+    As ovirt-engine's ImageTransferMapper.map(entity) writes it: ``<host>`` and ``<image>``
+    (whose id is the entity's disk id, not a volume id; BackendImageTransferResource.addLinks
+    strips its href), never ``<backup>`` nor ``<disk>``, although the SDK's type has them and
+    a request may carry them. A client finds a backup's transfers by image id.
+    """
     href = f"{API_PATH}/imagetransfers/{t.id}"
     el = _obj("image_transfer", t.id, href)
     _sub(el, "active", t.phase == "transferring")
@@ -276,13 +313,8 @@ def transfer(engine: Engine, t: Transfer) -> ET.Element:
     _sub(el, "shallow", False)
     _sub(el, "timeout_policy", "legacy")
     _sub(el, "transferred", 0)
-    if t.backup_id:
-        _ref(el, "backup", t.backup_id)
-    _ref(el, "disk", t.disk_id, f"{API_PATH}/disks/{t.disk_id}")
     _ref(el, "host", t.host_id, f"{API_PATH}/hosts/{t.host_id}")
-    # The image is the disk's volume; a cancelled upload's disk may be gone already.
-    image_id = next((d.image_id for d in engine.inv.disks if d.id == t.disk_id), t.disk_id)
-    _ref(el, "image", image_id)
+    _ref(el, "image", t.disk_id)
     return el
 
 
