@@ -1,7 +1,8 @@
 """``python -m bench``: the command line of the benchmark.
 
-Defaults measure a 4 GiB disk three times and a 1 TiB sparse disk once (about 15-25 minutes
-on 2 cores); ``--quick`` measures a 1 GiB disk once and a 64 GiB sparse disk, without the
+Defaults measure a 4 GiB disk three times, the CPU cases with 1 GiB of each kind of data
+three times and a 1 TiB sparse disk once (about 20-30 minutes on 2 cores); ``--quick``
+measures a 1 GiB disk once, 256 MiB of each kind once and a 64 GiB sparse disk, without the
 profile (a few minutes). Prints the table and writes ``bench/results/<UTC stamp>.json``.
 """
 
@@ -59,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--large-change", type=float, default=0.01,
                    help="share of the large disk written before its incremental, in %% (default 0.01)")
     p.add_argument("--large-runs", type=int, default=1, help="runs of the large disk (default 1)")
+    p.add_argument("--kinds-size", type=_size, default=None,
+                   help="data of each kind (random, text, zero) in the CPU cases, each on a disk twice "
+                        "that size (default 1G; 256M with --quick; 0 skips them)")
     p.add_argument("--encryption", default="repokey-blake2", choices=("repokey-blake2", "repokey", "none"),
                    help="borg init --encryption of every repository (default repokey-blake2)")
     p.add_argument("--compression", default="lz4", help="Borg compression of every contender (default lz4)")
@@ -67,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunker", default="fixed,4194304",
                    help="borg create's --chunker-params (default fixed,4194304: fixed 4 MiB chunks)")
     p.add_argument("--variant-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="add a full-backup contender: ovirt-borg with this environment (repeatable), "
+                   help="add a contender to the full backups, the CPU cases and the restore: ovirt-borg with "
+                        "this environment (repeatable), "
                         "e.g. MALLOC_MMAP_THRESHOLD_=67108864")
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of a full backup")
     p.add_argument("--quick", action="store_true", help="small sizes, one run, no profile")
@@ -91,11 +96,13 @@ def options_from(args: argparse.Namespace) -> Options:
             raise SystemExit(f"python -m bench: unknown write pattern {pattern!r}")
     size = args.size or ((1 << 30) if quick else (4 << 30))
     large = args.large if args.large is not None else ((64 << 30) if quick else (1 << 40))
+    kinds_size = args.kinds_size if args.kinds_size is not None else ((256 << 20) if quick else (1 << 30))
     return Options(
         size=size, runs=args.runs or (1 if quick else 3),
         changes=tuple(Change(pattern, pct) for pattern in patterns for pct in args.changes),
         large=large, large_data=args.large_data or ((256 << 20) if quick else (2 << 30)),
-        large_change=args.large_change, large_runs=args.large_runs, encryption=args.encryption,
+        large_change=args.large_change, large_runs=args.large_runs, kinds_size=kinds_size,
+        encryption=args.encryption,
         compression=args.compression, block_size=args.block_size, chunker=args.chunker,
         variant_env=tuple(tuple(item.split("=", 1)) for item in args.variant_env), profile=not (quick or args.no_profile), workdir=args.workdir,
         results_dir=args.results_dir, keep=args.keep)
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)
     if options.runs < 1 or options.size < (64 << 20) or options.size % (1 << 20):
         raise SystemExit("python -m bench: --runs must be >= 1 and --size a multiple of 1 MiB, at least 64M")
+    if options.kinds_size % (1 << 20):
+        raise SystemExit("python -m bench: --kinds-size must be a multiple of 1 MiB")
     if any(len(pair) != 2 or not pair[0] for pair in options.variant_env):
         raise SystemExit("python -m bench: --variant-env takes NAME=VALUE")
     if options.block_size < (64 << 10) or options.block_size & (options.block_size - 1):
@@ -165,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.summarize(results)
     results["summary"] = summary
     results["goals"] = report.goals(summary, options.block_size)
+    results["cpu_per_gib"] = report.cpu_per_gib(results)
     options.results_dir.mkdir(parents=True, exist_ok=True)
     out = options.results_dir / f"{stamp}.json"
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -7,6 +7,10 @@ the same bytes go into a local sparse raw file (for ``borg create`` and as the r
 into lab disks (written through a writable qemu-nbd export, the way a guest's writes reach a
 qcow2 file, so the disks' persistent dirty bitmaps record them).
 
+The CPU cases use disks of one kind of content each (``kind_layout``): random, text-like or
+zero data (zeros the guest wrote: allocated, unlike holes), in the same periods, half data and
+half holes.
+
 Guest writes for the incremental cases are either scattered 64 KiB writes at distinct
 aligned offsets or one sequential run, of random data, also a function of a seed.
 """
@@ -38,6 +42,7 @@ PERIOD = 256 * MiB
 
 RANDOM = "random"
 TEXT = "text"
+ZERO = "zero"  # zeros written by the guest: allocated data that reads as zeros
 HOLE = "hole"
 
 
@@ -73,6 +78,25 @@ def layout(size: int) -> list[Region]:
             if part:
                 regions.append(Region(offset, part, kind))
                 offset += part
+    return regions
+
+
+def kind_layout(size: int, kind: str) -> list[Region]:
+    """Return the regions of an image of ``size`` bytes holding one kind of data: each period
+    (256 MiB, or the rest of the disk) is half ``kind``, half holes, rounded to 64 KiB.
+
+    Raises ValueError for a bad size or kind.
+    """
+    if kind not in (RANDOM, TEXT, ZERO):
+        raise ValueError(f"no content for {kind!r}")
+    regions = []
+    for region in layout(size):
+        if region.kind == RANDOM:
+            regions.append(Region(region.offset, region.length, kind))
+        elif regions and regions[-1].kind == HOLE:
+            regions[-1] = Region(regions[-1].offset, region.end - regions[-1].offset, HOLE)
+        else:
+            regions.append(Region(region.offset, region.length, HOLE))
     return regions
 
 
@@ -117,6 +141,8 @@ class Content:
         rng = random.Random((self.seed << 48) ^ offset)
         if kind == RANDOM:
             return rng.randbytes(length)
+        if kind == ZERO:
+            return bytes(length)
         if kind == TEXT:
             # Slices of a log-like corpus at random places: lz4 compresses it to about 55%,
             # and no two 4 MiB blocks are alike (nothing deduplicates by accident).
@@ -240,6 +266,14 @@ class Change:
 
     def changed_bytes(self, size: int, seed: int) -> int:
         return sum(length for _, length in self.ranges(size, seed))
+
+    def dirty_bytes(self, size: int, seed: int, granularity: int = GUEST_BLOCK) -> int:
+        """The bytes a dirty bitmap of ``granularity`` marks after these writes (the writes
+        rounded out to whole bitmap granules): what an incremental must read at the least."""
+        granules = set()
+        for offset, length in self.ranges(size, seed):
+            granules.update(range(offset // granularity, (offset + length - 1) // granularity + 1))
+        return sum(min(granularity, size - g * granularity) for g in granules)
 
     def dirty_blocks(self, size: int, seed: int, block_size: int) -> int:
         """How many ``block_size`` blocks the writes touch (what a block-level incremental reads)."""

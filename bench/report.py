@@ -92,10 +92,18 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                                                          for s in phases]), 1)
                 row["phase_provisioned_mb_s"] = round(_median([s["provisioned"] / s["extra"]["phase_seconds"] / MB
                                                                for s in phases]), 1)
-            for key in ("changed_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks"):
+                phase_cpu = [s["extra"]["phase_cpu_seconds"] for s in phases if s["extra"].get("phase_cpu_seconds")]
+                if phase_cpu:
+                    row["phase_cpu_seconds"] = round(_median(phase_cpu), 3)
+            for key in ("changed_bytes", "dirty_bytes", "dirty_blocks", "read_blocks", "reused", "holes", "blocks",
+                        "imageio_bytes_read"):
                 values = [s["extra"][key] for s in items if key in s["extra"]]
                 if values:
                     row[key] = int(_median(values))
+            if row.get("dirty_bytes"):
+                # ovirt-borg: imageio's own count (the bitmap check's samples included); the
+                # two-step way: what the lab's imageio served it.
+                row["read_vs_dirty"] = round(row.get("imageio_bytes_read", row["moved"]) / row["dirty_bytes"], 3)
             metadata = [s["extra"]["metadata"] for s in items if "metadata" in s["extra"]]
             if metadata:
                 row["metadata_bytes"] = int(_median([x["item_bytes"] + x["archive_bytes"] for x in metadata]))
@@ -130,6 +138,29 @@ def goals(summary: dict[str, Any], block_size: int = 1 << 20) -> list[dict[str, 
         ratio = restore["client.upload"].get("vs_ovirt_borg", 0)
         out.append({"goal": "restore at least as fast as ovirt_imageio.client.upload",
                     "value": f"upload takes {ratio:.2f}x ovirt-borg's time", "met": ratio >= 1.0})
+    if "two-step restore" in restore:
+        two_restore = restore["two-step restore"]
+        ratio = two_restore.get("vs_ovirt_borg", 0)
+        out.append({"goal": "restore at least 1.5x faster than the two-step restore (borg extract + upload), "
+                            "no scratch file",
+                    "value": f"the two-step restore takes {ratio:.2f}x ovirt-borg's time and "
+                             f"{two_restore['scratch'] / MiB:.0f} MiB of scratch; ovirt-borg none",
+                    "met": ratio >= 1.5})
+    for case, rows in summary.items():
+        row = rows.get(OVIRT_BORG, {})
+        if case.startswith("incremental 1% scattered") and row.get("dirty_bytes"):
+            ratio = row.get("imageio_bytes_read", row["moved"]) / row["dirty_bytes"]
+            out.append({"goal": f"{case}: bytes read from imageio at most 1.3x the dirty bytes",
+                        "value": f"{_size(row.get('imageio_bytes_read', row['moved']))} read for "
+                                 f"{_size(row['dirty_bytes'])} dirty: {ratio:.1f}x", "met": ratio <= 1.3})
+    random_full = summary.get("full random data", {})
+    if OVIRT_BORG in random_full:
+        versus = {name: random_full[name].get("vs_ovirt_borg", 0)
+                  for name in ("borg create (local raw)", "two-step") if name in random_full}
+        out.append({"goal": "full backup of random data ahead of borg create of the local raw file and of "
+                            "the two-step way",
+                    "value": ", ".join(f"{name} takes {ratio:.2f}x ovirt-borg's time" for name, ratio in versus.items()),
+                    "met": all(ratio >= 1.0 for ratio in versus.values())})
     large = summary.get("large full", {}).get(OVIRT_BORG)
     if large and OVIRT_BORG in full:
         small_rss, large_rss = full[OVIRT_BORG]["peak_rss"], large["peak_rss"]
@@ -215,14 +246,20 @@ def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
                   ("imageio read only (ImageioClient.read_ranges)", halves.get("imageio read only")),
                   ("archive writer only (ArchiveWriter.add_image, image cached)", halves.get("archive writer only"))]
     out = []
+
+    def cpu(row: dict) -> str:
+        # The data phase's own CPU seconds where the component reports them, else (in
+        # parentheses) the whole process's.
+        return f"{row['phase_cpu_seconds']:.1f}" if "phase_cpu_seconds" in row else f"({row['cpu_seconds']:.1f})"
+
     for title, row in candidates:
         if row and "phase_seconds" in row:
             out.append([title, f"{row['phase_seconds']:.2f}", f"{row['phase_moved_mb_s']:.0f}",
-                        f"{row['phase_provisioned_mb_s']:.0f}"])
+                        f"{row['phase_provisioned_mb_s']:.0f}", cpu(row)])
     raw = full.get("borg create (local raw)")
     if raw:
         out.append(["borg create of the local raw file (whole command)", f"{raw['wall']:.2f}",
-                    f"{raw['moved_mb_s']:.0f}", f"{raw['provisioned_mb_s']:.0f}"])
+                    f"{raw['moved_mb_s']:.0f}", f"{raw['provisioned_mb_s']:.0f}", f"{raw['cpu_seconds']:.1f}"])
     restore = summary.get("restore", {})
     for title, row in (("restore: ovirt-borg (whole command)", restore.get(OVIRT_BORG)),
                        ("restore: archive read only (archive.read_image)",
@@ -231,24 +268,16 @@ def data_path_rows(summary: dict[str, Any]) -> list[list[str]]:
         if row:
             seconds = row.get("phase_seconds", row["wall"])
             mb_s = row.get("phase_moved_mb_s", row["moved_mb_s"])
-            out.append([title, f"{seconds:.2f}", f"{mb_s:.0f}", f"{row['provisioned'] / seconds / MB:.0f}"])
+            out.append([title, f"{seconds:.2f}", f"{mb_s:.0f}", f"{row['provisioned'] / seconds / MB:.0f}",
+                        cpu(row) if "phase_seconds" in row else f"{row['cpu_seconds']:.1f}"])
     return out
 
 
-DATA_PATH_COLUMNS = ("data phase", "seconds", "MB/s of data", "MB/s of provisioned")
+DATA_PATH_COLUMNS = ("data phase", "seconds", "MB/s of data", "MB/s of provisioned", "CPU s")
 
 
 def data_path_text(summary: dict[str, Any], markdown: bool = False) -> str:
-    table = data_path_rows(summary)
-    if not table:
-        return ""
-    if markdown:
-        lines = ["| " + " | ".join(DATA_PATH_COLUMNS) + " |", "|---|---:|---:|---:|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table])
-    table = [list(DATA_PATH_COLUMNS)] + table
-    widths = [max(len(r[i]) for r in table) for i in range(len(DATA_PATH_COLUMNS))]
-    return "\n".join("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
-                     for r in table)
+    return _table(DATA_PATH_COLUMNS, data_path_rows(summary), markdown)
 
 
 def metadata_text(summary: dict[str, Any]) -> str:
@@ -260,6 +289,147 @@ def metadata_text(summary: dict[str, Any]) -> str:
             parts.append(f"{case}: {_size(row['metadata_bytes'])} in {row['metadata_chunks']} item chunks "
                          f"for {row.get('blocks', 0)} blocks")
     return ("Archive metadata (item list and archive object, as stored): " + "; ".join(parts)) if parts else ""
+
+
+def _table(columns: tuple[str, ...], table: list[list[str]], markdown: bool, left: int = 1) -> str:
+    """A table, its first ``left`` columns left-aligned and the others right-aligned."""
+    if not table:
+        return ""
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * left + "---:|" * (len(columns) - left)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in table])
+    table = [list(columns)] + table
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(r))
+                     for r in table)
+
+
+def _steps(results: dict[str, Any], case: str, contender: str) -> list[dict]:
+    return [s for s in results["steps"] if s["case"] == case and s["contender"] == contender]
+
+
+def _cpu(measurement: dict) -> float:
+    return measurement["user"] + measurement["system"]
+
+
+RESTORE_COLUMNS = ("restore", "wall s", "vs ovirt-borg", "client CPU s", "lab CPU s", "scratch")
+
+
+def restore_text(results: dict[str, Any], markdown: bool = False) -> str:
+    """The restore against the two-step restore and the upload of a local file: wall time, the
+    client's and the lab's CPU seconds apart, scratch space (medians of the runs)."""
+    summary = summarize(results)
+    restore = summary.get("restore", {})
+    two = _steps(results, "restore", "two-step restore")
+    if not two:
+        return ""
+    table = []
+
+    def add(title: str, measurements: list[dict], versus: str, scratch: str) -> None:
+        table.append([title, f"{_median([m['wall'] for m in measurements]):.2f}", versus,
+                      f"{_median([_cpu(m) for m in measurements]):.1f}",
+                      f"{_median([sum(m['lab_cpu'].values()) for m in measurements]):.1f}", scratch])
+
+    for contender, title in ((OVIRT_BORG, "ovirt-borg restore"),
+                             ("two-step restore", "two-step: borg extract --sparse + client.upload"),
+                             ("client.upload", "client.upload of a local raw file")):
+        row = restore.get(contender)
+        if row is None:
+            continue
+        versus = f"{row['vs_ovirt_borg']:.2f}x" if "vs_ovirt_borg" in row else "1"
+        add(title, [s["measurement"] for s in _steps(results, "restore", contender)], versus,
+            _size(row["scratch"]) if row["scratch"] else "-")
+        if contender == "two-step restore":
+            add("  of which borg extract to the scratch file", [s["extra"]["extract"] for s in two], "", "")
+            add("  of which client.upload of the scratch file", [s["extra"]["upload"] for s in two], "", "")
+    return ("Restore against the two-step restore (the client's CPU seconds and the lab's apart):\n"
+            + _table(RESTORE_COLUMNS, table, markdown))
+
+
+DIRTY_COLUMNS = ("incremental", "dirty bytes (64 KiB granules)", "ovirt-borg read", "read / dirty",
+                 "two-step read (imageio's dirty extents)", "read / dirty")
+
+
+def dirty_text(results: dict[str, Any], markdown: bool = False) -> str:
+    """Bytes read from imageio by each incremental against the dirty bytes: the guest's writes
+    rounded out to the bitmap's 64 KiB granules."""
+    summary = summarize(results)
+    table = []
+    for case, rows in summary.items():
+        ob, two = rows.get(OVIRT_BORG, {}), rows.get("two-step", {})
+        dirty = ob.get("dirty_bytes")
+        if not dirty or case.startswith("large"):
+            continue
+        read = ob.get("imageio_bytes_read", ob["moved"])
+        cells = [case, _size(dirty), _size(read), f"{read / dirty:.2f}x"]
+        cells += [_size(two["moved"]), f"{two['moved'] / dirty:.2f}x"] if two else ["-", "-"]
+        table.append(cells)
+    if not table:
+        return ""
+    return "Bytes read from imageio against the dirty bytes:\n" + _table(DIRTY_COLUMNS, table, markdown)
+
+
+FIXED_CASE = "fixed cost: no data"
+FLOOR = "floor: Borg's key and compressor"
+CPU_COLUMNS = ("data", "contender", "CPU s/GiB", "lab CPU s/GiB", "vs floor", "fixed CPU s", "wall s",
+               "wall vs ovirt-borg")
+
+
+def cpu_per_gib(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """CPU seconds per GiB of each kind of data, ``{kind: {contender: ...}}``: the floor (Borg's
+    key and compressor on the same blocks, with its parts) and each contender that also ran
+    the fixed-cost case (ovirt-borg backing up a disk of holes, ``borg create`` of an empty
+    file), net of that fixed cost in the same run: its processes' CPU seconds, and the lab's
+    apart; medians of the runs."""
+    floors = results.get("floor", [])
+    summary = summarize(results)
+    out: dict[str, dict[str, Any]] = {}
+    for kind in sorted({f["kind"] for f in floors}, key=["random", "text", "zero"].index):
+        case = f"full {kind} data"
+        mine = [f for f in floors if f["kind"] == kind]
+        gib = [f["kind_bytes"] / (1 << 30) for f in mine]
+        rows: dict[str, Any] = {FLOOR: {
+            "cpu_per_gib": round(_median([f["cpu_seconds"] / g for f, g in zip(mine, gib)]), 3),
+            "parts": {part: round(_median([f["seconds"][part] / g for f, g in zip(mine, gib)]), 3)
+                      for part in mine[0]["seconds"]}}}
+        for contender, row in summary.get(case, {}).items():
+            fixed = {s["run"]: s["measurement"] for s in _steps(results, FIXED_CASE, contender)}
+            pairs = [(s, fixed[s["run"]]) for s in _steps(results, case, contender) if s["run"] in fixed]
+            if not pairs:
+                continue
+            cpu = [(_cpu(s["measurement"]) - _cpu(base)) / (s["extra"]["data_bytes"] / (1 << 30))
+                   for s, base in pairs]
+            lab = [(sum(s["measurement"]["lab_cpu"].values()) - sum(base["lab_cpu"].values()))
+                   / (s["extra"]["data_bytes"] / (1 << 30)) for s, base in pairs]
+            rows[contender] = {"cpu_per_gib": round(_median(cpu), 3), "lab_cpu_per_gib": round(_median(lab), 3),
+                               "fixed_cpu": round(_median([_cpu(base) for _, base in pairs]), 3),
+                               "wall": row["wall"], "vs_ovirt_borg": row.get("vs_ovirt_borg")}
+        out[kind] = rows
+    return out
+
+
+def cpu_text(results: dict[str, Any], markdown: bool = False) -> str:
+    kinds = cpu_per_gib(results)
+    table = []
+    for kind, rows in kinds.items():
+        floor = rows[FLOOR]["cpu_per_gib"]
+        for contender, row in rows.items():
+            if contender == FLOOR:
+                parts = row["parts"]
+                table.append([kind, f"{FLOOR} (id {parts['chunk id']:.2f}, lz4 {parts['compression']:.2f}, "
+                                    f"AES+MAC {parts['encryption and MAC']:.2f})",
+                              f"{floor:.2f}", "-", "1", "-", "-", "-"])
+                continue
+            # Zeros have next to no floor (a zero test per block): no ratio to speak of.
+            versus = f"{row['cpu_per_gib'] / floor:.2f}x" if floor >= 0.25 else "-"
+            wall = "1" if contender == OVIRT_BORG else (f"{row['vs_ovirt_borg']:.2f}x" if row["vs_ovirt_borg"] else "-")
+            table.append([kind, contender, f"{row['cpu_per_gib']:.2f}",
+                          f"{row['lab_cpu_per_gib']:.2f}" if contender != "borg create (local raw)" else "-",
+                          versus, f"{row['fixed_cpu']:.2f}", f"{row['wall']:.2f}", wall])
+    if not table:
+        return ""
+    return ("CPU seconds per GiB of data (net of each contender's fixed cost, the lab's CPU apart; floor: one "
+            "thread of Borg's key and compressor on the same blocks):\n" + _table(CPU_COLUMNS, table, markdown, left=2))
 
 
 def profile_text(results: dict[str, Any]) -> str:
@@ -301,11 +471,12 @@ def render(results: dict[str, Any], markdown: bool = False) -> str:
     checks = goals(summary, results["options"].get("block_size", 1 << 20))
     profile = profile_text(results)
     data_path = data_path_text(summary, markdown) + ("\n\n" if markdown else "\n") + metadata_text(summary)
+    extra = [restore_text(results, markdown), dirty_text(results, markdown), cpu_text(results, markdown)]
     if markdown:
         return "\n\n".join(part for part in [head, machine_text(results), markdown_table(summary), data_path,
-                                               "Goals:", goals_text(checks, True), profile] if part)
-    return "\n".join([head, machine_text(results), "", text_table(summary), "", data_path, "", "Goals:",
-                      goals_text(checks), "", profile])
+                                               *extra, "Goals:", goals_text(checks, True), profile] if part)
+    return "\n".join([head, machine_text(results), "", text_table(summary), "", data_path, "",
+                      *[part + "\n" for part in extra if part], "Goals:", goals_text(checks), "", profile])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,17 @@ run to run:
 - full: ovirt-borg; ``borg create`` of the local raw file; download + ``borg create``;
 - incremental, for each write pattern and share: the same guest writes on both VMs, then
   ovirt-borg and download(incremental) + ``borg create``;
-- restore of ovirt-borg's newest archive into a new disk, and ``client.upload`` of the same
-  image (the disk's raw content at that point) into another new disk.
+- restore of ovirt-borg's newest archive into a new disk, ``client.upload`` of the same
+  image (the disk's raw content at that point) into another new disk, and the two-step
+  restore a Borg user does today: ``borg extract --sparse`` of the image to a local file,
+  then ``client.upload`` of that file.
+
+Then, once per run, the CPU cases: a full backup of a disk holding one kind of data (random,
+text-like, zeros the guest wrote; ``--kinds-size`` of it on a disk twice that size, the rest
+holes) by ovirt-borg and by ``borg create`` of the same image as a local raw file (random
+data also by the two-step way), the fixed cost of each (ovirt-borg backing up a disk of holes
+only, ``borg create`` of an empty file), and the floor: the CPU seconds Borg's own key and
+compressor objects need for the same blocks (``bench.components floor``).
 
 The large sparse disk (``--large``) gets its own runs: full and incremental with ovirt-borg
 and the two-step way, and the metadata each ovirt-borg archive adds to the repository.
@@ -46,6 +55,9 @@ log = logging.getLogger(__name__)
 VENV_BIN = Path(sys.executable).parent
 OVIRT_BORG = str(VENV_BIN / "ovirt-borg")
 STORAGE_DOMAIN = "data1"
+#: The kinds of data of the CPU cases, and the name of their fixed-cost case.
+KINDS = (image.RANDOM, image.TEXT, image.ZERO)
+NO_DATA = "no data"
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class Options:
     large_data: int = 2 << 30
     large_change: float = 0.01
     large_runs: int = 1
+    #: Data of each kind in the CPU cases (on a disk twice as large); 0 skips them.
+    kinds_size: int = 1 << 30
     encryption: str = "repokey-blake2"
     compression: str = "lz4"
     block_size: int = 1 << 20
@@ -183,6 +197,11 @@ class Bench:
         pids = self.lab.pids
         return {"engine": pids["engine"], "imageio_host": pids["imageio_host"],
                 "imageio_proxy": pids["imageio_proxy"]}
+
+    @property
+    def variant_name(self) -> str:
+        """The name of the ``--variant-env`` contender."""
+        return "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
 
     def contender_args(self) -> list[str]:
         return [sys.executable, "-m", "bench.contenders", "--url", self.lab.url, "--user", self.lab.user,
@@ -318,9 +337,8 @@ class Bench:
         if self.options.variant_env:
             variant_env = dict(self.options.variant_env)
             variant = self.job_config(run_dir / "ovirt-borg-variant", keep_checkpoints=1000)
-            name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
-            full.append(lambda: self.ovirt_borg_backup(variant, ob_vm, "full", size, run, contender=name,
-                                                       extra_env=variant_env))
+            full.append(lambda: self.ovirt_borg_backup(variant, ob_vm, "full", size, run,
+                                                       contender=self.variant_name, extra_env=variant_env))
         shift = run % len(full)
         for contender in full[shift:] + full[:shift]:
             steps.append(contender())
@@ -347,6 +365,7 @@ class Bench:
                 step = contender()
                 quiesce()
                 step.extra.update(changed_bytes=change.changed_bytes(size, seed),
+                                  dirty_bytes=change.dirty_bytes(size, seed),
                                   dirty_blocks=change.dirty_blocks(size, seed, self.options.block_size),
                                   pattern=change.pattern, percent=change.percent)
                 steps.append(step)
@@ -371,7 +390,7 @@ class Bench:
             env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
         data = json.loads(out)
         steps = [Step("imageio read only", "full: halves of the data path", read, size, moved=data["bytes"],
-                      stored=0, extra={"phase_seconds": data["seconds"]})]
+                      stored=0, extra={"phase_seconds": data["seconds"], "phase_cpu_seconds": data["cpu_seconds"]})]
         repo = self.new_repo(run_dir / "components")
         write, out = measure.run(
             f"r{run}-component-write",
@@ -380,12 +399,14 @@ class Bench:
             env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
         data = json.loads(out)
         steps.append(Step("archive writer only", "full: halves of the data path", write, size, moved=data["bytes"],
-                          stored=borgrepo.size_on_disk(repo), extra={"phase_seconds": data["seconds"]}))
+                          stored=borgrepo.size_on_disk(repo),
+                          extra={"phase_seconds": data["seconds"], "phase_cpu_seconds": data["cpu_seconds"]}))
         shutil.rmtree(repo)
         return steps
 
     def restore_pair(self, run: int, config: Path, vm: str, newest: Step) -> list[Step]:
-        """ovirt-borg restore of ``newest``'s archive and client.upload of the same image."""
+        """ovirt-borg restore of ``newest``'s archive, client.upload of the same image, and
+        the two-step restore (``borg extract`` of the archive's image, then client.upload)."""
         size = self.options.size
         reference = self.work / f"restore-reference-{run}.raw"
         self.lab.image(vm, 1, out=reference)
@@ -415,20 +436,46 @@ class Bench:
                         extra={"disk": json.loads(out)["disk"],
                                "imageio_bytes_written": self.imageio_written() - written0})
 
+        path = f"{newest.extra['vm']}/disks/{newest.extra['alias']}-{disk_id}.raw"
+
+        def two_step() -> Step:
+            # What a Borg user does today: extract the image to a local file (sparse: all-zero
+            # chunks become holes, so the upload sends only data), then upload that file.
+            scratch_dir = self.work / f"extract-{run}"
+            scratch_dir.mkdir()
+            extract, _ = measure.run(f"r{run}-restore-borg-extract",
+                                     ["env", "-C", os.fspath(scratch_dir), borgrepo.BORG, "extract", "--sparse",
+                                      f"{config.parent / 'repo'}::{archive}", path],
+                                     env=self.env, log_dir=self.logs, lab_pids=self.lab_pids,
+                                     timeout=self.options.timeout)
+            scratch = scratch_dir / path
+            scratch_bytes = allocated(scratch)
+            written0 = self.imageio_written()
+            upload, out = measure.run(f"r{run}-restore-upload-extracted",
+                                      [*self.contender_args(), "upload", "--image", os.fspath(scratch),
+                                       "--name", f"twostep{run}", "--storage-domain", STORAGE_DOMAIN],
+                                      env=self.env, log_dir=self.logs, lab_pids=self.lab_pids,
+                                      timeout=self.options.timeout)
+            written = self.imageio_written() - written0
+            shutil.rmtree(scratch_dir)
+            return Step("two-step restore", "restore", combine("borg extract + client.upload", extract, upload),
+                        size, moved=scratch_bytes, stored=0,
+                        extra={"disk": json.loads(out)["disk"], "scratch_bytes": scratch_bytes,
+                               "imageio_bytes_written": written, "extract": extract.as_dict(),
+                               "upload": upload.as_dict()})
+
         def read_archive() -> Step:
-            path = f"{newest.extra['vm']}/disks/{newest.extra['alias']}-{disk_id}.raw"
             m, out = measure.run(f"r{run}-component-read-archive",
                                  [sys.executable, "-m", "bench.components", "read-archive", "--repo",
                                   os.fspath(config.parent / "repo"), "--archive", archive, "--path", path],
                                  env=self.env, log_dir=self.logs, lab_pids=self.lab_pids, timeout=self.options.timeout)
             data = json.loads(out)
             return Step("archive read only", "restore: the Borg half alone", m, size, moved=data["bytes"], stored=0,
-                        extra={"phase_seconds": data["seconds"]})
+                        extra={"phase_seconds": data["seconds"], "phase_cpu_seconds": data["cpu_seconds"]})
 
-        pair = [ovirt_borg, upload]
+        pair = [ovirt_borg, upload, two_step]
         if self.options.variant_env:
-            name = "ovirt-borg + " + " ".join(f"{k}={v}" for k, v in self.options.variant_env)
-            pair.append(lambda: ovirt_borg(name, dict(self.options.variant_env)))
+            pair.append(lambda: ovirt_borg(self.variant_name, dict(self.options.variant_env)))
         shift = run % len(pair)
         steps = []
         # A restore reads what was written long before: both sources start out of the page
@@ -513,6 +560,83 @@ class Bench:
         shutil.rmtree(run_dir)
         return steps
 
+    def kinds_prepare(self) -> dict[str, tuple[str, Path | None]]:
+        """The disks and raw files of the CPU cases: ``{kind: (vm, raw file)}``.
+
+        One VM per kind of data (random, text, zero) with ``kinds_size`` of it on a disk twice
+        as large (``image.kind_layout``), the same image as a local raw file (compared with the
+        disk), and for the fixed costs a VM whose disk holds holes only and an empty file.
+        """
+        size = 2 * self.options.kinds_size
+        prepared: dict[str, tuple[str, Path | None]] = {}
+        for kind in KINDS:
+            regions = image.kind_layout(size, kind)
+            raw = self.work / f"kind-{kind}.raw"
+            image.write_raw(raw, size, regions, self.content)
+            vm = f"kind{kind}"
+            log.info("CPU cases: filling a %d MiB disk with %d MiB of %s data", size >> 20,
+                     image.data_bytes(regions) >> 20, kind)
+            self.new_vm(vm, size, regions, raw)
+            prepared[kind] = (vm, raw)
+        self.new_vm("kindholes", size, [image.Region(0, size, image.HOLE)], None)
+        empty = self.work / "kind-empty.raw"
+        empty.write_bytes(b"")
+        prepared[NO_DATA] = ("kindholes", empty)
+        quiesce()
+        return prepared
+
+    def kinds_run(self, run: int, prepared: dict[str, tuple[str, Path | None]]) -> tuple[list[Step], list[dict]]:
+        """The CPU cases of one run: ovirt-borg, ``borg create`` (and for random data the
+        two-step way) per kind of data, their fixed costs, and the floor of each kind."""
+        size = 2 * self.options.kinds_size
+        run_dir = self.work / f"kinds{run}"
+        steps: list[Step] = []
+        floors: list[dict] = []
+        for kind, (vm, raw) in prepared.items():
+            kind_dir = run_dir / kind
+            config = self.job_config(kind_dir / "ovirt-borg")
+            raw_repo = self.new_repo(kind_dir / "borg-raw")
+            case = f"full {kind} data" if kind != NO_DATA else "fixed cost: no data"
+            contenders = [
+                lambda: self.ovirt_borg_backup(config, vm, case, size, run),
+                lambda: self.borg_create(raw_repo, raw, "raw", case, "borg create (local raw)", run,
+                                         size if kind != NO_DATA else 0),
+            ]
+            if self.options.variant_env:
+                variant = self.job_config(kind_dir / "ovirt-borg-variant")
+                contenders.append(lambda: self.ovirt_borg_backup(variant, vm, case, size, run,
+                                                                 contender=self.variant_name,
+                                                                 extra_env=dict(self.options.variant_env)))
+            if kind == image.RANDOM:
+                ts_repo = self.new_repo(kind_dir / "two-step")
+                contenders.append(lambda: self.two_step(vm, ts_repo, kind_dir / "scratch.qcow2",
+                                                        kind_dir / "two-step.state", case, run, size, False))
+            shift = run % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                step = contender()
+                quiesce()
+                if step.extra.get("mode", "full") != "full":
+                    raise measure.CommandFailed(f"ovirt-borg made a {step.extra['mode']} backup for {case}")
+                step.extra.update(kind=kind, data_bytes=0 if kind == NO_DATA else self.options.kinds_size)
+                steps.append(step)
+            if kind != NO_DATA:
+                m, out = measure.run(
+                    f"r{run}-floor-{kind}",
+                    [sys.executable, "-m", "bench.components", "--block-size", str(self.options.block_size), "floor",
+                     "--raw", os.fspath(raw), "--repo", os.fspath(raw_repo), "--compression",
+                     self.settings.compression],
+                    env=self.env, log_dir=self.logs, timeout=self.options.timeout)
+                floors.append({"run": run, "kind": kind, "case": case, "kind_bytes": self.options.kinds_size,
+                               "wall": m.wall, **json.loads(out)})
+        shutil.rmtree(run_dir)
+        return steps, floors
+
+    def kinds_cleanup(self, prepared: dict[str, tuple[str, Path | None]]) -> None:
+        for vm, raw in prepared.values():
+            self.lab.delete_vm(vm)
+            if raw is not None:
+                raw.unlink(missing_ok=True)
+
     def profile_run(self, regions: list[image.Region], raw: Path, out_dir: Path, stamp: str) -> dict:
         """Profile one ovirt-borg full backup (and the host imageio daemon) with py-spy."""
         from bench import profile
@@ -552,7 +676,8 @@ class Bench:
             "started": started.isoformat(timespec="seconds"), "machine": machine(),
             "options": {"size": opts.size, "runs": opts.runs, "changes": [c.name for c in opts.changes],
                         "large": opts.large, "large_data": opts.large_data, "large_change": opts.large_change,
-                        "large_runs": opts.large_runs, "encryption": opts.encryption,
+                        "large_runs": opts.large_runs, "kinds_size": opts.kinds_size,
+                        "encryption": opts.encryption,
                         "compression": opts.compression, "chunker": self.settings.chunker,
                         "block_size": opts.block_size, "seed": opts.seed},
             "load": {"start": os.getloadavg()}, "steps": [],
@@ -571,6 +696,17 @@ class Bench:
             for run in range(opts.runs):
                 results["load"][f"run{run}"] = os.getloadavg()
                 results["steps"] += [dict(s.as_dict(), run=run) for s in self.main_run(run, regions, raw, raw_sha)]
+            if opts.kinds_size:
+                results["floor"] = []
+                prepared = self.kinds_prepare()
+                try:
+                    for run in range(opts.runs):
+                        results["load"][f"kinds{run}"] = os.getloadavg()
+                        steps, floors = self.kinds_run(run, prepared)
+                        results["steps"] += [dict(s.as_dict(), run=run) for s in steps]
+                        results["floor"] += floors
+                finally:
+                    self.kinds_cleanup(prepared)
             if opts.large:
                 for run in range(opts.large_runs):
                     results["load"][f"large{run}"] = os.getloadavg()

@@ -61,6 +61,8 @@ def upload(conn, lab, disk_id, data: bytes) -> None:
             client.write_ranges((offset, MIB, data[offset:offset + MIB]) for offset in range(0, len(data), MIB))
     except BaseException:
         service.cancel()
+        # A cancel ends in steps (TransferDiskImageCommand's callback): wait for the last one.
+        poll(service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_FAILURE)
         raise
     service.finalize()
     poll(service.get, lambda t: t.phase == types.ImageTransferPhase.FINISHED_SUCCESS)
