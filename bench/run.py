@@ -270,7 +270,7 @@ class Bench:
         m, out = measure.run(f"r{run}-{case}-{contender}", [OVIRT_BORG, "-c", os.fspath(config), "backup", vm, "--json"],
                              env={**self.env, **(extra_env or {})}, log_dir=self.logs, lab_pids=self.lab_pids,
                              timeout=self.options.timeout)
-        [result] = json.loads(out)
+        [result] = json.loads(out)["archives"]
         if not result.get("ok"):
             raise measure.CommandFailed(f"ovirt-borg backup of {vm} failed: {result.get('error')}")
         disk = result["disks"][0]
@@ -417,7 +417,7 @@ class Bench:
             written0 = self.imageio_written()
             m, out = measure.run(f"r{run}-restore-{contender}",
                                  [OVIRT_BORG, "-c", os.fspath(config), "restore", archive, "--disk", disk_id,
-                                  "--to-storage-domain", STORAGE_DOMAIN, "--json"],
+                                  "--storage-domain", STORAGE_DOMAIN, "--json"],
                                  env={**self.env, **(extra_env or {})}, log_dir=self.logs, lab_pids=self.lab_pids,
                                  timeout=self.options.timeout)
             restored = json.loads(out)["disks"][0]

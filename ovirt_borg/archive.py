@@ -581,7 +581,7 @@ class _InternalWriter(ArchiveWriter):
         self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-chunks")
         self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
         self._write_behind = _segment_write_behind(self._repository)
-        log.info("writing archive %s to %s (block size %d, base %s)", self.archive_name,
+        log.debug("writing archive %s to %s (block size %d, base %s)", self.archive_name,
                  self.repo.location, self.block_size, self.base_archive or "none")
 
     def _locked_repository(self, location, *, lock_wait: int):
@@ -615,7 +615,7 @@ class _InternalWriter(ArchiveWriter):
             log.exception("archive %s is committed, but closing repository %s failed", self.archive_name,
                           self.repo.location)
         stats = self._archive.stats
-        log.info("committed archive %s (%s) to %s: %d files, %d bytes, %d bytes new in the repository",
+        log.debug("committed archive %s (%s) to %s: %d files, %d bytes, %d bytes new in the repository",
                  self.archive_name, archive_id, self.repo.location, stats.nfiles, stats.osize, stats.usize)
         return archive_id
 
@@ -848,9 +848,9 @@ class _InternalWriter(ArchiveWriter):
             raise
         elapsed = time.monotonic() - started
         result = ImageStats(blocks=count, **counters, chunk_ids=b"".join(entry.id for entry in entries))
-        log.info("%s: %d blocks (%d holes, %d reused, %d read, %d already stored), %d bytes new, "
-                 "%.1f MB/s", path, result.blocks, result.holes, result.reused, result.stored,
-                 result.deduplicated, result.bytes_new, size / 1e6 / elapsed if elapsed > 0 else 0.0)
+        log.debug("%s: %d blocks (%d holes, %d reused, %d read, %d already stored), %d bytes new, "
+                  "%.1f MiB/s", path, result.blocks, result.holes, result.reused, result.stored,
+                  result.deduplicated, result.bytes_new, result.bytes_new / (1 << 20) / elapsed if elapsed > 0 else 0.0)
         return result
 
 
@@ -1092,8 +1092,8 @@ class _CliWriter(ArchiveWriter):
         except BaseException:
             self._process.terminate()
             raise
-        log.info("writing archive %s to %s through borg import-tar (block size %d)", self.archive_name,
-                 self.repo.location, self.block_size)
+        log.debug("writing archive %s to %s through borg import-tar (block size %d)", self.archive_name,
+                  self.repo.location, self.block_size)
 
     def _zero_block(self, length: int) -> bytes:
         block = self._zeros.get(length)
@@ -1147,8 +1147,8 @@ class _CliWriter(ArchiveWriter):
         reader.finish()
         result = ImageStats(blocks=reader.count, **reader.counters)
         elapsed = time.monotonic() - started
-        log.info("%s: %d blocks (%d holes, %d read) sent to borg, %.1f MB/s", path, result.blocks,
-                 result.holes, result.stored, size / 1e6 / elapsed if elapsed > 0 else 0.0)
+        log.debug("%s: %d blocks (%d holes, %d read) sent to borg, %.1f MiB/s", path, result.blocks,
+                  result.holes, result.stored, result.bytes_new / (1 << 20) / elapsed if elapsed > 0 else 0.0)
         return result
 
     def commit(self) -> str:
@@ -1165,7 +1165,7 @@ class _CliWriter(ArchiveWriter):
             raise
         self._process.proc.stdout.close()
         self._state = "committed"
-        log.info("committed archive %s (%s) to %s", self.archive_name, archive_id, self.repo.location)
+        log.debug("committed archive %s (%s) to %s", self.archive_name, archive_id, self.repo.location)
         return archive_id
 
     def _abort(self, exc_type, exc, tb) -> None:

@@ -31,15 +31,15 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
-from ovirt_borg import archive, logs, plan, sidecar as sc
+from ovirt_borg import archive, logs, plan, selection, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import (BackupBusy, BackupEnd, CheckpointRefused, ColdBackupRefused, DiskInfo, Engine,
                                StillFinalizing, TransferStopped, VmInfo, WaitStopped)
 from ovirt_borg.errors import EXIT_ERROR, CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
 from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings
-from ovirt_borg.progress import Progress
+from ovirt_borg.progress import Progress, human_size
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,76 @@ def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: d
                         previous.checkpoint_id)
 
 
+@dataclass(frozen=True)
+class DiskChoice:
+    """What a backup does with a VM's disks (``choose_disks``)."""
+
+    backed_up: tuple[DiskInfo, ...]
+    #: Disks the configuration's ``exclude_disks`` names.
+    excluded: tuple[DiskInfo, ...] = ()
+    #: Disks the engine's backup leaves out: {"id", "alias", "reason"} each (a warning).
+    skipped: tuple[dict, ...] = ()
+    #: qcow2 disks of ``backed_up`` whose incremental backup is turned on first.
+    to_enable: tuple[DiskInfo, ...] = ()
+
+
+def choose_disks(disks: Iterable[DiskInfo], exclude_disks: Sequence[str], enable_incremental: bool) -> DiskChoice:
+    """Sort a VM's attached disks into those backed up, excluded and skipped (pure).
+
+    Given the disks, the ``exclude_disks`` patterns (an alias glob or a disk id) and whether
+    incremental backup is to be turned on where a qcow2 disk lacks it.
+    """
+    backed_up, excluded, skipped, to_enable = [], [], [], []
+    for disk in disks:
+        if any(fnmatch.fnmatchcase(disk.alias, p) or p == disk.id for p in exclude_disks):
+            excluded.append(disk)
+        elif reason := disk.not_backed_up:
+            # Asking for it would fail the VM every night (a transfer that cannot start, or a
+            # 409 for an unplugged disk): leave it out, and say so until excluded.
+            skipped.append({"id": disk.id, "alias": disk.alias, "reason": reason})
+        else:
+            backed_up.append(disk)
+            if disk.format == "cow" and disk.backup != "incremental" and enable_incremental:
+                to_enable.append(disk)
+    return DiskChoice(tuple(backed_up), tuple(excluded), tuple(skipped), tuple(to_enable))
+
+
+def disk_full_reason(previous: sc.Sidecar | None, engine_mode: str, base_record: sc.DiskRecord | None,
+                     path: str) -> str:
+    """Why a disk of an incremental backup is read in full, or "" when it is not (pure).
+
+    Given the previous sidecar (None for a full backup), the mode the engine backs the disk up
+    in, the disk's record in the previous sidecar and the disk's image path now. What only the
+    writer can tell (the previous image's chunk ids) is checked by the caller after this.
+    """
+    if previous is None:
+        return "full backup"
+    if engine_mode != "incremental":
+        return f"the engine reads this disk in {engine_mode} mode"
+    if base_record is None:
+        return "the disk is not in the previous archive"
+    if base_record.image != path:
+        return "the disk was renamed since the previous archive"
+    if base_record.blocks_kind != sc.BLOCKS_BORG_ID:
+        return ("the previous archive records sha256 block digests, not Borg chunk ids (written by "
+                "the 'cli' writer or an older ovirt-borg)")
+    return ""
+
+
+def uses_backup_api(vm_status: str, cold_backup: bool) -> bool:
+    """Whether a VM is read through the engine's backup API (pure): a running VM always, a
+    powered-off one when ``backup.cold_backup`` allows it (the engine may still refuse: then
+    plain image transfers through its proxy, ``PATH_ENGINE_TRANSFER``)."""
+    return vm_status != "down" or cold_backup
+
+
+def engine_transfer_decision(cold_backup_refused: bool) -> ModeDecision:
+    """The mode of a powered-off VM read through engine image transfers (pure): full, because
+    the engine refused a cold backup, or because ``backup.cold_backup`` is false."""
+    why = "the engine refused a cold backup" if cold_backup_refused else "backup.cold_backup is false"
+    return ModeDecision("full", f"powered-off VM read through engine image transfers ({why})")
+
+
 def job_description(job: str, repository_id: str) -> str:
     """The description a job writes on its engine backups: how it tells its own from others'.
 
@@ -271,10 +341,10 @@ class VmBackup:
 
     def __init__(self, engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
                  vm: VmInfo, archive_name: str, *, force_full: bool = False, rng: random.Random | None = None,
-                 archives: frozenset[str] | None = None):
+                 archives: frozenset[str] | None = None, position: tuple[int, int] = (1, 1)):
         """``archives``: the repository's archive names as the run found them (read from the
         repository when None). A base archive deleted since is found out by the writer, which
-        then has the disk read in full."""
+        then has the disk read in full. ``position``: this VM is the n-th of m in the run."""
         self.engine = engine
         self.repo = repo
         self.state = state
@@ -284,30 +354,79 @@ class VmBackup:
         self.force_full = force_full
         self.rng = rng or random.Random()
         self.archives = archives
+        self.position = position
         self.result = VmResult(vm=vm.name, vm_id=vm.id, archive=archive_name)
         self._writer: archive.ArchiveWriter | None = None
 
     # -- decisions ---------------------------------------------------------------------------
 
+    def _choose_disks(self) -> DiskChoice:
+        """The VM's disks as ``choose_disks`` sorts them; the skipped ones are warned about."""
+        choice = choose_disks(self.engine.vm_disks(self.vm.id), self.settings.exclude_disks,
+                              self.settings.enable_incremental)
+        for disk in choice.excluded:
+            log.info("VM %s: disk %s is excluded by the configuration", self.vm.name, disk.alias)
+        for skipped in choice.skipped:
+            self.result.skipped_disks.append(dict(skipped))
+            self._warn(f"VM {self.vm.name}: disk {skipped['alias']} ({skipped['id']}) is not backed up: "
+                       f"{skipped['reason']}; name it in selection.exclude_disks to leave it out without "
+                       "this warning")
+        return choice
+
     def _disks(self) -> list[DiskInfo]:
+        """The disks to back up, incremental backup turned on where ``choose_disks`` says."""
+        choice = self._choose_disks()
         disks = []
-        for disk in self.engine.vm_disks(self.vm.id):
-            if any(fnmatch.fnmatchcase(disk.alias, p) or p == disk.id for p in self.settings.exclude_disks):
-                log.info("VM %s: disk %s is excluded by the configuration", self.vm.name, disk.alias)
-                continue
-            reason = disk.not_backed_up
-            if reason:
-                # Asking for it would fail the VM every night (a transfer that cannot start,
-                # or a 409 for an unplugged disk): leave it out, and say so until excluded.
-                self.result.skipped_disks.append({"id": disk.id, "alias": disk.alias, "reason": reason})
-                self._warn(f"VM {self.vm.name}: disk {disk.alias} ({disk.id}) is not backed up: {reason}; "
-                           "name it in selection.exclude_disks to leave it out without this warning")
-                continue
-            if disk.format == "cow" and disk.backup != "incremental" and self.settings.enable_incremental:
+        for disk in choice.backed_up:
+            if disk in choice.to_enable:
                 log.info("VM %s: enabling incremental backup on disk %s", self.vm.name, disk.alias)
                 disk = self.engine.enable_incremental(disk)
             disks.append(disk)
         return disks
+
+    def plan(self) -> VmPlan:
+        """What ``run()`` would do, found by the same decisions, changing nothing (``--dry-run``).
+
+        Reads the VM, its disks and checkpoints from the engine and the sidecar from the state
+        directory; starts no backup or transfer, enables nothing, writes nothing. Raises typed
+        errors (NotFound for a VM deleted since the selection).
+        """
+        self._refresh_vm()
+        choice = self._choose_disks()
+        if not choice.backed_up:
+            skipped = (("the engine backs up none of its disks", 1) if choice.skipped else
+                       ("it has no disks to back up (all excluded or none attached)", EXIT_ERROR))
+            return VmPlan(vm=self.vm.name, vm_id=self.vm.id, status=self.vm.status, skipped=skipped[0],
+                          exit_code=skipped[1], skipped_disks=[dict(d) for d in choice.skipped],
+                          excluded_disks=[d.alias for d in choice.excluded])
+        previous = self.state.load(self.vm.id)
+        decision = self._decide(previous, utc_now())
+        if uses_backup_api(self.vm.status, self.settings.cold_backup):
+            path = PATH_BACKUP
+            if self.vm.status == "down":
+                path_note = "cold backup (an engine that refuses it is read through image transfers, in full)"
+            else:
+                path_note = "live or snapshot-based backup, as the engine chooses"
+        else:
+            path = PATH_ENGINE_TRANSFER
+            path_note = "engine image transfers of the powered-off VM (backup.cold_backup is false)"
+            decision = engine_transfer_decision(cold_backup_refused=False)
+        disks = []
+        for disk in choice.backed_up:
+            incremental_capable = disk.incremental_capable or disk in choice.to_enable
+            engine_mode = "incremental" if decision.mode == "incremental" and disk.incremental_capable else "full"
+            base_record = previous.disk(disk.id) if previous and decision.mode == "incremental" else None
+            reason = disk_full_reason(previous if decision.mode == "incremental" else None, engine_mode,
+                                      base_record, image_path(self.vm.name, disk))
+            disks.append({"id": disk.id, "alias": disk.alias, "format": disk.format,
+                          "provisioned_size": disk.provisioned_size,
+                          "mode": "full" if reason else "incremental", "reason": reason,
+                          "enable_incremental": disk in choice.to_enable,
+                          "incremental_capable": incremental_capable})
+        return VmPlan(vm=self.vm.name, vm_id=self.vm.id, status=self.vm.status, archive=self.archive_name,
+                      mode=decision.mode, reason=decision.reason, path=path, path_note=path_note,
+                      disks=disks, skipped_disks=[dict(d) for d in choice.skipped],
+                      excluded_disks=[d.alias for d in choice.excluded])
 
     def _decide(self, previous: sc.Sidecar | None, now: datetime) -> ModeDecision:
         checkpoints = {}
@@ -391,7 +510,7 @@ class VmBackup:
         # The lock before the engine is asked: a repository another borg holds (a reader too:
         # borg mount, borg list) costs the engine nothing, no backup, no checkpoint.
         writer.lock()
-        use_backup_api = self.vm.status != "down" or self.settings.cold_backup
+        use_backup_api = uses_backup_api(self.vm.status, self.settings.cold_backup)
         backup_id = to_checkpoint = None
         path = PATH_BACKUP
         modes: dict[str, str] = {}
@@ -419,13 +538,12 @@ class VmBackup:
                                 "reading its disks through engine image transfers instead", self.vm.name, e)
             if backup_id is None:
                 path = PATH_ENGINE_TRANSFER
-                decision = ModeDecision("full", "powered-off VM read through engine image transfers "
-                                        "(the engine refused a cold backup)")
+                decision = engine_transfer_decision(cold_backup_refused=use_backup_api)
             if decision.mode != "incremental":
                 base, base_ids, writer.base_archive = None, {}, None
             self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
-            log.info("VM %s: %s backup into %s (%s)", self.vm.name, decision.mode, self.archive_name,
-                     decision.reason)
+            log.info("VM %s (%d of %d): %s backup into %s (%s)", self.vm.name, *self.position, decision.mode,
+                     self.archive_name, decision.reason)
             if backup_id is not None:
                 # The engine prepares its backup (on a real engine seconds: checkpoint, snapshot or
                 # scratch disks, NBD exports) while the locked repository is opened (Borg's
@@ -486,8 +604,9 @@ class VmBackup:
                     writer.release()  # a lock taken for a writer never entered
         if to_checkpoint:
             try:
-                self.engine.purge_checkpoints(self.vm.id, to_checkpoint, self.settings.checkpoints_keep,
-                                              also_keep=self._other_jobs_checkpoints(utc_now()))
+                purge_checkpoints(self.engine, self.state, self.vm, to_checkpoint,
+                                  keep=self.settings.checkpoints_keep,
+                                  other_jobs_days=self.settings.checkpoints_other_jobs_days)
             except BackupBusy as e:
                 # A backup still finalizing (a hybrid one removing its snapshot): not a problem.
                 log.info("VM %s: old checkpoints stay until the next run: %s", self.vm.name, e)
@@ -498,30 +617,6 @@ class VmBackup:
         self.result.seconds = round(time.monotonic() - t0, 3)
         self.result.ok = True
         return self.result
-
-    def _other_jobs_checkpoints(self, now: datetime) -> list[str]:
-        """The checkpoints of this VM that other jobs sharing the state directory (jobs writing
-        to other repositories) start their next incrementals from.
-
-        A job whose last backup of the VM finished more than ``checkpoints_other_jobs_days``
-        ago holds none: an abandoned job must not pile checkpoints up on the engine.
-        """
-        held = []
-        limit = self.settings.checkpoints_other_jobs_days
-        for other in self.state.other_jobs(self.vm.id):
-            if not other.checkpoint_id:
-                continue
-            try:
-                finished = datetime.strptime(other.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
-            except ValueError:
-                continue
-            if limit and now - finished > timedelta(days=limit):
-                log.info("VM %s: checkpoint %s of archive %s of another job is older than "
-                         "checkpoints.other_jobs_days; it is not kept for that job", self.vm.name,
-                         other.checkpoint_id, other.archive)
-                continue
-            held.append(other.checkpoint_id)
-        return held
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -605,21 +700,10 @@ class VmBackup:
         size = disk.provisioned_size
         block_size = self.settings.block_size
         base_record = previous.disk(disk.id) if previous else None
-        reason = ""
-        if previous is None:
-            reason = "full backup"
-        elif engine_mode != "incremental":
-            reason = f"the engine reads this disk in {engine_mode} mode"
-        elif base_record is None:
-            reason = "the disk is not in the previous archive"
-        elif base_record.image != path:
-            reason = "the disk was renamed since the previous archive"
-        elif base_record.blocks_kind != sc.BLOCKS_BORG_ID:
-            reason = ("the previous archive records sha256 block digests, not Borg chunk ids (written by "
-                      "the 'cli' writer or an older ovirt-borg)")
-        elif base_ids is None:
+        reason = disk_full_reason(previous, engine_mode, base_record, path)
+        if not reason and base_ids is None:
             reason = "the chunk ids of the previous image are not available"
-        elif not writer.base_image(base_record.image, base_record.provisioned_size, base_ids):
+        elif not reason and not writer.base_image(base_record.image, base_record.provisioned_size, base_ids):
             reason = "the blocks of the previous image cannot be reused"
         incremental = not reason
         if not incremental and previous is not None:
@@ -659,13 +743,19 @@ class VmBackup:
                 incremental = False
                 blocks = _plan_disk(disk, size, block_size, zero_extents())
             summary = plan.summarize(blocks)
-            log.info("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)", self.vm.name,
-                     disk.alias, summary.blocks, summary.holes, summary.reused, summary.read, summary.bytes_to_read)
-            progress = Progress(f"{self.vm.name}/{disk.alias}", size)
+            checked = client.bytes_read  # the clean blocks re-read to check the dirty bitmap
+            log.debug("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)%s", self.vm.name,
+                      disk.alias, summary.blocks, summary.holes, summary.reused, summary.read,
+                      summary.bytes_to_read,
+                      f", after {checked} bytes read to check the dirty bitmap" if checked else "")
+            progress = Progress(f"VM {self.position[0]} of {self.position[1]}, {self.vm.name}/{disk.alias}", size)
             sha256s = None if writer.gives_chunk_ids else bytearray()
             stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))
             progress.finish()
             bytes_read = client.bytes_read
+            seconds = time.monotonic() - t0
+            log.debug("VM %s disk %s: %s read in %.1f s (%s/s), the bitmap check's included", self.vm.name,
+                      disk.alias, human_size(bytes_read), seconds, human_size(bytes_read / seconds if seconds else 0))
             if client.fallback_reason:  # logged by the client; a setting to fix: the run exits 1
                 self.result.warnings.append(f"VM {self.vm.name} disk {disk.alias}: {client.fallback_reason}")
         if sha256s is None:
@@ -860,32 +950,122 @@ class RunOutcome:
     exit_code: int
 
 
+@dataclass
+class VmPlan:
+    """What a backup of one VM would do (``VmBackup.plan``, ``backup --dry-run``)."""
+
+    vm: str
+    vm_id: str
+    status: str = ""
+    archive: str = ""
+    mode: str = ""
+    reason: str = ""
+    path: str = ""
+    path_note: str = ""
+    #: Each disk backed up: id, alias, format, provisioned_size, mode, reason (why full),
+    #: enable_incremental (turned on first), incremental_capable.
+    disks: list[dict] = field(default_factory=list)
+    skipped_disks: list[dict] = field(default_factory=list)
+    excluded_disks: list[str] = field(default_factory=list)
+    #: Why the VM is not backed up at all (a skip, a veto, an error), "" when it is.
+    skipped: str = ""
+    exit_code: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class VmHooks(Protocol):
+    """What a run tells its plugins about each VM (the job layer calls the plugin manager)."""
+
+    def before_vm(self, vm: VmInfo) -> list[str]:
+        """The reasons plugins give to skip ``vm`` (a veto); none to back it up."""
+
+    def vm_finished(self, vm: VmInfo, result: VmResult) -> None:
+        """``vm`` was backed up (``result.ok``); never raises."""
+
+    def backup_failed(self, vm: VmInfo, error: str, exit_code: int) -> None:
+        """The backup of ``vm`` failed with ``error``; never raises."""
+
+
+class NoHooks:
+    """A run without plugins: nothing vetoes, nobody is told."""
+
+    def before_vm(self, vm: VmInfo) -> list[str]:
+        return []
+
+    def vm_finished(self, vm: VmInfo, result: VmResult) -> None:
+        pass
+
+    def backup_failed(self, vm: VmInfo, error: str, exit_code: int) -> None:
+        pass
+
+
+def checkpoints_of_other_jobs(state: sc.StateDir, vm: VmInfo, other_jobs_days: int, now: datetime) -> list[str]:
+    """The checkpoints of ``vm`` that other jobs sharing the state directory (jobs writing to
+    other repositories) start their next incrementals from.
+
+    A job whose last backup of the VM finished more than ``other_jobs_days`` days before
+    ``now`` holds none (0: no limit): an abandoned job must not pile checkpoints up on the
+    engine.
+    """
+    held = []
+    for other in state.other_jobs(vm.id):
+        if not other.checkpoint_id:
+            continue
+        try:
+            finished = datetime.strptime(other.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        except ValueError:
+            continue
+        if other_jobs_days and now - finished > timedelta(days=other_jobs_days):
+            log.info("VM %s: checkpoint %s of archive %s of another job is older than "
+                     "checkpoints.other_jobs_days; it is not kept for that job", vm.name,
+                     other.checkpoint_id, other.archive)
+            continue
+        held.append(other.checkpoint_id)
+    return held
+
+
+def purge_checkpoints(engine: Engine, state: sc.StateDir, vm: VmInfo, in_use: str, *, keep: int,
+                      other_jobs_days: int) -> list[str]:
+    """Delete the VM's engine checkpoints no backup needs any more; return their ids.
+
+    Kept: the checkpoint ``in_use`` (the next incremental starts from it), the ``keep - 1``
+    before it, and those other jobs sharing the state directory start from
+    (``checkpoints_of_other_jobs``). Raises typed errors (BackupBusy while a backup of the VM
+    is open).
+    """
+    also_keep = checkpoints_of_other_jobs(state, vm, other_jobs_days, utc_now())
+    return engine.purge_checkpoints(vm.id, in_use, keep, also_keep=also_keep)
+
+
+def _skipped(vm: VmInfo, hooks: VmHooks) -> str | None:
+    """Why ``vm`` is not backed up although selected (the hosted engine, a plugin's veto), or None."""
+    reason = selection.skip_reason(vm)
+    if reason:
+        return reason
+    vetoes = [r for r in hooks.before_vm(vm) if r]
+    return "; ".join(vetoes) if vetoes else None
+
+
 def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings, vm: VmInfo,
-               name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool,
-               archives: frozenset[str] | None) -> VmResult:
+               name_for: Callable[[VmInfo], str], hooks: VmHooks, *, force_full: bool,
+               archives: frozenset[str] | None, position: tuple[int, int]) -> VmResult:
     """Back up one VM of a run and tell the plugins; return its result, failed or not.
 
     Any error of the VM, also an unexpected one (a bug: its trace is logged at debug level), is
     that VM's failure (exit 2 for an unexpected one); an interrupt is raised.
     """
-    from ovirt_borg.plugins import notify
-
-    if vm.hosted_engine:
-        reason = ("it is the hosted engine's VM, which the engine refuses to back up (use "
-                  "engine-backup for the engine); name it in selection.exclude to leave it out "
-                  "without this warning")
-        log.warning("VM %s skipped: %s", vm.name, reason)
-        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {reason}", exit_code=1)
-    vetoes = [r for r in pm.hook.ovirt_borg_before_vm(config=config, vm=vm) if r]
-    if vetoes:
-        log.warning("VM %s skipped: %s", vm.name, "; ".join(vetoes))
-        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {'; '.join(vetoes)}", exit_code=1)
+    skipped = _skipped(vm, hooks)
+    if skipped:
+        log.warning("VM %s skipped: %s", vm.name, skipped)
+        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {skipped}", exit_code=1)
     job = None
     try:
         archive_name = name_for(vm)
         logs.set_context(archive=archive_name)
         job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, archive_name, force_full=force_full,
-                       archives=archives)
+                       archives=archives, position=position)
         result = job.run()  # an Interrupted is no Exception: it stops the run, not just this VM
     except Exception as e:
         if isinstance(e, OvirtBorgError):
@@ -896,30 +1076,58 @@ def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings:
         log.error("VM %s: backup failed: %s", vm.name, message)
         failed = job.result if job else VmResult(vm=vm.name, vm_id=vm.id)
         failed.error, failed.exit_code = message, exit_code
-        notify(pm, "ovirt_borg_backup_failed", config=config, vm=vm, error=message, exit_code=exit_code)
+        hooks.backup_failed(vm, message, exit_code)
         return failed
-    notify(pm, "ovirt_borg_vm_finished", config=config, vm=vm, result=result.as_dict())
+    hooks.vm_finished(vm, result)
     return result
 
 
-def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
-                vms: list[VmInfo], name_for: Callable[[VmInfo], str], pm: Any, config: Any, *, force_full: bool = False,
-                archives: frozenset[str] | None = None) -> RunOutcome:
-    """Back up each VM in turn; one VM's failure does not stop the others.
-
-    ``name_for(vm)`` gives the archive name; ``archives`` the repository's archive names read
-    at the start of the run (see ``VmBackup``). Returns every VM's result and the run's exit code
-    (0, or the failed VMs' exit code; 2 when they differ). Interrupts propagate at once.
-    """
-    results: list[VmResult] = []
-    for vm in vms:
-        with logs.context(vm=vm.name):
-            results.append(_backup_vm(engine, repo, state, settings, vm, name_for, pm, config,
-                                      force_full=force_full, archives=archives))
-    codes = {r.exit_code for r in results if r.exit_code} | {1 for r in results if r.warnings}
+def run_exit_code(codes: Iterable[int], warned: bool) -> int:
+    """A run's exit code from its VMs' (pure): 0, 1 for warnings or skips only, the failed VMs'
+    code, or 2 when they failed with different codes."""
+    codes = {code for code in codes if code} | ({1} if warned else set())
     failures = codes - {1}
     if failures:
-        exit_code = failures.pop() if len(failures) == 1 else 2
-    else:
-        exit_code = 1 if codes else 0
-    return RunOutcome(results, exit_code)
+        return failures.pop() if len(failures) == 1 else EXIT_ERROR
+    return 1 if codes else 0
+
+
+def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
+                vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NoHooks(), *,
+                force_full: bool = False, archives: frozenset[str] | None = None) -> RunOutcome:
+    """Back up each VM in turn; one VM's failure does not stop the others.
+
+    ``name_for(vm)`` gives the archive name; ``hooks`` tells the plugins (and may veto a VM);
+    ``archives`` the repository's archive names read at the start of the run (see
+    ``VmBackup``). Returns every VM's result and the run's exit code (``run_exit_code``).
+    Interrupts propagate at once.
+    """
+    results: list[VmResult] = []
+    for number, vm in enumerate(vms, 1):
+        with logs.context(vm=vm.name):
+            results.append(_backup_vm(engine, repo, state, settings, vm, name_for, hooks, force_full=force_full,
+                                      archives=archives, position=(number, len(vms))))
+    return RunOutcome(results, run_exit_code((r.exit_code for r in results), any(r.warnings for r in results)))
+
+
+def plan_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
+                 vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NoHooks(), *,
+                 force_full: bool = False, archives: frozenset[str] | None = None) -> list[VmPlan]:
+    """What ``run_backups`` would do with the same arguments, changing nothing (``VmBackup.plan``).
+
+    A VM that would be skipped (the hosted engine, a plugin's veto) or whose plan fails (it
+    was deleted) says why in its plan. Interrupts propagate.
+    """
+    plans = []
+    for number, vm in enumerate(vms, 1):
+        skipped = _skipped(vm, hooks)
+        if skipped:
+            plans.append(VmPlan(vm=vm.name, vm_id=vm.id, status=vm.status, skipped=skipped, exit_code=1))
+            continue
+        try:
+            job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, name_for(vm), force_full=force_full,
+                           archives=archives, position=(number, len(vms)))
+            plans.append(job.plan())
+        except OvirtBorgError as e:
+            plans.append(VmPlan(vm=vm.name, vm_id=vm.id, status=vm.status, skipped=str(e), exit_code=e.exit_code))
+    return plans

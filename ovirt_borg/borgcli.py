@@ -460,14 +460,20 @@ def list_archives(repo: Repo, glob: str | None = None, *, checkpoints: bool = Fa
     with ``name`` (str), ``id`` (hex str), ``start`` (aware UTC ``datetime``) and ``comment``
     (str). Raises a typed error on failure.
     """
+    return list_repository(repo, glob, checkpoints=checkpoints)[1]
+
+
+def list_repository(repo: Repo, glob: str | None = None, *, checkpoints: bool = False) -> tuple[dict, list[dict]]:
+    """``list_archives``, with the repository as Borg describes it beside them (``id``,
+    ``location``, ``last_modified``)."""
     args = ["list", "--json", "--format", "{name}{id}{start}{comment}"]
     args += ["--consider-checkpoints"] if checkpoints else []
     if glob:
         args += ["--glob-archives", glob]
     out, _ = _run(repo, *args, repo.location)
-    return [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"]),
-             "comment": entry.get("comment", "")}
-            for entry in json.loads(out)["archives"]]
+    listing = json.loads(out)
+    return listing["repository"], [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"]),
+                                    "comment": entry.get("comment", "")} for entry in listing["archives"]]
 
 
 def _require_item(repo: Repo, archive: str, pattern: str, path: str) -> None:

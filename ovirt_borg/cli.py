@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import fcntl
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -15,10 +11,10 @@ import signal
 import stat
 import sys
 from pathlib import Path
-from typing import Iterator
 
-from ovirt_borg import __version__, archive, borgcli, config as config_mod, credentials, logs, memory, sidecar as sc
-from ovirt_borg.errors import EXIT_ERROR, EXIT_OK, ConfigError, Interrupted, JobLocked, OvirtBorgError
+from ovirt_borg import __version__, config as config_mod, jobs, logs, memory
+from ovirt_borg.errors import EXIT_ERROR, EXIT_OK, ConfigError, Interrupted, OvirtBorgError
+from ovirt_borg.progress import human_size
 
 log = logging.getLogger("ovirt_borg")
 
@@ -42,7 +38,7 @@ exit codes:
          back (no archive, engine backup and transfer closed) unless its archive was committed
 
 files:
-  /etc/ovirt-borg/NAME.toml       a job's configuration (ovirt-borg generate-config)
+  /etc/ovirt-borg/NAME.toml       a job's configuration (ovirt-borg config generate)
   /var/lib/ovirt-borg/            sidecars: where each VM's next incremental starts
 environment:
   BORG_REPO, BORG_PASSCOMMAND, BORG_PASSPHRASE, BORG_RSH, BORG_REMOTE_PATH are honoured as Borg
@@ -60,6 +56,21 @@ def _at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores its value as before and notes a warning that
+    ``main`` logs, naming the spelling to use instead (hidden from --help)."""
+
+    def __init__(self, option_strings, dest, instead: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        notes = list(getattr(namespace, "deprecations", None) or [])
+        notes.append(f"{option_string} is deprecated and will be removed: use {self.instead}")
+        namespace.deprecations = notes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("vms", nargs="*", metavar="VM", help="VM names (default with --all: the selection)")
     p.add_argument("--all", action="store_true", help="every VM selected by the configuration")
     p.add_argument("--full", action="store_true", help="read every disk in full (still deduplicated)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary per VM on stdout")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show the VMs selected and, per VM, full or incremental and why, the disks and "
+                        "the path; start nothing on the engine, write nothing")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: the repository, one entry per VM (its archive, mode, disks, bytes "
+                        "read or error), the run's totals and exit code")
 
     p = sub.add_parser("list", help="list this job's archives per VM",
                        description="List the archives this job wrote (matching its prefix), per VM.")
@@ -96,14 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         "restore", help="restore a VM, one disk, or disks to local files",
         description="Restore from ARCHIVE. With --vm-name: recreate the VM from its saved configuration "
                     "under a new name with new ids, its disks uploaded to --storage-domain. With --disk and "
-                    "--to-storage-domain: one disk into oVirt, attached to no VM. With --to-dir: the disks "
+                    "--storage-domain alone: one disk into oVirt, attached to no VM. With --to-dir: the disks "
                     "as local sparse files (no engine needed). Holes are never read nor sent.")
     p.add_argument("archive", metavar="ARCHIVE", help="archive name (see 'ovirt-borg list')")
     p.add_argument("--vm-name", metavar="NEW", help="name of the recreated VM")
     p.add_argument("--cluster", default="Default", help="cluster of the recreated VM (default: Default)")
-    p.add_argument("--storage-domain", metavar="SD", help="storage domain of the new disks")
+    p.add_argument("--storage-domain", metavar="SD",
+                   help="storage domain of the new disks (without --vm-name: the one --disk, attached to no VM)")
     p.add_argument("--disk", action="append", metavar="ID", help="only this disk (id or alias); repeatable")
-    p.add_argument("--to-storage-domain", metavar="SD", help="restore the --disk into SD, attached to no VM")
+    p.add_argument("--to-storage-domain", action=_Deprecated, instead="--storage-domain", metavar="SD")
     p.add_argument("--to-dir", metavar="DIR", type=Path,
                    help="write the disks as sparse files into DIR, with the VM's vm.ovf (all mode 0600)")
     p.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="file format with --to-dir")
@@ -118,20 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --sha256), time")
 
     p = sub.add_parser("verify", help="re-read archives and compare with the hashes taken at backup time",
-                       description="Re-read every disk image of ARCHIVE (or of the newest N archives of a VM, "
+                       description="Re-read every disk image of each ARCHIVE (or of the newest N archives of a VM, "
                                    "or of every VM of this job) from the repository (Borg checks each chunk's "
                                    "MAC and id as it reads) and compare each block with the digest recorded at "
                                    "backup time: its Borg chunk id, or its sha256 for archives of the 'cli' "
                                    "writer. Exit 10 on a mismatch. Borg's shared lock is held while an archive "
                                    "is read: a backup of the same repository waits for it (lock_wait).")
-    p.add_argument("archive", nargs="?", metavar="ARCHIVE", help="the archive to verify")
+    p.add_argument("targets", nargs="*", metavar="ARCHIVE|VM",
+                   help="an archive to verify, or a VM: its newest --last N archives")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--vm", help="verify this VM's newest archives")
+    which.add_argument("--vm", action=_Deprecated, instead="the VM's name as an argument (verify VM)")
     which.add_argument("--all", action="store_true",
                        help="verify the newest archives of every VM with archives of this job (the weekly "
                             "ovirt-borg-verify@.timer runs this)")
     p.add_argument("--last", type=_at_least_one, default=1, metavar="N",
-                   help="with --vm or --all: how many of each VM's newest (default 1)")
+                   help="for a VM, or with --all: how many of each VM's newest (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser(
@@ -216,9 +234,29 @@ exit codes:
     p.add_argument("--purge", action="store_true", help="delete checkpoints older than the one in use")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("config", help="check a configuration, or write the documented sample",
+                       description="'config validate' checks the configuration given with -c: its keys and "
+                                   "values, the secret and CA files it names, its plugins; with --connect also "
+                                   "the engine (login, the VMs [selection] takes) and the repository (it "
+                                   "opens). 'config generate' writes the documented sample.")
+    config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True,
+                                  help="validate (the -c FILE) or generate (the sample)")
+    c = config_sub.add_parser("validate", help="check the configuration (-c FILE)",
+                              description="Check the configuration given with -c FILE; exit 0 when it is "
+                                          "valid, else the error's exit code (2 for the configuration).")
+    c.add_argument("--connect", action="store_true",
+                   help="also log in to the engine and open the repository")
+    c = config_sub.add_parser("generate", help="write the documented sample configuration",
+                              description="Write a documented configuration with every option, its default "
+                                          "and an example, to FILE (mode 0600) or standard output.")
+    c.add_argument("--destination", metavar="FILE", type=Path,
+                   help="write it to FILE (mode 0600) instead of printing it")
+    c.add_argument("--force", action="store_true", help="replace FILE when it exists (refused otherwise)")
+
     sub.add_parser("generate-config", help="print a sample configuration with every option",
                    description="Print a documented configuration with every option, its default and "
-                               "an example. Save it as /etc/ovirt-borg/NAME.toml and edit it.")
+                               "an example (as 'config generate'). Save it as /etc/ovirt-borg/NAME.toml "
+                               "and edit it.")
     return parser
 
 
@@ -229,292 +267,124 @@ def _load_config(path: str | None) -> config_mod.Config:
     return config_mod.load(path or config_mod.DEFAULT_CONFIG_DIR / "default.toml")
 
 
-def _repo(config: config_mod.Config) -> archive.Repo:
-    env = credentials.borg_env(config)
-    if env.get("BORG_PASSPHRASE"):
-        logs.add_secret(env["BORG_PASSPHRASE"])
-    location = env.pop("BORG_REPO")
-    return archive.Repo(location=location, env=env, lock_wait=config.repository.lock_wait,
-                        compression=config.repository.compression)
+def _print_json(document) -> None:
+    print(json.dumps(document, indent=2))
 
 
-def _engine(config: config_mod.Config):
-    from ovirt_borg.engine import Engine, EngineSettings
-
-    password = credentials.engine_password(config)
-    logs.add_secret(password)
-    if config.engine.insecure:
-        log.warning("engine.insecure is set: TLS certificates of the engine and imageio are NOT verified")
-    return Engine(EngineSettings(url=config.engine.url, user=config.engine.user, password=password,
-                                 ca_file=config.engine.ca_file, insecure=config.engine.insecure,
-                                 timeout=config.engine.timeout, poll_interval=config.engine.poll_interval,
-                                 retries=config.engine.retries))
-
-
-@contextlib.contextmanager
-def _job_lock(config: config_mod.Config) -> Iterator[None]:
-    """Hold the job's lock so that two runs of the same job never overlap."""
-    state = Path(config.state.directory)
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    name = hashlib.sha256(os.path.abspath(config.path).encode()).hexdigest()[:16]
-    path = state / f"job-{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise JobLocked(f"another run of the job {config.path} is in progress (lock {path}); "
-                            "this run did nothing") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _state_dir(config: config_mod.Config, repository_id: str) -> sc.StateDir:
-    return sc.StateDir(Path(config.state.directory), repository_id)
+def _rate(size: int, seconds: float) -> str:
+    """Bytes over seconds as MiB/s (or the unit ``human_size`` picks)."""
+    return f"{human_size(size / seconds)}/s" if seconds > 0 else "-"
 
 
 # -- commands ------------------------------------------------------------------------------------
 
 
 def cmd_backup(args: argparse.Namespace, config: config_mod.Config) -> int:
-    from ovirt_borg import backup, plugins
-
-    if not args.vms and not args.all:
-        raise ConfigError("name the VMs to back up, or use --all for the configured selection")
-    pm = plugins.build_manager(config.hooks, [Path(d) for d in config.plugins.directories])
-    t = config.transfer
-    settings = backup.BackupSettings(
-        block_size=config.repository.block_bytes, vm_block_sizes=config.repository.vm_block_bytes(),
-        writer=config.repository.writer,
-        enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
-        full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
-        exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
-        checkpoints_other_jobs_days=config.checkpoints.other_jobs_days,
-        foreign_stale_hours=config.backup.foreign_stale_hours,
-        inactivity_timeout=t.inactivity_timeout, transfer=_transfer_settings(config))
-    repo = _repo(config)
-    prefix = config.repository.prefix
-
-    def archive_name(vm, timestamp: str) -> str:
-        from ovirt_borg.retention import vm_of_archive
-
-        name = pm.hook.ovirt_borg_archive_name(config=config, vm=vm, timestamp=timestamp)
-        if vm_of_archive(name, prefix) != vm.name:
-            raise ConfigError(f"a plugin named the archive of VM {vm.name} {name!r}; it must be "
-                              f"{prefix}{vm.name}-<UTC time>[.tag], or list, prune and restore would "
-                              "not find it")
-        return name
-
-    vms: list = []
-    started = False
-    try:
-        with _job_lock(config), _engine(config) as engine:
-            # One look at the repository for the whole run: its id names the state directory,
-            # its archive list tells each VM whether its previous archive is still there.
-            view = archive.repository_view(repo)
-            state = _state_dir(config, view.id)
-            settings = dataclasses.replace(settings, description=backup.job_description(
-                Path(config.path).stem, view.id))
-            all_vms = engine.list_vms(with_tags=bool(config.selection.tags))
-            if args.vms:
-                known = {vm.name for vm in all_vms}
-                missing = [n for n in args.vms if n not in known]
-                if missing:
-                    from ovirt_borg.errors import NotFound
-
-                    raise NotFound("no VM named " + ", ".join(repr(n) for n in missing) + " on the engine")
-            vms = pm.hook.ovirt_borg_select_vms(config=config, vms=all_vms, requested=list(args.vms),
-                                                all_vms=args.all)
-            plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
-            started = True
-            if not vms:
-                log.warning("the selection matches no VM; nothing to back up")
-                outcome = backup.RunOutcome([], 1)
-            else:
-                timestamp = backup.unused_timestamp(sidecar.archive for sidecar in state.all())
-                outcome = backup.run_backups(engine, repo, state, settings, vms,
-                                             lambda vm: archive_name(vm, timestamp), pm, config,
-                                             force_full=args.full, archives=view.archives)
-    except BaseException as e:
-        code = (e.exit_code if isinstance(e, (OvirtBorgError, Interrupted))
-                else 128 + signal.SIGINT if isinstance(e, KeyboardInterrupt) else EXIT_ERROR)
-        if not started:  # monitoring pairs every start with an end, even when the run never began
-            plugins.notify(pm, "ovirt_borg_run_started", config=config, command="backup", vms=vms)
-        plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
-                       results=[], exit_code=code)
-        raise
-    plugins.notify(pm, "ovirt_borg_run_finished", config=config, command="backup",
-                   results=[r.as_dict() for r in outcome.results], exit_code=outcome.exit_code)
+    report = jobs.run_backup(config, jobs.BackupRequest(vms=tuple(args.vms), all_vms=args.all, full=args.full,
+                                                        dry_run=args.dry_run))
     if args.json:
-        print(json.dumps([r.as_dict() for r in outcome.results], indent=2))
+        _print_json(report.as_dict())
+    elif report.dry_run:
+        _print_plans(report)
     else:
-        for r in outcome.results:
-            if r.ok:
-                read = sum(d.bytes_read for d in r.disks)
-                from ovirt_borg.progress import human_size
+        _print_results(report)
+    return report.exit_code
 
-                warned = f" ({len(r.warnings)} warning(s), see the log)" if r.warnings else ""
-                print(f"{r.vm}: {r.mode} backup in {r.seconds:.1f} s, read {human_size(read)}, "
-                      f"archive {r.archive}{warned}")
-            else:
-                print(f"{r.vm}: FAILED: {r.error}")
-    return outcome.exit_code
+
+def _print_results(report: jobs.BackupReport) -> None:
+    """One line per VM (mode, bytes read, time, archive), then the run's totals."""
+    for r in report.results:
+        if r.ok:
+            read = sum(d.bytes_read for d in r.disks)
+            warned = f"; {len(r.warnings)} warning(s), see the log" if r.warnings else ""
+            print(f"{r.vm}: {r.mode}, read {human_size(read)} in {r.seconds:.1f} s ({_rate(read, r.seconds)}), "
+                  f"archive {r.archive}{warned}")
+        elif r.error.startswith("skipped:"):
+            print(f"{r.vm}: {r.error}")
+        else:
+            print(f"{r.vm}: FAILED (exit {r.exit_code}): {r.error}")
+    t = report.totals()
+    print(f"{t['backed_up']} of {t['vms']} VMs backed up ({t['full']} full, {t['incremental']} incremental), "
+          f"{t['failed']} failed, {t['skipped']} skipped; read {human_size(t['bytes_read'])} in "
+          f"{t['seconds']:.1f} s; exit {report.exit_code}")
+
+
+def _print_plans(report: jobs.BackupReport) -> None:
+    """Per VM: the mode it would get and why, the path, each disk; then the totals."""
+    for p in report.plans:
+        if p.skipped:
+            print(f"{p.vm}: would be skipped: {p.skipped}")
+        else:
+            print(f"{p.vm} ({p.status}): {p.mode} ({p.reason}), into {p.archive}; {p.path_note}")
+            for disk in p.disks:
+                enable = ", incremental backup turned on first" if disk["enable_incremental"] else ""
+                why = f" ({disk['reason']})" if p.mode == "incremental" and disk["reason"] else ""
+                print(f"  {disk['alias']} ({disk['format']}, {human_size(disk['provisioned_size'])}): "
+                      f"{disk['mode']}{why}{enable}")
+        for disk in p.skipped_disks:
+            print(f"  {disk['alias']}: not backed up: {disk['reason']}")
+        for alias in p.excluded_disks:
+            print(f"  {alias}: excluded by selection.exclude_disks")
+    t = report.totals()
+    print(f"dry run: {t['vms']} VMs selected: {t['full']} full, {t['incremental']} incremental, "
+          f"{t['skipped']} skipped; nothing was started on the engine or written")
 
 
 def cmd_list(args: argparse.Namespace, config: config_mod.Config) -> int:
-    from ovirt_borg.backup import parse_archive_comment
-    from ovirt_borg.progress import human_size
-    from ovirt_borg.retention import vm_of_archive
-
-    repo = _repo(config)
-    prefix = config.repository.prefix
-    rows = []
-    archived = set()
-    for a in borgcli.list_archives(repo, f"{prefix}*"):
-        vm = vm_of_archive(a["name"], prefix)
-        if vm is not None:
-            archived.add(vm)
-        if vm is None or (args.vms and vm not in args.vms):
-            continue  # not an archive of this job, or not a VM asked for
-        fields = parse_archive_comment(a.pop("comment", ""))
-        rows.append({"vm": vm, "name": a["name"], "id": a["id"], "start": a["start"].isoformat(),
-                     "mode": fields.get("mode", "?"), "path": fields.get("path", "?"),
-                     "checkpoint": fields.get("checkpoint", "-"), "size": int(fields.get("size", 0)),
-                     "bytes_read": int(fields.get("read", 0)),
-                     "blocks_stored": int(fields.get("blocks_stored", 0))})
-    unknown = [vm for vm in args.vms if vm not in archived]
-    if unknown:
-        from ovirt_borg.errors import NotFound, nearest_hint
-
-        raise NotFound("; ".join(f"no archives of VM {vm!r} in the repository{nearest_hint(vm, archived)}"
-                                 for vm in unknown))
+    listing = jobs.list_archives(config, args.vms)
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(f"{'VM':<20} {'ARCHIVE':<44} {'MODE':<12} {'SIZE':>10} {'READ':>10}  CHECKPOINT")
-        for row in rows:
-            print(f"{row['vm']:<20} {row['name']:<44} {row['mode']:<12} {human_size(row['size']):>10} "
-                  f"{human_size(row['bytes_read']):>10}  {row['checkpoint']}")
+        _print_json(listing.as_dict())
+        return EXIT_OK
+    print(f"{'VM':<20} {'ARCHIVE':<44} {'MODE':<12} {'SIZE':>10} {'READ':>10}  CHECKPOINT")
+    for row in listing.archives:
+        print(f"{row['vm']:<20} {row['name']:<44} {row['mode']:<12} {human_size(row['size']):>10} "
+              f"{human_size(row['bytes_read']):>10}  {row['checkpoint']}")
     return EXIT_OK
 
 
-def _transfer_settings(config: config_mod.Config):
-    from ovirt_borg.imageio import TransferSettings
-
-    t = config.transfer
-    if t.host_ca_file and not os.access(t.host_ca_file, os.R_OK):
-        raise ConfigError(f"{config.path}: 'transfer.host_ca_file' {t.host_ca_file} does not exist or cannot "
-                          "be read; download the engine's internal CA there")
-    return TransferSettings(
-        readers=t.readers, connect_timeout=t.connect_timeout, read_timeout=t.read_timeout,
-        extents_timeout=t.extents_timeout, retries=t.retries, force_proxy=t.use_proxy,
-        ca_file=config.engine.ca_file or None, host_ca_file=t.host_ca_file or None,
-        verify=not config.engine.insecure,
-        bandwidth_limit=config_mod.parse_size(t.bandwidth_limit) if t.bandwidth_limit else None)
-
-
 def cmd_restore(args: argparse.Namespace, config: config_mod.Config) -> int:
-    from ovirt_borg import restore
-
-    from ovirt_borg.progress import human_size
-
-    repo = _repo(config)
-    prefix = config.repository.prefix
-    if args.force and not args.to_dir:
-        raise ConfigError("--force replaces local files: it goes with --to-dir")
-    if args.to_dir:
-        result = restore.restore_to_dir(repo, args.archive, prefix, args.to_dir, fmt=args.format,
-                                        disk_ids=args.disk, force=args.force, sha256=args.sha256)
-    elif args.to_storage_domain:
-        if not args.disk or len(args.disk) != 1:
-            raise ConfigError("--to-storage-domain restores one disk: name it with --disk ID")
-        with _engine(config) as engine:
-            result = restore.restore_disk(engine, repo, args.archive, prefix, args.disk[0],
-                                          args.to_storage_domain, _transfer_settings(config),
-                                          inactivity_timeout=config.transfer.inactivity_timeout,
-                                          sha256=args.sha256)
-    elif args.vm_name:
-        if not args.storage_domain:
-            raise ConfigError("--vm-name needs --storage-domain SD for the new disks")
-        with _engine(config) as engine:
-            result = restore.restore_vm(engine, repo, args.archive, prefix, vm_name=args.vm_name,
-                                        cluster=args.cluster, storage_domain=args.storage_domain,
-                                        settings=_transfer_settings(config),
-                                        inactivity_timeout=config.transfer.inactivity_timeout,
-                                        disk_ids=args.disk, start=args.start, sha256=args.sha256)
-    else:
-        raise ConfigError("say where to restore: --vm-name NEW, --disk ID --to-storage-domain SD, or --to-dir DIR")
+    result = jobs.run_restore(config, jobs.RestoreRequest(
+        archive=args.archive, vm_name=args.vm_name, cluster=args.cluster,
+        storage_domain=args.storage_domain or args.to_storage_domain, disks=tuple(args.disk or ()),
+        to_dir=args.to_dir, format=args.format, force=args.force, start=args.start, sha256=args.sha256))
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    else:
-        for disk in result.disks:
-            where = disk.path or f"new disk {disk.new_id} on {result.storage_domain}"
-            digest = f", sha256 {disk.sha256}" if disk.sha256 else ""
-            print(f"{disk.alias}: restored to {where}, {human_size(disk.bytes_sent)} of data in "
-                  f"{disk.seconds:.1f} s{digest}")
-        if result.ovf:
-            print(f"VM configuration: {result.ovf}")
-        if result.vm_id:
-            print(f"VM {result.vm_name} created ({result.vm_id})")
+        _print_json(result.as_dict())
+        return EXIT_OK
+    for disk in result.disks:
+        where = disk.path or f"new disk {disk.new_id} on {result.storage_domain}"
+        digest = f", sha256 {disk.sha256}" if disk.sha256 else ""
+        print(f"{disk.alias}: restored to {where}, {human_size(disk.bytes_sent)} of data in "
+              f"{disk.seconds:.1f} s ({_rate(disk.bytes_sent, disk.seconds)}){digest}")
+    if result.ovf:
+        print(f"VM configuration: {result.ovf}")
+    if result.vm_id:
+        print(f"VM {result.vm_name} created ({result.vm_id})")
     return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace, config: config_mod.Config) -> int:
-    from ovirt_borg import restore
-    from ovirt_borg.backup import vm_archive_glob
-    from ovirt_borg.errors import NotFound
-    from ovirt_borg.retention import archives_by_vm
-
-    repo = _repo(config)
-    prefix = config.repository.prefix
-    if args.archive and (args.vm or args.all):
-        raise ConfigError("name an ARCHIVE, or use --vm or --all, not both")
-    if args.archive:
-        names = [args.archive]
-    elif args.vm:
-        names = [a["name"] for a in borgcli.list_archives(repo, vm_archive_glob(prefix, args.vm))][-args.last:]
-        if not names:
-            from ovirt_borg.errors import nearest_hint
-
-            by_vm = archives_by_vm((a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")), prefix)
-            raise NotFound(f"no archives of VM {args.vm!r} in the repository" + nearest_hint(args.vm, by_vm))
-    elif args.all:
-        by_vm = archives_by_vm((a["name"] for a in borgcli.list_archives(repo, f"{prefix}*")), prefix)
-        names = [name for vm in sorted(by_vm) for name in by_vm[vm][-args.last:]]
-        if not names:
-            raise NotFound(f"no archives of this job (prefix {prefix!r}) in the repository")
-    else:
-        raise ConfigError("name an ARCHIVE, or --vm VM [--last N], or --all [--last N]")
-    report = []
-    failed = None
-    for name in names:
-        try:
-            disks = restore.verify_archive(repo, name, prefix)
-            report.append({"archive": name, "ok": True, "disks": [d.__dict__ for d in disks]})
-        except OvirtBorgError as e:
-            failed = failed or e
-            report.append({"archive": name, "ok": False, "error": str(e)})
+    targets = [*args.targets, *([args.vm] if args.vm else [])]
+    report = jobs.verify(config, targets, last=args.last, every_vm=args.all)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _print_json(report.as_dict())
     else:
-        for item in report:
+        for item in report.archives:
             if item["ok"]:
-                print(f"{item['archive']}: OK (" + ", ".join(
+                print(f"{item['name']}: OK (" + ", ".join(
                     f"{d['alias']} {d['blocks']} blocks" for d in item["disks"]) + ")")
             else:
-                print(f"{item['archive']}: FAILED: {item['error']}")
-    if failed:
-        raise failed
+                print(f"{item['name']}: FAILED: {item['error']}")
+    if report.failed:
+        raise report.failed
     return EXIT_OK
 
 
 def cmd_mount(args: argparse.Namespace, config: config_mod.Config) -> int:
     from ovirt_borg import mount
 
-    result = mount.mount_archive(_repo(config), args.archive, args.mountpoint.absolute())
+    result = mount.mount_archive(jobs.repository(config), args.archive, args.mountpoint.absolute())
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
+        _print_json(result.as_dict())
         return EXIT_OK
     print(f"archive {result.archive} of VM {mount.printable(result.vm)} mounted at {result.mountpoint}")
     for disk in result.disks:
@@ -533,13 +403,13 @@ def cmd_files(args: argparse.Namespace, config: config_mod.Config) -> int:
 
     from ovirt_borg import files, mount
 
-    repo = _repo(config)
+    repo = jobs.repository(config)
     if args.list is not None:
         if args.paths:
             raise ConfigError("--list takes one PATH (files ARCHIVE --list PATH); give no other PATH")
         listing = files.list_files(repo, args.archive, args.list or None)
         if args.json:
-            print(json.dumps(listing, indent=2))
+            _print_json(listing)
         elif "entries" not in listing:
             for disk in listing["disks"]:
                 print(f"{disk['name']}/  disk {mount.printable(disk['alias'])}")
@@ -559,7 +429,7 @@ def cmd_files(args: argparse.Namespace, config: config_mod.Config) -> int:
         return EXIT_OK
     results = files.restore_files(repo, args.archive, args.paths, args.to)
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
+        _print_json([r.as_dict() for r in results])
     else:
         for result in results:
             print(f"{result.path} -> {result.to}: {result.files} files ({result.bytes} bytes), "
@@ -583,57 +453,49 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, config: config_mod.Config) -> int:
-    from ovirt_borg import retention
-
-    keep = retention.keep_rules(config.retention)
-    if not keep:
-        raise ConfigError(f"{config.path}: [retention] keeps nothing; set at least one keep_* rule")
-    repo = _repo(config)
-    with _job_lock(config):
-        state = _state_dir(config, archive.repository_id(repo))
-        results = retention.prune(repo, state, config.repository.prefix, keep,
-                                  vms=list(args.vms) or None, dry_run=args.dry_run)
+    report = jobs.prune(config, args.vms, dry_run=args.dry_run)
     if args.json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
-    else:
-        verb = "would prune" if args.dry_run else "pruned"
-        for r in results:
-            if r.skipped:
-                print(f"{r.vm}: skipped: {r.skipped}")
-            else:
-                print(f"{r.vm}: {verb} {len(r.pruned)}, kept {len(r.kept)}")
-                for name in r.pruned:
-                    print(f"  {verb} {name}")
-    return 1 if any(r.skipped and r.skipped != "no archives of this VM" for r in results) else EXIT_OK
+        _print_json(report.as_dict())
+        return report.exit_code
+    verb = "would prune" if args.dry_run else "pruned"
+    for r in report.results:
+        if r.skipped:
+            print(f"{r.vm}: skipped: {r.skipped}")
+        else:
+            print(f"{r.vm}: {verb} {len(r.pruned)}, kept {len(r.kept)}")
+            for name in r.pruned:
+                print(f"  {verb} {name}")
+    return report.exit_code
 
 
 def cmd_checkpoints(args: argparse.Namespace, config: config_mod.Config) -> int:
-    repo = _repo(config)
-    state = _state_dir(config, archive.repository_id(repo))
-    sidecars = {s.vm_name: s for s in state.all()}
-    report = []
-    with _engine(config) as engine:
-        names = list(args.vms) or sorted(sidecars)
-        for name in names:
-            vm = engine.find_vm(name)
-            in_use = sidecars[name].checkpoint_id if name in sidecars else None
-            purged = []
-            if args.purge and in_use:
-                purged = engine.purge_checkpoints(vm.id, in_use, config.checkpoints.keep)
-            checkpoints = engine.checkpoints(vm.id)
-            report.append({"vm": name, "in_use": in_use, "purged": purged,
-                           "checkpoints": [{"id": c.id, "state": c.state, "in_use": c.id == in_use}
-                                           for c in checkpoints]})
+    report = jobs.checkpoints(config, args.vms, purge=args.purge)
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for item in report:
-            print(f"{item['vm']}:")
-            for c in item["checkpoints"]:
-                mark = "  <- next incremental starts here" if c["in_use"] else ""
-                print(f"  {c['id']} {c['state']}{mark}")
-            for c in item["purged"]:
-                print(f"  deleted {c}")
+        _print_json(report.as_dict())
+        return EXIT_OK
+    for item in report.vms:
+        print(f"{item['vm']}:")
+        for c in item["checkpoints"]:
+            mark = "  <- next incremental starts here" if c["in_use"] else ""
+            print(f"  {c['id']} {c['state']}{mark}")
+        for c in item["purged"]:
+            print(f"  deleted {c}")
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "generate":
+        if args.force and not args.destination:
+            raise ConfigError("--force replaces a file: it goes with --destination FILE")
+        if args.destination:
+            config_mod.write_sample(args.destination, force=args.force)
+            print(f"sample configuration written to {args.destination} (mode 0600); edit it, then check it "
+                  f"with: ovirt-borg -c {args.destination} config validate --connect")
+        else:
+            print(config_mod.sample_config())
+        return EXIT_OK
+    for line in jobs.validate(_load_config(args.config), connect_to=args.connect):
+        print(line)
     return EXIT_OK
 
 
@@ -644,8 +506,8 @@ def cmd_generate_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "restore": cmd_restore, "verify": cmd_verify,
             "mount": cmd_mount, "files": cmd_files, "prune": cmd_prune, "checkpoints": cmd_checkpoints}
-#: Commands that need no configuration: they are given everything on the command line.
-WITHOUT_CONFIG = {"generate-config": cmd_generate_config, "umount": cmd_umount}
+#: Commands that need no configuration (or, 'config validate', load the one -c names themselves).
+WITHOUT_CONFIG = {"generate-config": cmd_generate_config, "umount": cmd_umount, "config": cmd_config}
 
 
 #: Signals that stop a run cleanly (Ctrl-C, systemctl stop, a closed terminal or ssh session).
@@ -664,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.setup(args.verbose, args.log_json)
+    for note in getattr(args, "deprecations", None) or ():
+        log.warning("%s", note)
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup, a background job: left ignored
             signal.signal(signum, _raise_interrupted)

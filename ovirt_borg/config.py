@@ -14,14 +14,18 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ovirt_borg.errors import ConfigError
+from ovirt_borg.errors import ConfigError, nearest_hint
 
 DEFAULT_CONFIG_DIR = Path("/etc/ovirt-borg")
 DEFAULT_STATE_DIR = "/var/lib/ovirt-borg"
+#: The path of the engine's REST API (``/v4`` names its only version; a trailing slash is fine).
+API_PATH = r"/ovirt-engine/api(/v4)?/?"
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -36,12 +40,17 @@ def parse_size(text: str | int) -> int:
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
-def opt(default: Any, help: str, example: Any = None) -> Any:
-    """A config option: its default, a one-line description and an example for the sample."""
+def opt(default: Any, help: str, example: Any = None, *, minimum: float | None = None,
+        maximum: float | None = None, above: float | None = None) -> Any:
+    """A config option: its default, a one-line description and an example for the sample.
+
+    ``minimum`` and ``maximum`` bound a number (inclusive), ``above`` is a bound it must exceed;
+    the loader checks them (``_check_range``) and names the file and the key when one is not met.
+    """
     factory = None
     if isinstance(default, (list, dict)):
         factory = lambda d=default: type(d)(d)  # noqa: E731
-    meta = {"help": help, "example": example}
+    meta = {"help": help, "example": example, "minimum": minimum, "maximum": maximum, "above": above}
     if factory:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,10 +72,11 @@ class EngineConfig:
                        "/etc/pki/ovirt-engine/ca.pem")
     insecure: bool = opt(False, "skip TLS verification of the engine and imageio (never in production)")
     allow_http: bool = opt(False, "allow a plain http:// engine URL (credentials then travel unencrypted)")
-    timeout: float = opt(300.0, "seconds to wait for an engine operation (backup ready, transfer, disk)")
-    poll_interval: float = opt(1.0, "seconds between polls of engine state")
+    timeout: float = opt(300.0, "seconds to wait for an engine operation (backup ready, transfer, disk)", above=0)
+    poll_interval: float = opt(1.0, "seconds between polls of engine state", above=0)
     retries: int = opt(3, "times an engine read, finalize, cancel or delete is repeated after a transient "
-                          "failure (HTTP 5xx, a lost connection), waiting poll_interval doubled each time")
+                          "failure (HTTP 5xx, a lost connection), waiting poll_interval doubled each time",
+                       minimum=0)
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class RepositoryConfig:
                                          "small scattered writes; changing it makes a VM's next "
                                          "backup a full read", {"db-*": "256K"})
     writer: str = opt("internal", "'internal' (synthetic full, incremental) or 'cli' (borg import-tar, full reads)")
-    lock_wait: int = opt(60, "seconds to wait for the repository lock held by another borg")
+    lock_wait: int = opt(60, "seconds to wait for the repository lock held by another borg", minimum=0)
 
     @property
     def block_bytes(self) -> int:
@@ -105,7 +115,10 @@ class RepositoryConfig:
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """Which VMs and disks are backed up by `backup --all`."""
+    """Which VMs and disks are backed up by `backup --all`.
+
+    With no names, tags and clusters, every VM of the engine is backed up (less exclude).
+    """
 
     names: list[str] = opt([], "VM names or glob patterns", ["web-*", "db1"])
     tags: list[str] = opt([], "VMs carrying any of these engine tags", ["backup-nightly"])
@@ -119,23 +132,26 @@ class BackupConfig:
     """How backups are made."""
 
     enable_incremental: bool = opt(True, "enable incremental backup on qcow2 disks that lack it")
-    verify_sample: int = opt(4, "clean blocks re-read per disk on incrementals to check the dirty bitmap")
-    full_every_days: int = opt(0, "force a full read when the last full is this old (0: never)", 30)
+    verify_sample: int = opt(4, "clean blocks re-read per disk on incrementals to check the dirty bitmap",
+                             minimum=0)
+    full_every_days: int = opt(0, "force a full read when the last full is this old (0: never)", 30, minimum=0)
     cold_backup: bool = opt(True, "use the backup API for powered-off VMs when the engine allows it")
     foreign_stale_hours: float = opt(24.0, "another tool's or job's backup left open on a VM is finalized "
                                      "once it is this old with no active image transfer (0: at once, as "
-                                     "if it were this job's; for estates where ovirt-borg is the only tool)")
+                                     "if it were this job's; for estates where ovirt-borg is the only tool)",
+                                     minimum=0)
 
 
 @dataclass(frozen=True)
 class TransferConfig:
     """The imageio data path."""
 
-    readers: int = opt(4, "parallel imageio connections per disk (capped by the host's max_readers)")
-    connect_timeout: float = opt(10.0, "seconds to connect to imageio")
-    read_timeout: float = opt(60.0, "seconds to wait for data of one request")
-    extents_timeout: float = opt(600.0, "seconds to wait for the extents of a disk (slow on huge disks)")
-    retries: int = opt(5, "retries of a failed range before giving up (with backoff)")
+    readers: int = opt(4, "parallel imageio connections per disk (capped by the host's max_readers)",
+                       minimum=1, maximum=16)
+    connect_timeout: float = opt(10.0, "seconds to connect to imageio", above=0)
+    read_timeout: float = opt(60.0, "seconds to wait for data of one request", above=0)
+    extents_timeout: float = opt(600.0, "seconds to wait for the extents of a disk (slow on huge disks)", above=0)
+    retries: int = opt(5, "retries of a failed range before giving up (with backoff)", minimum=0)
     use_proxy: bool = opt(False, "always go through the engine's imageio proxy (proxy_url)")
     host_ca_file: str = opt("", "CA certificate of the hosts' imageio (port 54322): the engine's internal CA "
                             "(https://ENGINE/ovirt-engine/services/pki-resource?resource=ca-certificate"
@@ -146,7 +162,8 @@ class TransferConfig:
                                        "counts only running reads, not extents queries); ovirt-borg raises it to "
                                        "60 s above its own longest pause: extents_timeout, the wait bandwidth_limit "
                                        "puts before a 4 MiB read and, with the cli writer, repository.lock_wait; "
-                                       "set it above the longest stall your repository may have (0: no limit)")
+                                       "set it above the longest stall your repository may have (0: no limit)",
+                                  minimum=0)
 
 
 @dataclass(frozen=True)
@@ -154,19 +171,21 @@ class RetentionConfig:
     """Keep rules of `ovirt-borg prune`, applied per VM (Borg's prune options)."""
 
     keep_within: str = opt("", "keep all archives within this time (e.g. 2d)")
-    keep_daily: int = opt(7, "daily archives to keep")
-    keep_weekly: int = opt(4, "weekly archives to keep")
-    keep_monthly: int = opt(6, "monthly archives to keep")
-    keep_yearly: int = opt(0, "yearly archives to keep")
+    keep_daily: int = opt(7, "daily archives to keep", minimum=0)
+    keep_weekly: int = opt(4, "weekly archives to keep", minimum=0)
+    keep_monthly: int = opt(6, "monthly archives to keep", minimum=0)
+    keep_yearly: int = opt(0, "yearly archives to keep", minimum=0)
 
 
 @dataclass(frozen=True)
 class CheckpointsConfig:
     """Engine checkpoints."""
 
-    keep: int = opt(1, "checkpoints to keep on the engine (the one the next incremental needs counts)")
+    keep: int = opt(1, "checkpoints to keep on the engine (the one the next incremental needs counts)",
+                    minimum=1)
     other_jobs_days: int = opt(14, "a checkpoint that another job sharing the state directory still needs "
-                               "is kept unless that job's last backup of the VM is older than this (0: always)")
+                               "is kept unless that job's last backup of the VM is older than this (0: always)",
+                               minimum=0)
 
 
 @dataclass(frozen=True)
@@ -226,6 +245,20 @@ def _check_value(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _check_range(value: Any, meta: Mapping[str, Any]) -> str | None:
+    """Why a number is out of its option's range (``opt``'s minimum, maximum, above), or None."""
+    minimum, maximum, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        return f"must be from {minimum} to {maximum}"
+    if minimum is not None and value < minimum:
+        return "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+    if maximum is not None and value > maximum:
+        return f"must be at most {maximum}"
+    if above is not None and value <= above:
+        return "must be positive" if above == 0 else f"must be more than {above}"
+    return None
+
+
 def _build_section(cls: type, data: Any, where: str, source: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: [{where}] must be a table")
@@ -235,12 +268,14 @@ def _build_section(cls: type, data: Any, where: str, source: str) -> Any:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(
-                f"{source}: unknown key '{where}.{key}'; known keys in [{where}]: "
+                f"{source}: unknown key '{where}.{key}'{nearest_hint(key, known)}; known keys in [{where}]: "
                 + ", ".join(sorted(known)))
         tp = hints[key]
         if not _check_value(value, tp):
             raise ConfigError(
                 f"{source}: '{where}.{key}' must be {_type_name(tp)}, got {value!r}")
+        if tp in (int, float) and (problem := _check_range(value, known[key].metadata)):
+            raise ConfigError(f"{source}: '{where}.{key}' {problem} (got {value!r})")
         values[key] = float(value) if tp is float else value
     for name, f in known.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -258,7 +293,8 @@ def from_dict(data: dict, source: str = "<config>") -> Config:
             continue
         if key not in _SECTIONS:
             raise ConfigError(
-                f"{source}: unknown section [{key}]; known sections: " + ", ".join(sorted(_SECTIONS) + ["hooks"]))
+                f"{source}: unknown section [{key}]{nearest_hint(key, [*_SECTIONS, 'hooks'])}; known sections: "
+                + ", ".join(sorted(_SECTIONS) + ["hooks"]))
         sections[key] = _build_section(_SECTIONS[key], value, key, source)
     if "engine" not in sections:
         raise ConfigError(f"{source}: missing section [engine] (at least engine.url)")
@@ -275,6 +311,11 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: 'engine.url' is plain http://: the password would travel unencrypted; "
             "use https:// or set engine.allow_http = true")
+    parts = urllib.parse.urlsplit(engine.url)
+    if not parts.hostname or not re.fullmatch(API_PATH, parts.path):
+        # The engine serves its API there alone (and the SDK logs in at /ovirt-engine/sso).
+        raise ConfigError(f"{source}: 'engine.url' must be the engine's API URL, ending in /ovirt-engine/api, as "
+                          f"https://engine.example.com/ovirt-engine/api (got {engine.url!r})")
     for key, text in [("block_size", repo.block_size),
                       *((f"vm_block_sizes.{pattern}", size) for pattern, size in repo.vm_block_sizes.items())]:
         try:
@@ -284,8 +325,6 @@ def _validate(config: Config, source: str) -> None:
         if block < 64 * 1024 or block > 16 * 1024 * 1024 or block & (block - 1):
             raise ConfigError(f"{source}: 'repository.{key}' must be a power of two from 64K to 16M "
                               f"(got {text!r})")
-    if repo.lock_wait < 0:
-        raise ConfigError(f"{source}: 'repository.lock_wait' must not be negative")
     if repo.compression != "lz4":  # the default; anything else is checked by Borg's own parser
         from borg.compress import CompressionSpec
 
@@ -303,27 +342,11 @@ def _validate(config: Config, source: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", repo.prefix):
         raise ConfigError(f"{source}: 'repository.prefix' must be non-empty (it keeps prune away from other "
                           "archives) and hold only letters, digits, '.', '_' and '-'")
-    if config.transfer.readers < 1 or config.transfer.readers > 16:
-        raise ConfigError(f"{source}: 'transfer.readers' must be from 1 to 16")
     if config.transfer.bandwidth_limit:
         try:
             parse_size(config.transfer.bandwidth_limit)
         except ValueError as e:
             raise ConfigError(f"{source}: 'transfer.bandwidth_limit': {e}") from None
-    for name in ("retries", "inactivity_timeout"):
-        if getattr(config.transfer, name) < 0:
-            raise ConfigError(f"{source}: 'transfer.{name}' must not be negative")
-    if config.backup.verify_sample < 0 or config.backup.full_every_days < 0:
-        raise ConfigError(f"{source}: 'backup.verify_sample' and 'backup.full_every_days' must not be negative")
-    if engine.timeout <= 0 or engine.poll_interval <= 0:
-        raise ConfigError(f"{source}: 'engine.timeout' and 'engine.poll_interval' must be positive")
-    if engine.retries < 0:
-        raise ConfigError(f"{source}: 'engine.retries' must not be negative")
-    if config.checkpoints.keep < 1:
-        raise ConfigError(f"{source}: 'checkpoints.keep' must be at least 1")
-    if config.checkpoints.other_jobs_days < 0 or config.backup.foreign_stale_hours < 0:
-        raise ConfigError(f"{source}: 'checkpoints.other_jobs_days' and 'backup.foreign_stale_hours' "
-                          "must not be negative")
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -337,9 +360,40 @@ def load(path: str | os.PathLike) -> Config:
                           "'ovirt-borg generate-config > FILE')") from None
     except PermissionError:
         raise ConfigError(f"{path}: configuration file is not readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file (-c names a job's TOML file, "
+                          "as /etc/ovirt-borg/NAME.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return from_dict(data, str(path))
+
+
+def write_sample(path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write ``sample_config()`` to ``path``, mode 0600 (it will name secret files).
+
+    The file appears complete or not at all (a temporary file renamed into place). Raises
+    ConfigError when ``path`` exists and ``force`` is not given, or cannot be written.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(sample_config())
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)  # fails, touching nothing, when path exists
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; not overwritten (--force replaces it)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot write the sample configuration to {path}: {e.strerror}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def toml_value(value: Any) -> str:
@@ -361,7 +415,7 @@ def sample_config() -> str:
              "# Every option is shown with its default; uncomment and change what you need.", ""]
     for section, cls in _SECTIONS.items():
         lines.append(f"[{section}]")
-        lines.append(f"# {cls.__doc__.strip()}")
+        lines += [f"# {line.strip()}" for line in cls.__doc__.strip().splitlines() if line.strip()]
         for f in dataclasses.fields(cls):
             lines.append(f"# {f.metadata['help']}")
             if f.default is not dataclasses.MISSING:

@@ -9,18 +9,19 @@ which object; nothing here logs a password, a token or an imageio ticket URL.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import math
 import os
 import re
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
+import tenacity
 
 from ovirt_borg.errors import AuthError, CheckpointError, ConfigError, EngineError, NotFound, TransferError
 
@@ -188,6 +189,10 @@ _CURL_ERROR = re.compile(r"(?:Error while sending HTTP request: \(|Failed to rea
 _CURL_TLS_UNTRUSTED = {51, 60, 77, 83, 90}
 # curl: refused, timed out, empty reply, send/receive failure (a reset), partial transfer.
 _CURL_TRANSIENT = {7, 18, 28, 52, 55, 56}
+# curl: the host name (or the proxy's) does not resolve: a typo or a DNS set-up that a retry
+# seconds later does not change.
+_CURL_UNRESOLVED = {5, 6}
+_CURL_REFUSED = 7
 # HTTP answers of an engine (or the proxy before it) that is restarting or overloaded.
 _HTTP_TRANSIENT = {500, 502, 503, 504}
 _RETRY_MAX_DELAY = 30.0
@@ -198,33 +203,55 @@ def _curl_code(error: sdk.Error) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_transient(error: sdk.Error) -> bool:
-    """True when repeating the same idempotent call may succeed (never for TLS or auth errors)."""
-    if isinstance(error, (sdk.AuthError, sdk.NotFoundError)):
+def is_transient(error: BaseException) -> bool:
+    """True when repeating the same idempotent call may succeed: an SDK error that is an HTTP
+    5xx, a refused, reset or timed-out connection; never a TLS, auth or DNS error."""
+    if not isinstance(error, sdk.Error) or isinstance(error, (sdk.AuthError, sdk.NotFoundError)):
         return False
     if getattr(error, "code", None) in _HTTP_TRANSIENT:
         return True
     curl = _curl_code(error)
-    if curl in _CURL_TLS_UNTRUSTED:
-        return False
-    return curl in _CURL_TRANSIENT or isinstance(error, (sdk.ConnectionError, sdk.TimeoutError))
+    if curl is not None:
+        return curl in _CURL_TRANSIENT
+    return isinstance(error, (sdk.ConnectionError, sdk.TimeoutError))
 
 
-def engine_error(error: Exception, doing: str) -> Exception:
-    """Map an SDK exception raised while ``doing`` something to a typed error."""
+def _host_port(url: str) -> str:
+    """``host:port`` of an engine URL (the port https implies when none is written)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (80 if parts.scheme == "http" else 443)
+    return f"{parts.hostname}:{port}"
+
+
+def engine_error(error: Exception, doing: str, url: str = "") -> Exception:
+    """Map an SDK exception raised while ``doing`` something to a typed error.
+
+    ``url``, the engine's URL when known, names the host and port a connection failed to
+    reach. Returns the typed error (an OvirtBorgError) to raise, or ``error`` itself when it is
+    no SDK error.
+    """
     if isinstance(error, sdk.AuthError):
         return AuthError(f"the engine refused the credentials while {doing}: {_fault_text(error)}; "
                          "check engine.user and the password file")
     if isinstance(error, sdk.NotFoundError):
         return NotFound(f"not found on the engine while {doing}")
-    if isinstance(error, sdk.Error) and _curl_code(error) in _CURL_TLS_UNTRUSTED:
+    curl = _curl_code(error) if isinstance(error, sdk.Error) else None
+    if curl in _CURL_TLS_UNTRUSTED:
         return EngineError(f"the engine's TLS certificate is not trusted while {doing} ({error}); "
                            "set engine.ca_file to the engine's CA certificate (ovirt-borg never falls "
                            "back to an unverified connection unless engine.insecure is set)")
-    if isinstance(error, (sdk.ConnectionError, sdk.TimeoutError)) or (
-            isinstance(error, sdk.Error) and _curl_code(error) is not None):
-        return EngineError(f"cannot reach the engine while {doing}: {error}; check engine.url, "
-                           "the network and the CA file")
+    if curl in _CURL_UNRESOLVED:
+        host = urllib.parse.urlsplit(url).hostname if url else None
+        name = f"the engine's host name {host!r}" if host else "the engine's host name"
+        return EngineError(f"cannot resolve {name} while {doing} ({error}); check the host name in "
+                           "engine.url and this machine's DNS")
+    if curl == _CURL_REFUSED:
+        where = f"the engine at {_host_port(url)}" if url else "the engine"
+        return EngineError(f"cannot connect to {where} while {doing} ({error}): is the engine up, and "
+                           "is the port in engine.url open from this machine?")
+    if isinstance(error, (sdk.ConnectionError, sdk.TimeoutError)) or curl is not None:
+        return EngineError(f"cannot reach the engine while {doing}: {error}; check engine.url and the "
+                           "network")
     if isinstance(error, sdk.Error):
         code = getattr(error, "code", None)
         return EngineError(f"the engine failed while {doing} (HTTP {code}): {_fault_text(error)}")
@@ -232,11 +259,12 @@ def engine_error(error: Exception, doing: str) -> Exception:
 
 
 @contextlib.contextmanager
-def _calling(doing: str) -> Iterator[None]:
+def _calling(doing: str, url: str = "") -> Iterator[None]:
+    """Within the block, SDK errors are raised as the typed errors of ``engine_error``."""
     try:
         yield
     except sdk.Error as e:
-        raise engine_error(e, doing) from None
+        raise engine_error(e, doing, url) from None
 
 
 class WaitStopped(EngineError):
@@ -263,12 +291,17 @@ class Engine:
         if s.ca_file and not os.access(s.ca_file, os.R_OK):
             raise ConfigError(f"engine.ca_file {s.ca_file} does not exist or cannot be read; "
                               "download the engine's CA certificate there")
-        with _calling(f"connecting to {s.url}"):
+        with _calling(f"connecting to {s.url}", s.url):
             self._connection = sdk.Connection(
                 url=s.url, username=s.user, password=s.password,
                 ca_file=s.ca_file or None, insecure=s.insecure, timeout=max(1, math.ceil(s.timeout)),
             )
-            self._retry(lambda: self._connection.test(raise_exception=True), f"connecting to {s.url}")
+            try:
+                self._retry(lambda: self._connection.test(raise_exception=True), f"connecting to {s.url}")
+            except sdk.NotFoundError as e:
+                # Logged in (SSO lives at a fixed path), but the API is not where engine.url says.
+                raise EngineError(f"{s.url} is not the engine's API ({_fault_text(e)}); engine.url must be "
+                                  "https://ENGINE/ovirt-engine/api") from None
 
     def close(self) -> None:
         if self._connection is not None:
@@ -291,18 +324,23 @@ class Engine:
         Returns its result; raises the last SDK error when it is not transient or the retries are
         used up (callers map it with ``_calling`` or ``engine_error``).
         """
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except sdk.Error as e:
-                if attempt >= self.settings.retries or not is_transient(e):
-                    raise
-                attempt += 1
-                delay = min(_RETRY_MAX_DELAY, self.settings.poll_interval * 2 ** attempt)
-                log.warning("engine: %s failed (%s); retrying in %.1f s (attempt %d of %d)", doing,
-                            _fault_text(e), delay, attempt + 1, self.settings.retries + 1)
-                time.sleep(delay)
+        attempts = self.settings.retries + 1
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("engine: %s failed (%s); retrying in %.1f s (attempt %d of %d)", doing,
+                        _fault_text(error), state.next_action.sleep if state.next_action else 0,
+                        state.attempt_number + 1, attempts)
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(attempts),
+            # poll_interval doubled at each attempt: 2, 4, 8 ... times it, at most _RETRY_MAX_DELAY.
+            wait=tenacity.wait_exponential(multiplier=2 * self.settings.poll_interval, max=_RETRY_MAX_DELAY),
+            retry=tenacity.retry_if_exception(is_transient),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(call)
 
     def _call(self, call: Callable[[], T], doing: str) -> T:
         """``_retry`` with SDK errors mapped to typed errors."""
@@ -452,7 +490,7 @@ class Engine:
         removable = checkpoints_to_purge(ids, keep_id, keep, also_keep)
         for checkpoint_id in removable:
             self.delete_checkpoint(vm_id, checkpoint_id)
-            log.info("deleted engine checkpoint %s of VM %s", checkpoint_id, vm_id)
+            log.debug("deleted engine checkpoint %s of VM %s", checkpoint_id, vm_id)
         return removable
 
     # -- backups -----------------------------------------------------------------------------
@@ -924,15 +962,3 @@ def _chain_order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
         return sorted(checkpoints, key=lambda c: c.created)
     return chain
 
-
-def select_vms(vms: list[VmInfo], *, names: list[str], tags: list[str], clusters: list[str],
-               exclude: list[str]) -> list[VmInfo]:
-    """Pure selection: VMs matching any name pattern, tag or cluster, minus exclusions, by name."""
-    chosen = []
-    for vm in vms:
-        wanted = (any(fnmatch.fnmatchcase(vm.name, p) for p in names)
-                  or any(t in tags for t in vm.tags)
-                  or (vm.cluster in clusters))
-        if wanted and not any(fnmatch.fnmatchcase(vm.name, p) for p in exclude):
-            chosen.append(vm)
-    return sorted(chosen, key=lambda v: v.name)

@@ -379,8 +379,8 @@ class ImageioClient:
                     con.close()
             elapsed = time.monotonic() - started
             log.debug(
-                "read %d ranges, %d bytes in %.2f s (%.0f MB/s) with %d readers via %s",
-                count, total, elapsed, total / elapsed / 1e6 if elapsed else 0.0, readers,
+                "read %d ranges, %d bytes in %.2f s (%.0f MiB/s) with %d readers via %s",
+                count, total, elapsed, total / elapsed / (1 << 20) if elapsed else 0.0, readers,
                 self._current().masked,
             )
 

@@ -9,7 +9,6 @@ directory of ``[plugins] directories``) is loaded when the config has a section 
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import logging
 import sys
@@ -19,7 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pluggy
 
-from ovirt_borg import hookspecs, logs
+from ovirt_borg import hookspecs, logs, selection
+from ovirt_borg.config import Config
 from ovirt_borg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,18 +35,18 @@ class DefaultBehaviour:
 
     @hookimpl(trylast=True)
     def ovirt_borg_select_vms(self, config, vms, requested, all_vms):
-        from ovirt_borg.engine import select_vms
-
-        if requested:
-            return [vm for vm in vms if vm.name in requested]
-        sel = config.selection
-        if not (sel.names or sel.tags or sel.clusters):
-            return [vm for vm in vms if not any(fnmatch.fnmatchcase(vm.name, p) for p in sel.exclude)]
-        return select_vms(vms, names=sel.names, tags=sel.tags, clusters=sel.clusters, exclude=sel.exclude)
+        return selection.select(vms, selection_rule(config), requested)
 
     @hookimpl(trylast=True)
     def ovirt_borg_archive_name(self, config, vm, timestamp):
         return f"{config.repository.prefix}{vm.name}-{timestamp}"
+
+
+def selection_rule(config: Config) -> selection.Rule:
+    """The VM rule of the configuration's ``[selection]`` section."""
+    sel = config.selection
+    return selection.Rule(names=tuple(sel.names), tags=tuple(sel.tags), clusters=tuple(sel.clusters),
+                          exclude=tuple(sel.exclude))
 
 
 def ready_plugin_dirs() -> list[Path]:
@@ -111,6 +111,25 @@ def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
             impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
         except Exception as e:  # a monitoring plugin never fails a backup
             log.warning("plugin %s failed in %s: %s", impl.plugin_name, hook_name, e)
+
+
+class RunHooks:
+    """The plugins as a backup run's hooks (``backup.VmHooks``): given the manager and the
+    job's configuration, which every hook receives."""
+
+    def __init__(self, pm: pluggy.PluginManager, config: Config):
+        self.pm = pm
+        self.config = config
+
+    def before_vm(self, vm: Any) -> list[str]:
+        """The reasons plugins give to skip ``vm``; a plugin's error here is raised (it may veto)."""
+        return [reason for reason in self.pm.hook.ovirt_borg_before_vm(config=self.config, vm=vm) if reason]
+
+    def vm_finished(self, vm: Any, result: Any) -> None:
+        notify(self.pm, "ovirt_borg_vm_finished", config=self.config, vm=vm, result=result.as_dict())
+
+    def backup_failed(self, vm: Any, error: str, exit_code: int) -> None:
+        notify(self.pm, "ovirt_borg_backup_failed", config=self.config, vm=vm, error=error, exit_code=exit_code)
 
 
 REQUIRED = object()

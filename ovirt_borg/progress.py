@@ -55,11 +55,13 @@ class Progress:
 
     def _line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else 0
+        # The rate shown is of the bytes moved; holes and reused blocks cost no time and would
+        # inflate it, but they count towards the ETA.
+        done_rate = self.done / elapsed
+        eta = (self.total - self.done) / done_rate if done_rate > 0 else 0
         percent = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"{self.label}: {percent:5.1f}% of {_human(self.total)}, {self.moved_as} {_human(self.moved)}, "
-                f"{_human(rate)}/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+        return (f"{self.label}: {percent:5.1f}% of {_human(self.total)}, {self.moved_as} {_human(self.moved)} "
+                f"at {_human(self.moved / elapsed)}/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
     def _show(self, now: float) -> None:
         if self.tty:

@@ -18,6 +18,9 @@ from ovirt_borg.backup import vm_archive_glob
 
 log = logging.getLogger(__name__)
 
+#: Why a VM named to ``prune`` was not pruned when it has no archives (no warning).
+NO_ARCHIVES = "no archives of this VM"
+
 
 @dataclass
 class PruneResult:
@@ -72,7 +75,7 @@ def prune(repo: archive.Repo, state: sc.StateDir, prefix: str, keep: dict[str, i
         result = PruneResult(vm)
         results.append(result)
         if not names:
-            result.skipped = "no archives of this VM"
+            result.skipped = NO_ARCHIVES
             continue
         glob = vm_archive_glob(prefix, vm)
         doomed = borgcli.prune(repo, glob, keep, dry_run=True)

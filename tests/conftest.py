@@ -49,7 +49,7 @@ class Job:
     def backup(self, *vms: str, extra: tuple[str, ...] = (), expect: int = 0) -> dict[str, dict]:
         """Back up VMs with --json; return {vm name: result}."""
         proc = self.run("backup", *vms, "--json", *extra, expect=expect)
-        return {r["vm"]: r for r in json.loads(proc.stdout)}
+        return {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
 
     def borg(self, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
         proc = subprocess.run([BORG, *args], capture_output=True, env=self.env, cwd=cwd)

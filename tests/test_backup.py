@@ -199,7 +199,7 @@ def test_stale_backup_is_finalized_first(job, lab_vm):
     assert job.lab.stats()["open_backups"], "the fault leaves a backup open"
     proc = job.run("backup", vm, "--json")
     assert "stale backup" in proc.stderr
-    job.assert_identical(json.loads(proc.stdout)[0])
+    job.assert_identical(json.loads(proc.stdout)["archives"][0])
     assert job.lab.stats()["open_backups"] == []
 
 
@@ -233,7 +233,7 @@ def test_powered_off_vm_cold_backup_and_old_engine_proxy(job, lab_clean):
 
         lab.fault("old_engine")
         proc = job.run("backup", name, "--json")
-        routed = json.loads(proc.stdout)[0]
+        routed = json.loads(proc.stdout)["archives"][0]
         final = lab.stats()
         assert routed["path"] == "engine-transfer" and routed["mode"] == "full"
         assert "engine image transfers" in proc.stderr
@@ -260,7 +260,7 @@ def test_lying_bitmap_is_caught_by_the_sample(job, lab_vm):
         qemu.remove_bitmap(disk["path"], bitmap.name)
         qemu.add_bitmap(disk["path"], bitmap.name)
     proc = job.run("backup", vm, "--json")
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert "dirty bitmap" in proc.stderr
     assert result["disks"][0]["mode"] == "full"
     job.assert_identical(result)
@@ -279,7 +279,7 @@ def test_cli_writer_makes_the_same_images(lab_clean, lab_vm, tmp_path):
     # Its archives record sha256 digests, not chunk ids: the internal writer reads in full once.
     job.config.write_text(job.config.read_text().replace('writer = "cli"', 'writer = "internal"'))
     proc = job.run("backup", vm, "--json")
-    third = json.loads(proc.stdout)[0]
+    third = json.loads(proc.stdout)["archives"][0]
     assert {d["mode"] for d in third["disks"]} == {"full"}, third
     assert "sha256 block digests, not Borg chunk ids" in proc.stderr
     job.assert_identical(third)
@@ -301,7 +301,7 @@ def test_list_shows_this_jobs_archives_with_mode_and_checkpoint(job, lab_vm, tmp
     incr = job.backup(vm)[vm]
     (tmp_path / "f").write_text("x")
     job.borg("create", f"{job.repo}::ovirt-notes", str(tmp_path / "f"))  # foreign, same prefix
-    rows = json.loads(job.run("list", "--json").stdout)
+    rows = json.loads(job.run("list", "--json").stdout)["archives"]
     assert [(r["name"], r["mode"], r["checkpoint"]) for r in rows] == [
         (full["archive"], "full", full["checkpoint"]), (incr["archive"], "incremental", incr["checkpoint"])]
     assert rows[1]["size"] == 16 << 20 and rows[1]["bytes_read"] > 0

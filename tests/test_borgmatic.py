@@ -458,7 +458,7 @@ directory = "{tmp_path / 'state'}"
     proc = subprocess.run([str(Path(sys.executable).parent / "ovirt-borg"), "-c", str(job), "list", "--json"],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
-    assert [row["name"] for row in json.loads(proc.stdout)] == [
+    assert [row["name"] for row in json.loads(proc.stdout)["archives"]] == [
         f"{PREFIX}web1-2026-11-24T03:00:00Z", f"{PREFIX}web1-2026-11-25T03:00:00Z"]
     assert repo.env["BORG_PASSPHRASE"] not in proc.stderr
     assert "WARNING" not in proc.stderr
@@ -482,7 +482,7 @@ def test_cli_honours_borg_environment_variables_alone(tmp_path, ssh_repo):
     proc = subprocess.run([str(Path(sys.executable).parent / "ovirt-borg"), "-c", str(job), "list", "--json"],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
-    assert [row["name"] for row in json.loads(proc.stdout)] == [f"{PREFIX}web1-2026-11-25T03:00:00Z"]
+    assert [row["name"] for row in json.loads(proc.stdout)["archives"]] == [f"{PREFIX}web1-2026-11-25T03:00:00Z"]
     # and a wrong BORG_RSH is Borg's problem, reported as a repository error (exit 9)
     env["BORG_RSH"] = str(tmp_path / "no-such-ssh")
     proc = subprocess.run([str(Path(sys.executable).parent / "ovirt-borg"), "-c", str(job), "list"],

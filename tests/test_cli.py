@@ -56,7 +56,7 @@ def test_unknown_command_is_exit_2():
 
 @pytest.mark.parametrize("last", ["0", "-1", "two"])
 def test_verify_last_must_be_one_or_more(last):
-    proc = subprocess.run([OVIRT_BORG, "verify", "--vm", "web", "--last", last], capture_output=True, text=True)
+    proc = subprocess.run([OVIRT_BORG, "verify", "web", "--last", last], capture_output=True, text=True)
     assert proc.returncode == 2 and "--last" in proc.stderr, proc.stderr
 
 

@@ -68,7 +68,7 @@ def test_disks_the_engine_leaves_out_are_skipped_with_a_warning(job: Job, lab_cl
         aliases = {d["id"]: d["name"] for d in lab.vm_info(vm)["disks"]}
         for night, mode in enumerate(("full", "incremental", "incremental")):
             proc = job.run("backup", vm, "--json", expect=1)
-            result = json.loads(proc.stdout)[0]
+            result = json.loads(proc.stdout)["archives"][0]
             assert result["ok"] and result["mode"] == mode, result
             assert [d["id"] for d in result["disks"]] == [lab.vm_info(vm)["disks"][0]["id"]]
             skipped = {d["id"]: d["reason"] for d in result["skipped_disks"]}
@@ -97,7 +97,7 @@ def test_a_vm_with_no_disk_the_engine_backs_up_is_skipped(job: Job, lab_clean):
         lab.add_disk(vm, size="8M", active=False)
         added = lab.stats()["calls"].get("backups.add", 0)
         proc = job.run("backup", vm, "--json", expect=1)
-        result = json.loads(proc.stdout)[0]
+        result = json.loads(proc.stdout)["archives"][0]
         assert not result["ok"] and result["error"].startswith("skipped") and len(result["skipped_disks"]) == 2
         assert check_log_lines(proc.stderr) == []
         assert lab.stats()["calls"].get("backups.add", 0) == added
@@ -113,7 +113,7 @@ def test_hosted_engine_vm_is_skipped_and_the_others_backed_up(job: Job, lab_clea
               (other, {"disks": 1, "size": "8M"})):
         added = lab.stats()["calls"].get("backups.add", 0)
         proc = job.run("backup", engine_vm, other, "--json", expect=1)
-        results = {r["vm"]: r for r in json.loads(proc.stdout)}
+        results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
         assert not results[engine_vm]["ok"] and "hosted engine" in results[engine_vm]["error"]
         assert re.search(rf"WARNING .*VM {engine_vm} skipped: .*hosted engine", proc.stderr), proc.stderr
         assert check_log_lines(proc.stderr) == []
@@ -165,7 +165,7 @@ def test_another_tools_backup_is_left_alone_until_abandoned(job: Job, lab_clean)
         connection, other, other_service = _other_tools_backup(lab, vm, "Veeam Backup & Replication")
         try:
             proc = job.run("backup", vm, "--json", expect=4)
-            result = json.loads(proc.stdout)[0]
+            result = json.loads(proc.stdout)["archives"][0]
             assert other in result["error"] and "Veeam Backup & Replication" in result["error"]
             assert _open_backup_ids(lab, vm) == [other], "the other tool's backup must stay open"
             # older than the limit, but an image transfer of it is active: still alive
@@ -198,7 +198,7 @@ def test_another_tools_backup_is_left_alone_until_abandoned(job: Job, lab_clean)
         connection.close()
         proc = job.run("backup", vm, "--json")
         assert re.search(rf"WARNING .*backup {other} .*'vProtect'.* finalizing it as abandoned", proc.stderr)
-        result = json.loads(proc.stdout)[0]
+        result = json.loads(proc.stdout)["archives"][0]
         assert result["mode"] == "incremental", result["reason"]
         job.assert_identical(result)
         assert open_on_engine(lab, vm) == ([], [])
@@ -218,7 +218,7 @@ def test_own_backup_left_by_a_killed_run_is_finalized_at_once(job: Job, lab_clea
         connection.close()
         proc = job.run("backup", vm, "--json")
         assert f"finalizing a stale backup {stale}" in proc.stderr
-        result = json.loads(proc.stdout)[0]
+        result = json.loads(proc.stdout)["archives"][0]
         assert result["mode"] == "incremental"
         job.assert_identical(result)
         assert [b["description"] for b in lab.stats()["open_backups"] if b["vm"] == vm] == []
@@ -321,7 +321,7 @@ def test_a_replaced_web_certificate_needs_the_internal_ca_for_the_hosts(two_ca_l
     lab.write(vm, disk=2, percent=5)
     host, proxy = _bytes(lab)
     proc = job.run("backup", vm, "--json", expect=1)
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["mode"] == "incremental", result
     assert _bytes(lab)[1] > proxy, "read through the proxy"
     assert len(result["warnings"]) == len(result["disks"])

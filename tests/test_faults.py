@@ -264,8 +264,8 @@ def test_imageio_restart_mid_transfer_is_ridden_out(job, lab_clean):
         configure(job, transfer={"bandwidth_limit": "32M"})
         restarts = lab.stats()["imageio.host.restarts"]
         lab.fault("imageio_restart")
-        proc = job.run("backup", name, "--json")
-        result = json.loads(proc.stdout)[0]
+        proc = job.run("-v", "backup", name, "--json")  # -v: each disk's planned reads
+        result = json.loads(proc.stdout)["archives"][0]
         assert lab.stats()["imageio.host.restarts"] == restarts + 1, "the restart must land mid-transfer"
         assert "retrying" in proc.stderr
         assert_resumed(proc.stderr, result)
@@ -306,14 +306,14 @@ def test_hung_imageio_read_times_out_and_resumes(job, lab_clean):
         configure(job, transfer={"read_timeout": 0.5, "connect_timeout": 0.5, "retries": 6,
                                  "bandwidth_limit": "16M"})
         start_bytes = host_bytes(lab)
-        with running(job, "backup", name, "--json") as proc:
+        with running(job, "-v", "backup", name, "--json") as proc:  # -v: each disk's planned reads
             wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
             with stopped(lab.stats()["imageio.host.pid"]):
                 time.sleep(1.5)
             done = finished(proc)
         assert done.returncode == 0, done.stderr
         assert re.search(r"timed out|TimeoutError", done.stderr), done.stderr
-        result = json.loads(done.stdout)[0]
+        result = json.loads(done.stdout)["archives"][0]
         assert_resumed(done.stderr, result)
         job.assert_identical(result)
     finally:
@@ -386,7 +386,7 @@ def test_single_engine_500s_are_retried(job, backed_up):
     proc = job.run("backup", vm, "--json")
     assert job.lab.faults()["active"] == {}, "every fault was hit"
     assert len(re.findall(r"WARNING .*response code is 500.*retrying", proc.stderr)) == len(calls), proc.stderr
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["mode"] == "incremental" and result["warnings"] == []
     job.assert_identical(result)
     assert open_on_engine(job.lab, vm) == ([], [])
@@ -430,7 +430,7 @@ def test_engine_500_on_backup_finalize_beside_the_commit_is_a_warning(job, backe
     job.lab.fault("engine_500:backup.finalize")
     proc = job.run("backup", vm, "--json", expect=1)
     job.lab.fault("engine_500:backup.finalize", on=False)
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["mode"] == "incremental"
     assert re.search(r"WARNING .*finaliz.*HTTP 500", proc.stderr), proc.stderr
     job.assert_identical(result)
@@ -438,7 +438,7 @@ def test_engine_500_on_backup_finalize_beside_the_commit_is_a_warning(job, backe
     assert len(open_on_engine(job.lab, vm)[0]) == 1, "the backup stays open until the next run"
     proc = job.run("backup", vm, "--json")
     assert "stale backup" in proc.stderr
-    again = json.loads(proc.stdout)[0]
+    again = json.loads(proc.stdout)["archives"][0]
     assert again["mode"] == "incremental", again["reason"]
     job.assert_identical(again)
     assert open_on_engine(job.lab, vm) == ([], [])
@@ -450,7 +450,7 @@ def test_engine_500_on_checkpoint_purge_is_a_warning(job, backed_up):
     job.lab.fault("engine_500:checkpoints.delete")
     proc = job.run("backup", vm, "--json", expect=1)
     job.lab.fault("engine_500:checkpoints.delete", on=False)
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and re.search(r"WARNING .*purge old checkpoints", proc.stderr), proc.stderr
     assert checkpoint_ids(job.lab, vm) == old + [result["checkpoint"]]
     job.assert_identical(result)
@@ -466,7 +466,7 @@ def test_engine_refuses_the_connection(job, backed_up, other_pki, tmp_path):
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not the password\n")
     cases = [
-        ({"url": "https://127.0.0.1:9/ovirt-engine/api"}, 4, r"cannot reach the engine"),
+        ({"url": "https://127.0.0.1:9/ovirt-engine/api"}, 4, r"cannot connect to the engine at 127\.0\.0\.1:9"),
         ({"password_file": str(wrong)}, 5, r"refused the credentials"),
         ({"ca_file": str(other_pki.ca_file)}, 4, r"TLS certificate is not trusted"),
         ({"ca_file": ""}, 4, r"TLS certificate is not trusted"),
@@ -549,7 +549,7 @@ def test_broken_bitmap_on_live_and_cold_backups_reads_in_full(job, lab_clean, le
             lab.write(vm, disk=1, percent=3)
         lab.fault("broken_bitmap", vm=vm)
         proc = job.run("backup", vm, "--json")
-        result = json.loads(proc.stdout)[0]
+        result = json.loads(proc.stdout)["archives"][0]
         assert result["mode"] == "full" and re.search(reason, result["reason"]), result["reason"]
         job.assert_identical(result)
         assert checkpoint_ids(lab, vm) == [result["checkpoint"]]
@@ -567,7 +567,7 @@ def test_stale_backup_in_ready_is_finalized(job, backed_up):
     job.lab.fault("stale_backup", vm=vm)
     proc = job.run("backup", vm, "--json")
     assert "stale backup" in proc.stderr
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["mode"] == "incremental", result["reason"]
     job.assert_identical(result)
     assert open_on_engine(job.lab, vm) == ([], [])
@@ -618,7 +618,7 @@ def test_no_dirty_extents_reads_the_disk_in_full(job, backed_up):
     vm = backed_up
     job.lab.fault("no_dirty_extents")  # the first disk's transfer
     proc = job.run("backup", vm, "--json", expect=1)
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["mode"] == "incremental", result
     assert re.search(r"WARNING .*no dirty extents.*reading the whole disk", proc.stderr), proc.stderr
     first, *others = result["disks"]
@@ -639,7 +639,7 @@ def test_backup_stuck_in_finalizing(job, backed_up):
     configure(job, engine={"timeout": 0.5, "poll_interval": 0.2})
     job.lab.fault("finalize_stuck")
     proc = job.run("backup", vm, "--json")
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["warnings"] == [], result
     assert re.search(r"INFO .*still finalizing.*next run waits for it", proc.stderr), proc.stderr
     assert re.search(r"INFO .*old checkpoints stay until the next run.*during a backup", proc.stderr), proc.stderr
@@ -650,7 +650,7 @@ def test_backup_stuck_in_finalizing(job, backed_up):
     configure(job, engine={"timeout": 30, "poll_interval": 0.05})
     proc = job.run("backup", vm, "--json")
     assert "finish finalizing" in proc.stderr
-    again = json.loads(proc.stdout)[0]
+    again = json.loads(proc.stdout)["archives"][0]
     assert checkpoint_ids(job.lab, vm) == [again["checkpoint"]]
     assert again["mode"] == "incremental", again["reason"]
     job.assert_identical(again)
@@ -663,7 +663,7 @@ def test_snapshot_left_by_a_hybrid_backup_is_a_warning_naming_it(job, backed_up)
     vm = backed_up
     job.lab.fault("snapshot_left")
     proc = job.run("backup", vm, "--json", expect=1)
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["mode"] == "incremental", result
     left = [b for b in _backups(job.lab, vm) if b.snapshot is not None]
     snapshot_id = left[-1].snapshot.id
@@ -692,7 +692,7 @@ def test_a_lost_finalize_reply_is_taken_as_done(job, backed_up, call):
     proc = job.run("backup", vm, "--json")
     assert job.lab.faults()["active"] == {}, "the fault was hit"
     assert job.lab.stats()["calls"][call] >= calls + 2, "the finalize was repeated"
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["mode"] == "incremental" and result["warnings"] == [], result
     job.assert_identical(result)
     assert open_on_engine(job.lab, vm) == ([], [])
@@ -744,7 +744,7 @@ def test_idle_transfers_outlast_ovirt_borg_own_pauses(job, lab_clean):
     try:
         configure(job, transfer={"inactivity_timeout": 1, "extents_timeout": 1.0, "bandwidth_limit": "256K"})
         proc = job.run("backup", vm, "--json")
-        result = json.loads(proc.stdout)[0]
+        result = json.loads(proc.stdout)["archives"][0]
         assert result["mode"] == "full" and result["warnings"] == []
         job.assert_identical(result)
         assert open_on_engine(lab, vm) == ([], [])
@@ -764,7 +764,7 @@ def test_cluster_level_4_4(job, lab_clean, status):
     try:
         for run in range(2):
             proc = job.run("backup", vm, "--json")
-            result = json.loads(proc.stdout)[0]
+            result = json.loads(proc.stdout)["archives"][0]
             assert result["mode"] == "full" and result["checkpoint"] is None, result
             if status == "down":
                 assert result["path"] == "engine-transfer"
@@ -838,7 +838,7 @@ def test_a_signal_ignored_at_start_stays_ignored(job, slow_vm):
         os.kill(proc.pid, signal.SIGHUP)
         done = finished(proc)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)[0]
+    result = json.loads(done.stdout)["archives"][0]
     assert result["mode"] == "incremental"
     configure(job, transfer={"bandwidth_limit": ""})
     job.assert_identical(result)
@@ -863,7 +863,7 @@ def test_sigkill_is_recovered_by_the_next_run(job, slow_vm):
     configure(job, transfer={"bandwidth_limit": ""})
     proc = job.run("backup", vm, "--json")
     assert "stale backup" in proc.stderr
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["mode"] == "incremental", result["reason"]
     job.assert_identical(result)
     assert open_on_engine(lab, vm) == ([], [])
@@ -1009,7 +1009,7 @@ def test_vm_deleted_before_its_turn(job, lab_clean):
         delete = f"{LAB_CLI} delete-vm --dir {lab.dir} {second} >/dev/null"
         configure(job, hooks={"command": {"before_vm": f"case {{vm}} in {second}) {delete};; esac"}})
         proc = job.run("backup", first, second, "--json", expect=11)
-        results = {r["vm"]: r for r in json.loads(proc.stdout)}
+        results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
         assert results[first]["ok"] and not results[second]["ok"]
         errors = check_log_lines(proc.stderr)
         assert re.search(rf"{second}.*no longer exists", errors[-1]), proc.stderr
@@ -1049,7 +1049,7 @@ def test_restore_into_a_missing_storage_domain(job, backed_up):
     proc = job.run("restore", archive, "--vm-name", f"{vm}-r", "--storage-domain", "nope", expect=11)
     assert re.search(r"storage domain 'nope' does not exist", check_log_lines(proc.stderr)[-1])
     proc = job.run("restore", archive, "--disk", job.lab.vm_info(vm)["disks"][0]["id"],
-                   "--to-storage-domain", "nope", expect=11)
+                   "--storage-domain", "nope", expect=11)
     assert re.search(r"storage domain 'nope' does not exist", check_log_lines(proc.stderr)[-1])
     assert sorted(os.listdir(job.lab.dir / "storage")) == disks
     after = job.lab.stats()["calls"]
@@ -1140,7 +1140,7 @@ def test_bad_input_is_a_clear_config_error(job, section, values, message):
 def test_archive_that_does_not_exist(job, tmp_path):
     for args in (["restore", "ovirt-nope-2020-01-01T00:00:00Z", "--to-dir", str(tmp_path / "out")],
                  ["verify", "ovirt-nope-2020-01-01T00:00:00Z"],
-                 ["verify", "--vm", "nope"]):
+                 ["verify", "nope"]):
         proc = job.run(*args, expect=11)
         assert re.search(r"no archive", check_log_lines(proc.stderr)[-1]), proc.stderr
 
@@ -1153,7 +1153,7 @@ def test_tampered_sidecar_means_a_full_backup(job, backed_up):
     path.write_text(json.dumps(doc))
     proc = job.run("backup", vm, "--json")
     assert re.search(r"ERROR .*ignoring the local sidecar .*checkpoint_id", proc.stderr), proc.stderr
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["mode"] == "full"
     job.assert_identical(result)
     assert json.loads(path.read_text())["archive"] == result["archive"], "a valid sidecar replaces it"
@@ -1188,22 +1188,22 @@ def test_state_permissions_and_no_secrets_in_logs(job, backed_up):
 
 def test_tls_verification_is_on_by_default(job, vm):
     """Verification of the engine and imageio is on unless engine.insecure says otherwise (loudly)."""
-    from ovirt_borg.cli import _transfer_settings
+    from ovirt_borg.jobs import transfer_settings
 
     config = config_mod.load(job.config)
-    settings = _transfer_settings(config)
+    settings = transfer_settings(config)
     assert settings.verify and settings.ca_file == str(job.lab.ca_file)
     data = tomllib.loads(job.config.read_text())
     del data["engine"]["ca_file"]
     defaults = config_mod.from_dict(data, "job.toml")
     assert not defaults.engine.insecure
-    assert _transfer_settings(defaults).verify and _transfer_settings(defaults).ca_file is None
+    assert transfer_settings(defaults).verify and transfer_settings(defaults).ca_file is None
     # without a CA file the lab's certificates are refused (test_engine_refuses_the_connection);
     # only the explicit opt-out connects, and says so
     configure(job, engine={"ca_file": "", "insecure": True})
     proc = job.run("backup", vm, "--json")
     assert re.search(r"WARNING .*insecure is set: TLS certificates .* NOT verified", proc.stderr)
-    job.assert_identical(json.loads(proc.stdout)[0])
+    job.assert_identical(json.loads(proc.stdout)["archives"][0])
 
 
 # -- load ----------------------------------------------------------------------------------------
@@ -1231,13 +1231,13 @@ def test_eight_vms_in_one_run_with_bounded_memory(job, lab_clean):
         assert proc.returncode == 0, output["err"]
         peak_mib = usage.ru_maxrss / 1024
         assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB"
-        results = {r["vm"]: r for r in json.loads(output["out"])}
+        results = {r["vm"]: r for r in json.loads(output["out"])["archives"]}
         assert sorted(results) == sorted(names) and all(r["mode"] == "full" for r in results.values())
         for name in names:
             assert open_on_engine(lab, name) == ([], [])
         # verify takes a shared lock: three at a time
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            verified = list(pool.map(lambda name: job.run("verify", "--vm", name, expect=None), names))
+            verified = list(pool.map(lambda name: job.run("verify", name, expect=None), names))
         for name, proc in zip(names, verified):
             assert proc.returncode == 0 and re.match(r"\S+: OK \(", proc.stdout), (name, proc.stdout, proc.stderr)
         job.assert_identical(results[names[-1]])

@@ -198,7 +198,7 @@ def test_healthchecks_through_backups(lab_clean, lab_vm, tmp_path, endpoint):
     endpoint.requests.clear()
     lab_clean.fault("engine_500:backups.add", times=1)
     proc = job.run("backup", vm, "--json", expect=4)
-    error = json.loads(proc.stdout)[0]["error"]
+    error = json.loads(proc.stdout)["archives"][0]["error"]
     start, fail = endpoint.requests
     rid2 = re.fullmatch(rf"/ping/{SECRET}/start\?rid=([0-9a-f-]{{36}})", start["path"])[1]
     assert rid2 != rid and fail["path"] == f"/ping/{SECRET}/fail?rid={rid2}"
@@ -208,7 +208,7 @@ def test_healthchecks_through_backups(lab_clean, lab_vm, tmp_path, endpoint):
     port = closed_port()
     set_hook_options(job, "healthchecks", {"url": f"http://127.0.0.1:{port}/ping/{SECRET}", "timeout": 2})
     proc = job.run("backup", vm, "--json")
-    assert json.loads(proc.stdout)[0]["ok"] is True
+    assert json.loads(proc.stdout)["archives"][0]["ok"] is True
     assert f"healthchecks: the start ping to http://127.0.0.1:{port}/**** failed: ConnectionError" in proc.stderr
     assert f"healthchecks: the success ping to http://127.0.0.1:{port}/**** failed" in proc.stderr
     assert SECRET not in proc.stderr
@@ -342,7 +342,7 @@ def test_prometheus_through_backups(lab_clean, two_vms, tmp_path):
     # one VM fails: it keeps its last success, with its exit code; the other is incremental
     lab_clean.fault("engine_500:backups.add", times=1)
     proc = job.run("backup", a, b, "--json", expect=4)
-    results = {r["vm"]: r for r in json.loads(proc.stdout)}
+    results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
     bad, = [vm for vm in results if not results[vm]["ok"]]
     good, = [vm for vm in results if results[vm]["ok"]]
     old = {a: metrics_a, b: metrics_b}
@@ -414,7 +414,7 @@ def test_command_hooks_through_backups(lab_clean, two_vms, tmp_path):
         "after_run": f'echo "after_run {{exit_code}} $OVIRT_BORG_HOOK" {out}',
     })
     proc = job.run("backup", a, b, "--json", expect=1)
-    results = {r["vm"]: r for r in json.loads(proc.stdout)}
+    results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
     assert results[b]["error"] == f"skipped: before_vm command 2 of 2 exited with 3: {b} is busy"
     assert job.archives() == [results[a]["archive"]]
     job.assert_identical(results[a])
@@ -428,7 +428,7 @@ def test_command_hooks_through_backups(lab_clean, two_vms, tmp_path):
     log.unlink()
     lab_clean.fault("engine_500:backups.add", times=1)
     proc = job.run("backup", a, "--json", expect=4)
-    error = json.loads(proc.stdout)[0]["error"]
+    error = json.loads(proc.stdout)["archives"][0]["error"]
     assert log.read_text().splitlines() == [
         f"before_run {a}", f"before_vm {a} {a}", f"on_failure {a} 4 {error}", "after_run 4 after_run"]
 
@@ -511,7 +511,7 @@ def test_webhook_json_through_backups(lab_clean, lab_vm, tmp_path, endpoint):
 
     lab_clean.fault("engine_500:backups.add", times=1)
     proc = job.run("backup", vm, "--json", expect=4)
-    error = json.loads(proc.stdout)[0]["error"]
+    error = json.loads(proc.stdout)["archives"][0]["error"]
     request, = endpoint.requests
     assert request["method"] == "POST" and request["path"] == f"/hook/{SECRET}"
     assert request["headers"]["Content-Type"] == "application/json"

@@ -49,7 +49,7 @@ def test_journal_lines_carry_their_syslog_priority(job, lab_vm, tmp_path):
 
 def test_log_json_lines_have_borgs_shape_with_vm_and_archive(job, lab_vm):
     proc = job.run("--log-json", "backup", lab_vm["name"], "--json")
-    archive = json.loads(proc.stdout)[0]["archive"]
+    archive = json.loads(proc.stdout)["archives"][0]["archive"]
     lines = [json.loads(line) for line in proc.stderr.splitlines()]
     assert lines
     for line in lines:
@@ -90,7 +90,7 @@ def ovirt_borg_archive_name(config, vm, timestamp):
     job.config.write_text(job.config.read_text() + f'\n[plugins]\ndirectories = ["{plugins}"]\n[hooks.broken]\n')
     proc = job.run("-v", "backup", first, second, "--json", expect=None)
     assert proc.returncode == 2 and proc.stdout, proc.stderr
-    results = {r["vm"]: r for r in json.loads(proc.stdout)}
+    results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
     assert results[first]["exit_code"] == 2 and "ValueError" in results[first]["error"]
     assert results[second]["exit_code"] == 0
     job.assert_identical(results[second])
@@ -101,11 +101,11 @@ def test_verify_all_verifies_each_vms_newest_archives(job, two_vms):
     first = job.backup(*two_vms)
     job.lab.write(two_vms[0], disk=1, percent=5)
     second = job.backup(*two_vms)
-    report = json.loads(job.run("verify", "--all", "--json").stdout)
-    assert sorted(r["archive"] for r in report) == sorted(r["archive"] for r in second.values())
+    report = json.loads(job.run("verify", "--all", "--json").stdout)["archives"]
+    assert sorted(r["name"] for r in report) == sorted(r["archive"] for r in second.values())
     assert all(r["ok"] for r in report)
-    report = json.loads(job.run("verify", "--all", "--last", "2", "--json").stdout)
-    assert sorted(r["archive"] for r in report) == sorted(r["archive"] for r in [*first.values(), *second.values()])
+    report = json.loads(job.run("verify", "--all", "--last", "2", "--json").stdout)["archives"]
+    assert sorted(r["name"] for r in report) == sorted(r["archive"] for r in [*first.values(), *second.values()])
     proc = job.run("verify", "--all", "--vm", two_vms[0], expect=2)
     assert "not allowed with argument" in proc.stderr
 

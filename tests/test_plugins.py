@@ -156,7 +156,7 @@ def test_selection_archive_name_and_run_hooks(lab_clean, two_vms, tmp_path):
 
     # verify and restore find the VM's files in a tagged archive
     job.run("verify", second["archive"])
-    job.run("verify", "--vm", a)
+    job.run("verify", a)
     out = tmp_path / "restored"
     job.run("restore", second["archive"], "--to-dir", str(out))
     for index, disk in enumerate(second["disks"]):
@@ -167,7 +167,7 @@ def test_before_vm_veto_skips_the_vm_and_writes_nothing(lab_clean, two_vms, tmp_
     a, b = two_vms
     job = recorder_job(lab_clean, tmp_path / "job", {"recorder": {"veto": b}})
     proc = job.run("backup", a, b, "--json", expect=1)
-    results = {r["vm"]: r for r in json.loads(proc.stdout)}
+    results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
     assert results[a]["ok"] is True
     job.assert_identical(results[a])
     assert results[b]["ok"] is False and results[b]["exit_code"] == 1
@@ -194,7 +194,7 @@ def test_backup_failed_gets_the_error_and_exit_code(lab_clean, two_vms, tmp_path
     job = recorder_job(lab_clean, tmp_path / "job", {"recorder": {}})
     lab_clean.fault("engine_500:backups.add", times=1)  # the first VM's backup cannot start
     proc = job.run("backup", *two_vms, "--json", expect=4)
-    results = {r["vm"]: r for r in json.loads(proc.stdout)}
+    results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
     failed = [vm for vm in two_vms if not results[vm]["ok"]]
     assert len(failed) == 1, results
     bad, = failed
@@ -219,7 +219,7 @@ def test_plugin_raising_in_notification_hooks_does_not_fail_the_backup(lab_clean
     # 'broken' raises in every notification hook it gets; 'witness' (loaded after it) must still hear them
     job = recorder_job(lab_clean, tmp_path / "job", {"broken": {"raise_in": broken}, "witness": {}})
     proc = job.run("backup", vm, "--json")
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] is True
     job.assert_identical(result)
     for hook in broken:
@@ -258,7 +258,7 @@ def test_entry_point_plugin_is_loaded_and_configured(lab_clean, lab_vm, tmp_path
     job = make_job(lab_clean, tmp_path / "job", toml_table("hooks.vetoall", {"reason": "maintenance window"}))
     job.env["PYTHONPATH"] = str(site)
     proc = job.run("backup", lab_vm["name"], "--json", expect=1)
-    assert json.loads(proc.stdout)[0]["error"] == "skipped: maintenance window"
+    assert json.loads(proc.stdout)["archives"][0]["error"] == "skipped: maintenance window"
     assert job.archives() == []
 
 

@@ -31,8 +31,10 @@ def test_prune_keeps_foreign_archives_and_prunes_per_vm(job, lab_vm, tmp_path):
         job.lab.write(vm, disk=1, offset=i << 20, length=65536)
         names.append(job.backup(vm)[vm]["archive"])
     dry = json.loads(job.run("prune", "--dry-run", "--json").stdout)
-    assert [r["vm"] for r in dry] == [vm]
-    assert sorted(dry[0]["pruned"]) == sorted(names[:2]) and dry[0]["kept"] == [names[-1]]
+    assert dry["dry_run"] and dry["repository"]["location"] == str(job.repo) and dry["skipped"] == []
+    assert {a["vm"] for a in dry["archives"]} == {vm}
+    assert sorted(a["name"] for a in dry["archives"] if a["action"] == "prune") == sorted(names[:2])
+    assert [a["name"] for a in dry["archives"] if a["action"] == "keep"] == [names[-1]]
     assert set(names) <= set(job.archives()), "a dry run changes nothing"
     job.run("prune")
     remaining = job.archives()

@@ -183,7 +183,7 @@ def test_ovf_without_disks_keeps_the_rest_of_the_configuration(job, vm):
 def test_restore_one_disk_to_a_storage_domain(job, vm):
     result = job.backup(vm)[vm]
     disk = result["disks"][1]
-    proc = job.run("restore", result["archive"], "--disk", disk["id"], "--to-storage-domain", "data1", "--json")
+    proc = job.run("restore", result["archive"], "--disk", disk["id"], "--storage-domain", "data1", "--json")
     new_id = json.loads(proc.stdout)["disks"][0]["new_id"]
     image = job.dir / "one.raw"
     floating = job.lab.dir / "storage" / f"{new_id}.qcow2"  # a disk attached to no VM
@@ -202,7 +202,7 @@ def test_restore_to_a_wrong_place_creates_nothing(job, vm):
             (["--vm-name", "never", "--storage-domain", "nope"], 11, "block1 (iscsi), "),
             (["--vm-name", "never", "--storage-domain", "nope"], 11, "data1 (localfs)"),
             (["--vm-name", "never", "--storage-domain", "dta1"], 11, "; did you mean 'data1'?"),
-            (["--disk", result["disks"][0]["id"], "--to-storage-domain", "blok1"], 11,
+            (["--disk", result["disks"][0]["id"], "--storage-domain", "blok1"], 11,
              "storage domain 'blok1' does not exist on the engine; it has: "),
             (["--vm-name", "never", "--storage-domain", "data1", "--cluster", "nope"], 11,
              "cluster 'nope' does not exist on the engine (--cluster); it has: Default"),
@@ -238,7 +238,7 @@ def test_verify_an_archive_and_an_unknown_one(job, vm):
     result = job.backup(vm)[vm]
     proc = job.run("verify", result["archive"])
     assert "OK" in proc.stdout
-    job.run("verify", "--vm", vm, "--last", "1")
+    job.run("verify", vm, "--last", "1")
     job.run("verify", "no-such-archive", expect=11)
 
 
@@ -250,9 +250,11 @@ def test_unknown_names_suggest_the_nearest_ones(job, vm, tmp_path):
         proc = job.run(*args, expect=11)
         assert f"no archive named '{typo}'" in proc.stderr and f"did you mean '{archive_name}'" in proc.stderr
     vm_typo = vm[:-1] + "x"
-    for args in (["verify", "--vm", vm_typo], ["list", vm_typo]):
-        proc = job.run(*args, expect=11)
-        assert f"no archives of VM '{vm_typo}'" in proc.stderr and f"did you mean '{vm}'" in proc.stderr
+    proc = job.run("list", vm_typo, expect=11)
+    assert f"no archives of VM '{vm_typo}'" in proc.stderr and f"did you mean '{vm}'" in proc.stderr
+    proc = job.run("verify", vm_typo, expect=11)
+    assert f"no archive or VM with archives named '{vm_typo}'" in proc.stderr, proc.stderr
+    assert f"did you mean '{vm}'" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -435,7 +437,7 @@ def test_restore_progress_says_what_was_sent(caplog):
     with caplog.at_level(logging.INFO, logger="ovirt_borg.progress"):
         progress.update(4 << 20, 1 << 20)
     [line] = [r.getMessage() for r in caplog.records if r.name == "ovirt_borg.progress"]
-    assert line.startswith("restore disk1:  50.0% of 8.0 MiB, sent 1.0 MiB, ") and ", ETA " in line
+    assert line.startswith("restore disk1:  50.0% of 8.0 MiB, sent 1.0 MiB at ") and ", ETA " in line
 
 
 def test_split_zeros_sends_zero_pieces_as_holes():

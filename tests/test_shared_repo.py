@@ -176,7 +176,7 @@ def test_borgmatic_runs_ovirt_borg_from_its_hooks_in_one_repository(lab_clean, t
     run_borg(ssh_repo, "create", f"{{repo}}::other-{tagged_vms[0]}-2026-11-26T01:00:00Z", str(shared.files))
 
     first = shared.borgmatic("-v", "1")
-    assert first.stdout.count("full backup in") == 2, first.stdout
+    assert first.stdout.count(": full, read ") == 2, first.stdout
     after_first = archive_names(ssh_repo)
     assert len(newest(after_first, "fileserver-files-")) == 1
     first_vm_archives = {vm: newest(after_first, f"ovirt-{vm}-") for vm in tagged_vms}
@@ -186,7 +186,7 @@ def test_borgmatic_runs_ovirt_borg_from_its_hooks_in_one_repository(lab_clean, t
         lab_clean.write(vm, disk=1, offset=1 << 20, length=256 << 10)
     time.sleep(1.1)  # archive names carry the time to the second
     second = shared.borgmatic("-v", "1")
-    assert second.stdout.count("incremental backup in") == 2, second.stdout
+    assert second.stdout.count(": incremental, read ") == 2, second.stdout
 
     remaining = archive_names(ssh_repo)
     files = newest(remaining, "fileserver-files-")
@@ -218,7 +218,7 @@ def test_ovirt_borg_waits_for_borgmatic_then_goes_on(lab_clean, tagged_vms, ssh_
         waited = time.monotonic() - started
     assert "locked by another borg process; waiting up to 60 s for its lock" in proc.stderr
     assert waited >= 1.5
-    result = json.loads(proc.stdout)[0]
+    result = json.loads(proc.stdout)["archives"][0]
     assert result["ok"] and result["archive"] in archive_names(ssh_repo)
     assert shared.restored_sha(result["archive"]) == shared.job.lab_image_sha(vm, 0)
 
@@ -259,7 +259,7 @@ def test_borgmatic_and_ovirt_borg_at_the_same_time_take_turns(lab_clean, tagged_
             backup.communicate()
     assert backup.returncode == 0, err
     assert "Repository: " + ssh_repo.location in files.stdout, "borgmatic's --stats of its archive"
-    results = json.loads(out)
+    results = json.loads(out)["archives"]
     assert sorted(r["vm"] for r in results) == sorted(tagged_vms)
     names = archive_names(ssh_repo)
     assert len(newest(names, "fileserver-files-")) == 1

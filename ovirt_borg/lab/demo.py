@@ -55,14 +55,14 @@ def run(directory: Path, disk_size: str) -> int:
         config = lab.config_path
         _step("full backup of all lab VMs")
         t0 = time.monotonic()
-        full = _ovirt_borg(config, "backup", "--all", "--json")
+        full = _ovirt_borg(config, "backup", "--all", "--json")["archives"]
         full_seconds = time.monotonic() - t0
         _step("the guest of vm1 writes 1% of its second disk")
         lab.write("vm1", disk=2, percent=1)
         before = lab.stats()["imageio.host.bytes"]
         _step("incremental backup of all lab VMs")
         t0 = time.monotonic()
-        incr = _ovirt_borg(config, "backup", "--all", "--json")
+        incr = _ovirt_borg(config, "backup", "--all", "--json")["archives"]
         incr_seconds = time.monotonic() - t0
         incr_bytes = lab.stats()["imageio.host.bytes"] - before
         _step("restoring the newest archive of each VM to local files and comparing with the lab's disks")
@@ -111,7 +111,7 @@ def _recover_files(lab: Lab, config: Path, incr: list[dict], directory: Path) ->
     print((out / "vm1" / "hello.txt").read_text().strip())
     _step("adding the lab's guest VM (an LVM RHEL layout, Windows NTFS, vfat, btrfs, LUKS...) and backing it up")
     info = lab.add_guests()
-    guests = _ovirt_borg(config, "backup", "guests", "--json")[0]
+    guests = _ovirt_borg(config, "backup", "guests", "--json")["archives"][0]
     wanted = {"rhel/rhel-root/etc/hostname": ("rhel", "rhel-root", "/etc/hostname"),
               "windows/p2/hosts": ("windows", "p2", "/hosts")}
     _step("recovering " + " and ".join(wanted) + " with 'ovirt-borg files' (mounted privately, unmounted after)")
