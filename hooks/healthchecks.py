@@ -9,7 +9,7 @@ Enabled by a ``[hooks.healthchecks]`` section::
 At the start of a backup run it pings ``<url>/start``; when the run ends with exit code 0 it
 pings ``<url>``, otherwise ``<url>/fail`` (a warning, exit 1, is a VM that was not backed up:
 it needs attention, so it fails the check too). Every ping carries a short text body (the
-VMs, and for each one its outcome) and the same ``rid`` so that Healthchecks pairs start and
+totals, then each VM's outcome, the failed ones first) and the same ``rid`` so that Healthchecks pairs start and
 end and measures the run's duration.
 
 A ping that fails (endpoint down, timeout, HTTP error) is logged as a warning and never fails
@@ -86,16 +86,31 @@ def ping(suffix: str, body: str) -> bool:
     return True
 
 
-def summary(results: list[dict], exit_code: int) -> str:
-    """Given a run's results and exit code, return a few lines of text for a ping body."""
-    lines = [f"ovirt-borg backup finished with exit code {exit_code}"]
-    for r in results:
-        if r.get("ok"):
-            lines.append(f"{r.get('vm')}: {r.get('mode')} backup in {r.get('seconds', 0):.1f} s, "
-                         f"archive {r.get('archive')}")
-        else:
-            lines.append(f"{r.get('vm')}: FAILED (exit {r.get('exit_code')}): {r.get('error')}")
-    return "\n".join(lines) + "\n"
+def summary(results: list[dict], exit_code: int, limit: int = MAX_BODY) -> str:
+    """Given a run's results and exit code, return the text of the end ping's body.
+
+    The first lines hold the totals (VMs backed up, failed, skipped; bytes read and stored), then
+    one line per VM, the failed and skipped ones first: when a large estate's lines pass
+    ``limit`` bytes, the lines that need attention are kept and the rest is counted.
+    """
+    failed = [r for r in results if not r.get("ok")]
+    done = [r for r in results if r.get("ok")]
+    skipped = [r for r in failed if str(r.get("error", "")).startswith("skipped:")]
+    read = sum(d.get("bytes_read", 0) for r in done for d in r.get("disks", []))
+    stored = sum(d.get("stored", 0) for r in done for d in r.get("disks", []))
+    head = [f"ovirt-borg backup finished with exit code {exit_code}",
+            f"{len(done)} of {len(results)} VM(s) backed up, {len(failed) - len(skipped)} failed, "
+            f"{len(skipped)} skipped; {read / 2**20:.1f} MiB read, {stored / 2**20:.1f} MiB stored"]
+    lines = [f"{r.get('vm')}: FAILED (exit {r.get('exit_code')}): {r.get('error')}" for r in failed]
+    lines += [f"{r.get('vm')}: {r.get('mode')} backup in {r.get('seconds', 0):.1f} s, archive {r.get('archive')}"
+              for r in done]
+    text = "\n".join(head) + "\n"
+    for number, line in enumerate(lines):
+        more = f"... and {len(lines) - number} more VM(s)\n"
+        if len((text + line + "\n" + more).encode()) > limit:
+            return text + more
+        text += line + "\n"
+    return text
 
 
 @hookimpl

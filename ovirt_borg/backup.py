@@ -1056,12 +1056,14 @@ def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings:
     Any error of the VM, also an unexpected one (a bug: its trace is logged at debug level), is
     that VM's failure (exit 2 for an unexpected one); an interrupt is raised.
     """
-    skipped = _skipped(vm, hooks)
-    if skipped:
-        log.warning("VM %s skipped: %s", vm.name, skipped)
-        return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {skipped}", exit_code=1)
     job = None
     try:
+        # Inside the try: a plugin that raises in before_vm (a bug, an unreachable service it
+        # asks) fails this VM, never the run.
+        skipped = _skipped(vm, hooks)
+        if skipped:
+            log.warning("VM %s skipped: %s", vm.name, skipped)
+            return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {skipped}", exit_code=1)
         archive_name = name_for(vm)
         logs.set_context(archive=archive_name)
         job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, archive_name, force_full=force_full,
@@ -1120,11 +1122,11 @@ def plan_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, setting
     """
     plans = []
     for number, vm in enumerate(vms, 1):
-        skipped = _skipped(vm, hooks)
-        if skipped:
-            plans.append(VmPlan(vm=vm.name, vm_id=vm.id, status=vm.status, skipped=skipped, exit_code=1))
-            continue
         try:
+            skipped = _skipped(vm, hooks)
+            if skipped:
+                plans.append(VmPlan(vm=vm.name, vm_id=vm.id, status=vm.status, skipped=skipped, exit_code=1))
+                continue
             job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, name_for(vm), force_full=force_full,
                            archives=archives, position=(number, len(vms)))
             plans.append(job.plan())

@@ -116,6 +116,12 @@ class JobLocked(OvirtBorgError):
     exit_code = 12
 
 
+class PluginError(OvirtBorgError):
+    """A plugin failed in a hook whose answer the run needs (``before_vm``, which may veto)."""
+
+    exit_code = EXIT_ERROR
+
+
 class Interrupted(BaseException):
     """The run was stopped by a signal (SIGINT, SIGTERM, SIGHUP).
 

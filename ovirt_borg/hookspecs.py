@@ -5,7 +5,8 @@ appending keyword arguments, so plugins written for an older version keep workin
 
 Notification hooks (``run_started``, ``vm_finished``, ``backup_failed``, ``run_finished``) can
 never fail a backup: an exception raised by one plugin is logged as a warning and the other
-plugins still run. ``before_vm`` is the one hook that may veto: it says so by returning a reason.
+plugins still run. ``before_vm`` is the one hook that may veto: it says so by returning a reason; a plugin that
+raises there fails that VM alone (it is not backed up, the others are).
 """
 
 from __future__ import annotations

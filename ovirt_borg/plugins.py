@@ -20,7 +20,7 @@ import pluggy
 
 from ovirt_borg import hookspecs, logs, selection
 from ovirt_borg.config import Config
-from ovirt_borg.errors import ConfigError
+from ovirt_borg.errors import ConfigError, PluginError
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,24 @@ class RunHooks:
         self.config = config
 
     def before_vm(self, vm: Any) -> list[str]:
-        """The reasons plugins give to skip ``vm``; a plugin's error here is raised (it may veto)."""
-        return [reason for reason in self.pm.hook.ovirt_borg_before_vm(config=self.config, vm=vm) if reason]
+        """The reasons plugins give to skip ``vm``.
+
+        A plugin that raises here may have meant to veto, so ``vm`` must not be backed up as if
+        nothing were said: raises PluginError naming the plugin (the run fails that VM alone).
+        An interrupt goes through.
+        """
+        reasons = []
+        for impl in reversed(self.pm.hook.ovirt_borg_before_vm.get_hookimpls()):
+            try:
+                reason = impl.function(**{k: v for k, v in {"config": self.config, "vm": vm}.items()
+                                          if k in impl.argnames})
+            except Exception as e:
+                log.debug("plugin %s failed in ovirt_borg_before_vm", impl.plugin_name, exc_info=True)
+                raise PluginError(f"plugin {impl.plugin_name} failed before the VM's backup: {e}; "
+                                  "the VM is not backed up (fix or remove the plugin)") from e
+            if reason:
+                reasons.append(reason)
+        return reasons
 
     def vm_finished(self, vm: Any, result: Any) -> None:
         notify(self.pm, "ovirt_borg_vm_finished", config=self.config, vm=vm, result=result.as_dict())

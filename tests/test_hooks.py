@@ -223,9 +223,9 @@ def test_healthchecks_keeps_the_query_and_warns_on_http_errors(endpoint, caplog)
     start, fail = endpoint.requests
     assert re.fullmatch(rf"/{SECRET}/start\?create=1&rid=[0-9a-f-]{{36}}", start["path"])
     assert fail["path"].startswith(f"/{SECRET}/fail?create=1&rid=")
-    assert fail["body"].decode().splitlines()[1:] == [
-        "web1: full backup in 2.5 s, archive ovirt-web1-2026-11-26T02:00:00Z",
-        "db1: FAILED (exit 4): the engine failed (HTTP 500)"]
+    assert fail["body"].decode().splitlines()[2:] == [
+        "db1: FAILED (exit 4): the engine failed (HTTP 500)",
+        "web1: full backup in 2.5 s, archive ovirt-web1-2026-11-26T02:00:00Z"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("answered HTTP 500" in w for w in warnings)
     assert SECRET not in caplog.text

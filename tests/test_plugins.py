@@ -27,7 +27,7 @@ import json
 
 from ovirt_borg.plugins import hookimpl
 
-OPTIONS = ("log", "select", "archive_tag", "veto", "raise_in")
+OPTIONS = ("log", "select", "archive_tag", "veto", "raise_in", "raise_for")
 _options = {}
 
 
@@ -70,6 +70,8 @@ def ovirt_borg_run_started(config, command, vms):
 @hookimpl
 def ovirt_borg_before_vm(config, vm):
     _record("before_vm", vm=vm.name)
+    if vm.name == _options.get("raise_for"):
+        raise RuntimeError(f"recorder breaks for {vm.name}")
     if vm.name == _options.get("veto"):
         return f"vetoed by recorder for {vm.name}"
     return None
@@ -188,6 +190,29 @@ def test_before_vm_veto_skips_the_vm_and_writes_nothing(lab_clean, two_vms, tmp_
     run = records[-1]
     assert run["hook"] == "run_finished" and run["exit_code"] == 1
     assert {r["vm"]: r["ok"] for r in run["results"]} == {a: True, b: False}
+
+
+def test_plugin_raising_in_before_vm_fails_that_vm_alone(lab_clean, two_vms, tmp_path):
+    """A plugin that may veto and raises instead: its VM is not backed up (the plugin may have
+    meant to stop it), the others are, the run exits 2 and the plugin is named."""
+    a, b = two_vms
+    job = recorder_job(lab_clean, tmp_path / "job", {"recorder": {"raise_for": a}})
+    proc = job.run("backup", a, b, "--json", expect=2)
+    results = {r["vm"]: r for r in json.loads(proc.stdout)["archives"]}
+    assert results[b]["ok"] is True
+    job.assert_identical(results[b])
+    assert results[a]["ok"] is False and results[a]["exit_code"] == 2
+    error = results[a]["error"]
+    assert error.startswith("plugin recorder failed before the VM's backup: recorder breaks for "), error
+    assert f"VM {a}: backup failed: {error}" in proc.stderr
+    assert "Traceback" not in proc.stderr, "the trace is for -v"
+    assert job.archives() == [results[b]["archive"]]
+    assert state_files(job, lab_clean.vm_info(a)["id"]) == []
+    assert lab_clean.stats()["open_backups"] == []
+    records = calls(job)
+    assert [r for r in records if r["hook"] == "backup_failed"] == [
+        {"hook": "backup_failed", "vm": a, "error": error, "exit_code": 2}]
+
 
 
 def test_backup_failed_gets_the_error_and_exit_code(lab_clean, two_vms, tmp_path):
