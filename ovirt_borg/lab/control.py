@@ -77,8 +77,8 @@ class Lab:
         ``latency`` (a ``--latency`` value such as ``real`` or ``ready=8,transfer=3``, or a
         ``Latency``), multiplied by ``latency_scale``, is how long the engine's slow phases last
         (``ovirt_borg.lab.latency``); a running engine with other figures is restarted.
-        Raises ``LabError`` for a bad latency, when a tool fails or the engine does not answer within ``timeout``
-        seconds (the end of ``engine.log`` is in the message).
+        Raises ``LabError`` for a bad latency, when a tool fails, or when the engine does not
+        answer within ``timeout`` seconds (the end of ``engine.log`` is in the message).
         """
         try:
             phases = (latency.scaled(latency_scale) if isinstance(latency, Latency)
