@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from ovirt_borg.lab import LabError
 from ovirt_borg.lab.control import Lab
+from ovirt_borg.lab.latency import PHASES, LatencyError, parse_latency
 from ovirt_borg.lab.sample import parse_size
 
 EXIT_OK = 0
@@ -28,6 +29,33 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _latency(text: str) -> str:
+    try:
+        parse_latency(text)
+    except LatencyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _scale(text: str) -> float:
+    try:
+        factor = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= factor < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number, 0 or more")
+    return factor
+
+
+def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--latency", type=_latency, default="none", metavar="SPEC",
+                   help="how long the engine's slow phases last: none (default), real (a real "
+                        "oVirt 4.5 engine's figures), or PHASE=SECONDS,... overriding those "
+                        f"(after 'none', starting from zero); phases: {', '.join(PHASES)}")
+    p.add_argument("--latency-scale", type=_scale, default=1.0, metavar="F",
+                   help="multiply every latency by F (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--separate-web-ca", action="store_true",
                    help="the engine's web certificate (HTTPS, imageio proxy) from a CA of its own, as "
                         "after an admin installed a commercial one; host imageio keeps the internal CA")
+    _add_latency_arguments(p)
 
     command("down", "stop the engine, its imageio daemons and exports")
     command("status", "print lab.json and whether the engine answers")
@@ -68,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("serve", "run the engine in the foreground (what 'up' starts)")
     p.add_argument("--plain-http", action="store_true")
     p.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
+    _add_latency_arguments(p)
 
     p = vm_command("write", "write to a VM disk as its guest; prints the written ranges")
     p.add_argument("--disk", default="1", help="disk number (1-based) or id (default 1)")
@@ -137,11 +167,13 @@ def _disk_arg(text: str) -> int | str:
 def _run(args: argparse.Namespace) -> Any:
     if args.command == "serve":
         from ovirt_borg.lab.server import serve
-        serve(args.dir, plain_http=args.plain_http, port=args.port)
+        serve(args.dir, plain_http=args.plain_http, port=args.port,
+              latency=parse_latency(args.latency, args.latency_scale))
         return None
     if args.command == "up":
         lab = Lab.up(args.dir, vms=args.vms, disk_size=args.disk_size,
-                     plain_http=args.plain_http, separate_web_ca=args.separate_web_ca)
+                     plain_http=args.plain_http, separate_web_ca=args.separate_web_ca,
+                     latency=args.latency, latency_scale=args.latency_scale)
         if args.guests and not any(vm["name"] == "guests" for vm in lab.describe()["vms"]):
             lab.add_guests()
         return lab.info

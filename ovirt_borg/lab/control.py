@@ -28,6 +28,7 @@ from typing import Any
 import requests
 
 from ovirt_borg.lab import LabError
+from ovirt_borg.lab.latency import Latency, LatencyError, parse_latency
 from ovirt_borg.lab.model import LabLayout
 from ovirt_borg.lab.sample import DEFAULT_DISK_SIZE, create_sample, parse_size
 from ovirt_borg.lab.tls import LabPki
@@ -64,6 +65,7 @@ class Lab:
     @classmethod
     def up(cls, dir: Path | str, *, vms: int = 2, disk_size: int | str = DEFAULT_DISK_SIZE,
            plain_http: bool = False, separate_web_ca: bool = False,
+           latency: str | Latency = "none", latency_scale: float = 1.0,
            timeout: float = _START_TIMEOUT) -> Lab:
         """Create the lab in ``dir`` when new, start its engine, and return it.
 
@@ -72,9 +74,17 @@ class Lab:
         at once when the engine is already running. ``separate_web_ca`` gives the engine's web
         certificate (engine HTTPS, imageio proxy) a CA of its own, as when an admin installs a
         commercial one; the host imageio keeps the engine's internal CA (``host_ca_file``).
-        Raises ``LabError`` when a tool fails or the engine does not answer within ``timeout``
-        seconds (the end of ``engine.log`` is in the message).
+        ``latency`` (a ``--latency`` value such as ``real`` or ``ready=8,transfer=3``, or a
+        ``Latency``), multiplied by ``latency_scale``, is how long the engine's slow phases last
+        (``ovirt_borg.lab.latency``); a running engine with other figures is restarted.
+        Raises ``LabError`` for a bad latency, when a tool fails, or when the engine does not
+        answer within ``timeout`` seconds (the end of ``engine.log`` is in the message).
         """
+        try:
+            phases = (latency.scaled(latency_scale) if isinstance(latency, Latency)
+                      else parse_latency(latency, latency_scale))
+        except LatencyError as e:
+            raise LabError(f"bad engine latency: {e}") from e
         layout = LabLayout(Path(dir).resolve())
         layout.dir.mkdir(parents=True, exist_ok=True)
         if layout.lab_json.exists():
@@ -84,7 +94,8 @@ class Lab:
                 existing = None
             if existing is not None and existing.running:
                 if (existing.info.get("plain_http", False) == plain_http
-                        and existing.info.get("separate_web_ca", False) == separate_web_ca):
+                        and existing.info.get("separate_web_ca", False) == separate_web_ca
+                        and existing.info.get("latency", Latency().as_dict()) == phases.as_dict()):
                     log.info("lab in %s is already running", layout.dir)
                     return existing
                 existing.down()
@@ -92,8 +103,10 @@ class Lab:
                 existing._kill_leftovers()
         pki = _prepare(layout, vms=vms, disk_size=parse_size(disk_size), plain_http=plain_http,
                        separate_web_ca=separate_web_ca)
-        engine = _start_engine(layout, ca_file=pki.ca_file if pki else None, timeout=timeout)
+        engine = _start_engine(layout, ca_file=pki.ca_file if pki else None, latency=phases,
+                               timeout=timeout)
         info = _lab_info(layout, engine, pki)
+        info["latency"] = phases.as_dict()
         _write_private(layout.lab_json, json.dumps(info, indent=1) + "\n", mode=0o644)
         layout.config.write_text(_config_toml(layout, info))
         log.info("lab up in %s: %s", layout.dir, info["url"])
@@ -446,13 +459,16 @@ def _borg_init(layout: LabLayout) -> None:
     log.info("created Borg repository %s", layout.repo)
 
 
-def _start_engine(layout: LabLayout, *, ca_file: Path | None, timeout: float) -> dict[str, Any]:
-    """Spawn the detached engine (plain HTTP without ``ca_file``, the CA of its certificate)
-    and wait until it answers; return its run/engine.json."""
+def _start_engine(layout: LabLayout, *, ca_file: Path | None, latency: Latency = Latency(),
+                  timeout: float) -> dict[str, Any]:
+    """Spawn the detached engine (plain HTTP without ``ca_file``, the CA of its certificate;
+    ``latency`` for its slow phases) and wait until it answers; return its run/engine.json."""
     layout.engine_json.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "ovirt_borg.lab", "serve", "--dir", os.fspath(layout.dir)]
     if ca_file is None:
         cmd.append("--plain-http")
+    if not latency.is_none:
+        cmd += ["--latency", latency.spec()]
     with open(layout.engine_log, "ab") as log_file:
         # Its own session: the engine outlives the command that started it, and a Ctrl-C in
         # that terminal does not reach it.

@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
+from ovirt_borg.lab.latency import Latency, PhaseClock
+
 log = logging.getLogger(__name__)
 
 ZERO_ID = "00000000-0000-0000-0000-000000000000"
@@ -682,7 +684,7 @@ class Engine:
     """
 
     def __init__(self, inventory: Inventory, plane: DataPlane, *, state_file: Path,
-                 password: str, user: str = "admin@internal"):
+                 password: str, user: str = "admin@internal", latency: Latency | None = None):
         self.inv = inventory
         self.plane = plane
         self.state_file = Path(state_file)
@@ -703,6 +705,7 @@ class Engine:
         self._failed_disks: dict[str, str] = {}  # added disks whose volume vdsm refused: why
         self.events: list[dict[str, str]] = []  # the engine's audit log (lab stats "events")
         self._rng = random.Random()
+        self.delays = PhaseClock(latency or Latency())  # slow phases (ovirt_borg.lab.latency)
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -1330,6 +1333,7 @@ class Engine:
             raise ApiFault(500, f"[Cannot backup VM. Failed to start the backup of VM {vm.name} "
                            "on the host.]")
         self.backups[backup.id] = backup
+        self.delays.start(backup.id, "ready")
         self.save()
         log.info("%s backup %s of VM %s started (%s)", kind, backup.id, vm.name,
                  f"incremental from {from_cp.id}" if from_cp else "full")
@@ -1354,7 +1358,8 @@ class Engine:
         ``finalizing`` (VmBackupMapper: REMOVING_SNAPSHOT), for a few polls.
         """
         backup = self.backup(vm_id, backup_id)
-        if backup.phase in ("initializing", "starting"):
+        if backup.phase == "initializing" or (backup.phase == "starting"
+                                              and self.delays.due(backup.id, "ready")):
             backup.phase = _BACKUP_STARTUP[_BACKUP_STARTUP.index(backup.phase) + 1]
             if backup.phase == "ready":
                 self._record_checkpoint(backup)
@@ -1366,7 +1371,7 @@ class Engine:
         elif backup.phase == "finalizing":
             if backup.finalize_polls > 0:
                 backup.finalize_polls -= 1
-            else:
+            elif self.delays.due(backup.id, "backup_finalize"):
                 # A failed snapshot removal still ends the backup "succeeded"
                 # (HybridBackupCommand.endWithFailure: VM_BACKUP_SNAPSHOT_POSSIBLE_LEFTOVER).
                 backup.phase = "succeeded"
@@ -1434,6 +1439,7 @@ class Engine:
                 if disk.tracks_changes:
                     self._remove_bitmap(disk, backup.new_checkpoint_id)
             backup.new_checkpoint_id = None
+        self.delays.start(backup.id, "backup_finalize")
         if self.faults.consume("finalize_stuck"):
             backup.finalize_polls = _FINALIZE_STUCK_POLLS
             log.info("fault finalize_stuck: backup %s stays in finalizing", backup.id)
@@ -1468,6 +1474,9 @@ class Engine:
         cp = self.checkpoint(vm_id, cp_id)
         if any(b.vm_id == vm_id and b.is_open for b in self.backups.values()):
             raise _cannot(409, "remove checkpoint", "The VM is during a backup operation.")
+        self.delays.after(cp.id, "checkpoint_delete", lambda: self._forget_checkpoint(cp))
+
+    def _forget_checkpoint(self, cp: Checkpoint) -> None:
         self.inv.checkpoints = [c for c in self.inv.checkpoints if c.id != cp.id]
         for child in self.inv.checkpoints:
             if child.parent_id == cp.id:
@@ -1583,6 +1592,7 @@ class Engine:
                                f"{disk.name} on the host.]")
             disk.status = "locked"
         self.transfers[transfer.id] = transfer
+        self.delays.start(transfer.id, "transfer")
         log.info("image transfer %s: %s of disk %s%s", transfer.id, direction, disk.name,
                  f" in backup {backup_id}" if backup_id else "")
         return transfer
@@ -1607,10 +1617,12 @@ class Engine:
                 log.info("image transfer %s stopped by the system: %s", transfer.id,
                          transfer.nbd_error or "fault transfer_fail")
                 transfer.phase = "cancelled_system"
-            elif not transfer.stuck:
+            elif not transfer.stuck and self.delays.due(transfer.id, "transfer"):
                 self._open_ticket(transfer)
         elif transfer.phase == "transferring" and transfer.idle_stop:
             transfer.phase = "cancelled_system" if transfer.direction == "download" else "paused_system"
+        elif transfer.phase == "finalizing_success" and not self.delays.due(transfer.id, "transfer_finalize"):
+            pass  # the engine's callback has not finished it yet
         elif transfer.phase in _TRANSFER_STEPS:
             following = _TRANSFER_STEPS[transfer.phase]
             if transfer.phase.startswith("finalizing"):
@@ -1634,6 +1646,7 @@ class Engine:
             moving = transfer.phase in _TRANSFER_STEPS or (transfer.phase == "transferring" and transfer.idle_stop)
             if moving and now - transfer.stepped >= _CALLBACK_INTERVAL:
                 self.poll_transfer(transfer.id)
+        self.delays.run_due()
         self.check_inactivity()
 
     def check_inactivity(self) -> list[str]:
@@ -1700,6 +1713,7 @@ class Engine:
         if transfer.is_active:
             transfer.phase = "finalizing_success"
             transfer.stepped = time.monotonic()
+            self.delays.start(transfer.id, "transfer_finalize")
         return transfer
 
     def cancel_transfer(self, transfer_id: str) -> Transfer:

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ovirt_borg.lab import LabError, qemu, xmlout
 from ovirt_borg.lab.imageiod import ImageioDaemon, free_port
+from ovirt_borg.lab.latency import Latency
 from ovirt_borg.lab.model import (
     API_PATH, FAULT_HELP, ApiFault, AuthFailed, Engine, Inventory, LabLayout,
 )
@@ -1041,14 +1042,15 @@ def _loggable(path: str, query: str) -> str:
 # The engine process
 
 
-def serve(dir: Path, *, plain_http: bool = False, port: int = 0) -> None:
+def serve(dir: Path, *, plain_http: bool = False, port: int = 0, latency: Latency | None = None) -> None:
     """Run the lab engine for the lab in ``dir`` until SIGTERM or SIGINT.
 
     Reads the inventory, password and control token written by ``Lab.up``, starts both
     imageio daemons, listens on 127.0.0.1:``port`` (0: any free port) and writes
     ``run/engine.json``. On a signal: closes transfers and backups (tickets, exports), stops the
-    daemons and removes ``run/engine.json``. Raises ``LabError`` when the lab is incomplete or
-    a daemon does not start.
+    daemons and removes ``run/engine.json``. ``latency`` is how long the engine's slow phases
+    last (``ovirt_borg.lab.latency``; none by default). Raises ``LabError`` when the lab is
+    incomplete or a daemon does not start.
     """
     layout = LabLayout(Path(dir).resolve())
     try:
@@ -1074,7 +1076,9 @@ def serve(dir: Path, *, plain_http: bool = False, port: int = 0) -> None:
         })
 
     plane = LabDataPlane(layout.run, pki, on_change=write_runtime)
-    engine = Engine(inventory, plane, state_file=layout.engine_state, password=password)
+    engine = Engine(inventory, plane, state_file=layout.engine_state, password=password, latency=latency)
+    if latency is not None and not latency.is_none:
+        log.info("engine latency (seconds): %s", latency.as_dict())
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
