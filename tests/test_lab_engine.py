@@ -25,7 +25,8 @@ from ovirt_imageio import client
 
 from ovirt_borg.lab import qemu
 from ovirt_borg.lab.control import Lab, LabRequestError
-from ovirt_borg.lab.model import BLOCK, ApiFault, _scattered_ranges, parse_search
+from ovirt_borg.lab.model import BLOCK, ApiFault, parse_search
+from ovirt_borg.lab.model.guest import _scattered_ranges
 from ovirt_borg.lab.sample import HELLO_TEXT, parse_size
 
 MiB = 1 << 20

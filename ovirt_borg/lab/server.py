@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 from ovirt_borg.lab import LabError, qemu, xmlout
 from ovirt_borg.lab.imageiod import ImageioDaemon, free_port
 from ovirt_borg.lab.model import (
-    API_PATH, FAULT_HELP, ApiFault, AuthFailed, Engine, Inventory, LabLayout,
+    API_PATH, FAULT_HELP, ApiFault, AuthFailed, Inventory, LabEngine, LabLayout,
 )
 from ovirt_borg.lab.tls import LabPki, make_lab_pki
 
@@ -816,7 +816,7 @@ class EngineServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], engine: Engine, *,
+    def __init__(self, address: tuple[str, int], engine: LabEngine, *,
                  ssl_context: ssl.SSLContext | None, control_token: str):
         self.engine = engine
         self.ssl_context = ssl_context
@@ -1074,7 +1074,7 @@ def serve(dir: Path, *, plain_http: bool = False, port: int = 0) -> None:
         })
 
     plane = LabDataPlane(layout.run, pki, on_change=write_runtime)
-    engine = Engine(inventory, plane, state_file=layout.engine_state, password=password)
+    engine = LabEngine(inventory, plane, state_file=layout.engine_state, password=password)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
