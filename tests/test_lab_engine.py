@@ -23,6 +23,7 @@ import pytest
 import requests
 from ovirt_imageio import client
 
+from helpers import file_sha256
 from ovirt_borg.lab import qemu
 from ovirt_borg.lab.control import Lab, LabRequestError
 from ovirt_borg.lab.model import BLOCK, ApiFault, parse_search
@@ -129,14 +130,6 @@ def image_sha256(path: Path, tmp_path: Path) -> str:
         return file_sha256(raw)
     finally:
         raw.unlink()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(MiB):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def top_layer_ranges(path: Path) -> list[tuple[int, int]]:
