@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -36,6 +37,29 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def kept_root_logging() -> Iterator[None]:
+    """Inside the block code may set up logging (``ovirt_borg.logs.setup``, run by ``cli.main``);
+    afterwards the root logger's handlers and the levels ``setup`` sets are as they were, so no
+    handler is left writing to a stream the test has closed (such as capsys's stderr)."""
+    root = logging.getLogger()
+    names = ("ovirt_borg", "borg", "urllib3")
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in saved_handlers:
+                handler.close()
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
