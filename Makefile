@@ -15,7 +15,7 @@ APT_PACKAGES := qemu-utils libxml2-dev liblz4-dev libzstd-dev libxxhash-dev liba
 # ntfs-3g and fusefat: file-level recovery of NTFS and vfat guests (the kernel mounts ext2/3/4,
 # XFS and btrfs); the rest builds the lab's guest disks (mkfs.*, sfdisk, lvm2, cryptsetup).
 
-.PHONY: setup apt venv test demo bench install clean lab-up lab-down
+.PHONY: setup apt venv test unit demo bench install clean lab-up lab-down
 
 setup: apt venv
 
@@ -37,6 +37,10 @@ venv: $(VENV)/.installed
 
 test: setup
 	$(VENV)/bin/pytest -ra
+
+# The tests that need no lab and no Borg repository (tests/unit): seconds.
+unit: venv
+	$(VENV)/bin/pytest -ra tests/unit
 
 demo: setup
 	$(PY) -m ovirt_borg.lab.demo --dir $(LABDIR)

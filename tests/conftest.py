@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import file_sha256
+
 pytest_plugins = ["fixtures_lab", "fixtures_borg", "fixtures_dataplane"]
 
 BORG = str(Path(sys.executable).parent / "borg")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -72,7 +66,7 @@ class Job:
         out = self.dir / f"lab-{vm}-{disk_index}.raw"
         self.lab.image(vm, disk=disk_index + 1, out=out)
         try:
-            return sha256_file(out)
+            return file_sha256(out)
         finally:
             out.unlink()
 

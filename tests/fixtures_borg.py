@@ -21,15 +21,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import exclusive_lock_taken, holding_lock
 from ovirt_borg.borgcli import Repo
 
 PASSPHRASE = "test passphrase: correct horse battery staple"
@@ -102,26 +101,6 @@ def ssh_repo(tmp_path: Path, borg_env: dict[str, str]) -> Repo:
 @contextlib.contextmanager
 def lock_holder(repo: Repo, timeout: float = 20) -> Iterator[subprocess.Popen]:
     """Hold the exclusive lock of the local ``repo`` with another borg process inside the block."""
-    lock_dir = Path(repo.location) / "lock.exclusive"
-    proc = subprocess.Popen([BORG, "with-lock", repo.location, "sleep", "600"], env={**os.environ, **repo.env},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while not (lock_dir.is_dir() and any(lock_dir.iterdir())):
-            if proc.poll() is not None:
-                raise AssertionError(f"borg with-lock exited: {proc.stderr.read().decode(errors='replace')}")
-            if time.monotonic() > deadline:
-                raise AssertionError("borg with-lock did not take the lock in time")
-            time.sleep(0.05)
+    with holding_lock([BORG, "with-lock", repo.location, "sleep", "600"], {**os.environ, **repo.env},
+                      exclusive_lock_taken(Path(repo.location)), what="borg with-lock", timeout=timeout) as proc:
         yield proc
-    finally:
-        # The whole session: borg and the sleep it runs.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stderr.close()

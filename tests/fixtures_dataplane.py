@@ -7,7 +7,6 @@ starts is stopped at teardown, tickets before the exports behind them.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,15 +20,6 @@ from ovirt_borg.lab.tls import LabPki, make_lab_pki
 
 MiB = 1024 * 1024
 KiB = 1024
-
-
-def sha256_file(path: Path) -> str:
-    """Return the hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -22,11 +22,11 @@ import os
 
 import pytest
 
+from helpers import temporary_vm
 from ovirt_borg.lab.control import Lab
 
 LAB_VMS = 3
 LAB_DISK_SIZE = "32M"
-_vm_numbers = itertools.count(1)
 _domain_numbers = itertools.count(1)
 
 
@@ -61,12 +61,8 @@ def lab_vm(lab_clean, request):
     Returns the ``describe()`` entry of the VM (id, name, disks with ids and paths). The VM
     and its disk are deleted after the test, even with a backup still open.
     """
-    name = f"t{next(_vm_numbers)}-{os.getpid()}"
-    lab_clean.add_vm(name, disks=1, size="16M")
-    try:
+    with temporary_vm(lab_clean, "t", disks=1, size="16M") as name:
         yield lab_clean.vm_info(name)
-    finally:
-        lab_clean.delete_vm(name)
 
 
 @pytest.fixture

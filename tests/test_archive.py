@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import file_sha256
 from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
 from ovirt_borg.archive import ImageStats, Repo, Reuse, image_chunk_ids, open_writer
 from ovirt_borg.errors import AuthError, ConfigError, OvirtBorgError, RepositoryBusy, RepositoryError
@@ -28,14 +29,6 @@ KINDS = ["internal", "cli"]
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def make_image(seed: int, layout: str, tail: int = 12345) -> tuple[list, bytes]:

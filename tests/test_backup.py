@@ -14,6 +14,7 @@ import os
 import pytest
 
 from conftest import BORG, make_job
+from helpers import temporary_vm
 from ovirt_borg.config import BackupConfig
 
 BLOCK = 1 << 20  # the default block_size
@@ -23,12 +24,8 @@ _names = itertools.count(1)
 @pytest.fixture
 def vm(lab_clean):
     """A fresh running VM with two 64 MiB disks (data in two regions each); deleted afterwards."""
-    name = f"b{next(_names)}-{os.getpid()}"
-    lab_clean.add_vm(name, disks=2, size="64M")
-    try:
+    with temporary_vm(lab_clean, "b", disks=2, size="64M") as name:
         yield name
-    finally:
-        lab_clean.delete_vm(name)
 
 
 def host_bytes(lab) -> int:

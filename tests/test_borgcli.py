@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import file_sha256
 from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
 from ovirt_borg import archive, borgcli
 from ovirt_borg.borgcli import Repo
@@ -41,10 +42,6 @@ def create(repo: Repo, name: str, source: Path, timestamp: str | None = None) ->
     if timestamp:
         args += ["--timestamp", timestamp]
     run_borg(repo, *args, f"{{repo}}::{name}", "vm1", cwd=source)
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +96,7 @@ def test_read_extract_and_stream(local_repo, source, tmp_path):
     dest.mkdir()
     extracted = borgcli.extract_to(local_repo, "a", DISK, dest)
     assert extracted == dest / DISK
-    assert sha256_file(extracted) == sha256_file(source / DISK)
+    assert file_sha256(extracted) == file_sha256(source / DISK)
     # 2 of 4 MiB are a hole in the source: the sparse extract keeps it a hole.
     assert extracted.stat().st_blocks * 512 <= (2 << 20) + 65536
     dense = tmp_path / "dense"
@@ -110,7 +107,7 @@ def test_read_extract_and_stream(local_repo, source, tmp_path):
     with borgcli.open_stream(local_repo, "a", DISK) as stream:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
-    assert digest.hexdigest() == sha256_file(source / DISK)
+    assert digest.hexdigest() == file_sha256(source / DISK)
 
     # A reader may stop early: borg is stopped, nothing is raised, the lock is free again.
     with borgcli.open_stream(local_repo, "a", DISK) as stream:
@@ -154,7 +151,7 @@ def test_prune_dry_run_and_real(local_repo, source, tmp_path):
     borgcli.check(local_repo, verify_data=True)
     dest = tmp_path / "r"
     dest.mkdir()
-    assert sha256_file(borgcli.extract_to(local_repo, "vm1-2026-01-04", DISK, dest)) == sha256_file(source / DISK)
+    assert file_sha256(borgcli.extract_to(local_repo, "vm1-2026-01-04", DISK, dest)) == file_sha256(source / DISK)
 
     with pytest.raises(ConfigError):
         borgcli.prune(local_repo, "vm1-*", {})

@@ -4,7 +4,6 @@ validate and generate."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -23,6 +22,7 @@ from ovirt_borg.cli import COMMANDS, WITHOUT_CONFIG
 from ovirt_borg.progress import human_size
 
 from conftest import make_job
+from helpers import file_sha256
 
 OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -115,7 +115,7 @@ def tree(path: Path) -> dict[str, str]:
     """Every file below ``path`` (relative name -> sha256), {} when it does not exist."""
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(path)): file_sha256(p)
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 

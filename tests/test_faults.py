@@ -37,6 +37,7 @@ from ovirt_borg.config import toml_value
 
 from conftest import Job, make_job
 from fixtures_borg import lock_holder
+from helpers import holding_lock, temporary_vm, wait_for
 from ovirt_borg import config as config_mod
 from ovirt_borg.borgcli import Repo
 
@@ -194,17 +195,6 @@ def running(job: Job, *args: str, ignoring: tuple[int, ...] = ()):
         proc.communicate()
 
 
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def host_bytes(lab) -> int:
     return lab.stats()["imageio.host.bytes"]
 
@@ -233,13 +223,8 @@ def stopped(pid: int):
 @pytest.fixture
 def vm(lab_clean):
     """A fresh running VM with one 32 MiB disk (data in two regions); deleted afterwards."""
-    name = f"f{next(_names)}-{os.getpid()}"
-    lab_clean.add_vm(name, disks=1, size="32M")
-    try:
+    with temporary_vm(lab_clean, "f", ignore_delete_errors=True, disks=1, size="32M") as name:
         yield name
-    finally:
-        with contextlib.suppress(Exception):
-            lab_clean.delete_vm(name)
 
 
 @pytest.fixture
@@ -922,20 +907,17 @@ def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
 @contextlib.contextmanager
 def shared_lock_holder(repo: Repo, timeout: float = 20):
     """Hold a shared lock of the local ``repo`` (as ``borg mount`` or ``borg list`` do) inside the block."""
-    code = ("import sys, time; from borg.repository import Repository\n"
+    marker = Path(repo.location).parent / f".shared-lock-{os.getpid()}"
+    marker.unlink(missing_ok=True)
+    code = ("import pathlib, sys, time; from borg.repository import Repository\n"
             "with Repository(sys.argv[1], exclusive=False, lock_wait=1):\n"
-            "    print('locked', flush=True); time.sleep(600)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, repo.location], env={**os.environ, **repo.env},
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
+            "    pathlib.Path(sys.argv[2]).touch(); time.sleep(600)\n")
     try:
-        line = proc.stdout.readline()
-        assert line == "locked\n", proc.stderr.read()
-        yield proc
+        with holding_lock([sys.executable, "-c", code, repo.location, str(marker)], {**os.environ, **repo.env},
+                          marker.exists, what="a shared lock holder", timeout=timeout) as proc:
+            yield proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=timeout)
+        marker.unlink(missing_ok=True)
 
 
 def test_repository_refused_while_the_engine_prepares_its_backup(job, backed_up):

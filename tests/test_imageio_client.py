@@ -15,7 +15,8 @@ import pytest
 
 pytest.register_assert_rewrite("fixtures_dataplane")
 
-from fixtures_dataplane import MiB, sha256_file  # noqa: E402
+from fixtures_dataplane import MiB  # noqa: E402
+from helpers import file_sha256  # noqa: E402
 from ovirt_borg.errors import ConfigError, TransferError  # noqa: E402
 from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings, mask_ticket_url  # noqa: E402
 from ovirt_borg.lab import qemu  # noqa: E402
@@ -59,7 +60,7 @@ def _read_all(client: ImageioClient, size: int, block: int) -> str:
 def source(sample_disk, tmp_path):
     """The sample disk, its raw conversion (qemu-img) and that file's sha256."""
     raw = sample_disk.raw_copy(tmp_path / "source.raw")
-    return sample_disk, raw, sha256_file(raw)
+    return sample_disk, raw, file_sha256(raw)
 
 
 class _CuttingRelay:
@@ -419,4 +420,4 @@ def test_writes_zero_and_flush_rebuild_the_image(source, tmp_path, nbd_exports, 
     export.stop()
     rebuilt = tmp_path / "rebuilt.raw"
     qemu.to_raw(target, rebuilt, "qcow2")
-    assert sha256_file(rebuilt) == expected
+    assert file_sha256(rebuilt) == expected

@@ -13,7 +13,8 @@ import requests
 
 pytest.register_assert_rewrite("fixtures_dataplane")
 
-from fixtures_dataplane import KiB, MiB, build_sample_disk, sha256_file  # noqa: E402
+from fixtures_dataplane import KiB, MiB, build_sample_disk  # noqa: E402
+from helpers import file_sha256  # noqa: E402
 from ovirt_borg.lab import LabError, qemu  # noqa: E402
 from ovirt_borg.lab.imageiod import ImageioDaemon, free_port, make_ticket  # noqa: E402
 from ovirt_borg.lab.tls import make_lab_pki  # noqa: E402
@@ -134,7 +135,7 @@ def test_bitmaps_record_writes_as_dirty_extents(sample_disk, nbd_exports, imagei
 
 def test_break_bitmap_makes_it_inconsistent(tmp_path, nbd_exports):
     disk = build_sample_disk(tmp_path)
-    before = sha256_file(disk.raw_copy(tmp_path / "before.raw"))
+    before = file_sha256(disk.raw_copy(tmp_path / "before.raw"))
     assert not qemu.bitmap_is_broken(disk.path, disk.bitmap)
 
     qemu.break_bitmap(disk.path, disk.bitmap)
@@ -143,7 +144,7 @@ def test_break_bitmap_makes_it_inconsistent(tmp_path, nbd_exports):
     with pytest.raises(LabError, match="inconsistent"):
         nbd_exports(disk.path, fmt="qcow2", bitmap=disk.bitmap)
     # Guest data is untouched; a broken bitmap can only be removed.
-    assert sha256_file(disk.raw_copy(tmp_path / "after.raw")) == before
+    assert file_sha256(disk.raw_copy(tmp_path / "after.raw")) == before
     qemu.remove_bitmap(disk.path, disk.bitmap)
     assert qemu.list_bitmaps(disk.path) == []
 

@@ -23,9 +23,11 @@ import pytest
 import requests
 from ovirt_imageio import client
 
+from helpers import file_sha256
 from ovirt_borg.lab import qemu
 from ovirt_borg.lab.control import Lab, LabRequestError
-from ovirt_borg.lab.model import BLOCK, ApiFault, _scattered_ranges, parse_search
+from ovirt_borg.lab.model import BLOCK, ApiFault, parse_search
+from ovirt_borg.lab.model.guest import _scattered_ranges
 from ovirt_borg.lab.sample import HELLO_TEXT, parse_size
 
 MiB = 1 << 20
@@ -128,14 +130,6 @@ def image_sha256(path: Path, tmp_path: Path) -> str:
         return file_sha256(raw)
     finally:
         raw.unlink()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(MiB):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def top_layer_ranges(path: Path) -> list[tuple[int, int]]:

@@ -9,7 +9,6 @@ any size starting in seconds.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import itertools
 import json
@@ -23,6 +22,7 @@ import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
 import pytest
 
+from helpers import file_sha256
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.lab.control import Lab
 from ovirt_borg.lab.model import LabLayout
@@ -49,14 +49,6 @@ def _seek_data_extents(path) -> list[tuple[int, int]]:
     return extents
 
 
-def _full_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while piece := f.read(4 * MiB):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Sample disks of any size
 
@@ -79,7 +71,7 @@ def test_sample_disks_of_any_size_start_with_true_digests(tmp_path, size):
         assert os.path.getsize(raw) == disk_size
         assert entry["initial_data_sha256"] == data_sha256(raw, _seek_data_extents(raw), disk_size)
         if disk_size <= FULL_SHA256_LIMIT:
-            assert entry["initial_sha256"] == _full_sha256(raw)
+            assert entry["initial_sha256"] == file_sha256(raw)
         else:
             assert "initial_sha256" not in entry
         raw.unlink()

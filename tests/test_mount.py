@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Job, make_job, sha256_file
+from conftest import Job, make_job
+from helpers import file_sha256
 from ovirt_borg.lab.guests import HOSTILE_ALIAS
 from ovirt_borg.mount import host_name, mounts_below, unique_name
 from ovirt_borg.mountrecord import mounts, parse_mountinfo
@@ -79,7 +80,7 @@ def check_known_files(root: Path, files: dict, *, metadata: bool = True) -> None
             continue
         info = path.lstat()
         assert stat.S_ISREG(info.st_mode) and info.st_size == known["size"], path
-        assert sha256_file(path) == known["sha256"], f"{path} differs from sample.json"
+        assert file_sha256(path) == known["sha256"], f"{path} differs from sample.json"
         if metadata:
             assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == \
                 (known["mode"], known["uid"], known["gid"]), path
@@ -363,8 +364,8 @@ def test_files_follows_symlinks_inside_the_guest_only(guests, tmp_path):
     target = tmp_path / "out"
     job.run("files", archive_name, "rhel/rhel-root/etc/zoneinfo/UTC", "rhel/rhel-root/etc/up/etc/hostname",
             "rhel/rhel-root/etc/shadow-link", "--to", str(target))
-    assert sha256_file(target / "UTC") == root_files["/usr/share/zoneinfo/UTC"]["sha256"]
-    assert sha256_file(target / "hostname") == root_files["/etc/hostname"]["sha256"]
+    assert file_sha256(target / "UTC") == root_files["/usr/share/zoneinfo/UTC"]["sha256"]
+    assert file_sha256(target / "hostname") == root_files["/etc/hostname"]["sha256"]
     assert os.readlink(target / "shadow-link") == "/etc/shadow"
 
 

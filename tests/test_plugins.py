@@ -14,7 +14,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from conftest import Job, make_job, sha256_file
+from conftest import Job, make_job
+from helpers import file_sha256
 from ovirt_borg import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +163,7 @@ def test_selection_archive_name_and_run_hooks(lab_clean, two_vms, tmp_path):
     out = tmp_path / "restored"
     job.run("restore", second["archive"], "--to-dir", str(out))
     for index, disk in enumerate(second["disks"]):
-        assert sha256_file(out / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(a, index)
+        assert file_sha256(out / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(a, index)
 
 
 def test_before_vm_veto_skips_the_vm_and_writes_nothing(lab_clean, two_vms, tmp_path):

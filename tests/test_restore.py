@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sha256_file
+from helpers import file_sha256
 
 _names = itertools.count(1)
 
@@ -188,7 +188,7 @@ def test_restore_one_disk_to_a_storage_domain(job, vm):
     image = job.dir / "one.raw"
     floating = job.lab.dir / "storage" / f"{new_id}.qcow2"  # a disk attached to no VM
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(floating), str(image)], check=True)
-    assert sha256_file(image) == job.lab_image_sha(vm, 1)
+    assert file_sha256(image) == job.lab_image_sha(vm, 1)
 
 
 def test_restore_to_a_wrong_place_creates_nothing(job, vm):
@@ -225,13 +225,13 @@ def test_restore_to_dir_works_with_the_engine_stopped(job, vm, tmp_path):
     job.run("restore", newest["archive"], "--to-dir", str(out))
     for index, disk in enumerate(newest["disks"]):
         path = out / f"{disk['alias']}-{disk['id']}.raw"
-        assert sha256_file(path) == sources[index]
+        assert file_sha256(path) == sources[index]
         assert os.stat(path).st_blocks * 512 < disk["size"], "holes must stay holes"
     job.run("restore", newest["archive"], "--to-dir", str(tmp_path / "q"), "--format", "qcow2")
     qcow = next((tmp_path / "q").glob("*.qcow2"))
     raw = tmp_path / "q.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow), str(raw)], check=True)
-    assert sha256_file(raw) in sources
+    assert file_sha256(raw) in sources
 
 
 def test_verify_an_archive_and_an_unknown_one(job, vm):
@@ -266,7 +266,7 @@ def test_a_renamed_archive_restores_and_verifies(job, vm, tmp_path):
     out = tmp_path / "out"
     job.run("restore", "kept-before-the-upgrade", "--to-dir", str(out))
     for index, disk in enumerate(result["disks"]):
-        assert sha256_file(out / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(vm, index)
+        assert file_sha256(out / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(vm, index)
     assert (out / "vm.ovf").read_bytes() == job.borg(
         "extract", "--stdout", f"{job.repo}::kept-before-the-upgrade", f"{vm}/vm.ovf").stdout
 
@@ -302,7 +302,7 @@ def test_restore_to_dir_never_overwrites_unless_forced_and_writes_private_files(
     job.run("restore", result["archive"], "--to-dir", str(raw), "--force")
     assert _modes(raw) == {name.replace(".qcow2", ".raw"): 0o600 for name in names}
     for index, disk in enumerate(result["disks"]):
-        assert sha256_file(raw / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(vm, index)
+        assert file_sha256(raw / f"{disk['alias']}-{disk['id']}.raw") == job.lab_image_sha(vm, index)
 
 
 @contextlib.contextmanager
@@ -385,7 +385,7 @@ def test_file_level_recovery_from_the_ext4_disk(job, tmp_path):
             for fs in fs_dirs:
                 path = os.path.join(fs, name.lstrip("/"))
                 if os.path.exists(path):
-                    found[name] = sha256_file(path) == info["sha256"]
+                    found[name] = file_sha256(path) == info["sha256"]
         assert found and all(found.values()), found
     finally:
         job.run("umount", str(mountpoint))

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Job, sha256_file
+from conftest import Job
 from fixtures_borg import BORG, PASSPHRASE, archive_names, run_borg
+from helpers import file_sha256, holding_lock
 from ovirt_borg.borgcli import Repo
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BORGMATIC.md"
@@ -123,32 +123,17 @@ archive_hostname: fileserver
     def borgmatic_holds_lock(self, seconds: int):
         """borgmatic (its ``borg`` action: ``borg with-lock``) holds the repository lock in the block."""
         local = Path(self.repo.location.split(":2222", 1)[1])
-        proc = subprocess.Popen([str(BIN / "borgmatic"), "-c", str(self.borgmatic_config), "borg", "with-lock",
-                                 self.repo.location, "sleep", str(seconds)],
-                                env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 30
-            while not (local / "lock.exclusive").is_dir():
-                assert proc.poll() is None, "borgmatic borg with-lock exited early"
-                assert time.monotonic() < deadline, "borgmatic did not take the lock"
-                time.sleep(0.05)
+        with holding_lock([str(BIN / "borgmatic"), "-c", str(self.borgmatic_config), "borg", "with-lock",
+                           self.repo.location, "sleep", str(seconds)], self.env,
+                          lambda: (local / "lock.exclusive").is_dir(), what="borgmatic borg with-lock") as proc:
             yield proc
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
     def restored_sha(self, archive: str) -> str:
         out = self.dir / "restore" / archive
         proc = self.job.run("restore", archive, "--to-dir", str(out), "--json")
         disks = json.loads(proc.stdout)["disks"]
         assert len(disks) == 1
-        return sha256_file(Path(disks[0]["path"]))
+        return file_sha256(Path(disks[0]["path"]))
 
 
 @pytest.fixture
@@ -268,4 +253,4 @@ def test_borgmatic_and_ovirt_borg_at_the_same_time_take_turns(lab_clean, tagged_
     run_borg(ssh_repo, "check", "{repo}")
     data = run_borg(ssh_repo, "extract", "--stdout", f"{{repo}}::{newest(names, 'fileserver-files-')[0]}",
                     str(shared.files / "data").lstrip("/")).stdout
-    assert hashlib.sha256(data).hexdigest() == sha256_file(shared.files / "data")
+    assert hashlib.sha256(data).hexdigest() == file_sha256(shared.files / "data")

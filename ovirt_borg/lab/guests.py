@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ovirt_borg.lab import LabError
-from ovirt_borg.lab.model import Attachment, Disk, Engine, LabLayout, new_id, timestamp
+from ovirt_borg.lab.model import Attachment, Disk, LabEngine, LabLayout, new_id, timestamp
 from ovirt_borg.lab.sample import file_sha256, tool
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ _LVM_ENV = {"LVM_SUPPRESS_FD_WARNINGS": "1"}
 Files = dict[str, dict[str, Any]]
 
 
-def add_guest_vm(engine: Engine, name: str = "guests", *, seed: int = 19) -> dict[str, Any]:
+def add_guest_vm(engine: LabEngine, name: str = "guests", *, seed: int = 19) -> dict[str, Any]:
     """Create the VM ``name`` with the guest disks; return its ``sample.json`` entry.
 
     Given the running lab engine (the caller holds its lock). Raises ``LabError`` when a tool

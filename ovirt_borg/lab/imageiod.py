@@ -15,7 +15,9 @@ Tickets are managed over the daemon's control socket (HTTP over a unix socket), 
 the engine do. ``bytes_served`` counts image bytes moved through a daemon: imageio tracks, per
 read-only or write-only ticket, the byte ranges completed (``transferred``: the union of
 ranges, so a range read twice counts once); the lab reads it before a ticket is deleted or the
-daemon is stopped, so the count survives both.
+daemon is stopped, so the count survives both. imageio counts an operation's bytes as it moves
+them, and a client may have the last byte before the operation ends, so ``bytes_served`` waits
+for a ticket's running operations (its ``active``) to end before reading its count.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ _POLL_INTERVAL = 0.2
 
 # Tickets outlive any lab transfer: imageio resets a PATCHed timeout on every request anyway.
 DEFAULT_TICKET_TIMEOUT = 24 * 3600
+
+# How long a read of ``bytes_served`` waits for a ticket's running operations to end, and how
+# often it looks: an operation ends moments after its last byte, unless a client is still
+# reading, when the count is taken as it is at the deadline.
+SETTLE_TIMEOUT = 10.0
+_SETTLE_POLL = 0.01
 
 
 def free_port() -> int:
@@ -354,24 +362,35 @@ class ImageioDaemon:
         """Image bytes read or written through this daemon since this object was made.
 
         Deleted tickets and tickets lost in a stop or restart are accumulated; live tickets
-        are asked for their current ``transferred``.
+        are asked for their ``transferred`` once no operation runs on them (imageio's
+        ``active``), waiting at most ``SETTLE_TIMEOUT`` seconds in all.
         """
         live = 0
         if self.running:
-            live = sum(self._transferred(ticket_id) for ticket_id in self._tickets)
+            settle_until = time.monotonic() + SETTLE_TIMEOUT
+            live = sum(self._transferred(ticket_id, settle_until=settle_until)
+                       for ticket_id in list(self._tickets))
         return self._served + live
 
     # Private.
 
-    def _transferred(self, ticket_id: str) -> int:
-        """Bytes the live ticket has transferred; 0 when unknown (read-write or gone)."""
-        try:
-            status, body = self._control("GET", ticket_id)
-        except LabError:
-            return 0
-        if status != http.client.OK:
-            return 0
-        return json.loads(body).get("transferred") or 0
+    def _transferred(self, ticket_id: str, *, settle_until: float | None = None) -> int:
+        """Bytes the live ticket has transferred; 0 when unknown (read-write or gone).
+
+        With ``settle_until`` (a ``time.monotonic()`` deadline), asks again until the ticket
+        runs no operation or the deadline passes.
+        """
+        while True:
+            try:
+                status, body = self._control("GET", ticket_id)
+            except LabError:
+                return 0
+            if status != http.client.OK:
+                return 0
+            info = json.loads(body)
+            if not info.get("active") or settle_until is None or time.monotonic() >= settle_until:
+                return info.get("transferred") or 0
+            time.sleep(_SETTLE_POLL)
 
     def _control(self, method: str, ticket_id: str, body: bytes | None = None) -> tuple[int, bytes]:
         """Send a request for ``/tickets/<id>`` to the control socket; return status and body.

@@ -19,7 +19,7 @@ from ovirt_borg.lab.model import API_PATH, ZERO_ID, timestamp
 
 if TYPE_CHECKING:
     from ovirt_borg.lab.model import (
-        Attachment, Backup, Checkpoint, Cluster, Disk, Engine, Host, StorageDomain, Tag,
+        Attachment, Backup, Checkpoint, Cluster, Disk, Host, LabEngine, StorageDomain, Tag,
         Transfer, Vm,
     )
 
@@ -110,7 +110,7 @@ def _version(parent: ET.Element, version: tuple[int, ...]) -> None:
 # Objects
 
 
-def api_root(engine: Engine, *, old: bool = False) -> ET.Element:
+def api_root(engine: LabEngine, *, old: bool = False) -> ET.Element:
     """Render ``GET /ovirt-engine/api``."""
     root = ET.Element("api")
     for rel in ("clusters", "disks", "hosts", "imagetransfers", "storagedomains", "tags", "vms"):
@@ -136,7 +136,7 @@ def api_root(engine: Engine, *, old: bool = False) -> ET.Element:
     return root
 
 
-def vm(engine: Engine, vm: Vm, *, all_content: bool = False) -> ET.Element:
+def vm(engine: LabEngine, vm: Vm, *, all_content: bool = False) -> ET.Element:
     """Render a VM; with ``all_content`` it carries its OVF in ``initialization``."""
     href = f"{API_PATH}/vms/{vm.id}"
     el = _obj("vm", vm.id, href)
@@ -174,7 +174,7 @@ def vm(engine: Engine, vm: Vm, *, all_content: bool = False) -> ET.Element:
     return el
 
 
-def disk(engine: Engine, disk: Disk, *, backup_mode: str | None = None,
+def disk(engine: LabEngine, disk: Disk, *, backup_mode: str | None = None,
          href: str | None = None) -> ET.Element:
     """Render a disk (``backup_mode`` inside a backup's disk list).
 
@@ -230,7 +230,7 @@ def _actual_size(disk: Disk) -> int:
         return 0
 
 
-def attachment(engine: Engine, vm: Vm, att: Attachment) -> ET.Element:
+def attachment(engine: LabEngine, vm: Vm, att: Attachment) -> ET.Element:
     """Render a disk attachment (its id is the disk id, as on the engine)."""
     href = f"{API_PATH}/vms/{vm.id}/diskattachments/{att.disk_id}"
     el = _obj("disk_attachment", att.disk_id, href)
@@ -245,7 +245,7 @@ def attachment(engine: Engine, vm: Vm, att: Attachment) -> ET.Element:
     return el
 
 
-def backup(engine: Engine, b: Backup) -> ET.Element:
+def backup(engine: LabEngine, b: Backup) -> ET.Element:
     """Render a VM backup (``to_checkpoint_id`` once ready)."""
     href = f"{API_PATH}/vms/{b.vm_id}/backups/{b.id}"
     el = _obj("backup", b.id, href)
@@ -275,7 +275,7 @@ def snapshot(vm_id: str, snapshot_id: str, description: str) -> ET.Element:
     return el
 
 
-def checkpoint(engine: Engine, cp: Checkpoint) -> ET.Element:
+def checkpoint(engine: LabEngine, cp: Checkpoint) -> ET.Element:
     """Render a VM checkpoint."""
     href = f"{API_PATH}/vms/{cp.vm_id}/checkpoints/{cp.id}"
     el = _obj("checkpoint", cp.id, href)
@@ -290,7 +290,7 @@ def checkpoint(engine: Engine, cp: Checkpoint) -> ET.Element:
     return el
 
 
-def transfer(engine: Engine, t: Transfer) -> ET.Element:
+def transfer(engine: LabEngine, t: Transfer) -> ET.Element:
     """Render an image transfer (URLs only while ``transferring``).
 
     As ovirt-engine's ImageTransferMapper.map(entity) writes it: ``<host>`` and ``<image>``
@@ -318,7 +318,7 @@ def transfer(engine: Engine, t: Transfer) -> ET.Element:
     return el
 
 
-def storage_domain(engine: Engine, sd: StorageDomain) -> ET.Element:
+def storage_domain(engine: LabEngine, sd: StorageDomain) -> ET.Element:
     """Render a data storage domain with its free and used space."""
     el = _obj("storage_domain", sd.id, f"{API_PATH}/storagedomains/{sd.id}")
     _sub(el, "name", sd.name)
@@ -345,7 +345,7 @@ def storage_domain(engine: Engine, sd: StorageDomain) -> ET.Element:
     return el
 
 
-def cluster(engine: Engine, c: Cluster) -> ET.Element:
+def cluster(engine: LabEngine, c: Cluster) -> ET.Element:
     """Render a cluster with its compatibility version."""
     el = _obj("cluster", c.id, f"{API_PATH}/clusters/{c.id}")
     _sub(el, "name", c.name)
@@ -356,7 +356,7 @@ def cluster(engine: Engine, c: Cluster) -> ET.Element:
     return el
 
 
-def host(engine: Engine, h: Host) -> ET.Element:
+def host(engine: LabEngine, h: Host) -> ET.Element:
     """Render a hypervisor host."""
     el = _obj("host", h.id, f"{API_PATH}/hosts/{h.id}")
     _sub(el, "name", h.name)
@@ -367,7 +367,7 @@ def host(engine: Engine, h: Host) -> ET.Element:
     return el
 
 
-def tag(engine: Engine, t: Tag, *, vm_id: str | None = None) -> ET.Element:
+def tag(engine: LabEngine, t: Tag, *, vm_id: str | None = None) -> ET.Element:
     """Render a tag (under a VM when ``vm_id`` is given)."""
     href = f"{API_PATH}/vms/{vm_id}/tags/{t.id}" if vm_id else f"{API_PATH}/tags/{t.id}"
     el = _obj("tag", t.id, href)
@@ -396,7 +396,7 @@ ET.register_namespace("vssd", VSSD_NS)
 ET.register_namespace("xsi", XSI_NS)
 
 
-def render_ovf(engine: Engine, vm: Vm) -> str:
+def render_ovf(engine: LabEngine, vm: Vm) -> str:
     """Return the engine-style OVF of a VM and its attached disks."""
     cluster_ = engine.cluster(vm.cluster_id)
     disks = [(att, engine.disk(att.disk_id)) for att in vm.attachments]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import kept_root_logging
 from ovirt_borg import errors, logs
 from ovirt_borg.cli import COMMANDS, WITHOUT_CONFIG, build_parser
 
@@ -62,19 +63,9 @@ def test_verify_last_must_be_one_or_more(last):
 
 @pytest.mark.parametrize("verbose, own, libraries", [(0, False, False), (1, True, False), (2, True, True)])
 def test_verbose_adds_ovirt_borgs_debug_output_and_twice_the_libraries(verbose, own, libraries):
-    root = logging.getLogger()
-    saved = root.level, list(root.handlers)
-    try:
+    with kept_root_logging():
         logs.setup(verbose, stream=io.StringIO())
         assert logging.getLogger("ovirt_borg.backup").isEnabledFor(logging.DEBUG) is own
         assert logging.getLogger("ovirt_borg.backup").isEnabledFor(logging.INFO)
         for library in ("ovirtsdk4", "borg.repository", "urllib3"):
             assert logging.getLogger(library).isEnabledFor(logging.DEBUG) is libraries, library
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        root.level = saved[0]
-        for handler in saved[1]:
-            root.addHandler(handler)
-        for name in ("ovirt_borg", "borg", "urllib3"):
-            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 
+from helpers import kept_root_logging
 from ovirt_borg import config as config_mod
 from ovirt_borg.cli import main
 
@@ -16,6 +17,13 @@ password_file = "/etc/ovirt-borg/engine.password"
 [repository]
 location = "/srv/borg"
 """
+
+
+@pytest.fixture(autouse=True)
+def _logging_put_back():
+    """``main()`` sets up logging on the stderr capsys gives the test, closed after it."""
+    with kept_root_logging():
+        yield
 
 
 def write(tmp_path, text):

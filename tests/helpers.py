@@ -1,0 +1,117 @@
+"""Helpers shared by the test modules: file digests, temporary lab VMs, processes that hold a
+repository lock, and waits on a state with a deadline (``from helpers import ...``)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+_vm_numbers = itertools.count(1)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of the file at ``path``."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.02,
+             what: str = "condition") -> object:
+    """Poll ``condition`` until it returns something true, and return that.
+
+    Raises AssertionError naming ``what`` when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def kept_root_logging() -> Iterator[None]:
+    """Inside the block code may set up logging (``ovirt_borg.logs.setup``, run by ``cli.main``);
+    afterwards the root logger's handlers and the levels ``setup`` sets are as they were, so no
+    handler is left writing to a stream the test has closed (such as capsys's stderr)."""
+    root = logging.getLogger()
+    names = ("ovirt_borg", "borg", "urllib3")
+    saved_handlers, saved_level = list(root.handlers), root.level
+    saved_levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            if handler not in saved_handlers:
+                handler.close()
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def temporary_vm(lab, prefix: str = "t", *, ignore_delete_errors: bool = False, **options) -> Iterator[str]:
+    """Add a VM named ``<prefix>-v<n>-<pid>`` to the lab (``options`` as ``lab.add_vm`` takes
+    them), yield its name, and delete it afterwards, even with a backup still open.
+
+    ``ignore_delete_errors`` is for tests that may leave the lab unable to delete it.
+    """
+    name = f"{prefix}-v{next(_vm_numbers)}-{os.getpid()}"
+    lab.add_vm(name, **options)
+    try:
+        yield name
+    finally:
+        if ignore_delete_errors:
+            with contextlib.suppress(Exception):
+                lab.delete_vm(name)
+        else:
+            lab.delete_vm(name)
+
+
+@contextlib.contextmanager
+def holding_lock(command: list[str], env: dict[str, str], locked: Callable[[], bool], *,
+                 what: str, timeout: float = 30.0) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (a process that takes a repository lock and keeps it) in a session of its
+    own; once ``locked()`` holds, yield the process; afterwards end its whole session.
+
+    Raises AssertionError naming ``what`` when the process exits first or ``timeout`` passes.
+    """
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not locked():
+            if proc.poll() is not None:
+                raise AssertionError(f"{what} exited: {proc.stderr.read().decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not take the lock in time")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+
+
+def exclusive_lock_taken(repo_dir: Path) -> Callable[[], bool]:
+    """A ``locked`` test for ``holding_lock``: Borg's exclusive lock of the local repository."""
+    lock_dir = Path(repo_dir) / "lock.exclusive"
+    return lambda: lock_dir.is_dir() and any(lock_dir.iterdir())
