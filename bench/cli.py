@@ -28,6 +28,7 @@ from bench import report
 from bench.image import Change
 from bench.night import Night, NightOptions
 from bench.run import Bench, Options
+from ovirt_borg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(options, work / "lab", work)
     try:
         results = Night(bench, night).run(stamp) if night else bench.run(stamp)
-    except BaseException:
+    except BaseException as e:
         if not options.keep:
             keep_only_logs(work)
         log.error("the benchmark failed; its logs are in %s", work / "logs")
+        if isinstance(e, ConfigError):  # a job's config that ovirt-borg refuses: its message says all
+            raise SystemExit(f"python -m bench: ovirt-borg refuses the job's config: {e}") from None
         raise
     if not night:  # the night's summary and goals come with its results
         summary = report.summarize(results)

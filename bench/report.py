@@ -544,7 +544,11 @@ def night_text(results: dict[str, Any], markdown: bool = False) -> str:
             f"({', '.join(f'{k} {v:g} s' for k, v in results['latency'].items())}); "
             f"prepare_ahead {prepare if prepare is not None else 'not set'}; repositories {opts['encryption']} + "
             f"{opts['compression']}; one run each.")
-    images = ", ".join(f"{i['contender']} {i['vm']}" for i in results.get("images", []) if i.get("identical"))
+    identical: dict[str, list[str]] = defaultdict(list)
+    for checked in results.get("images", []):
+        if checked.get("identical"):
+            identical[checked["contender"]].append(checked["vm"])
+    images = "; ".join(f"{', '.join(vms)} ({contender})" for contender, vms in identical.items())
     parts = [head, machine_text(results), _table(NIGHT_COLUMNS, table, markdown),
              f"Images identical to the reference: {images or 'none checked'}.", "Goals:",
              goals_text(results["goals"], markdown)]
