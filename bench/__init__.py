@@ -16,11 +16,13 @@ side by side in the same run and with the same repository settings:
    and the floor, what Borg's own key and compressor objects need for the same blocks;
 5. a large sparse disk (1 TiB provisioned, a few GiB written): full and incremental, and the
    metadata each archive adds to the repository;
-6. peak memory and CPU use of every contender, and a py-spy profile of ovirt-borg's full backup.
+6. peak memory and CPU use of every contender, and a py-spy profile of ovirt-borg's full backup;
+7. alone, with ``--case night``: N small VMs under the engine's latency, backed up one after
+   another against one ovirt-borg run, and against the VMs' data phases plus one VM's latency.
 
 Every contender runs as a subprocess; the JSON written to ``bench/results/`` keeps every run,
-the medians and the ratios. Modules: ``cli`` (options), ``run`` (the cases), ``image`` (disk
-content and guest writes), ``measure`` (wall time, CPU, memory), ``contenders`` (the
-baselines' own programs), ``borgrepo`` (repositories and archive metadata), ``profile``
-(py-spy) and ``report`` (medians, ratios, tables).
+the medians and the ratios. Modules: ``cli`` (options), ``run`` (the cases), ``night`` (the
+night case), ``image`` (disk content and guest writes), ``measure`` (wall time, CPU, memory),
+``contenders`` (the baselines' own programs), ``borgrepo`` (repositories and archive
+metadata), ``profile`` (py-spy) and ``report`` (medians, ratios, tables).
 """

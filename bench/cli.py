@@ -4,11 +4,16 @@ Defaults measure a 4 GiB disk three times, the CPU cases with 1 GiB of each kind
 three times and a 1 TiB sparse disk once (about 20-30 minutes on 2 cores); ``--quick``
 measures a 1 GiB disk once, 256 MiB of each kind once and a 64 GiB sparse disk, without the
 profile (a few minutes). Prints the table and writes ``bench/results/<UTC stamp>.json``.
+
+``--case night`` runs only the night of N small VMs under the engine's latency
+(``bench.night``): 20 VMs at the real engine's figures, or with ``--quick`` 4 VMs at a tenth
+of them; it writes ``bench/results/<UTC stamp>-night.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +26,9 @@ from pathlib import Path
 
 from bench import report
 from bench.image import Change
+from bench.night import Night, NightOptions
 from bench.run import Bench, Options
+from ovirt_borg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +52,34 @@ def _percents(text: str) -> tuple[float, ...]:
     return values
 
 
+def _latency(text: str) -> str:
+    from ovirt_borg.lab.latency import LatencyError, parse_latency
+
+    try:
+        parse_latency(text)
+    except LatencyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+#: The options of ``--case night`` alone.
+NIGHT_ONLY = ("vms", "prepare_ahead", "latency", "latency_scale")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=_size, default=None, help="main disk size (default 4G; 1G with --quick)")
+    p.add_argument("--case", choices=("disks", "night"), default="disks",
+                   help="disks: the full, incremental, restore, CPU and large-disk cases (default); "
+                        "night: only N small VMs under the engine's latency, one after another against one run")
+    p.add_argument("--vms", type=int, default=None, help="night: VMs of each contender (default 20; 4 with --quick)")
+    p.add_argument("--prepare-ahead", type=int, default=None, metavar="K",
+                   help="night: write [backup] prepare_ahead = K into the one run's job (default: not written)")
+    p.add_argument("--latency", type=_latency, default=None, metavar="SPEC",
+                   help="night: the lab engine's latency, as ovirt-borg-lab up --latency (default real)")
+    p.add_argument("--latency-scale", type=float, default=None, metavar="F",
+                   help="night: multiply every latency figure by F (default 1; 0.1 with --quick)")
+    p.add_argument("--size", type=_size, default=None,
+                   help="main disk size (default 4G; 1G with --quick); night: each VM's disk (default 64M)")
     p.add_argument("--runs", type=int, default=None, help="runs of the main disk (default 3; 1 with --quick)")
     p.add_argument("--changes", type=_percents, default=(0.1, 1.0, 10.0),
                    help="shares of the disk written before each incremental, in %% (default 0.1,1,10)")
@@ -108,6 +140,20 @@ def options_from(args: argparse.Namespace) -> Options:
         results_dir=args.results_dir, keep=args.keep)
 
 
+def night_options_from(args: argparse.Namespace) -> NightOptions:
+    """The night's options; raises SystemExit for a value it cannot use."""
+    vms = args.vms if args.vms is not None else (4 if args.quick else 20)
+    scale = args.latency_scale if args.latency_scale is not None else (0.1 if args.quick else 1.0)
+    if vms < 1:
+        raise SystemExit("python -m bench: --vms must be at least 1")
+    if args.prepare_ahead is not None and args.prepare_ahead < 0:
+        raise SystemExit("python -m bench: --prepare-ahead must be 0 or more")
+    if not scale >= 0:
+        raise SystemExit("python -m bench: --latency-scale must be 0 or more")
+    return NightOptions(vms=vms, disk_size=args.size or (64 << 20), prepare_ahead=args.prepare_ahead,
+                        latency=args.latency or "real", latency_scale=scale)
+
+
 def wait_for_load(limit: float, longest: float) -> None:
     deadline = time.monotonic() + longest
     while (load := os.getloadavg()[0]) >= limit:
@@ -143,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = options_from(args)
+    night = None
+    if args.case == "night":
+        night = night_options_from(args)
+        options = dataclasses.replace(options, profile=False)
+    elif given := [name for name in NIGHT_ONLY if getattr(args, name) is not None]:
+        raise SystemExit(f"python -m bench: --{given[0].replace('_', '-')} applies to --case night only")
     if options.runs < 1 or options.size < (64 << 20) or options.size % (1 << 20):
         raise SystemExit("python -m bench: --runs must be >= 1 and --size a multiple of 1 MiB, at least 64M")
     if options.kinds_size % (1 << 20):
@@ -165,18 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     log.info("work directory %s", work)
     bench = Bench(options, work / "lab", work)
     try:
-        results = bench.run(stamp)
-    except BaseException:
+        results = Night(bench, night).run(stamp) if night else bench.run(stamp)
+    except BaseException as e:
         if not options.keep:
             keep_only_logs(work)
         log.error("the benchmark failed; its logs are in %s", work / "logs")
+        if isinstance(e, ConfigError):  # a job's config that ovirt-borg refuses: its message says all
+            raise SystemExit(f"python -m bench: ovirt-borg refuses the job's config: {e}") from None
         raise
-    summary = report.summarize(results)
-    results["summary"] = summary
-    results["goals"] = report.goals(summary, options.block_size)
-    results["cpu_per_gib"] = report.cpu_per_gib(results)
+    if not night:  # the night's summary and goals come with its results
+        summary = report.summarize(results)
+        results["summary"] = summary
+        results["goals"] = report.goals(summary, options.block_size)
+        results["cpu_per_gib"] = report.cpu_per_gib(results)
     options.results_dir.mkdir(parents=True, exist_ok=True)
-    out = options.results_dir / f"{stamp}.json"
+    out = options.results_dir / (f"{stamp}-night.json" if night else f"{stamp}.json")
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     if not options.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -458,7 +458,106 @@ def profile_text(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- the night of N VMs under the engine's latency ---------------------------------------------
+
+NIGHT_SEQUENTIAL = "one after another"
+NIGHT_ONE_RUN = "ovirt-borg, one run"
+NIGHT_REFERENCE = "reference"
+#: The goals of the night: one run this many times faster than the VMs one after another, and
+#: at most this many times the reference (the VMs' data phases plus one VM's engine latency).
+NIGHT_SPEEDUP_GOAL = 3.0
+NIGHT_REFERENCE_GOAL = 1.3
+
+
+def engine_latency(latency: dict[str, float], disks: int = 1) -> float:
+    """The seconds one VM with ``disks`` disks spends in the engine's slow phases during a backup.
+
+    Given the lab's latency figures (``Latency.as_dict()``): the backup's start until ready,
+    each disk's transfer start and transfer finalize, the backup's finalize and one checkpoint
+    deletion.
+    """
+    return (latency.get("ready", 0.0) + disks * (latency.get("transfer", 0.0) + latency.get("transfer_finalize", 0.0))
+            + latency.get("backup_finalize", 0.0) + latency.get("checkpoint_delete", 0.0))
+
+
+def data_seconds(disk_seconds: list[float], latency: dict[str, float]) -> float:
+    """A VM's data phase: the sum over its disks of the seconds ovirt-borg reports per disk
+    (transfer start to transfer finalized: extents, reads, archive writes) less the transfer's
+    start and finalize figures, each disk at least 0."""
+    slow = latency.get("transfer", 0.0) + latency.get("transfer_finalize", 0.0)
+    return sum(max(0.0, seconds - slow) for seconds in disk_seconds)
+
+
+def night_reference(vm_disk_seconds: list[list[float]], latency: dict[str, float]) -> dict[str, Any]:
+    """The goal's reference for a night: the VMs' data phases one after the other, plus one VM's
+    engine latency (that of the VM with the most disks).
+
+    Given each VM's per-disk seconds of a backup alone and the latency figures; returns
+    ``{"data_seconds", "vm_data_seconds", "engine_latency", "seconds"}``.
+    """
+    per_vm = [data_seconds(seconds, latency) for seconds in vm_disk_seconds]
+    slow = engine_latency(latency, max((len(seconds) for seconds in vm_disk_seconds), default=1))
+    return {"data_seconds": round(sum(per_vm), 3), "vm_data_seconds": [round(s, 3) for s in per_vm],
+            "engine_latency": round(slow, 3), "seconds": round(sum(per_vm) + slow, 3)}
+
+
+def night_ratios(sequential_wall: float, one_run_wall: float, reference_seconds: float) -> dict[str, float]:
+    """``sequential_vs_one_run``: the VMs one after another over the one run (wall seconds);
+    ``one_run_vs_reference``: the one run over the reference. NaN where a divisor is 0."""
+    return {"sequential_vs_one_run": sequential_wall / one_run_wall if one_run_wall else float("nan"),
+            "one_run_vs_reference": one_run_wall / reference_seconds if reference_seconds else float("nan")}
+
+
+def night_goals(ratios: dict[str, float], vms: int) -> list[dict[str, Any]]:
+    """The night's goals, in the shape of ``goals``: each with its value and verdict."""
+    speedup, versus_reference = ratios["sequential_vs_one_run"], ratios["one_run_vs_reference"]
+    return [
+        {"goal": f"one run of {vms} VMs at least {NIGHT_SPEEDUP_GOAL:g}x faster than {vms} backups one after "
+                 "another",
+         "value": f"one after another takes {speedup:.2f}x the one run's time", "met": speedup >= NIGHT_SPEEDUP_GOAL},
+        {"goal": f"one run at most {NIGHT_REFERENCE_GOAL:g}x the VMs' data phases plus one VM's engine latency",
+         "value": f"the one run takes {versus_reference:.2f}x the reference",
+         "met": versus_reference <= NIGHT_REFERENCE_GOAL},
+    ]
+
+
+NIGHT_COLUMNS = ("contender", "wall s", "client CPU s", "lab CPU s", "vs one run", "vs reference", "read", "stored")
+
+
+def night_text(results: dict[str, Any], markdown: bool = False) -> str:
+    """The night's table: both contenders and the reference, then the goals."""
+    opts = results["options"]
+    contenders, reference = results["contenders"], results["reference"]
+    one_run = contenders[NIGHT_ONE_RUN]["wall"]
+    table = []
+    for name, row in contenders.items():
+        table.append([f"{name} ({row['how']})", f"{row['wall']:.2f}", f"{row['cpu_seconds']:.2f}",
+                      f"{row['lab_cpu_seconds']:.2f}", f"{row['wall'] / one_run:.2f}x" if one_run else "-",
+                      f"{row['wall'] / reference['seconds']:.2f}x" if reference["seconds"] else "-",
+                      _size(row["moved"]), _size(row["stored"])])
+    table.append([f"{NIGHT_REFERENCE} (data phases {reference['data_seconds']:.2f} s + one VM's engine latency "
+                  f"{reference['engine_latency']:.2f} s)", f"{reference['seconds']:.2f}", "-", "-",
+                  f"{reference['seconds'] / one_run:.2f}x" if one_run else "-", "1", "-", "-"])
+    prepare = opts.get("prepare_ahead")
+    head = (f"A night of {opts['vms']} VMs ({_size(opts['disk_size'])} disk, {_size(opts['data_bytes'])} of data "
+            f"each) under the engine's latency {opts['latency']} x {opts['latency_scale']:g} "
+            f"({', '.join(f'{k} {v:g} s' for k, v in results['latency'].items())}); "
+            f"prepare_ahead {prepare if prepare is not None else 'not set'}; repositories {opts['encryption']} + "
+            f"{opts['compression']}; one run each.")
+    identical: dict[str, list[str]] = defaultdict(list)
+    for checked in results.get("images", []):
+        if checked.get("identical"):
+            identical[checked["contender"]].append(checked["vm"])
+    images = "; ".join(f"{', '.join(vms)} ({contender})" for contender, vms in identical.items())
+    parts = [head, machine_text(results), _table(NIGHT_COLUMNS, table, markdown),
+             f"Images identical to the reference: {images or 'none checked'}.", "Goals:",
+             goals_text(results["goals"], markdown)]
+    return ("\n\n" if markdown else "\n").join(part for part in parts if part)
+
+
 def render(results: dict[str, Any], markdown: bool = False) -> str:
+    if results.get("case") == "night":
+        return night_text(results, markdown)
     # Recomputed from the steps (the measurements), so a file from an older version renders alike.
     summary = summarize(results)
     opts = results["options"]

@@ -182,10 +182,11 @@ class Bench:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def start_lab(self) -> None:
+    def start_lab(self, latency: str = "none", latency_scale: float = 1.0) -> None:
+        """Bring the lab up; ``latency`` and ``latency_scale`` as ``ovirt-borg-lab up`` takes them."""
         from ovirt_borg.lab.control import Lab
 
-        self.lab = Lab.up(self.lab_dir, vms=1, disk_size="16M")
+        self.lab = Lab.up(self.lab_dir, vms=1, disk_size="16M", latency=latency, latency_scale=latency_scale)
 
     def stop_lab(self) -> None:
         if self.lab is not None:
@@ -213,11 +214,13 @@ class Bench:
         borgrepo.init(path, self.settings, self.env)
         return path
 
-    def job_config(self, directory: Path, keep_checkpoints: int = 1) -> Path:
+    def job_config(self, directory: Path, keep_checkpoints: int = 1,
+                   sections: dict[str, dict[str, Any]] | None = None) -> Path:
         """An ovirt-borg job writing to ``directory/repo`` with its state in ``directory/state``.
 
         ``keep_checkpoints`` large lets a second job back up the same VM without deleting the
-        checkpoint the first job's next incremental starts from.
+        checkpoint the first job's next incremental starts from. ``sections`` adds TOML sections
+        of other options (``{"selection": {"names": ["night-*"]}}``).
         """
         directory.mkdir(parents=True, exist_ok=True)
         repo = self.new_repo(directory / "repo")
@@ -237,17 +240,21 @@ class Bench:
             "[state]\n"
             f"directory = {json.dumps(os.fspath(directory / 'state'))}\n"
             "[checkpoints]\n"
-            f"keep = {keep_checkpoints}\n")
+            f"keep = {keep_checkpoints}\n"
+            + "".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+                      for name, options in (sections or {}).items()))
         return config
 
-    def new_vm(self, name: str, size: int, regions: list[image.Region], reference: Path | None) -> dict:
-        """Create a VM with one qcow2 disk of ``size`` holding ``regions``; return its disk.
+    def new_vm(self, name: str, size: int, regions: list[image.Region], reference: Path | None,
+               content: Content | None = None) -> dict:
+        """Create a VM with one qcow2 disk of ``size`` holding ``regions`` (of ``content``, by
+        default the run's); return its disk.
 
         With a ``reference`` raw file, the disk is compared with it (raises on a mismatch).
         """
         self.lab.add_vm(name, disks=1, size=size)
         disk = self.lab.vm_info(name)["disks"][0]
-        image.fill_disk(Path(disk["path"]), size, regions, self.content, self.work)
+        image.fill_disk(Path(disk["path"]), size, regions, content or self.content, self.work)
         if reference is not None:
             compare(Path(disk["path"]), reference)
         return disk
@@ -280,7 +287,8 @@ class Bench:
                            "holes": disk["holes"], "reused": disk["reused"], "read_blocks": disk["stored"],
                            "imageio_bytes_read": self.imageio_read() - read0, "disk_id": disk["id"],
                            "vm": result["vm"], "alias": disk["alias"], "vm_seconds": result["seconds"],
-                           "phase_seconds": sum(d["seconds"] for d in result["disks"])})
+                           "phase_seconds": sum(d["seconds"] for d in result["disks"]),
+                           "disk_seconds": [d["seconds"] for d in result["disks"]]})
 
     def borg_create(self, repo: Path, source: Path, archive: str, case: str, contender: str, run: int,
                     provisioned: int) -> Step:
@@ -499,8 +507,15 @@ class Bench:
 
     def check_archive(self, repo: Path, step: Step, raw_sha: str, size: int) -> None:
         """Compare the image in ovirt-borg's archive with the reference (sha256 of all bytes)."""
-        path = f"{step.extra['vm']}/disks/{step.extra['alias']}-{step.extra['disk_id']}.raw"
-        process = subprocess.Popen([borgrepo.BORG, "extract", "--stdout", f"{repo}::{step.extra['archive']}", path],
+        self.check_image(repo, step.extra["archive"], step.extra["vm"], step.extra["alias"], step.extra["disk_id"],
+                         raw_sha, size)
+
+    def check_image(self, repo: Path, archive: str, vm: str, alias: str, disk_id: str, raw_sha: str,
+                    size: int) -> None:
+        """Raise ``CommandFailed`` unless the disk's image in ``archive`` has ``size`` bytes
+        whose sha256 is ``raw_sha``."""
+        path = f"{vm}/disks/{alias}-{disk_id}.raw"
+        process = subprocess.Popen([borgrepo.BORG, "extract", "--stdout", f"{repo}::{archive}", path],
                                    env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         digest = hashlib.sha256()
         total = 0
@@ -509,9 +524,9 @@ class Bench:
             total += len(piece)
         _, err = process.communicate()
         if process.returncode != 0 or total != size or digest.hexdigest() != raw_sha:
-            raise measure.CommandFailed(f"the image in archive {step.extra['archive']} differs from the reference "
+            raise measure.CommandFailed(f"the image in archive {archive} differs from the reference "
                                         f"({total} bytes, exit {process.returncode}: {err.decode()[-300:]})")
-        log.info("archive %s holds the reference image (sha256 %s)", step.extra["archive"], raw_sha[:16])
+        log.info("archive %s holds the reference image (sha256 %s)", archive, raw_sha[:16])
 
     def large_run(self, run: int) -> list[Step]:
         """Full and incremental of a large sparse disk, ovirt-borg and the two-step way."""
