@@ -11,7 +11,8 @@ import ovirtsdk4.types as types
 import pytest
 from ovirt_imageio import client
 
-from conftest import make_job, sha256_file
+from conftest import make_job
+from helpers import file_sha256
 from ovirt_borg.lab.control import Lab
 
 # The documented figures with the slow phases a client must see made long enough to be seen
@@ -99,7 +100,7 @@ def test_slow_phases_are_seen_by_polling(slow_lab, conn, tmp_path):
     seen = phases_until(transfer_service.get,
                         lambda t: t.phase == types.ImageTransferPhase.FINISHED_SUCCESS, "transfer finalize")
     assert seen[0].phase == types.ImageTransferPhase.FINALIZING_SUCCESS
-    assert sha256_file(out) == slow_lab.disk_sha256("lat1", 1)
+    assert file_sha256(out) == slow_lab.disk_sha256("lat1", 1)
 
     # The backup's finalize: finalizing (a hybrid backup first stays ready, stopped), then succeeded.
     backup_service.finalize()
