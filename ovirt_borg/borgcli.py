@@ -1,7 +1,7 @@
 """Talk to Borg through its command line (``--json`` / ``--log-json``).
 
 Everything in ovirt-borg that reads, lists, prunes or maintains a Borg repository goes through
-this module; only :mod:`ovirt_borg.archive` writes archives with Borg's Python internals.
+this module; only :mod:`ovirt_borg.archive.borg14` writes archives with Borg's Python internals.
 
 Secrets (``BORG_PASSPHRASE``, ``BORG_PASSCOMMAND``) travel in the environment of the ``borg``
 process, never on its command line, and are never logged. Borg runs with
