@@ -666,11 +666,11 @@ class VmBackup:
 
             def zero_extents() -> list[plan.Extent]:
                 """The whole disk to read: every extent dirty, its holes known."""
-                return [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
+                return client.extents("zero")
 
             if incremental:
                 try:
-                    extents = [plan.Extent(e.start, e.length, e.zero, e.dirty) for e in client.extents("dirty")]
+                    extents = client.extents("dirty")
                 except NoDirtyExtents as e:
                     self._warn(f"VM {self.vm.name} disk {disk.alias}: {e}; reading the whole disk")
                     incremental = False
