@@ -72,7 +72,7 @@ def cmd_read(args: argparse.Namespace) -> dict:
                 started, cpu0 = time.monotonic(), time.process_time()
                 settings = TransferSettings(ca_file=args.ca_file)
                 with ImageioClient(transfer.transfer_url, transfer.proxy_url, settings) as client:
-                    extents = [plan.Extent(e.start, e.length, e.zero, True) for e in client.extents("zero")]
+                    extents = client.extents("zero")
                     blocks = plan.plan_blocks(size, args.block_size, extents)
                     total = 0
                     for _, data in client.read_ranges(plan.read_ranges(blocks, READ_REQUEST),

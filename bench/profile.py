@@ -10,7 +10,7 @@ flame graph for reading by eye.
 
 py-spy samples Python frames only: time inside a C function (hashlib, lz4, the cipher,
 ``ssl.read``) is charged to the Python line that called it, which is how the categories below
-tell compression from encryption (two different lines of ``archive._InternalWriter._encrypt``).
+tell compression from encryption (two different lines of ``archive.borg14._InternalWriter._encrypt``).
 """
 
 from __future__ import annotations
@@ -81,19 +81,22 @@ _DAEMON_RULES: list[tuple[str, Any]] = [
 ]
 
 
+# The modules of the archive writer: its interface and its backends.
+_ARCHIVE_WRITER = ("ovirt_borg/archive/__init__.py", "ovirt_borg/archive/borg14.py", "ovirt_borg/archive/tarpipe.py")
+
 # Where the main thread's wall time goes (waits included), for short runs like incrementals.
 _WALL_RULES: list[tuple[str, Any]] = [
     ("start-up and imports", lambda f, p, src: "importlib" in p),
     ("borg command line", lambda f, p, src: _is(p, "ovirt_borg/borgcli.py")),
     ("repository id and archive list (in-process)",
-     lambda f, p, src: f in ("repository_id", "repository_view") and _is(p, "ovirt_borg/archive.py")),
+     lambda f, p, src: f in ("repository_id", "repository_view") and _is(p, "ovirt_borg/archive/reader.py")),
     ("bitmap check (re-read samples, base blocks)", lambda f, p, src: f == "_check_sample"),
     ("imageio extents", lambda f, p, src: f == "extents" and _is(p, "ovirt_borg/imageio.py")),
     ("image data (read plan, reads, writer)", lambda f, p, src: f in ("add_image", "_write_image")),
     ("repository open, lock, cache sync", lambda f, p, src: f in ("_open", "_open_repository", "__enter__",
                                                                     "lock", "_lock_repository")
-     and _is(p, "ovirt_borg/archive.py")),
-    ("archive commit", lambda f, p, src: f == "commit" and _is(p, "ovirt_borg/archive.py")),
+     and _is(p, *_ARCHIVE_WRITER)),
+    ("archive commit", lambda f, p, src: f == "commit" and _is(p, *_ARCHIVE_WRITER)),
     ("engine: transfers (create, poll, finalize)", lambda f, p, src: f in ("start_transfer", "finalize_transfer",
                                                                          "transfer", "abandon_transfer")),
     ("engine: backup (start, poll ready, finalize)", lambda f, p, src: f in (

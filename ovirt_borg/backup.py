@@ -24,7 +24,6 @@ import hashlib
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections import deque
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
-from ovirt_borg import archive, logs, plan, selection, sidecar as sc
+from ovirt_borg import archive, logs, naming, plan, selection, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import (BackupBusy, BackupEnd, CheckpointRefused, ColdBackupRefused, DiskInfo, Engine,
                                StillFinalizing, TransferStopped, VmInfo, WaitStopped)
@@ -161,46 +160,8 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def archive_timestamp(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-
-
-def unused_timestamp(previous_archives: Iterable[str], now: Callable[[], datetime] = lambda: utc_now(),
-                     sleep: Callable[[float], None] = time.sleep) -> str:
-    """The archive timestamp for a run starting now, one that none of ``previous_archives`` has.
-
-    Archive names have a one-second resolution: a run started within the second of the last
-    one (a retry, a test) waits for the next second rather than fail on a taken name.
-    """
-    taken = {m.group(0) for name in previous_archives if (m := _TIMESTAMP.search(name))}
-    timestamp = archive_timestamp(now())
-    for _ in range(40):
-        if timestamp not in taken:
-            break
-        sleep(0.05)
-        timestamp = archive_timestamp(now())
-    return timestamp
-
-
-def vm_archive_glob(prefix: str, vm_name: str) -> str:
-    """The Borg glob matching exactly this VM's archives (not those of a VM named 'NAME-2')."""
-    return f"{prefix}{vm_name}-[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*"
-
-
-def safe_name(name: str) -> str:
-    """A name usable as one path component inside the archive."""
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "_"
-
-
 def image_path(vm_name: str, disk: DiskInfo) -> str:
-    return f"{safe_name(vm_name)}/disks/{safe_name(disk.alias)}-{disk.id}.raw"
+    return f"{naming.safe_name(vm_name)}/disks/{naming.safe_name(disk.alias)}-{disk.id}.raw"
 
 
 def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: dict[str, str],
@@ -229,7 +190,7 @@ def decide_mode(previous: sc.Sidecar | None, *, force_full: bool, checkpoints: d
     if not archive_present:
         return ModeDecision("full", f"the previous archive {previous.archive} is no longer in the repository")
     if full_every_days:
-        last_full = datetime.strptime(previous.last_full, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        last_full = naming.parse_timestamp(previous.last_full)
         if now - last_full >= timedelta(days=full_every_days):
             return ModeDecision("full", f"periodic full read (the last one is older than {full_every_days} days)")
     return ModeDecision("incremental", f"from checkpoint {previous.checkpoint_id} of {previous.archive}",
@@ -313,27 +274,6 @@ def job_description(job: str, repository_id: str) -> str:
     4.4.8 keep a backup's description (up to 1024 characters) and list it with the backup.
     """
     return f"ovirt-borg job={job} repository={repository_id}"
-
-
-def archive_comment(vm_name: str, mode: str, path: str, checkpoint: str | None,
-                    disks: Sequence[sc.DiskRecord] = ()) -> str:
-    """The Borg archive comment: what ``ovirt-borg list`` shows without opening the archive.
-
-    The sizes are known only at the end; the command-line writer, which must name its comment
-    when it starts, records the rest.
-    """
-    comment = f"ovirt-borg vm={vm_name} mode={mode} path={path} checkpoint={checkpoint or '-'}"
-    if disks:
-        comment += (f" disks={len(disks)} size={sum(d.provisioned_size for d in disks)}"
-                    f" read={sum(d.bytes_read for d in disks)} blocks_stored={sum(d.stored for d in disks)}")
-    return comment
-
-
-def parse_archive_comment(comment: str) -> dict[str, str]:
-    """The key=value fields of an archive comment written by ``archive_comment`` (pure)."""
-    if not comment.startswith("ovirt-borg "):
-        return {}
-    return dict(part.split("=", 1) for part in comment.split()[1:] if "=" in part)
 
 
 class VmBackup:
@@ -551,7 +491,7 @@ class VmBackup:
                 preparing = _in_thread("engine-backup-ready", self._backup_ready, backup_id, stop_preparing)
                 if writer.comment_at_open:
                     engine_ready()
-            writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint)
+            writer.comment = naming.archive_comment(self.vm.name, decision.mode, path, to_checkpoint)
             with writer:
                 if preparing is not None:
                     engine_ready()
@@ -569,21 +509,21 @@ class VmBackup:
                     finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id, backup_id,
                                             stop_finalizing)
                 finished = utc_now()
-                last_full = iso(started)
+                last_full = naming.timestamp(started)
                 if decision.mode == "incremental" and previous is not None:
                     last_full = previous.last_full
                 sidecar = sc.Sidecar(
                     vm_id=self.vm.id, vm_name=self.vm.name, archive=self.archive_name, mode=decision.mode,
                     reason=decision.reason, path=path, block_size=self.settings.block_size,
-                    started=iso(started), finished=iso(finished), last_full=last_full, disks=tuple(records),
+                    started=naming.timestamp(started), finished=naming.timestamp(finished), last_full=last_full, disks=tuple(records),
                     previous_archive=base, checkpoint_id=to_checkpoint,
                     from_checkpoint_id=decision.from_checkpoint, backup_id=backup_id)
-                vm_dir = safe_name(self.vm.name)
+                vm_dir = naming.safe_name(self.vm.name)
                 writer.add_file(f"{vm_dir}/vm.ovf", ovf.encode())
                 for record in records:
                     writer.add_file(record.blocks_file, digests[record.id])
                 writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
-                writer.comment = archive_comment(self.vm.name, decision.mode, path, to_checkpoint, records)
+                writer.comment = naming.archive_comment(self.vm.name, decision.mode, path, to_checkpoint, records)
                 writer.commit()
             try:
                 self.state.store(sidecar, digests)
@@ -726,11 +666,11 @@ class VmBackup:
 
             def zero_extents() -> list[plan.Extent]:
                 """The whole disk to read: every extent dirty, its holes known."""
-                return [plan.Extent(e.start, e.length, e.zero) for e in client.extents("zero")]
+                return client.extents("zero")
 
             if incremental:
                 try:
-                    extents = [plan.Extent(e.start, e.length, e.zero, e.dirty) for e in client.extents("dirty")]
+                    extents = client.extents("dirty")
                 except NoDirtyExtents as e:
                     self._warn(f"VM {self.vm.name} disk {disk.alias}: {e}; reading the whole disk")
                     incremental = False
@@ -1014,7 +954,7 @@ def checkpoints_of_other_jobs(state: sc.StateDir, vm: VmInfo, other_jobs_days: i
         if not other.checkpoint_id:
             continue
         try:
-            finished = datetime.strptime(other.finished, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+            finished = naming.parse_timestamp(other.finished)
         except ValueError:
             continue
         if other_jobs_days and now - finished > timedelta(days=other_jobs_days):

@@ -1,7 +1,7 @@
 """Talk to Borg through its command line (``--json`` / ``--log-json``).
 
 Everything in ovirt-borg that reads, lists, prunes or maintains a Borg repository goes through
-this module; only :mod:`ovirt_borg.archive` writes archives with Borg's Python internals.
+this module; only :mod:`ovirt_borg.archive.borg14` writes archives with Borg's Python internals.
 
 Secrets (``BORG_PASSPHRASE``, ``BORG_PASSCOMMAND``) travel in the environment of the ``borg``
 process, never on its command line, and are never logged. Borg runs with
@@ -22,28 +22,22 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO
 
 from ovirt_borg.errors import AuthError, ConfigError, NotFound, OvirtBorgError, RepositoryBusy, RepositoryError
 
 __all__ = [
     "Repo",
-    "check",
     "compact",
     "delete_archive",
-    "extract_to",
-    "init",
     "list_archives",
     "lock_holders",
     "log_lock_wait",
-    "open_stream",
     "prune",
     "raise_for_mount",
-    "read_file",
     "start_mount",
     "translate_error",
 ]
@@ -428,22 +422,6 @@ class BorgProcess:
 # Repository operations
 
 
-def init(repo: Repo, encryption: str = "repokey-blake2") -> None:
-    """Create a new Borg repository at ``repo.location``.
-
-    Given the repository and the encryption mode (``borg init --encryption``). Raises
-    ``AuthError`` when an encrypting mode is asked for without a passphrase source in
-    ``repo.env`` (Borg would otherwise create a repository with an empty passphrase), and
-    ``RepositoryError`` if it exists already or cannot be created.
-    """
-    if encryption not in ("none", "authenticated", "authenticated-blake2") \
-            and not any(name in repo.env for name in PASSPHRASE_SOURCES):
-        raise AuthError(f"refusing to create repository {repo.location} with encryption {encryption} "
-                        f"and no passphrase: give it BORG_PASSPHRASE or BORG_PASSCOMMAND")
-    _run(repo, "init", "--encryption", encryption, repo.location)
-    log.info("created Borg repository %s (%s)", repo.location, encryption)
-
-
 def _parse_time(text: str) -> datetime:
     # Borg prints naive local times in --json output.
     moment = datetime.fromisoformat(text)
@@ -474,61 +452,6 @@ def list_repository(repo: Repo, glob: str | None = None, *, checkpoints: bool = 
     listing = json.loads(out)
     return listing["repository"], [{"name": entry["name"], "id": entry["id"], "start": _parse_time(entry["start"]),
                                     "comment": entry.get("comment", "")} for entry in listing["archives"]]
-
-
-def _require_item(repo: Repo, archive: str, pattern: str, path: str) -> None:
-    # borg extract of a path that is not in the archive succeeds silently; look first.
-    out, _ = _run(repo, "list", "--json-lines", archive_location(repo, archive), pattern, archive=archive)
-    if not out.strip():
-        raise NotFound(f"{path} is not in archive {archive} of repository {repo.location}")
-
-
-def read_file(repo: Repo, archive: str, path: str) -> bytes:
-    """Return the content of the file ``path`` in ``archive`` (for small files: OVF, sidecar).
-
-    Raises ``NotFound`` if the archive or the path does not exist, other typed errors on failure.
-    """
-    _require_item(repo, archive, f"pf:{path}", path)
-    out, _ = _run(repo, "extract", "--stdout", archive_location(repo, archive), f"pf:{path}", archive=archive)
-    return out
-
-
-def extract_to(repo: Repo, archive: str, path: str, dest_dir: str | os.PathLike, sparse: bool = True) -> Path:
-    """Extract ``path`` (a file or a directory) of ``archive`` below ``dest_dir``.
-
-    With ``sparse`` all-zero chunks become holes (``borg extract --sparse``). Returns the path
-    of the extracted copy (``dest_dir / path``). Raises ``NotFound`` if the archive or path does
-    not exist, other typed errors on failure.
-    """
-    _require_item(repo, archive, f"pp:{path}", path)
-    args = ["extract"] + (["--sparse"] if sparse else []) + [archive_location(repo, archive), f"pp:{path}"]
-    _run(repo, *args, archive=archive, cwd=dest_dir)
-    return Path(dest_dir) / path
-
-
-@contextlib.contextmanager
-def open_stream(repo: Repo, archive: str, path: str) -> Iterator[IO[bytes]]:
-    """Stream the file ``path`` of ``archive`` (``borg extract --stdout``) for a restore.
-
-    A context manager giving a binary file object to read from. Leaving the block before the
-    end stops borg; reaching the end checks borg's exit status. Raises ``NotFound`` if the
-    archive or path does not exist, other typed errors if borg fails.
-    """
-    _require_item(repo, archive, f"pf:{path}", path)
-    process = BorgProcess(repo, "extract", "--stdout", archive_location(repo, archive), f"pf:{path}",
-                          archive=archive)
-    try:
-        yield process.proc.stdout
-    except BaseException:
-        process.terminate()
-        raise
-    if process.proc.stdout.closed or process.proc.stdout.read(1):
-        # The reader stopped early: that is its choice, not a failure of borg.
-        log.debug("stream of %s from archive %s closed before its end", path, archive)
-        process.terminate()
-        return
-    process.proc.stdout.close()
-    process.check()
 
 
 _PRUNED_LINE = re.compile(r"^(?:Would prune|Pruning archive \(\d+/\d+\)):\s+(?P<rest>.*?)\s*$")
@@ -628,18 +551,3 @@ def delete_archive(repo: Repo, name: str) -> None:
         raise NotFound(f"archive {name} does not exist in repository {repo.location}")
     _run(repo, "delete", archive_location(repo, name), archive=name, allow_warning=False)
     log.info("deleted archive %s from %s", name, repo.location)
-
-
-def check(repo: Repo, verify_data: bool = False) -> None:
-    """Check the consistency of ``repo`` (``borg check``; ``--verify-data`` reads every chunk).
-
-    Returns when the repository is clean. Raises ``RepositoryError`` when Borg finds problems,
-    other typed errors when it cannot run.
-    """
-    args = ["check"] + (["--verify-data"] if verify_data else []) + [repo.location]
-    try:
-        _run(repo, *args, allow_warning=False)
-    except RepositoryError as exc:
-        raise RepositoryError(f"borg check found problems in repository {repo.location}; see the log "
-                              f"and consider borg check --repair ({exc})") from exc
-

@@ -558,8 +558,8 @@ def console() -> int:
     """The ``ovirt-borg`` program: main() in a process that ends when it returns.
 
     Every object the run made lives until the process exits anyway; frozen, they are spared the
-    interpreter's last garbage collection over all of them and the modules' (0.1 s of the 0.8 s
-    a small incremental took).
+    interpreter's last garbage collection over all of them and the modules', a visible share of
+    a short run such as a small incremental (docs/BENCHMARKS.md).
     """
     code = main()
     gc.freeze()

@@ -7,7 +7,6 @@ loader checks types, rejects unknown keys and reports the file, the key and what
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ovirt_borg import archive
 from ovirt_borg.errors import ConfigError, nearest_hint
 
 DEFAULT_CONFIG_DIR = Path("/etc/ovirt-borg")
@@ -326,19 +326,18 @@ def _validate(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: 'repository.{key}' must be a power of two from 64K to 16M "
                               f"(got {text!r})")
     if repo.compression != "lz4":  # the default; anything else is checked by Borg's own parser
-        from borg.compress import CompressionSpec
-
         try:
-            CompressionSpec(repo.compression)
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            archive.check_compression(repo.compression)
+        except ValueError as e:
             raise ConfigError(f"{source}: 'repository.compression' is not a Borg compression spec "
                               f"(got {repo.compression!r}: {e})") from None
     keep_within = config.retention.keep_within
     if keep_within and not re.fullmatch(r"0*[1-9][0-9]*[Hdwmy]", keep_within):
         raise ConfigError(f"{source}: 'retention.keep_within' must be a number of hours, days, weeks, "
                           f"months or years, as 36H, 2d, 4w, 6m, 1y (got {keep_within!r})")
-    if repo.writer not in ("internal", "cli"):
-        raise ConfigError(f"{source}: 'repository.writer' must be 'internal' or 'cli' (got {repo.writer!r})")
+    if repo.writer not in archive.WRITERS:
+        raise ConfigError(f"{source}: 'repository.writer' must be {' or '.join(map(repr, archive.WRITERS))} "
+                          f"(got {repo.writer!r})")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", repo.prefix):
         raise ConfigError(f"{source}: 'repository.prefix' must be non-empty (it keeps prune away from other "
                           "archives) and hold only letters, digits, '.', '_' and '-'")

@@ -35,6 +35,7 @@ from typing import TypeVar
 import tenacity
 
 from ovirt_borg.errors import ConfigError, TransferError
+from ovirt_borg.plan import Extent
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +64,6 @@ def mask_ticket_url(url: str) -> str:
     if marker in path:
         path = path[: path.index(marker) + len(marker)] + "****"
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-@dataclass(frozen=True)
-class Extent:
-    """A run of the image with the same state, as imageio reports it.
-
-    ``zero``: reads as zeroes; ``hole``: not allocated (zero context only); ``dirty``: changed
-    since the checkpoint (dirty context only).
-    """
-
-    start: int
-    length: int
-    zero: bool
-    hole: bool = False
-    dirty: bool = False
-
-    @property
-    def end(self) -> int:
-        """Offset just past the extent."""
-        return self.start + self.length
 
 
 @dataclass(frozen=True)
@@ -316,7 +297,8 @@ class ImageioClient:
                 length=item["length"],
                 zero=bool(item.get("zero", False)),
                 hole=bool(item.get("hole", False)),
-                dirty=bool(item.get("dirty", False)),
+                # The zero context has no dirty flags: all of it counts as changed.
+                dirty=bool(item.get("dirty", context == "zero")),
             )
             for item in raw
         ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ovirt_borg import archive, backup, borgcli, credentials, logs, plugins, restore, retention, selection
+from ovirt_borg import archive, backup, borgcli, credentials, logs, naming, plugins, restore, retention, selection
 from ovirt_borg import sidecar as sc
 from ovirt_borg.config import Config, parse_size
 from ovirt_borg.engine import Engine, EngineSettings, VmInfo
@@ -203,7 +203,7 @@ def _archive_namer(pm, config: Config, timestamp: str):
 
     def name_for(vm: VmInfo) -> str:
         name = pm.hook.ovirt_borg_archive_name(config=config, vm=vm, timestamp=timestamp)
-        if retention.vm_of_archive(name, prefix) != vm.name:
+        if naming.vm_of_archive(name, prefix) != vm.name:
             raise ConfigError(f"a plugin named the archive of VM {vm.name} {name!r}; it must be "
                               f"{prefix}{vm.name}-<UTC time>[.tag], or list, prune and restore would "
                               "not find it")
@@ -265,7 +265,7 @@ def run_backup(config: Config, request: BackupRequest) -> BackupReport:
                 log.warning("the selection matches no VM; nothing to back up")
                 report.exit_code = 1
             else:
-                name_for = _archive_namer(pm, config, backup.unused_timestamp(s.archive for s in state.all()))
+                name_for = _archive_namer(pm, config, naming.unused_timestamp(s.archive for s in state.all()))
                 if request.dry_run:
                     report.plans = backup.plan_backups(engine, repo, state, settings, vms, name_for,
                                                        force_full=request.full, archives=view.archives)
@@ -318,12 +318,12 @@ def list_archives(config: Config, vms: Sequence[str] = ()) -> Listing:
     archived = set()
     described, archives = borgcli.list_repository(repo, f"{prefix}*")
     for a in archives:
-        vm = retention.vm_of_archive(a["name"], prefix)
+        vm = naming.vm_of_archive(a["name"], prefix)
         if vm is not None:
             archived.add(vm)
         if vm is None or (vms and vm not in vms):
             continue  # not an archive of this job, or not a VM asked for
-        fields = backup.parse_archive_comment(a.pop("comment", ""))
+        fields = naming.parse_archive_comment(a.pop("comment", ""))
         rows.append({"vm": vm, "name": a["name"], "id": a["id"], "start": a["start"].isoformat(),
                      "mode": fields.get("mode", "?"), "path": fields.get("path", "?"),
                      "checkpoint": fields.get("checkpoint", "-"), "size": int(fields.get("size", 0)),
@@ -370,7 +370,7 @@ def verify_targets(names: Sequence[str], archives: Sequence[str], by_vm: dict[st
     known = set(archives)
     chosen, unknown = [], []
     for name in names:
-        if name in known or (name not in by_vm and retention.vm_of_archive(name, prefix) is not None):
+        if name in known or (name not in by_vm and naming.vm_of_archive(name, prefix) is not None):
             chosen.append(name)
         elif name in by_vm:
             chosen += by_vm[name][-last:]
@@ -551,7 +551,7 @@ def validate(config: Config, *, connect_to: bool = False) -> list[str]:
         checked.append(f"engine {config.engine.url}: logged in as {config.engine.user}; {len(all_vms)} VMs, "
                        f"{len(chosen)} selected by [selection]")
     view = archive.repository_view(repo)
-    ours = sum(retention.vm_of_archive(name, config.repository.prefix) is not None for name in view.archives)
+    ours = sum(naming.vm_of_archive(name, config.repository.prefix) is not None for name in view.archives)
     checked.append(f"repository {repo.location}: opened (id {view.id}); {len(view.archives)} archives, "
                    f"{ours} of this job")
     return checked

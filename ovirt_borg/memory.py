@@ -5,9 +5,9 @@ imageio, Borg's compressed and encrypted copies, the chunks read back on restore
 an allocation above its mmap threshold (128 KiB at start, raised on the fly only up to the
 size of chunks already freed) with its own ``mmap`` and unmaps it on free, and it trims the heap
 whenever more than the trim threshold is free at its top. Either way each 4 MiB buffer costs
-about a thousand page faults and the kernel's zeroing of its pages: measured here, a third of a
-full backup's CPU time went to the kernel, and the archive writer alone ran 1.5x faster, the
-archive reader of a restore 1.6x faster, once block buffers were reused from the heap.
+about a thousand page faults and the kernel's zeroing of its pages, a large share of a full
+backup's CPU time; the archive writer and the archive reader of a restore both run faster once
+block buffers are reused from the heap (docs/BENCHMARKS.md has the figures).
 
 ``tune_allocator()`` raises both thresholds once per process, so freed block buffers are
 reused. The heap then keeps at most ``TRIM_THRESHOLD`` of free memory per arena beyond what is
@@ -42,7 +42,7 @@ def tune_allocator() -> bool:
         return True
     try:
         # The symbols the process already has: its C library, found without the ldconfig run
-        # (3 ms) of ctypes.util.find_library.
+        # of ctypes.util.find_library.
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         log.debug("no mallopt in the C library: allocator left as it is")

@@ -34,15 +34,22 @@ class Action(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Extent:
-    """A run of the disk as imageio reports it: ``zero`` reads as zeros, ``dirty`` changed."""
+    """A run of the disk with the same state, as imageio reports it.
+
+    ``zero``: reads as zeros; ``dirty``: changed since the checkpoint (only the dirty context
+    tells; an extent of the zero context counts as changed, so a full backup reads all its
+    data); ``hole``: not allocated (zero context only).
+    """
 
     start: int
     length: int
     zero: bool
     dirty: bool = True
+    hole: bool = False
 
     @property
     def end(self) -> int:
+        """Offset just past the extent."""
         return self.start + self.length
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pluggy
 
-from ovirt_borg import hookspecs, logs, selection
+from ovirt_borg import hookspecs, logs, naming, selection
 from ovirt_borg.config import Config
 from ovirt_borg.errors import ConfigError, PluginError
 
@@ -39,7 +39,7 @@ class DefaultBehaviour:
 
     @hookimpl(trylast=True)
     def ovirt_borg_archive_name(self, config, vm, timestamp):
-        return f"{config.repository.prefix}{vm.name}-{timestamp}"
+        return naming.archive_name(config.repository.prefix, vm.name, timestamp)
 
 
 def selection_rule(config: Config) -> selection.Rule:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -22,18 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ovirt_borg import archive, pagecache, qcow2, sidecar as sc
-from ovirt_borg.backup import safe_name
+from ovirt_borg import archive, naming, pagecache, qcow2, sidecar as sc
 from ovirt_borg.engine import DiskInfo, Engine, StorageDomainInfo
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, VerifyMismatch, nearest_hint
 from ovirt_borg.imageio import ImageioClient, TransferSettings
 from ovirt_borg.progress import Progress, human_size
-from ovirt_borg.retention import vm_of_archive
 
 log = logging.getLogger(__name__)
-
-_TIMESTAMP = re.compile(r"-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-
 
 @dataclass
 class RestoredDisk:
@@ -93,7 +87,7 @@ def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> 
                              "is it an ovirt-borg archive?")
     path = next(iter(found))
     if len(found) > 1:
-        path = f"{_vm_dir(archive_name, prefix)}/{sc.SIDECAR_NAME}"
+        path = f"{naming.vm_directory(archive_name, prefix)}/{sc.SIDECAR_NAME}"
         if path not in found:
             raise OvirtBorgError(f"archive {archive_name} holds several sidecars ({', '.join(sorted(found))}) "
                                  "and its name points at none of them")
@@ -101,14 +95,6 @@ def load_archive_sidecar(repo: archive.Repo, archive_name: str, prefix: str) -> 
         return ArchivedVm(path.rpartition("/")[0], sc.parse(found[path]))
     except sc.SidecarInvalid as e:
         raise OvirtBorgError(f"the sidecar in archive {archive_name} is damaged: {e}") from None
-
-
-def _vm_dir(archive_name: str, prefix: str) -> str:
-    """The directory of the VM's files that the name ``archive_name`` says (pure)."""
-    vm_name = vm_of_archive(archive_name, prefix)
-    if vm_name is None:  # not this job's name pattern: another prefix, still <vm>-<UTC time>
-        vm_name = _TIMESTAMP.sub("", archive_name[len(prefix):] if archive_name.startswith(prefix) else archive_name)
-    return safe_name(vm_name)
 
 
 def _pick_disks(sidecar: sc.Sidecar, disk_ids: list[str] | None) -> list[sc.DiskRecord]:
@@ -437,7 +423,7 @@ def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory
         raise ConfigError("--format qcow2 converts with qemu-img, which is not installed (qemu-utils)")
     archived = load_archive_sidecar(repo, archive_name, prefix)
     records = _pick_disks(archived.sidecar, disk_ids)
-    names = [f"{safe_name(record.alias)}-{safe_name(record.id)}" for record in records]
+    names = [f"{naming.safe_name(record.alias)}-{naming.safe_name(record.id)}" for record in records]
     targets = [directory / f"{name}.{fmt}" for name in names]
     ovf_target = directory / "vm.ovf"
     _refuse_existing([*targets, ovf_target], force)

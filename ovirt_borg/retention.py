@@ -9,12 +9,11 @@ unless a newer committed archive of the VM exists.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ovirt_borg import archive, borgcli, sidecar as sc
-from ovirt_borg.backup import vm_archive_glob
+from ovirt_borg.naming import vm_archive_glob, vm_of_archive
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +27,6 @@ class PruneResult:
     kept: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
     skipped: str = ""
-
-
-def vm_of_archive(name: str, prefix: str) -> str | None:
-    """The VM name of an archive this job wrote, or None for a foreign archive (pure).
-
-    This job's archives are named ``<prefix><vm>-<UTC time>``, optionally followed by a tag
-    ``.<tag>`` (a plugin's choice); Borg's ``.checkpoint`` archives are not archives of a VM.
-    """
-    match = re.fullmatch(re.escape(prefix) + r"(.+)-\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z"
-                         r"(?:\.(?!checkpoint)[A-Za-z0-9_-][A-Za-z0-9._-]*)?", name)
-    return match.group(1) if match else None
 
 
 def archives_by_vm(names: Iterable[str], prefix: str) -> dict[str, list[str]]:

@@ -70,7 +70,7 @@ def write_archive(repo, name, blocks, size, *, kind="internal", base=None, reuse
 
 
 def test_borg_internals_are_what_the_writer_was_written_for():
-    """Fails loudly when a Borg upgrade changes the internals archive.py uses."""
+    """Fails loudly when a Borg upgrade changes the internals archive/borg14.py uses."""
     import borg
     import borg.compress
     import borg.logger

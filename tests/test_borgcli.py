@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from helpers import file_sha256
-from fixtures_borg import PASSPHRASE, archive_names, lock_holder, run_borg
+from fixtures_borg import (PASSPHRASE, archive_names, cli_check, cli_extract_to, cli_init, cli_open_stream,
+                           cli_read_file, lock_holder, run_borg)
 from ovirt_borg import archive, borgcli
 from ovirt_borg.borgcli import Repo
 from ovirt_borg.errors import AuthError, ConfigError, NotFound, RepositoryBusy, RepositoryError
@@ -49,7 +50,7 @@ def create(repo: Repo, name: str, source: Path, timestamp: str | None = None) ->
 
 def test_init_creates_a_usable_repository(tmp_path, borg_env):
     repo = Repo(str(tmp_path / "new"), borg_env, lock_wait=2)
-    borgcli.init(repo)
+    cli_init(repo)
     info = json.loads(run_borg(repo, "info", "--json", "{repo}").stdout)
     assert info["encryption"]["mode"] == "repokey-blake2"
     assert archive.repository_view(repo).id == info["repository"]["id"]
@@ -58,7 +59,7 @@ def test_init_creates_a_usable_repository(tmp_path, borg_env):
     assert archive.repository_id(no_secret) == info["repository"]["id"]
     assert borgcli.list_archives(repo) == []
     with pytest.raises(RepositoryError, match="already exists"):
-        borgcli.init(repo)
+        cli_init(repo)
 
 
 def test_init_refuses_an_encrypted_repository_without_passphrase(tmp_path, borg_env, monkeypatch):
@@ -66,7 +67,7 @@ def test_init_refuses_an_encrypted_repository_without_passphrase(tmp_path, borg_
         monkeypatch.delenv(name, raising=False)
     env = {k: v for k, v in borg_env.items() if k != "BORG_PASSPHRASE"}
     with pytest.raises(AuthError, match="no passphrase"):
-        borgcli.init(Repo(str(tmp_path / "new"), env))
+        cli_init(Repo(str(tmp_path / "new"), env))
     assert not (tmp_path / "new").exists()
 
 
@@ -90,47 +91,47 @@ def test_list_archives_and_exists(local_repo, source):
 
 def test_read_extract_and_stream(local_repo, source, tmp_path):
     create(local_repo, "a", source)
-    assert borgcli.read_file(local_repo, "a", "vm1/vm.ovf") == b"<ovf>vm1</ovf>"
+    assert cli_read_file(local_repo, "a", "vm1/vm.ovf") == b"<ovf>vm1</ovf>"
 
     dest = tmp_path / "restore"
     dest.mkdir()
-    extracted = borgcli.extract_to(local_repo, "a", DISK, dest)
+    extracted = cli_extract_to(local_repo, "a", DISK, dest)
     assert extracted == dest / DISK
     assert file_sha256(extracted) == file_sha256(source / DISK)
     # 2 of 4 MiB are a hole in the source: the sparse extract keeps it a hole.
     assert extracted.stat().st_blocks * 512 <= (2 << 20) + 65536
     dense = tmp_path / "dense"
     dense.mkdir()
-    assert borgcli.extract_to(local_repo, "a", DISK, dense, sparse=False).stat().st_blocks * 512 >= 4 << 20
+    assert cli_extract_to(local_repo, "a", DISK, dense, sparse=False).stat().st_blocks * 512 >= 4 << 20
 
     digest = hashlib.sha256()
-    with borgcli.open_stream(local_repo, "a", DISK) as stream:
+    with cli_open_stream(local_repo, "a", DISK) as stream:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     assert digest.hexdigest() == file_sha256(source / DISK)
 
     # A reader may stop early: borg is stopped, nothing is raised, the lock is free again.
-    with borgcli.open_stream(local_repo, "a", DISK) as stream:
+    with cli_open_stream(local_repo, "a", DISK) as stream:
         assert len(stream.read(4096)) == 4096
-    assert borgcli.read_file(Repo(local_repo.location, local_repo.env, lock_wait=0), "a", "vm1/vm.ovf")
+    assert cli_read_file(Repo(local_repo.location, local_repo.env, lock_wait=0), "a", "vm1/vm.ovf")
 
 
 def test_missing_things_are_not_found(local_repo, source, tmp_path):
     create(local_repo, "a", source)
     with pytest.raises(NotFound, match="vm1/nothere"):
-        borgcli.read_file(local_repo, "a", "vm1/nothere")
+        cli_read_file(local_repo, "a", "vm1/nothere")
     with pytest.raises(NotFound, match="archive b does not exist"):
-        borgcli.read_file(local_repo, "b", "vm1/vm.ovf")
+        cli_read_file(local_repo, "b", "vm1/vm.ovf")
     with pytest.raises(NotFound):
-        with borgcli.open_stream(local_repo, "a", "vm1/nothere"):
+        with cli_open_stream(local_repo, "a", "vm1/nothere"):
             pass
     with pytest.raises(NotFound):
-        borgcli.extract_to(local_repo, "a", "vm1/nothere", tmp_path)
+        cli_extract_to(local_repo, "a", "vm1/nothere", tmp_path)
     with pytest.raises(NotFound):
         borgcli.delete_archive(local_repo, "b")
     # A prefix of a path is not the path.
     with pytest.raises(NotFound):
-        borgcli.read_file(local_repo, "a", "vm1/vm.ov")
+        cli_read_file(local_repo, "a", "vm1/vm.ov")
 
 
 def test_prune_dry_run_and_real(local_repo, source, tmp_path):
@@ -148,10 +149,10 @@ def test_prune_dry_run_and_real(local_repo, source, tmp_path):
     assert borgcli.prune(local_repo, "vm1-*", {"within": "36500d"}) == []
 
     borgcli.compact(local_repo)
-    borgcli.check(local_repo, verify_data=True)
+    cli_check(local_repo, verify_data=True)
     dest = tmp_path / "r"
     dest.mkdir()
-    assert file_sha256(borgcli.extract_to(local_repo, "vm1-2026-01-04", DISK, dest)) == file_sha256(source / DISK)
+    assert file_sha256(cli_extract_to(local_repo, "vm1-2026-01-04", DISK, dest)) == file_sha256(source / DISK)
 
     with pytest.raises(ConfigError):
         borgcli.prune(local_repo, "vm1-*", {})
@@ -173,7 +174,7 @@ def test_delete_and_compact_free_space(local_repo, source):
 
 def test_check_finds_damage(local_repo, source):
     create(local_repo, "a", source)
-    borgcli.check(local_repo)
+    cli_check(local_repo)
     segments = sorted((f for f in Path(local_repo.location, "data").rglob("*") if f.name.isdigit()),
                       key=lambda f: f.stat().st_size)
     biggest = segments[-1]
@@ -182,7 +183,7 @@ def test_check_finds_damage(local_repo, source):
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     biggest.write_bytes(bytes(data))
     with pytest.raises(RepositoryError, match="borg check found problems"):
-        borgcli.check(local_repo, verify_data=True)
+        cli_check(local_repo, verify_data=True)
 
 
 def test_the_jobs_passphrase_source_wins_over_an_inherited_passphrase(local_repo, monkeypatch, tmp_path):
@@ -222,8 +223,8 @@ def test_passphrase_never_on_the_command_line_or_in_the_log(local_repo, source, 
     caplog.set_level(logging.DEBUG, logger="ovirt_borg")
     create(local_repo, "a", source)
     borgcli.list_archives(local_repo)
-    borgcli.read_file(local_repo, "a", "vm1/vm.ovf")
-    with borgcli.open_stream(local_repo, "a", "vm1/vm.ovf") as stream:
+    cli_read_file(local_repo, "a", "vm1/vm.ovf")
+    with cli_open_stream(local_repo, "a", "vm1/vm.ovf") as stream:
         stream.read()
     assert "running " in caplog.text and "starting " in caplog.text
     assert PASSPHRASE not in caplog.text
@@ -233,9 +234,9 @@ def test_passphrase_never_on_the_command_line_or_in_the_log(local_repo, source, 
 def test_ssh_repository(ssh_repo, source, tmp_path):
     create(ssh_repo, "a", source)
     assert [a["name"] for a in borgcli.list_archives(ssh_repo)] == ["a"]
-    assert borgcli.read_file(ssh_repo, "a", "vm1/vm.ovf") == b"<ovf>vm1</ovf>"
+    assert cli_read_file(ssh_repo, "a", "vm1/vm.ovf") == b"<ovf>vm1</ovf>"
     assert len(archive.repository_view(ssh_repo).id) == 64
     borgcli.delete_archive(ssh_repo, "a")
     borgcli.compact(ssh_repo)
-    borgcli.check(ssh_repo)
+    cli_check(ssh_repo)
     assert borgcli.list_archives(ssh_repo) == []

@@ -222,7 +222,7 @@ def test_default_output_is_one_line_per_vm_and_a_summary(job, two_vms):
     # -v: each disk's plan and each file the archive gets, rates in MiB/s
     job.lab.write(a, disk=1, percent=5)
     proc = job.run("-v", "backup", a, "--json")
-    assert re.search(rf"DEBUG ovirt_borg.archive: {a}/vm.ovf: 1 blocks .* \d+\.\d MiB/s", proc.stderr), proc.stderr
+    assert re.search(rf"DEBUG ovirt_borg.archive.borg14: {a}/vm.ovf: 1 blocks .* \d+\.\d MiB/s", proc.stderr), proc.stderr
     assert "MB/s" not in proc.stderr
 
 

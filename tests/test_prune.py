@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ovirt_borg.retention import vm_of_archive
+from ovirt_borg.naming import vm_of_archive
 
 RETENTION = "[retention]\nkeep_daily = 1\nkeep_weekly = 0\nkeep_monthly = 0\n"
 

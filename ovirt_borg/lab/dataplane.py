@@ -94,7 +94,7 @@ class LabDataPlane:
                     zero: bool, discard: bool) -> None:
         """Write (offset, length, data) ranges through qemu, as few qemu-io runs as possible.
 
-        One qemu-io per range costs ~20 ms, so a scattered write of many ranges is batched:
+        One qemu-io per range costs a process start each, so a scattered write of many ranges is batched:
         one qemu-io with a ``-c`` command per range, data staged in temp files of at most
         ``_WRITE_BATCH`` bytes per run. Raises ``LabError``.
         """

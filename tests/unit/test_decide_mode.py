@@ -2,7 +2,8 @@
 
 from datetime import datetime, timedelta, timezone
 
-from ovirt_borg.backup import PATH_BACKUP, PATH_ENGINE_TRANSFER, decide_mode, unused_timestamp, vm_archive_glob
+from ovirt_borg.backup import PATH_BACKUP, PATH_ENGINE_TRANSFER, decide_mode
+from ovirt_borg.naming import unused_timestamp, vm_archive_glob
 from ovirt_borg.sidecar import Sidecar
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)

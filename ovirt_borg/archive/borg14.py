@@ -1,50 +1,19 @@
-"""The Borg archive writer: every archive holds each disk as one complete raw image.
+"""The archive writer on Borg 1.4's Python internals, and what the reader needs of them.
 
-A disk image is cut into fixed-size, aligned blocks (``block_size``, one Borg chunk each) and
-given to :meth:`ArchiveWriter.add_image` in order, each block being one of:
+The only module of ovirt-borg that imports Borg (on first use: it is a heavy import). It uses
+``Repository``/``RemoteRepository``, ``Manifest``, ``Cache`` and its chunk index, ``Archive``
+and ``Item``. A run of holes or reused blocks references its chunks in one step: the chunk
+index's ``incref`` per chunk and one statistics update, what ``Cache.chunk_incref`` does per
+call.
 
-- ``None`` or ``Holes(n)``: one or ``n`` holes (all zeros, not read). The item references the
-  all-zero chunk of that length, stored once per repository, so ``borg extract --sparse``
-  writes a hole;
-- ``Reuse(i, n)``: blocks ``i`` .. ``i + n - 1`` of the same image in the base archive, known by
-  the chunk ids ``add_image`` returned for it (see :meth:`ArchiveWriter.base_image`). Those
-  chunks are referenced: no read, no upload;
-- bytes-like data of the block. It is hashed, compressed, encrypted and stored as a new chunk,
-  or referenced if the repository has that chunk already.
-
-Only the last block may be shorter than ``block_size``. The result is an archive whose items
-look like regular files (mode 0o100600, owner root, mtime = time of the backup) below
-directories for their parent paths, so ``borg list``, ``extract``, ``extract --sparse``,
-``mount``, ``check --verify-data``, ``prune``, ``delete`` and ``compact`` treat it like any
-other archive: a *synthetic full*.
-
-Two writers share this interface, chosen with ``open_writer(kind=...)``:
-
-``internal`` (default)
-    Borg 1.4's Python internals (``Repository``/``RemoteRepository``, ``Manifest``, ``Cache``
-    and its chunk index, ``Archive``, ``Item``). This is the only module of ovirt-borg that
-    imports them; Borg 2 (``borg create --map/--reuse-from``) could replace it behind the same
-    interface. A run of holes or reused blocks references its chunks in one step: the chunk
-    index's ``incref`` per chunk and one statistics update, what ``Cache.chunk_incref`` does per
-    call.
-``cli``
-    No internals: a tar stream piped into ``borg import-tar --chunker-params fixed,<block>``.
-    Holes are sent as zero bytes and nothing can be reused, so it reads every block.
-
-Both write nothing visible unless :meth:`ArchiveWriter.commit` is called inside the ``with``
-block: leaving it otherwise (an exception, ``KeyboardInterrupt``) rolls the repository back and
-releases its lock.
-
-Speed (read from the Borg 1.4.5 sources, measured on 2 cores): chunk-id hashing (``hashlib``
-blake2b / HMAC-SHA256) releases the GIL, so two worker threads hash in parallel. Compression
-releases the GIL too, but all of Borg's compressors write into one module-global buffer, so it
-admits one thread at a time. The cipher keeps the GIL for AES-CTR (only its MAC, in
-``hashlib``, releases it) and a cipher object carries state, so each worker encrypts with a
+How the work is shared between threads (read from the Borg 1.4 sources): chunk-id hashing
+(``hashlib`` blake2b / HMAC-SHA256) releases the GIL, so two worker threads hash in parallel.
+Compression releases the GIL too, but all of Borg's compressors write into one module-global
+buffer, so it admits one thread at a time. The cipher keeps the GIL for AES-CTR (only its MAC,
+in ``hashlib``, releases it) and a cipher object carries state, so each worker encrypts with a
 cipher of its own, taking its nonces from the key's counter under a lock. The calling thread
-writes to the repository. All-zero blocks are never hashed. Measured alone
-(``bench/components.py``: a 4 GiB image of 3 GiB data in the page cache, repokey-blake2 + lz4,
-glibc tuned by memory.py) this stores it in 7.3-7.9 s; an incremental only pays for the blocks
-it reads. The README has the benchmark's figures against ``borg create``.
+writes to the repository. All-zero blocks are never hashed. docs/BENCHMARKS.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -52,325 +21,53 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import errno
-import json
 import logging
-import math
 import os
-import queue
-import stat
-import subprocess
 import sys
-import tarfile
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import IO, NamedTuple, Union
+from typing import NamedTuple
 
 from ovirt_borg import borgcli, pagecache
+from ovirt_borg.archive import DIR_MODE, FILE_MODE, OWNER, ArchiveWriter, Block, Holes, ImageStats, Reuse
 from ovirt_borg.borgcli import SECRET_ENV, Repo
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, RepositoryError
-
-__all__ = ["ArchiveWriter", "Block", "ImageStats", "Repo", "Reuse", "open_writer"]
 
 log = logging.getLogger(__name__)
 
 #: Borg versions whose internals this module was written against (>= first, < second).
 SUPPORTED_BORG = ((1, 4), (1, 5))
 
-#: Mode, owner and directory mode of the items written.
-FILE_MODE = stat.S_IFREG | 0o600
-DIR_MODE = stat.S_IFDIR | 0o700
-OWNER = "root"
-
-# Worker threads hashing and encrypting data blocks; with 2 cores more only adds contention.
-_WORKERS = max(1, min(2, os.cpu_count() or 1))
-# Data blocks in flight (each holds its data and, once encrypted, its ciphertext). More (tried:
-# 32 MiB worth of 1 MiB blocks) made backup and restore slower, not faster.
-_IN_FLIGHT = 2 * _WORKERS + 2
+#: Worker threads hashing and encrypting (or decrypting) data blocks; with 2 cores more only
+#: adds contention.
+WORKERS = max(1, min(2, os.cpu_count() or 1))
+#: Data blocks in flight (each holds its data and, once encrypted, its ciphertext). More (tried:
+#: 32 MiB worth of 1 MiB blocks) made backup and restore slower, not faster.
+IN_FLIGHT = 2 * WORKERS + 2
 # Seconds a remote repository may take to open before the log says it may be locked.
 _REMOTE_WAIT_NOTICE = 2.0
 # Borg 1.x chunk ids are 32 bytes (keyed BLAKE2b-256 or HMAC-SHA256).
 _ID_SIZE = 32
 
 
-class Reuse(NamedTuple):
-    """Reuse blocks ``index`` .. ``index + count - 1`` of the base image, in place of as many
-    blocks (their chunks are referenced, not read or sent)."""
-
-    index: int
-    count: int = 1
-
-
-class Holes(NamedTuple):
-    """``count`` blocks that read as zeros (they reference the all-zero chunk)."""
-
-    count: int
-
-
-#: Blocks of an image as given to ``add_image``: a hole (None), a run of holes, a run of reused
-#: blocks, or one block's data.
-Block = Union[None, Holes, Reuse, bytes, bytearray, memoryview]
-
-
-@dataclass(frozen=True)
-class ImageStats:
-    """What ``add_image`` did with the blocks of one image.
-
-    ``blocks`` = ``holes`` + ``reused`` + ``stored``; ``stored`` counts the data blocks given
-    and ``bytes_new`` their bytes. Of those, ``deduplicated`` blocks were already in the
-    repository; ``bytes_stored`` is what the others took in it (compressed and encrypted; 0 for
-    the command-line writer, which cannot tell). ``chunk_ids`` holds the Borg chunk id of every
-    block in order, 32 bytes each (empty from the command-line writer, which cannot tell):
-    what a later ``base_image`` needs to reuse these blocks, and a keyed digest of each block
-    that ``verify`` can check the archive against.
-    """
-
-    blocks: int
-    holes: int
-    reused: int
-    stored: int
-    bytes_new: int
-    bytes_stored: int = 0
-    deduplicated: int = 0
-    chunk_ids: bytes = b""
-
-
 def open_writer(repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
-                comment: str = "", kind: str = "internal") -> ArchiveWriter:
-    """Return a writer for the new archive ``archive_name`` in ``repo``; use it with ``with``.
-
-    Given the repository, the archive name, the block (chunk) size of the images, the name of
-    the archive whose images blocks may be reused from (or None), the archive comment and the
-    writer kind (``internal`` or ``cli``). The repository is opened (and locked) when the
-    ``with`` block is entered. Raises ``ConfigError`` for a bad kind, name or block size.
-    """
-    if not archive_name or "/" in archive_name or len(archive_name) > 255 or archive_name != archive_name.strip():
-        raise ConfigError(f"invalid archive name {archive_name!r}: it must be 1..255 characters, without "
-                          f"'/' or surrounding blanks")
-    if not 64 <= block_size <= 20971478:
-        raise ConfigError(f"invalid block size {block_size}: Borg needs 64 bytes .. 20 MiB")
-    if kind == "internal":
-        return _InternalWriter(repo, archive_name, block_size=block_size, base_archive=base_archive,
-                               comment=comment)
-    if kind == "cli":
-        return _CliWriter(repo, archive_name, block_size=block_size, base_archive=base_archive,
-                          comment=comment)
-    raise ConfigError(f"unknown archive writer {kind!r}: use 'internal' or 'cli'")
+                comment: str) -> ArchiveWriter:
+    """Return the internal writer (see ``archive.open_writer``, which checks the arguments)."""
+    return _InternalWriter(repo, archive_name, block_size=block_size, base_archive=base_archive, comment=comment)
 
 
-class ArchiveWriter(ABC):
-    """Writes one archive: images, small files, then ``commit()``; a context manager.
+def check_compression(spec: str) -> None:
+    """Raise ``ValueError`` (with Borg's words) unless Borg parses ``spec`` as a compression spec."""
+    from borg.compress import CompressionSpec
 
-    Entering opens and locks the repository (raising ``RepositoryBusy``, ``AuthError`` or
-    ``RepositoryError``); leaving without ``commit()`` leaves no archive and releases the lock.
-    """
+    try:
+        CompressionSpec(spec)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise ValueError(str(exc)) from None
 
-    #: Whether ``add_image`` returns the chunk id of every block (``ImageStats.chunk_ids``).
-    gives_chunk_ids = False
-    #: Whether ``comment`` is read when the writer is entered (else when it commits).
-    comment_at_open = False
-
-    def __init__(self, repo: Repo, archive_name: str, *, block_size: int, base_archive: str | None,
-                 comment: str):
-        self.repo = repo
-        self.archive_name = archive_name
-        self.block_size = block_size
-        self.base_archive = base_archive
-        self.comment = comment
-        self._state = "new"  # new -> open -> committed | aborted
-        self._paths: set[str] = set()
-        self._dirs: set[str] = set()
-        self._mtime_ns = time.time_ns()
-
-    # -- context manager -------------------------------------------------------------------
-
-    def lock(self) -> None:
-        """Take the repository's lock now, before the writer is entered (which then opens the rest).
-
-        Raises ``RepositoryBusy`` after ``lock_wait`` when another borg holds it (a shared lock,
-        as ``borg mount`` or ``borg list`` take, included), other typed errors when the
-        repository cannot be reached. Call ``release()`` if the writer is then never entered.
-        """
-        if self._state != "new":
-            raise RuntimeError(f"archive writer for {self.archive_name} is {self._state}, not new")
-        self._lock()
-        self._state = "locked"
-
-    def release(self) -> None:
-        """Give the lock taken by ``lock()`` back when the writer was not entered (else nothing)."""
-        if self._state == "locked":
-            self._state = "aborted"
-            self._release()
-
-    def __enter__(self) -> ArchiveWriter:
-        if self._state not in ("new", "locked"):
-            raise RuntimeError("an ArchiveWriter can be entered only once")
-        self._open()
-        self._state = "open"
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._state != "open":
-            return
-        self._state = "aborted"
-        if exc_type is None:
-            log.warning("archive %s was not committed: nothing was written to %s",
-                        self.archive_name, self.repo.location)
-        else:
-            log.info("archive %s aborted (%s): rolling back %s", self.archive_name,
-                     exc_type.__name__, self.repo.location)
-        try:
-            self._abort(exc_type, exc, tb)
-        except Exception:
-            # Cleanup must not hide the error that made us abort.
-            if exc_type is None:
-                raise
-            log.exception("rollback of archive %s in %s failed", self.archive_name, self.repo.location)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            # Borg writes its segments (and its cache) with plain file writes; after the rollback
-            # above freed what this archive took, say it as the repository error it is.
-            raise borgcli.translate_error("Repository.InsufficientFreeSpaceError", str(exc), repo=self.repo,
-                                          archive=self.archive_name) from exc
-
-    # -- interface -------------------------------------------------------------------------
-
-    def _lock(self) -> None:
-        """Take (or make sure of) the repository's lock for ``lock()``; raises typed errors."""
-
-    def _release(self) -> None:
-        """Give back what ``_lock()`` took."""
-
-    @abstractmethod
-    def base_image(self, path: str, size: int, chunk_ids: bytes) -> bool:
-        """Say whether ``Reuse`` blocks of the image ``path`` may refer to its blocks in the base archive.
-
-        Given the image path, its size (the same in the base archive and now) and the chunk
-        ids of its blocks in the base archive (``ImageStats.chunk_ids`` of the backup that wrote
-        it). The base image is not read: True if the base archive exists, there is one id per
-        block of this block size, and the repository holds every one of those chunks with the
-        length of its block; otherwise False, logging why.
-        """
-
-    def is_base_block(self, path: str, index: int, data: bytes) -> bool:
-        """Say whether ``data`` is block ``index`` of ``path`` in the base archive.
-
-        Only after ``base_image(path, size)`` returned True. Used to compare blocks the dirty
-        bitmap calls clean with what the disk holds now; the base archive is not read (the
-        chunk id of ``data`` is compared with the recorded one). Raises ``ValueError`` when the
-        image was not accepted as a base or has no such block.
-        """
-        raise ValueError(f"{path} has no usable base image in this writer")
-
-    def add_image(self, path: str, size: int, blocks: Iterable[Block]) -> ImageStats:
-        """Add the image ``path`` of ``size`` bytes, given as its blocks in order.
-
-        Each item is ``None`` (a hole), ``Holes(n)`` (n holes), ``Reuse(i, n)`` (blocks i ..
-        i + n - 1 of the base image, only after ``base_image(path, size)`` returned True) or one
-        block's bytes; together ``ceil(size / block_size)`` blocks, all ``block_size`` long but
-        the last. Data blocks are copied if they are not ``bytes``
-        (the caller may reuse its buffers). Returns what was done. Raises ``ValueError`` for
-        blocks that do not fit, typed errors for repository failures, and whatever the block
-        iterator raises; the archive must then be abandoned (leave the ``with`` block).
-        """
-        self._require_open()
-        self._claim(path)
-        if size < 0:
-            raise ValueError(f"negative size {size} for {path}")
-        self._ensure_parents(path)
-        return self._write_image(path, size, blocks, reusable=True)
-
-    def add_file(self, path: str, data: bytes) -> None:
-        """Add a small regular file (the OVF, the sidecar) with content ``data``.
-
-        Raises ``ValueError`` for a bad or repeated path, typed errors for repository failures.
-        """
-        self._require_open()
-        self._claim(path)
-        self._ensure_parents(path)
-        data = bytes(data)
-        pieces = [data[offset:offset + self.block_size] for offset in range(0, len(data), self.block_size)]
-        self._write_image(path, len(data), pieces, reusable=False)
-
-    @abstractmethod
-    def commit(self) -> str:
-        """Commit the archive; return its id (64 hex digits) and release the repository.
-
-        Raises typed errors if Borg fails (then nothing was committed).
-        """
-
-    @property
-    def committed(self) -> bool:
-        """The archive is in the repository (also when closing the repository after failed)."""
-        return self._state == "committed"
-
-    # -- shared helpers --------------------------------------------------------------------
-
-    def _require_open(self) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"archive writer for {self.archive_name} is {self._state}, not open "
-                               f"(use it inside 'with', before commit())")
-
-    def _claim(self, path: str) -> None:
-        parts = path.split("/")
-        if not path or path.startswith("/") or any(part in ("", ".", "..") for part in parts):
-            raise ValueError(f"invalid archive path {path!r}: it must be relative, without '.', '..' or '//'")
-        if path in self._paths or path in self._dirs:
-            raise ValueError(f"{path} is already in archive {self.archive_name}")
-        for depth in range(1, len(parts)):
-            if "/".join(parts[:depth]) in self._paths:
-                raise ValueError(f"{path}: its parent is a file in archive {self.archive_name}")
-        self._paths.add(path)
-
-    def _ensure_parents(self, path: str) -> None:
-        # Borg create writes a directory before its contents; do the same so extract and
-        # mount give the directories sensible modes.
-        parts = path.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            directory = "/".join(parts[:depth])
-            if directory not in self._dirs:
-                self._dirs.add(directory)
-                self._write_directory(directory)
-
-    def _block_length(self, position: int, size: int, path: str) -> int:
-        remaining = size - position * self.block_size
-        if remaining <= 0:
-            raise ValueError(f"{path}: more blocks than {size} bytes in blocks of {self.block_size} hold")
-        return min(self.block_size, remaining)
-
-    def _block_count(self, size: int) -> int:
-        return math.ceil(size / self.block_size)
-
-    def _run_lengths(self, position: int, count: int, size: int, path: str) -> list[tuple[int, int]]:
-        """The blocks ``position`` .. ``position + count - 1`` of an image of ``size`` bytes as
-        (block length, how many) pieces: the full blocks, then the short last one if included."""
-        if count < 1:
-            raise ValueError(f"{path}: a run of {count} blocks")
-        last = self._block_length(position + count - 1, size, path)
-        if last == self.block_size or count == 1:
-            return [(last, count)]
-        return [(self.block_size, count - 1), (last, 1)]
-
-    @abstractmethod
-    def _open(self) -> None: ...
-
-    @abstractmethod
-    def _abort(self, exc_type, exc, tb) -> None: ...
-
-    @abstractmethod
-    def _write_directory(self, path: str) -> None: ...
-
-    @abstractmethod
-    def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
-        """Write the item ``path`` from its blocks; ``reusable``: ``Reuse`` blocks are allowed."""
-
-
-# ============================================================================================
-# The writer on Borg's internals
 
 
 class _BorgInternals:
@@ -578,7 +275,7 @@ class _InternalWriter(ArchiveWriter):
         self._archive = borg.Archive(self._repository, self._key, self._manifest, self.archive_name,
                                      cache=self._cache, create=True, checkpoint_interval=0,
                                      chunker_params=borg.ChunkerParams(f"fixed,{self.block_size}"))
-        self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-chunks")
+        self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="borg-chunks")
         self._stack.callback(self._pool.shutdown, wait=True, cancel_futures=True)
         self._write_behind = _segment_write_behind(self._repository)
         log.debug("writing archive %s to %s (block size %d, base %s)", self.archive_name,
@@ -826,7 +523,7 @@ class _InternalWriter(ArchiveWriter):
                         else:
                             pending.append(self._pool.submit(self._prepare, data))
                             in_flight += 1
-                    settle(_IN_FLIGHT)
+                    settle(IN_FLIGHT)
                 if count != self._block_count(size):
                     raise ValueError(f"{path}: {count} blocks given, {self._block_count(size)} expected "
                                      f"for {size} bytes")
@@ -932,7 +629,7 @@ def _segment_write_behind(repository) -> Callable[[], None] | None:
     return wrote
 
 
-class _SegmentReadBehind:
+class SegmentReadBehind:
     """``pagecache.ReadBehind`` over the segment files a local repository reads chunks from."""
 
     def __init__(self, repository, io):
@@ -941,7 +638,7 @@ class _SegmentReadBehind:
         self._behind: pagecache.ReadBehind | None = pagecache.ReadBehind()
 
     @classmethod
-    def of(cls, repository) -> "_SegmentReadBehind | None":
+    def of(cls, repository) -> "SegmentReadBehind | None":
         io = getattr(repository, "io", None)  # remote repositories are read by the server
         return None if io is None else cls(repository, io)
 
@@ -967,229 +664,8 @@ class _NotCommitted(Exception):
     """Stands for 'left without commit()' when Borg's cleanup needs an exception to roll back."""
 
 
-# ============================================================================================
-# The writer on the command line
-
-
-class _CountingPipe:
-    """Write-only file object over a pipe that knows its position (tarfile asks ``tell()``)."""
-
-    def __init__(self, pipe: IO[bytes]):
-        self._pipe = pipe
-        self._position = 0
-
-    def write(self, data) -> int:
-        self._pipe.write(data)
-        self._position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self._position
-
-    def flush(self) -> None:
-        self._pipe.flush()
-
-
-class _ImageReader:
-    """Read-only file object giving an image's bytes from its blocks (holes as zeros)."""
-
-    def __init__(self, writer: _CliWriter, path: str, size: int, blocks: Iterable[Block]):
-        self._writer = writer
-        self._path = path
-        self._size = size
-        self._blocks = iter(blocks)
-        self._holes_left = 0  # of a Holes run being given out
-        self._buffer = memoryview(b"")
-        self.exhausted = False
-        self.counters = {"holes": 0, "reused": 0, "stored": 0, "bytes_new": 0}
-        self.count = 0
-
-    def _next_block(self) -> bytes | memoryview | None:
-        if self._holes_left:
-            self._holes_left -= 1
-            block = None
-        else:
-            try:
-                block = next(self._blocks)
-            except StopIteration:
-                self.exhausted = True
-                return None
-            if isinstance(block, Holes):
-                if block.count < 1:
-                    raise ValueError(f"{self._path}: a run of {block.count} blocks")
-                self._holes_left = block.count - 1
-                block = None
-        position = self.count
-        self.count += 1
-        length = self._writer._block_length(position, self._size, self._path)
-        if block is None:
-            self.counters["holes"] += 1
-            return self._writer._zero_block(length)
-        if isinstance(block, Reuse):
-            raise ValueError(f"{self._path}: the command-line writer cannot reuse blocks")
-        if len(block) != length:
-            raise ValueError(f"{self._path}: block {position} has {len(block)} bytes, {length} expected")
-        self.counters["stored"] += 1
-        self.counters["bytes_new"] += length
-        return block if isinstance(block, bytes) else bytes(block)
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            raise ValueError("the image reader reads in blocks only")
-        if not self._buffer:
-            block = self._next_block()
-            if block is None:
-                return b""
-            if len(block) == size:
-                return block  # the usual case: tarfile reads exactly one block
-            self._buffer = memoryview(block)
-        piece, self._buffer = self._buffer[:size], self._buffer[size:]
-        return bytes(piece)
-
-    def finish(self) -> None:
-        """Raise ``ValueError`` if blocks were left over or missing."""
-        if self._buffer or self._next_block() is not None:
-            raise ValueError(f"{self._path}: more blocks than {self._size} bytes hold")
-        expected = self._writer._block_count(self._size)
-        if self.count != expected:
-            raise ValueError(f"{self._path}: {self.count} blocks given, {expected} expected")
-
-
-# Borg failures that happen before borg import-tar could write anything.
-_NEVER_WROTE = frozenset({"LockTimeout", "PassphraseWrong", "NoPassphraseFailure", "PasscommandFailure",
-                          "Repository.DoesNotExist", "Repository.InvalidRepository", "Archive.AlreadyExists"})
-
-
-class _CliWriter(ArchiveWriter):
-    """ArchiveWriter streaming a tar into ``borg import-tar`` (see the module docstring)."""
-
-    comment_at_open = True  # it is borg import-tar's --comment
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._process: borgcli.BorgProcess | None = None
-        self._tar: tarfile.TarFile | None = None
-        self._zeros: dict[int, bytes] = {}
-
-    def _lock(self) -> None:
-        # borg import-tar takes the lock itself when it starts, which is after the engine
-        # prepared its backup (the comment names the checkpoint); until then, make sure no
-        # other borg holds it.
-        borgcli.wait_for_lock(self.repo)
-
-    def _open(self) -> None:
-        args = ["import-tar", "--json", "--checkpoint-interval", "0",
-                "--chunker-params", f"fixed,{self.block_size}", "--compression", self.repo.compression]
-        if self.comment:
-            args += ["--comment", self.comment]
-        args += [borgcli.archive_location(self.repo, self.archive_name), "-"]
-        self._process = borgcli.BorgProcess(self.repo, *args, stdin=subprocess.PIPE, archive=self.archive_name,
-                                            die_with_parent=True, writes=True)
-        try:
-            # PAX headers carry sizes beyond 8 GiB; reading a whole block at a time keeps it fast.
-            self._tar = tarfile.open(fileobj=_CountingPipe(self._process.proc.stdin), mode="w",
-                                     format=tarfile.PAX_FORMAT, copybufsize=self.block_size)
-        except BaseException:
-            self._process.terminate()
-            raise
-        log.debug("writing archive %s to %s through borg import-tar (block size %d)", self.archive_name,
-                  self.repo.location, self.block_size)
-
-    def _zero_block(self, length: int) -> bytes:
-        block = self._zeros.get(length)
-        if block is None:
-            block = self._zeros[length] = bytes(length)
-        return block
-
-    def base_image(self, path: str, size: int, chunk_ids: bytes) -> bool:
-        self._require_open()
-        if self.base_archive:
-            log.info("not reusing %s of base archive %s: the command-line writer reads every block",
-                     path, self.base_archive)
-        return False
-
-    def _tarinfo(self, path: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
-        info = tarfile.TarInfo(path)
-        info.type = kind
-        info.mode = stat.S_IMODE(mode)
-        info.size = size
-        info.mtime = self._mtime_ns // 1_000_000_000
-        info.uid = info.gid = 0
-        info.uname = info.gname = OWNER
-        return info
-
-    @contextlib.contextmanager
-    def _borg_pipe(self) -> Iterator[None]:
-        """Turn a write to a borg that has exited into borg's own error."""
-        try:
-            yield
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            returncode = self._process.wait()
-            borgcli.raise_for_borg(self.repo, returncode or 2, self._process.log, archive=self.archive_name,
-                                   allow_warning=False)
-            raise RepositoryError(f"borg import-tar stopped reading: {exc}") from exc
-
-    def _write_directory(self, path: str) -> None:
-        with self._borg_pipe():
-            self._tar.addfile(self._tarinfo(path, tarfile.DIRTYPE, DIR_MODE, 0))
-
-    def _write_image(self, path: str, size: int, blocks: Iterable[Block], *, reusable: bool) -> ImageStats:
-        reader = _ImageReader(self, path, size, blocks)
-        started = time.monotonic()
-        with self._borg_pipe():
-            try:
-                self._tar.addfile(self._tarinfo(path, tarfile.REGTYPE, FILE_MODE, size), reader if size else None)
-            except OSError as exc:
-                if reader.exhausted:
-                    raise ValueError(f"{path}: {reader.count} blocks given, {self._block_count(size)} "
-                                     f"expected for {size} bytes") from exc
-                raise
-        reader.finish()
-        result = ImageStats(blocks=reader.count, **reader.counters)
-        elapsed = time.monotonic() - started
-        log.debug("%s: %d blocks (%d holes, %d read) sent to borg, %.1f MiB/s", path, result.blocks,
-                  result.holes, result.stored, result.bytes_new / (1 << 20) / elapsed if elapsed > 0 else 0.0)
-        return result
-
-    def commit(self) -> str:
-        self._require_open()
-        try:
-            with self._borg_pipe():
-                self._tar.close()
-                self._process.proc.stdin.close()
-            output = self._process.proc.stdout.read()
-            self._process.check(allow_warning=True)
-            archive_id = json.loads(output)["archive"]["id"]
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        self._process.proc.stdout.close()
-        self._state = "committed"
-        log.debug("committed archive %s (%s) to %s", self.archive_name, archive_id, self.repo.location)
-        return archive_id
-
-    def _abort(self, exc_type, exc, tb) -> None:
-        process = self._process
-        process.terminate()
-        created = process.proc.returncode == 0
-        msgid, _ = process.log.error()
-        if msgid in _NEVER_WROTE:
-            return
-        # Borg writes no checkpoint with --checkpoint-interval 0 and SIGTERM, but a checkpoint
-        # or (if it got that far) the archive itself must not outlive an aborted run.
-        leftovers = [entry["name"] for entry in borgcli.list_archives(self.repo, checkpoints=True)
-                     if entry["name"].startswith(self.archive_name + ".checkpoint")
-                     or (created and entry["name"] == self.archive_name)]
-        for name in leftovers:
-            log.warning("deleting %s left in %s by the aborted borg import-tar", name, self.repo.location)
-            borgcli.delete_archive(self.repo, name)
-
-
 # --------------------------------------------------------------------------------------------
-# Reading images back (restore, verify)
-
-#: Data chunks fetched ahead of the consumer when reading an image back.
-_READ_AHEAD = 8
+# What the reader needs (ovirt_borg.archive.reader)
 
 
 def _repository(location, *, exclusive: bool, lock_wait: int):
@@ -1208,7 +684,7 @@ def _repository(location, *, exclusive: bool, lock_wait: int):
 
 
 @contextlib.contextmanager
-def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tuple[object, object, object]]:
+def open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tuple[object, object, object]]:
     """Open ``repo`` without an exclusive lock; yield (repository, manifest, key).
 
     Without ``with_manifest`` the manifest is not read (no passphrase, no key derivation) and
@@ -1256,35 +732,7 @@ def _open_for_reading(repo: Repo, *, with_manifest: bool = True) -> Iterator[tup
             raise translate(exc) from exc
 
 
-@dataclass(frozen=True)
-class RepositoryView:
-    """What a run needs to know of a repository before writing to it."""
-
-    id: str  # 64 hex digits, as ``borg info --json`` reports it
-    archives: frozenset[str]  # the names of its archives, checkpoints included
-
-
-def repository_id(repo: Repo) -> str:
-    """Return the id (64 hex digits) of ``repo`` without reading its manifest (no passphrase needed).
-
-    Raises typed errors: a missing repository, a lock held too long.
-    """
-    with _open_for_reading(repo, with_manifest=False) as (repository, _, _):
-        return _borg().bin_to_hex(repository.id)
-
-
-def repository_view(repo: Repo) -> RepositoryView:
-    """Return the id and the archive names of ``repo``, read in-process (no borg process).
-
-    Takes Borg's shared lock for a moment and reads the manifest (so it needs the passphrase).
-    Raises typed errors: a missing repository, a wrong passphrase, a lock held too long.
-    """
-    borg = _borg()
-    with _open_for_reading(repo) as (repository, manifest, _key):
-        return RepositoryView(borg.bin_to_hex(repository.id), frozenset(manifest.archives))
-
-
-def _file_item(repo: Repo, repository, manifest, key, archive_name: str, path: str):
+def file_item(repo: Repo, repository, manifest, key, archive_name: str, path: str):
     """Return the item of the regular file ``path`` of ``archive_name``; raise NotFound if missing."""
     if archive_name not in manifest.archives:
         raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
@@ -1295,29 +743,7 @@ def _file_item(repo: Repo, repository, manifest, key, archive_name: str, path: s
     return item
 
 
-def image_chunk_ids(repo: Repo, archive_name: str, path: str) -> bytes:
-    """Return the chunk ids of the file ``path`` of ``archive_name`` in order, 32 bytes each.
-
-    Only the archive's metadata is read. Raises NotFound when the archive or file is missing.
-    """
-    with _open_for_reading(repo) as (repository, manifest, key):
-        item = _file_item(repo, repository, manifest, key, archive_name, path)
-        return b"".join(chunk.id for chunk in item.chunks)
-
-
-def read_image(repo: Repo, archive_name: str, path: str) -> Iterator[tuple[int, int, bytes | None]]:
-    """Yield the image ``path`` of ``archive_name`` chunk by chunk, in order.
-
-    Each item is ``(offset, length, data)``; ``data`` is None for a chunk that is Borg's
-    all-zero chunk of that length (a hole: it is neither fetched nor decrypted). Data chunks are
-    fetched ahead (pipelined for ``ssh://`` repositories) and decrypted, which also checks their
-    MAC. Raises ``NotFound``-like typed errors when the archive or item is missing.
-    """
-    for offset, length, data, _ in read_image_with_ids(repo, archive_name, path):
-        yield offset, length, data
-
-
-def _chunk_entries(key, item) -> list[tuple[int, int, bytes, bool]]:
+def chunk_entries(key, item) -> list[tuple[int, int, bytes, bool]]:
     """The file item's chunks as ``(offset, length, chunk id, hole)``, a hole being Borg's
     all-zero chunk of that length."""
     zeros = _borg().zeros
@@ -1332,98 +758,7 @@ def _chunk_entries(key, item) -> list[tuple[int, int, bytes, bool]]:
     return entries
 
 
-def image_data_extents(repo: Repo, archive_name: str, path: str) -> list[tuple[int, int]]:
-    """Return ``(offset, length)`` of each data chunk of the image ``path``, in order.
-
-    Holes (Borg's all-zero chunks) are left out. Only the archive's metadata is read, no chunk.
-    Raises NotFound when the archive or file is missing.
-    """
-    with _open_for_reading(repo) as (repository, manifest, key):
-        item = _file_item(repo, repository, manifest, key, archive_name, path)
-        return [(offset, length) for offset, length, _, hole in _chunk_entries(key, item) if not hole]
-
-
-def read_image_with_ids(repo: Repo, archive_name: str, path: str
-                        ) -> Iterator[tuple[int, int, bytes | None, bytes]]:
-    """``read_image`` with each chunk's id (32 bytes) as a fourth item, from the same read."""
-    with _open_for_reading(repo) as (repository, manifest, key):
-        item = _file_item(repo, repository, manifest, key, archive_name, path)
-        entries = _chunk_entries(key, item)
-        data_ids = [chunk_id for _, _, chunk_id, hole in entries if not hole]
-        with ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="borg-read") as pool, \
-                _ChunkFetcher(repository, data_ids, _ChunkOpener(key), pool) as opened:
-            for start, length, chunk_id, hole in entries:
-                yield start, length, None if hole else opened.next(), chunk_id
-
-
-class _ChunkFetcher:
-    """Fetch chunks from the repository in a thread of its own and have the workers open them.
-
-    The repository is not thread-safe: while the fetcher runs, no other thread uses it. Segment
-    reads (the kernel's copy into a new buffer, GIL released) then overlap with the consumer's
-    work instead of taking turns with it. At most ``_IN_FLIGHT`` chunks wait for the consumer.
-    ``next()`` returns the plaintexts in order and raises what fetching or opening raised.
-    """
-
-    def __init__(self, repository, ids: list[bytes], opener: "_ChunkOpener", pool: ThreadPoolExecutor):
-        self._repository = repository
-        self._ids = ids
-        self._opener = opener
-        self._pool = pool
-        self._queue: queue.Queue = queue.Queue(maxsize=_IN_FLIGHT)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="borg-fetch", daemon=True)
-
-    def __enter__(self) -> "_ChunkFetcher":
-        if self._ids:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        while True:  # unblock the fetcher and drop what it prepared
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, Future):
-                item.cancel()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def next(self) -> bytes:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item.result()
-
-    def _run(self) -> None:
-        behind = _SegmentReadBehind.of(self._repository)
-        try:
-            for chunk_id, stored in zip(self._ids, self._repository.get_many(self._ids, is_preloaded=False)):
-                if behind is not None:
-                    behind.read(chunk_id)
-                if not self._put(self._pool.submit(self._opener.open, chunk_id, stored)):
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            self._put(e)
-        finally:
-            if behind is not None:
-                behind.close()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        if isinstance(item, Future):
-            item.cancel()
-        return False
-
-
-class _ChunkOpener:
+class ChunkOpener:
     """``key.decrypt`` for threads that share the work of reading chunks back.
 
     Each thread decrypts with a copy of the key holding a cipher of its own (AES key types):
@@ -1463,34 +798,18 @@ class _ChunkOpener:
         return data
 
 
-def read_top_files(repo: Repo, archive_name: str, name: str) -> dict[str, bytes]:
-    """Return the content of each regular file ``<directory>/<name>`` of ``archive_name`` (a
-    directory at the top of the archive), by path; empty when there is none.
-
-    One pass over the archive's metadata, whatever the archive is called: how restore finds the
-    VM's directory of an archive renamed since. Raises NotFound when the archive is missing.
-    """
-    with _open_for_reading(repo) as (repository, manifest, key):
-        if archive_name not in manifest.archives:
-            raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
-        archive = _borg().Archive(repository, key, manifest, archive_name)
-        items = [item for item in archive.iter_items(
-                     lambda i: i.path.count("/") == 1 and i.path.rpartition("/")[2] == name)
-                 if "chunks" in item]
-        opener = _ChunkOpener(key)
-        found = {}
-        for item in items:
-            found[item.path] = b"".join(
-                bytes(length) if hole else opener.open(chunk_id, repository.get(chunk_id))
-                for _, length, chunk_id, hole in _chunk_entries(key, item))
-        return found
+def top_file_items(repo: Repo, repository, manifest, key, archive_name: str, name: str) -> list:
+    """Return the items of the regular files ``<directory>/<name>`` of ``archive_name`` (a
+    directory at the top of the archive), in one pass over its metadata; raise NotFound when
+    the archive is missing."""
+    if archive_name not in manifest.archives:
+        raise NotFound(f"no archive named {archive_name!r} in {repo.location}")
+    archive = _borg().Archive(repository, key, manifest, archive_name)
+    return [item for item in archive.iter_items(
+                lambda i: i.path.count("/") == 1 and i.path.rpartition("/")[2] == name)
+            if "chunks" in item]
 
 
-def read_file(repo: Repo, archive_name: str, path: str) -> bytes:
-    """Return the content of a small file of an archive (the sidecar, block digests, the OVF).
-
-    In-process, without starting a borg process; raises NotFound when the archive or file is
-    missing.
-    """
-    return b"".join(bytes(length) if data is None else data
-                    for _, length, data in read_image(repo, archive_name, path))
+def repository_hex_id(repository) -> str:
+    """The id of an open repository, 64 hex digits (as ``borg info --json`` reports it)."""
+    return _borg().bin_to_hex(repository.id)
