@@ -15,7 +15,7 @@ APT_PACKAGES := qemu-utils libxml2-dev liblz4-dev libzstd-dev libxxhash-dev liba
 # ntfs-3g and fusefat: file-level recovery of NTFS and vfat guests (the kernel mounts ext2/3/4,
 # XFS and btrfs); the rest builds the lab's guest disks (mkfs.*, sfdisk, lvm2, cryptsetup).
 
-.PHONY: setup apt venv test unit demo bench install clean lab-up lab-down
+.PHONY: setup apt venv lint test unit demo bench install clean lab-up lab-down
 
 setup: apt venv
 
@@ -34,6 +34,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Lint (ruff, configured in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check ovirt_borg tests bench hooks
 
 test: setup
 	$(VENV)/bin/pytest -ra

@@ -421,7 +421,7 @@ class VmBackup:
         """The archive of this run is in the repository."""
         return self._writer is not None and self._writer.committed
 
-    def _run(self, full_reason: str | None = None) -> VmResult:
+    def _run(self, full_reason: str | None = None) -> VmResult:  # noqa: PLR0915 (one VM's steps in order)
         """One attempt at the VM's backup; ``full_reason`` makes it a full one, saying why."""
         started = utc_now()
         t0 = time.monotonic()
@@ -745,7 +745,7 @@ class VmBackup:
         Returns True when they match, False when the dirty bitmap missed a change.
         """
         sample = plan.choose_sample(blocks, self.settings.verify_sample, self.rng)
-        for block, data in zip(sample, _assemble(client, sample, self.settings.block_size)):
+        for block, data in zip(sample, _assemble(client, sample, self.settings.block_size), strict=True):
             if not writer.is_base_block(path, block.index, data):
                 log.error("VM %s disk %s: block %d changed although the dirty bitmap says it did not; "
                           "the bitmap cannot be trusted: reading the whole disk",
@@ -941,6 +941,9 @@ class NoHooks:
         pass
 
 
+NO_HOOKS = NoHooks()
+
+
 def checkpoints_of_other_jobs(state: sc.StateDir, vm: VmInfo, other_jobs_days: int, now: datetime) -> list[str]:
     """The checkpoints of ``vm`` that other jobs sharing the state directory (jobs writing to
     other repositories) start their next incrementals from.
@@ -1035,7 +1038,7 @@ def run_exit_code(codes: Iterable[int], warned: bool) -> int:
 
 
 def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
-                vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NoHooks(), *,
+                vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NO_HOOKS, *,
                 force_full: bool = False, archives: frozenset[str] | None = None) -> RunOutcome:
     """Back up each VM in turn; one VM's failure does not stop the others.
 
@@ -1053,7 +1056,7 @@ def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings
 
 
 def plan_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
-                 vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NoHooks(), *,
+                 vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NO_HOOKS, *,
                  force_full: bool = False, archives: frozenset[str] | None = None) -> list[VmPlan]:
     """What ``run_backups`` would do with the same arguments, changing nothing (``VmBackup.plan``).
 

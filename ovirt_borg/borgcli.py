@@ -74,8 +74,8 @@ class Repo:
 # Errors
 
 
-def translate_error(msgid: str | None, message: str, *, repo: Repo, archive: str | None = None,
-                    exit_code: int | None = None) -> OvirtBorgError:
+def translate_error(msgid: str | None, message: str, *, repo: Repo, archive: str | None = None,  # noqa: PLR0911
+                    exit_code: int | None = None) -> OvirtBorgError:  # (a table of Borg's messages)
     """Turn a Borg failure into the typed ovirt-borg error for it.
 
     Given Borg's message id (the error's class ``__qualname__``, which is also the ``msgid`` of

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import ovirtsdk4 as sdk
-import ovirtsdk4.types as types
+from ovirtsdk4 import types
 import tenacity
 
 from ovirt_borg.errors import AuthError, CheckpointError, ConfigError, EngineError, NotFound, TransferError
@@ -389,7 +389,7 @@ class Engine:
                 tags: tuple[str, ...] = ()
                 if with_tags:
                     tag_list = self._retry(
-                        lambda: self.system.vms_service().vm_service(vm.id).tags_service().list(),
+                        lambda: self.system.vms_service().vm_service(vm.id).tags_service().list(),  # noqa: B023 (called at once)
                         f"listing the tags of VM {vm.name}")
                     tags = tuple(t.name for t in tag_list if t.name)
                 cluster = ""
@@ -426,7 +426,7 @@ class Engine:
             attachments = self._retry(
                 lambda: self.system.vms_service().vm_service(vm_id).disk_attachments_service().list(), doing)
             for attachment in attachments:
-                disk = self._retry(lambda: self.system.disks_service().disk_service(attachment.disk.id).get(),
+                disk = self._retry(lambda: self.system.disks_service().disk_service(attachment.disk.id).get(),  # noqa: B023 (called at once)
                                    f"reading disk {attachment.disk.id}")
                 result.append(DiskInfo(
                     id=disk.id, alias=disk.alias or disk.name or disk.id, format=_enum(disk.format),

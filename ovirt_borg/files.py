@@ -245,7 +245,7 @@ def restore_files(repo: archive.Repo, archive_name: str, paths: list[str], targe
     if not wanted:
         raise FilesError("name at least one PATH to restore (see 'files ARCHIVE --list')")
     names = [path.inside[-1] if path.inside else path.volume for path in wanted]
-    for name, path in zip(names, wanted):
+    for name in names:
         if names.count(name) > 1:
             raise FilesError(f"two PATHs end in {printable(name)!r}; restore them into different directories")
     target = Path(os.path.abspath(target))
@@ -259,14 +259,14 @@ def restore_files(repo: archive.Repo, archive_name: str, paths: list[str], targe
         volumes = [_volume_root(mounted, path) for path in wanted]
         sources: list[tuple[int, str | None]] = []
         try:
-            for volume, path in zip(volumes, wanted):
+            for volume, path in zip(volumes, wanted, strict=True):
                 sources.append(resolve(Path(volume.path), path.inside))
             if not target.exists():
                 target.mkdir(parents=True, mode=0o700)
             target_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 results = []
-                for path, name, volume, (dir_fd, source) in zip(wanted, names, volumes, sources):
+                for path, name, volume, (dir_fd, source) in zip(wanted, names, volumes, sources, strict=True):
                     # fusefat (0.1a) shows vfat times a month late: better none than wrong ones.
                     copied = Copied(printable(str(path)), str(target / name), times=volume.driver != "fusefat")
                     if source is None:  # the volume's root

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import http.client
+import itertools
 import json
 import logging
 import ssl
@@ -637,7 +638,7 @@ class ImageioClient:
             return [(offset, bytes(view))]
         cuts = [offset, *range((offset // piece_size + 1) * piece_size, offset + length, piece_size),
                 offset + length]
-        return [(a, bytes(view[a - offset:b - offset])) for a, b in zip(cuts, cuts[1:])]
+        return [(a, bytes(view[a - offset:b - offset])) for a, b in itertools.pairwise(cuts)]
 
     def _write_item(
         self,

@@ -52,7 +52,8 @@ class MaskingFilter(logging.Filter):
 
 
 #: What a log line is about (``vm``, ``archive``), for --log-json; set with ``context``.
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("ovirt_borg_log_context", default={})
+_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
+    "ovirt_borg_log_context", default={})  # noqa: B039 (never mutated: each change sets a new dict)
 
 
 @contextlib.contextmanager

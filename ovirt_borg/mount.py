@@ -276,7 +276,7 @@ def _mount_volumes(record: MountRecord, result: MountedArchive, images: list[tup
     files = [open(image, "rb") for _, _, image in images]
     try:
         readers = [_reader(f) for f in files]
-        found = vol.discover([(read, os.fstat(f.fileno()).st_size) for read, f in zip(readers, files)])
+        found = vol.discover([(read, os.fstat(f.fileno()).st_size) for read, f in zip(readers, files, strict=True)])
     finally:
         for f in files:
             f.close()

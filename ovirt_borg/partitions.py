@@ -104,7 +104,7 @@ def read_partition_table(read: Reader, disk_size: int) -> PartitionTable:
         # A protective MBR whose GPT header is gone: try the backup GPT header at the end.
         return _read_gpt(read, disk_size, SECTOR)
     partitions: list[Partition] = []
-    for number, (status, kind, start, count) in enumerate(entries, start=1):
+    for number, (_status, kind, start, count) in enumerate(entries, start=1):
         if not kind or not count:
             continue
         if kind in _EXTENDED:

@@ -355,7 +355,7 @@ def restore_vm(engine: Engine, repo: archive.Repo, archive_name: str, prefix: st
                                     name=f"{vm_name}_{record.alias}", inactivity_timeout=inactivity_timeout,
                                     sha256=sha256))
         vm_id = engine.create_vm_from_ovf(ovf, vm_name, cluster)
-        for record, disk in zip(records, done):
+        for record, disk in zip(records, done, strict=True):
             engine.attach_disk(vm_id, DiskInfo(id=record.id, alias=record.alias, format="cow",
                                                provisioned_size=record.provisioned_size, backup="incremental",
                                                interface=record.interface, bootable=record.bootable), disk.new_id)
@@ -433,7 +433,7 @@ def restore_to_dir(repo: archive.Repo, archive_name: str, prefix: str, directory
     parts: list[Path] = []  # temporaries written so far: removed on failure
     ready: list[tuple[Path, Path]] = []  # complete temporaries and their final names
     try:
-        for record, name, target in zip(records, names, targets):
+        for record, name, target in zip(records, names, targets, strict=True):
             started = time.monotonic()
             disk = RestoredDisk(record.id, record.alias, size=record.provisioned_size, path=str(target))
             raw = _part(directory / f"{name}.raw")
@@ -628,7 +628,7 @@ def verify_archive(repo: archive.Repo, archive_name: str, prefix: str) -> list[V
                 blocks = index + 1
         else:
             blocks = 0
-            for index, (offset, length, data) in enumerate(archive.read_image(repo, archive_name, record.image)):
+            for index, (_offset, length, data) in enumerate(archive.read_image(repo, archive_name, record.image)):
                 actual = sc.zero_digest(length) if data is None else hashlib.sha256(data).digest()
                 if actual != _digest(digests, index):
                     check.bad_blocks.append(index)

@@ -36,6 +36,7 @@ restore and verify, and the next backup of their VM reads every block once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -172,11 +173,10 @@ def digests_sha256(digests: bytes) -> str:
     return hashlib.sha256(digests).hexdigest()
 
 
-def zero_digest(length: int, _cache: dict[int, bytes] = {}) -> bytes:
-    """sha256 of ``length`` zero bytes (cached: holes are common)."""
-    if length not in _cache:
-        _cache[length] = hashlib.sha256(bytes(length)).digest()
-    return _cache[length]
+@functools.lru_cache(maxsize=64)
+def zero_digest(length: int) -> bytes:
+    """sha256 of ``length`` zero bytes (cached: holes are common, of few lengths)."""
+    return hashlib.sha256(bytes(length)).digest()
 
 
 @dataclass

@@ -101,7 +101,7 @@ def piece_reader(pieces: list[Piece], disks: list[Reader]) -> Reader:
     return read
 
 
-def probe(read: Reader) -> tuple[str | None, str]:
+def probe(read: Reader) -> tuple[str | None, str]:  # noqa: PLR0911 (one return per signature)
     """What the volume read by ``read`` holds: (type or None, a detail for users or "")."""
     head = read(0, _PROBE_HEAD)
     if head[:6] == b"LUKS\xba\xbe":

@@ -66,7 +66,7 @@ def test_disks_the_engine_leaves_out_are_skipped_with_a_warning(job: Job, lab_cl
             lab.add_disk(vm, size="8M", active=False)["id"]: "unplugged",
         }
         aliases = {d["id"]: d["name"] for d in lab.vm_info(vm)["disks"]}
-        for night, mode in enumerate(("full", "incremental", "incremental")):
+        for mode in ("full", "incremental", "incremental"):
             proc = job.run("backup", vm, "--json", expect=1)
             result = json.loads(proc.stdout)["archives"][0]
             assert result["ok"] and result["mode"] == mode, result

@@ -226,10 +226,10 @@ class ArchiveWriter(ABC):
 
     # -- interface -------------------------------------------------------------------------
 
-    def _lock(self) -> None:
+    def _lock(self) -> None:  # noqa: B027 (optional: a backend without a lock of its own)
         """Take (or make sure of) the repository's lock for ``lock()``; raises typed errors."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 (optional, as _lock)
         """Give back what ``_lock()`` took."""
 
     @abstractmethod

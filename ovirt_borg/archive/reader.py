@@ -127,7 +127,7 @@ class _ChunkFetcher:
     def _run(self) -> None:
         behind = borg14.SegmentReadBehind.of(self._repository)
         try:
-            for chunk_id, stored in zip(self._ids, self._repository.get_many(self._ids, is_preloaded=False)):
+            for chunk_id, stored in zip(self._ids, self._repository.get_many(self._ids, is_preloaded=False), strict=True):
                 if behind is not None:
                     behind.read(chunk_id)
                 if not self._put(self._pool.submit(self._opener.open, chunk_id, stored)):

@@ -164,7 +164,7 @@ def _disk_arg(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def _run(args: argparse.Namespace) -> Any:
+def _run(args: argparse.Namespace) -> Any:  # noqa: PLR0911 (one return per command)
     if args.command == "serve":
         from ovirt_borg.lab.server import serve
         serve(args.dir, plain_http=args.plain_http, port=args.port,

@@ -459,7 +459,7 @@ def _borg_init(layout: LabLayout) -> None:
     log.info("created Borg repository %s", layout.repo)
 
 
-def _start_engine(layout: LabLayout, *, ca_file: Path | None, latency: Latency = Latency(),
+def _start_engine(layout: LabLayout, *, ca_file: Path | None, latency: Latency | None = None,
                   timeout: float) -> dict[str, Any]:
     """Spawn the detached engine (plain HTTP without ``ca_file``, the CA of its certificate;
     ``latency`` for its slow phases) and wait until it answers; return its run/engine.json."""
@@ -467,7 +467,7 @@ def _start_engine(layout: LabLayout, *, ca_file: Path | None, latency: Latency =
     cmd = [sys.executable, "-m", "ovirt_borg.lab", "serve", "--dir", os.fspath(layout.dir)]
     if ca_file is None:
         cmd.append("--plain-http")
-    if not latency.is_none:
+    if latency is not None and not latency.is_none:
         cmd += ["--latency", latency.spec()]
     with open(layout.engine_log, "ab") as log_file:
         # Its own session: the engine outlives the command that started it, and a Ctrl-C in

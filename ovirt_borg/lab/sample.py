@@ -122,7 +122,7 @@ def create_sample(layout: LabLayout, *, vms: int = 2,
             data_disk = new_disk(vm, 1)
             regions = _make_data_disk(Path(data_disk.path), disk_size, rng, sparse=False)
             info["disks"]["1"] = {"id": data_disk.id, "regions": regions}
-        for key, entry in info["disks"].items():
+        for entry in info["disks"].values():
             entry.update(_initial_digests(Path(inv_disk(inv, entry["id"]).path), disk_size))
         sample["vms"][vm.name] = info
 

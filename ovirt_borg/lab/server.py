@@ -443,7 +443,7 @@ def _int_query(req: _Request, name: str) -> int | None:
 # -- lab control API --------------------------------------------------------------------------
 
 
-def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:
+def _control(srv: EngineServer, op: str, args: dict[str, Any]) -> Any:  # noqa: PLR0911 (one return per operation)
     """Run a control operation; returns JSON-ready data. Raises ApiFault/ValueError/LabError."""
     e = srv.engine
     if op == "ping":

@@ -236,7 +236,7 @@ class BackupRules:
             for disk in added_bitmaps:
                 self._remove_bitmap(disk, new_cp_id)
             raise ApiFault(500, f"[Cannot backup VM. Failed to start the backup of VM {vm.name} "
-                           "on the host.]")
+                           "on the host.]") from None
         self.backups[backup.id] = backup
         self.delays.start(backup.id, "ready")
         self.save()

@@ -28,7 +28,7 @@ class GuestRules:
                 raise not_found("Disk", f"{vm.name} disk {index} (it has {len(disks)})")
             return disks[index - 1]
         for d in disks:
-            if d.id == disk or d.name == disk:
+            if disk in (d.id, d.name):
                 return d
         raise not_found("Disk", f"{vm.name} disk {disk}")
 

@@ -276,7 +276,7 @@ class InventoryRules:
     def vm_by_name(self, name: str) -> Vm:
         """Return the VM with this name (or id); raises ``ApiFault`` 404."""
         for vm in self.inv.vms:
-            if vm.name == name or vm.id == name:
+            if name in (vm.name, vm.id):
                 return vm
         raise not_found("VM", f"name={name}")
 

@@ -154,7 +154,7 @@ class TransferRules:
             except Exception:
                 log.exception("exporting disk %s failed", disk.name)
                 raise ApiFault(500, f"[Cannot transfer Virtual Disk. Failed to prepare disk "
-                               f"{disk.name} on the host.]")
+                               f"{disk.name} on the host.]") from None
             disk.status = "locked"
         self.transfers[transfer.id] = transfer
         self.delays.start(transfer.id, "transfer")
