@@ -13,6 +13,12 @@ Policy lives here; the engine, imageio, archive and sidecar modules do the talki
 
 A failure anywhere leaves no archive, the previous sidecar untouched, and no backup or transfer
 open on the engine.
+
+A run overlaps its VMs (``_Pipeline``, ``backup.prepare_ahead``): a VM's lifecycle is split into
+phases (``VmBackup``: inspect and start its engine backup, stream its archive, finish), and
+while one VM streams (one writer, one archive at a time) the next VMs are prepared and the ones
+before finished in threads of their own, each disk's image transfer opened while the disk
+before it streams. Results, log lines and plugin calls stay per VM, in the VMs' order.
 """
 
 from __future__ import annotations
@@ -363,6 +369,7 @@ class VmBackup:
         # What the phases hand on to each other.
         self._started = utc_now()
         self._seconds = 0.0
+        self._timing = False
         self._disks_chosen: list[DiskInfo] = []
         self._previous: sc.Sidecar | None = None
         self._decision = ModeDecision("full", "")
@@ -604,11 +611,16 @@ class VmBackup:
     def _busy(self) -> Iterator[None]:
         """Count the time inside the block as the VM's (``result.seconds``: its phases' time,
         not the time it waited for its turn)."""
+        if self._timing:  # a phase inside another (an incremental given up for a full read)
+            yield
+            return
+        self._timing = True
         t0 = time.monotonic()
         try:
             yield
         finally:
             self._seconds += time.monotonic() - t0
+            self._timing = False
 
     def _committed(self) -> bool:
         """The archive of this run is in the repository."""
@@ -745,8 +757,8 @@ class VmBackup:
             for index, disk in enumerate(disks):
                 mode = self._modes.get(disk.id, "full")
                 if ahead is not None:
-                    opened, ahead = ahead, None
-                    transfer = opened.take()
+                    transfer = ahead.take()  # its error, or an interrupt meanwhile: closed below
+                    ahead = None
                 else:
                     transfer = self._open_transfer(self.engine, disk, mode)
                 with _finalized(self.engine, transfer):
@@ -1399,7 +1411,7 @@ class _Pipeline:
         """Finish the VM's engine work, then report it: its result, its error line, the plugins."""
         try:
             job = slot.job
-            if job is not None and slot.error is None or job is not None and job.engine_backup is not None:
+            if job is not None:
                 try:
                     job.finish(self._connection("finish") if self.ahead else self.engine, self._stop_finishing)
                 except Exception as e:
