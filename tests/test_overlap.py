@@ -233,3 +233,48 @@ def test_prepare_ahead_0_is_one_vm_after_another(job, slow_pair, tmp_path):
     assert lab.stats()["calls"]["backups.add"] == backups_added + 1, "the next VM must not start"
     assert job.archives() == was.archives and state_files(job) == was.state
     assert_nothing_open(lab, slow_pair)
+
+
+def test_a_transfer_opened_ahead_is_kept_alive_until_taken(lab_clean):
+    """The engine cancels a download whose ticket idles past its inactivity_timeout; one opened
+    ahead (``_TransferAhead``) idles while the disk before it streams, and is touched meanwhile.
+    Beside it, a transfer of the same backup left alone is cancelled."""
+    from ovirt_borg.backup import _TransferAhead
+    from ovirt_borg.engine import Engine, EngineSettings
+    from ovirt_borg.imageio import ImageioClient, TransferSettings
+
+    lab = lab_clean
+    vm = f"ova{next(_names)}-{os.getpid()}"
+    lab.add_vm(vm, disks=2, size="8M")
+    try:
+        settings = EngineSettings(url=lab.url, user=lab.user, password=lab.password_file.read_text().strip(),
+                                  ca_file=str(lab.ca_file), poll_interval=0.05, timeout=30)
+        data_path = TransferSettings(ca_file=str(lab.ca_file))
+        info = lab.vm_info(vm)
+        kept_disk, idle_disk = (d["id"] for d in info["disks"])
+        with Engine(settings) as engine, Engine(settings) as opener:
+            backup_id = engine.start_backup(info["id"], [kept_disk, idle_disk], None)
+            engine.wait_backup_ready(info["id"], backup_id)
+            try:
+                ahead = _TransferAhead(lambda: opener.start_transfer(kept_disk, direction="download",
+                                                                     backup_id=backup_id, inactivity_timeout=1),
+                                       data_path, 1, f"{vm} disk 1")
+                try:
+                    idle = engine.start_transfer(idle_disk, direction="download", backup_id=backup_id,
+                                                 inactivity_timeout=1)
+                    wait_for(lambda: all(t["id"] != idle.id for t in lab.stats()["open_transfers"]),
+                             what="the idle transfer cancelled by the engine")
+                    transfer = ahead.take()
+                except BaseException:
+                    ahead.close(engine)
+                    raise
+                phases = {t["id"]: t["phase"] for t in lab.stats()["open_transfers"]}
+                assert phases.get(transfer.id) == "transferring", phases
+                with ImageioClient(transfer.transfer_url, transfer.proxy_url, data_path) as client:
+                    assert sum(e.length for e in client.extents("zero")) == 8 << 20
+                engine.finalize_transfer(transfer.id)
+            finally:
+                engine.finalize_backup(info["id"], backup_id)
+        assert_nothing_open(lab, [vm])
+    finally:
+        lab.delete_vm(vm)
