@@ -13,11 +13,18 @@ Policy lives here; the engine, imageio, archive and sidecar modules do the talki
 
 A failure anywhere leaves no archive, the previous sidecar untouched, and no backup or transfer
 open on the engine.
+
+A run overlaps its VMs (``_Pipeline``, ``backup.prepare_ahead``): a VM's lifecycle is split into
+phases (``VmBackup``: inspect and start its engine backup, stream its archive, finish), and
+while one VM streams (one writer, one archive at a time) the next VMs are prepared and the ones
+before finished in threads of their own, each disk's image transfer opened while the disk
+before it streams. Results, log lines and plugin calls stay per VM, in the VMs' order.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import fnmatch
 import hashlib
@@ -27,7 +34,7 @@ import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -35,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 from ovirt_borg import archive, logs, naming, plan, selection, sidecar as sc
 from ovirt_borg.archive import Holes, Reuse
 from ovirt_borg.engine import (BackupBusy, BackupEnd, CheckpointRefused, ColdBackupRefused, DiskInfo, Engine,
-                               StillFinalizing, TransferStopped, VmInfo, WaitStopped)
+                               StillFinalizing, Transfer, TransferStopped, VmInfo, WaitStopped)
 from ovirt_borg.errors import EXIT_ERROR, CheckpointError, Interrupted, NotFound, OvirtBorgError, TransferError
 from ovirt_borg.imageio import ImageioClient, NoDirtyExtents, TransferSettings
 from ovirt_borg.progress import Progress, human_size
@@ -76,6 +83,8 @@ class BackupSettings:
     foreign_stale_hours: float = 24.0
     inactivity_timeout: int = 120
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    #: VMs prepared (engine backup started and ready) while one streams; 0: one after another.
+    prepare_ahead: int = 1
 
     def for_vm(self, name: str) -> BackupSettings:
         """These settings with the block size of the VM ``name`` (pure)."""
@@ -297,6 +306,22 @@ class VmBackup:
         self.position = position
         self.result = VmResult(vm=vm.name, vm_id=vm.id, archive=archive_name)
         self._writer: archive.ArchiveWriter | None = None
+        # What the phases hand on to each other.
+        self._started = utc_now()
+        self._seconds = 0.0
+        self._timing = False
+        self._disks_chosen: list[DiskInfo] = []
+        self._previous: sc.Sidecar | None = None
+        self._decision = ModeDecision("full", "")
+        self._ovf = ""
+        self._engine_started = False  # the engine backup was asked for (or found refused)
+        self._backup_id: str | None = None  # the engine backup held open, until finalized
+        self._path = PATH_BACKUP
+        self._to_checkpoint: str | None = None
+        self._modes: dict[str, str] = {}
+        self._finalizing: Future | None = None  # the finalize started beside the commit
+        self._stop_finalizing = threading.Event()
+        self._stored = False  # the archive is committed and its sidecar stored: the backup stands
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -394,136 +419,255 @@ class VmBackup:
         self.vm = dataclasses.replace(self.vm, status=current.status)
 
     def run(self) -> VmResult:
-        """Back up the VM; return its result or raise an OvirtBorgError (nothing committed).
+        """Back up the VM, its phases one after another; return its result or raise an
+        OvirtBorgError (nothing committed, the engine backup finalized).
 
         Problems after the archive was committed (finalizing the engine backup, purging old
         checkpoints) do not undo the backup: they are logged and listed in ``result.warnings``.
-        An interrupt is raised once the VM's cleanup is done, after logging whether its archive
-        was committed.
+        An interrupt is raised once the VM's cleanup is done.
         """
         try:
-            try:
-                return self._run()
-            except _IncrementalUnusable as e:
-                # Hybrid and cold backups show a bad bitmap only here, with the checkpoint still
-                # "created": without a full read now, every night would fail the same way.
-                log.warning("VM %s: %s; its engine backup is finalized; starting a full backup", self.vm.name, e)
-                self.result = VmResult(vm=self.vm.name, vm_id=self.vm.id, archive=self.archive_name)
-                self._writer = None
-                return self._run(full_reason=f"the incremental backup failed: {e}")
+            if self.inspect(self.engine):
+                self.stream(self.engine)
+        finally:
+            self.finish(self.engine, threading.Event())
+        return self.result
+
+    # The phases. Each is given the engine connection of the thread it runs in; one VM's phases
+    # run one after another (prepare, start ahead, stream, finish), never two at once.
+
+    def inspect(self, engine: Engine, full_reason: str | None = None) -> bool:
+        """Phase 1: read the VM at its turn, choose its disks, decide full or incremental, read
+        its OVF and finalize stale backups left open on it; starts nothing.
+
+        ``full_reason`` makes it a full backup, saying why. Returns False when the engine backs
+        up none of its disks (``result`` says so: a skip); raises typed errors.
+        """
+        self.engine = engine
+        with self._busy():
+            self._started = utc_now()
+            self._refresh_vm()
+            disks = self._disks()
+            if not disks and self.result.skipped_disks:
+                self.result.error = "skipped: the engine backs up none of its disks"
+                self.result.exit_code = 1
+                return False
+            if not disks:
+                raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
+            self._disks_chosen = disks
+            self._previous = self.state.load(self.vm.id)
+            self._decision = (ModeDecision("full", full_reason) if full_reason
+                              else self._decide(self._previous, self._started))
+            self._ovf = engine.vm_ovf(self.vm.id)
+            stale = engine.finalize_stale_backups(self.vm.id, self.settings.description,
+                                                  self.settings.foreign_stale_hours * 3600)
+            for backup_id, end in stale.items():
+                self._snapshot_warning(backup_id, end)
+            return True
+
+    def start_ahead(self, engine: Engine, stop: threading.Event) -> None:
+        """Phase 2 ahead of the VM's turn: start its engine backup and wait until it is ready.
+
+        ``stop`` ends the wait (WaitStopped). A backup started is finalized by ``finish``,
+        whatever happens here. Raises typed errors.
+        """
+        self.engine = engine
+        with self._busy():
+            self._start_engine_backup()
+            if self._backup_id is not None:
+                self._to_checkpoint, self._modes = self._backup_ready(self._backup_id, stop)
+
+    def stream(self, engine: Engine, *, finalize_with: Callable[[str], Future] | None = None,
+               transfers: Callable[[], Engine] | None = None) -> None:
+        """Phase 3: write the VM's archive (its engine backup started now, after the
+        repository's lock was taken, unless ``start_ahead`` did it), commit it, store the sidecar.
+
+        ``finalize_with(backup_id)`` starts the engine backup's finalize beside the commit and
+        returns its future, which ``finish`` takes (default: a thread of its own on ``engine``,
+        which nothing else uses meanwhile). With ``transfers``, a connection of its own for
+        that, each disk's image transfer is opened while the disk before it streams. Raises an
+        OvirtBorgError when nothing was committed; an interrupt after logging whether the
+        archive was committed. ``finish`` must follow, whatever happens.
+        """
+        self.engine = engine
+        try:
+            with self._busy():
+                try:
+                    self._write_archive(finalize_with, transfers)
+                except _IncrementalUnusable as e:
+                    # Hybrid and cold backups show a bad bitmap only here, with the checkpoint still
+                    # "created": without a full read now, every night would fail the same way.
+                    log.warning("VM %s: %s; its engine backup is finalized; starting a full backup", self.vm.name, e)
+                    self._end_engine_backup(threading.Event())
+                    self.result = VmResult(vm=self.vm.name, vm_id=self.vm.id, archive=self.archive_name)
+                    self._writer = None
+                    if not self.inspect(engine, full_reason=f"the incremental backup failed: {e}"):
+                        return
+                    self._write_archive(finalize_with, transfers)
         except Interrupted:
             log.error("VM %s: %s", self.vm.name,
                       f"stopped after archive {self.archive_name} was committed" if self._committed() else
                       f"stopped before archive {self.archive_name} was committed: nothing of it is kept")
             raise
 
+    def finish(self, engine: Engine, stop: threading.Event) -> None:
+        """Phase 4, after ``stream`` (or instead of it, when the VM is not streamed): finalize
+        the engine backup, then, when the archive stands, purge old checkpoints and complete
+        ``result``.
+
+        ``stop`` ends a wait for the engine's finalize (the next run finishes it). Problems
+        here never undo a committed backup: they are warnings (``result.warnings``), and before
+        the commit they are logged, the VM's own error being the one reported. Never raises an
+        OvirtBorgError.
+        """
+        self.engine = engine
+        with self._busy():
+            if self._backup_id is not None:
+                backup_id, self._backup_id = self._backup_id, None
+                self._finalize(backup_id, self._finalizing, stop)
+            if not self._stored:
+                return
+            if self._to_checkpoint:
+                try:
+                    purge_checkpoints(engine, self.state, self.vm, self._to_checkpoint,
+                                      keep=self.settings.checkpoints_keep,
+                                      other_jobs_days=self.settings.checkpoints_other_jobs_days)
+                except BackupBusy as e:
+                    # A backup still finalizing (a hybrid one removing its snapshot): not a problem.
+                    log.info("VM %s: old checkpoints stay until the next run: %s", self.vm.name, e)
+                except OvirtBorgError as e:
+                    self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
+                               "the next run purges them")
+            self.result.checkpoint = self._to_checkpoint
+            self.result.ok = True
+        self.result.seconds = round(self._seconds, 3)
+
+    @property
+    def engine_backup(self) -> str | None:
+        """The id of the engine backup this VM holds open (started, not yet finalized), or None."""
+        return self._backup_id
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Count the time inside the block as the VM's (``result.seconds``: its phases' time,
+        not the time it waited for its turn)."""
+        if self._timing:  # a phase inside another (an incremental given up for a full read)
+            yield
+            return
+        self._timing = True
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self._seconds += time.monotonic() - t0
+            self._timing = False
+
     def _committed(self) -> bool:
         """The archive of this run is in the repository."""
         return self._writer is not None and self._writer.committed
 
-    def _run(self, full_reason: str | None = None) -> VmResult:  # noqa: PLR0915 (one VM's steps in order)
-        """One attempt at the VM's backup; ``full_reason`` makes it a full one, saying why."""
-        started = utc_now()
-        t0 = time.monotonic()
-        self._refresh_vm()
-        disks = self._disks()
-        if not disks and self.result.skipped_disks:
-            self.result.error = "skipped: the engine backs up none of its disks"
-            self.result.exit_code = 1
-            return self.result
-        if not disks:
-            raise OvirtBorgError(f"VM {self.vm.name} has no disks to back up (all excluded or none attached)")
-        previous = self.state.load(self.vm.id)
-        decision = ModeDecision("full", full_reason) if full_reason else self._decide(previous, started)
-        ovf = self.engine.vm_ovf(self.vm.id)
-        stale = self.engine.finalize_stale_backups(self.vm.id, self.settings.description,
-                                                   self.settings.foreign_stale_hours * 3600)
-        for backup_id, end in stale.items():
-            self._snapshot_warning(backup_id, end)
+    def _start_engine_backup(self) -> None:
+        """Start the engine backup (or find that a powered-off VM is read through engine image
+        transfers); fix the mode, path and their log line."""
+        decision = self._decision
+        use_backup_api = uses_backup_api(self.vm.status, self.settings.cold_backup)
+        path = PATH_BACKUP
+        if use_backup_api:
+            try:
+                self._backup_id, decision = self._start_backup(self._disks_chosen, decision)
+            except ColdBackupRefused as e:
+                if self.vm.status != "down":
+                    raise
+                log.warning("VM %s is powered off and the engine cannot back it up (%s); "
+                            "reading its disks through engine image transfers instead", self.vm.name, e)
+        if self._backup_id is None:
+            path = PATH_ENGINE_TRANSFER
+            decision = engine_transfer_decision(cold_backup_refused=use_backup_api)
+        self._decision, self._path, self._engine_started = decision, path, True
+        self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
+        log.info("VM %s (%d of %d): %s backup into %s (%s)", self.vm.name, *self.position, decision.mode,
+                 self.archive_name, decision.reason)
 
-        base = previous.archive if decision.mode == "incremental" else None
+    def _end_engine_backup(self, stop: threading.Event) -> None:
+        """Finalize the engine backup now (an incremental given up for a full read)."""
+        if self._backup_id is not None:
+            backup_id, self._backup_id = self._backup_id, None
+            self._finalize(backup_id, None, stop)
+        self._engine_started = False
+        self._to_checkpoint, self._modes, self._path = None, {}, PATH_BACKUP
+
+    def _write_archive(self, finalize_with: Callable[[str], Future] | None,
+                       transfers: Callable[[], Engine] | None) -> None:
+        """One attempt at writing the archive (``stream``)."""
+        disks, previous = self._disks_chosen, self._previous
+        base = previous.archive if self._decision.mode == "incremental" else None
         # Read before the writer locks the repository (a copy from the archive needs a reader).
         base_ids = self._base_ids(previous, disks) if base else {}
         writer = self._writer = archive.open_writer(
             self.repo, self.archive_name, block_size=self.settings.block_size, base_archive=base,
             kind=self.settings.writer)
         # The lock before the engine is asked: a repository another borg holds (a reader too:
-        # borg mount, borg list) costs the engine nothing, no backup, no checkpoint.
+        # borg mount, borg list) costs the engine nothing, no backup, no checkpoint. A backup
+        # started ahead was asked for while the VM before held the lock.
         writer.lock()
-        use_backup_api = uses_backup_api(self.vm.status, self.settings.cold_backup)
-        backup_id = to_checkpoint = None
-        path = PATH_BACKUP
-        modes: dict[str, str] = {}
-        finalizing: Future | None = None
         preparing: Future | None = None
-        stop_preparing, stop_finalizing = threading.Event(), threading.Event()
+        stop_preparing = threading.Event()
 
         def engine_ready() -> None:
             """Take the outcome of ``preparing``; a wait interrupted here leaves it to ``finally``."""
-            nonlocal preparing, to_checkpoint, modes
+            nonlocal preparing
             try:
-                to_checkpoint, modes = preparing.result()
+                self._to_checkpoint, self._modes = preparing.result()
             finally:
                 if preparing.done():
                     preparing = None
 
         try:
-            if use_backup_api:
-                try:
-                    backup_id, decision = self._start_backup(disks, decision)
-                except ColdBackupRefused as e:
-                    if self.vm.status != "down":
-                        raise
-                    log.warning("VM %s is powered off and the engine cannot back it up (%s); "
-                                "reading its disks through engine image transfers instead", self.vm.name, e)
-            if backup_id is None:
-                path = PATH_ENGINE_TRANSFER
-                decision = engine_transfer_decision(cold_backup_refused=use_backup_api)
+            if not self._engine_started:
+                self._start_engine_backup()
+                if self._backup_id is not None:
+                    # The engine prepares its backup (on a real engine seconds: checkpoint, snapshot
+                    # or scratch disks, NBD exports) while the locked repository is opened (Borg's
+                    # manifest and cache sync). Nothing else uses the engine connection until it is ready.
+                    preparing = _in_thread("engine-backup-ready", self._backup_ready, self._backup_id,
+                                           stop_preparing)
+                    if writer.comment_at_open:
+                        engine_ready()
+            decision, path, backup_id = self._decision, self._path, self._backup_id
             if decision.mode != "incremental":
                 base, base_ids, writer.base_archive = None, {}, None
-            self.result.mode, self.result.reason, self.result.path = decision.mode, decision.reason, path
-            log.info("VM %s (%d of %d): %s backup into %s (%s)", self.vm.name, *self.position, decision.mode,
-                     self.archive_name, decision.reason)
-            if backup_id is not None:
-                # The engine prepares its backup (on a real engine seconds: checkpoint, snapshot or
-                # scratch disks, NBD exports) while the locked repository is opened (Borg's
-                # manifest and cache sync). Nothing else uses the engine connection until it is ready.
-                preparing = _in_thread("engine-backup-ready", self._backup_ready, backup_id, stop_preparing)
-                if writer.comment_at_open:
-                    engine_ready()
-            writer.comment = naming.archive_comment(self.vm.name, decision.mode, path, to_checkpoint)
+            writer.comment = naming.archive_comment(self.vm.name, decision.mode, path, self._to_checkpoint)
             with writer:
                 if preparing is not None:
                     engine_ready()
-                records, digests = [], {}
-                for disk in disks:
-                    record, disk_digests = self._disk(writer, disk, backup_id, modes.get(disk.id, "full"),
-                                                      previous if base else None, base_ids.get(disk.id))
-                    records.append(record)
-                    digests[disk.id] = disk_digests
+                records, digests = self._disks_into(writer, disks, previous if base else None, base_ids, transfers)
                 if backup_id is not None:
-                    # Every disk is read: the engine ends its backup while Borg commits. Nothing
-                    # else uses the engine connection until _finalize has waited for it.
+                    # Every disk is read: the engine ends its backup while Borg commits.
                     log.debug("VM %s: every disk is read; finalizing engine backup %s beside the commit",
                               self.vm.name, backup_id)
-                    finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id, backup_id,
-                                            stop_finalizing)
+                    if finalize_with is not None:
+                        self._finalizing = finalize_with(backup_id)
+                    else:
+                        # Nothing else uses the engine connection until finish has waited for it.
+                        self._finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id,
+                                                      backup_id, self._stop_finalizing)
                 finished = utc_now()
-                last_full = naming.timestamp(started)
+                last_full = naming.timestamp(self._started)
                 if decision.mode == "incremental" and previous is not None:
                     last_full = previous.last_full
                 sidecar = sc.Sidecar(
                     vm_id=self.vm.id, vm_name=self.vm.name, archive=self.archive_name, mode=decision.mode,
                     reason=decision.reason, path=path, block_size=self.settings.block_size,
-                    started=naming.timestamp(started), finished=naming.timestamp(finished), last_full=last_full, disks=tuple(records),
-                    previous_archive=base, checkpoint_id=to_checkpoint,
+                    started=naming.timestamp(self._started), finished=naming.timestamp(finished), last_full=last_full,
+                    disks=tuple(records),
+                    previous_archive=base, checkpoint_id=self._to_checkpoint,
                     from_checkpoint_id=decision.from_checkpoint, backup_id=backup_id)
                 vm_dir = naming.safe_name(self.vm.name)
-                writer.add_file(f"{vm_dir}/vm.ovf", ovf.encode())
+                writer.add_file(f"{vm_dir}/vm.ovf", self._ovf.encode())
                 for record in records:
                     writer.add_file(record.blocks_file, digests[record.id])
                 writer.add_file(f"{vm_dir}/{sc.SIDECAR_NAME}", sidecar.to_json())
-                writer.comment = naming.archive_comment(self.vm.name, decision.mode, path, to_checkpoint, records)
+                writer.comment = naming.archive_comment(self.vm.name, decision.mode, path, self._to_checkpoint, records)
                 writer.commit()
             try:
                 self.state.store(sidecar, digests)
@@ -532,31 +676,68 @@ class VmBackup:
                     f"VM {self.vm.name}: archive {self.archive_name} is committed, but its sidecar could not "
                     f"be saved in the state directory ({e}); the next backup of this VM starts from the "
                     "previous sidecar") from None
+            self._stored = True
         finally:
             try:
                 if preparing is not None:
                     self._stop_preparing(preparing, stop_preparing)
             finally:
-                try:
-                    if backup_id is not None:
-                        self._finalize(backup_id, finalizing, stop_finalizing)
-                finally:
-                    writer.release()  # a lock taken for a writer never entered
-        if to_checkpoint:
-            try:
-                purge_checkpoints(self.engine, self.state, self.vm, to_checkpoint,
-                                  keep=self.settings.checkpoints_keep,
-                                  other_jobs_days=self.settings.checkpoints_other_jobs_days)
-            except BackupBusy as e:
-                # A backup still finalizing (a hybrid one removing its snapshot): not a problem.
-                log.info("VM %s: old checkpoints stay until the next run: %s", self.vm.name, e)
-            except OvirtBorgError as e:
-                self._warn(f"VM {self.vm.name}: could not purge old checkpoints: {e}; "
-                           "the next run purges them")
-        self.result.checkpoint = to_checkpoint
-        self.result.seconds = round(time.monotonic() - t0, 3)
-        self.result.ok = True
-        return self.result
+                writer.release()  # a lock taken for a writer never entered
+
+    def _disks_into(self, writer: archive.ArchiveWriter, disks: list[DiskInfo], previous: sc.Sidecar | None,
+                    base_ids: dict[str, bytes], transfers: Callable[[], Engine] | None
+                    ) -> tuple[list[sc.DiskRecord], dict[str, bytes]]:
+        """Stream each disk into ``writer``; return their records and block digests.
+
+        With ``transfers`` (a connection for it), the next disk's image transfer is opened
+        while a disk streams (``_TransferAhead``); one opened and not used is ended.
+        """
+        records, digests = [], {}
+        ahead: _TransferAhead | None = None
+        try:
+            for index, disk in enumerate(disks):
+                mode = self._modes.get(disk.id, "full")
+                if ahead is not None:
+                    transfer = ahead.take()  # its error, or an interrupt meanwhile: closed below
+                    ahead = None
+                else:
+                    transfer = self._open_transfer(self.engine, disk, mode)
+                with _finalized(self.engine, transfer):
+                    if transfers is not None and index + 1 < len(disks):
+                        following = disks[index + 1]
+                        ahead = _TransferAhead(
+                            lambda d=following: self._open_transfer(transfers(), d, self._modes.get(d.id, "full")),
+                            self._transfer_settings(), self._inactivity_timeout(),
+                            f"{self.vm.name} disk {following.alias}")
+                    record, disk_digests = self._disk(writer, disk, transfer, mode, previous, base_ids.get(disk.id))
+                records.append(record)
+                digests[disk.id] = disk_digests
+        finally:
+            if ahead is not None:
+                ahead.close(self.engine)
+        return records, digests
+
+    def _inactivity_timeout(self) -> int:
+        return transfer_inactivity_timeout(self.settings, self.repo.lock_wait)
+
+    def _transfer_settings(self) -> TransferSettings:
+        """The data path's settings for this VM's transfers (a powered-off VM read through engine
+        image transfers goes through the engine's proxy)."""
+        if self._backup_id is None:
+            return dataclasses.replace(self.settings.transfer, force_proxy=True)
+        return self.settings.transfer
+
+    def _open_transfer(self, engine: Engine, disk: DiskInfo, engine_mode: str) -> Transfer:
+        """Start the download of ``disk`` and wait until it is transferring; raises typed errors
+        (``_IncrementalUnusable`` for an incremental disk whose transfer the engine stopped)."""
+        try:
+            return engine.start_transfer(disk.id, direction="download", backup_id=self._backup_id,
+                                         inactivity_timeout=self._inactivity_timeout())
+        except TransferStopped as e:
+            if engine_mode != "incremental":
+                raise
+            raise _IncrementalUnusable(f"disk {disk.alias}: {e} (a missing or broken dirty bitmap on a "
+                                       "hybrid or cold backup)") from None
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -633,8 +814,10 @@ class VmBackup:
 
     # -- one disk ----------------------------------------------------------------------------
 
-    def _disk(self, writer: archive.ArchiveWriter, disk: DiskInfo, backup_id: str | None,
+    def _disk(self, writer: archive.ArchiveWriter, disk: DiskInfo, transfer: Transfer,
               engine_mode: str, previous: sc.Sidecar | None, base_ids: bytes | None) -> tuple[sc.DiskRecord, bytes]:
+        """Stream ``disk`` through its open image ``transfer`` into ``writer``; return its record
+        and block digests (the caller finalizes the transfer)."""
         t0 = time.monotonic()
         path = image_path(self.vm.name, disk)
         size = disk.provisioned_size
@@ -649,21 +832,7 @@ class VmBackup:
         if not incremental and previous is not None:
             log.info("VM %s disk %s: reading in full (%s)", self.vm.name, disk.alias, reason)
 
-        settings = self.settings.transfer
-        if backup_id is None:
-            settings = dataclasses.replace(settings, force_proxy=True)
-        with contextlib.ExitStack() as stack:
-            try:
-                transfer = stack.enter_context(self.engine.transfer(
-                    disk.id, direction="download", backup_id=backup_id,
-                    inactivity_timeout=transfer_inactivity_timeout(self.settings, self.repo.lock_wait)))
-            except TransferStopped as e:
-                if engine_mode != "incremental":
-                    raise
-                raise _IncrementalUnusable(f"disk {disk.alias}: {e} (a missing or broken dirty bitmap on a "
-                                           "hybrid or cold backup)") from None
-            client = stack.enter_context(ImageioClient(transfer.transfer_url, transfer.proxy_url, settings))
-
+        with ImageioClient(transfer.transfer_url, transfer.proxy_url, self._transfer_settings()) as client:
             def zero_extents() -> list[plan.Extent]:
                 """The whole disk to read: every extent dirty, its holes known."""
                 return client.extents("zero")
@@ -830,18 +999,450 @@ def _settle(future: Future, stop: threading.Event) -> None:
 def _in_thread(name: str, call: Callable[..., Any], *args: Any) -> Future:
     """Run ``call(*args)`` in a thread of its own; return the future of its outcome.
 
-    The thread is not a daemon: a process that is stopped still lets it finish.
+    The thread runs in a copy of the caller's context, so its log lines name the caller's VM.
+    It is not a daemon: a process that is stopped still lets it finish.
     """
     future: Future = Future()
+    context = contextvars.copy_context()
 
     def run() -> None:
         try:
-            future.set_result(call(*args))
+            future.set_result(context.run(call, *args))
         except BaseException as e:
             future.set_exception(e)
 
     threading.Thread(target=run, name=name).start()
     return future
+
+
+@contextlib.contextmanager
+def _finalized(engine: Engine, transfer: Transfer) -> Iterator[Transfer]:
+    """An open download ``transfer``, finalized on success and ended (``abandon_transfer``) on
+    error, as ``Engine.transfer`` does with one it starts itself."""
+    try:
+        yield transfer
+    except BaseException:
+        engine.abandon_transfer(transfer.id, "download")
+        raise
+    try:
+        engine.finalize_transfer(transfer.id)
+    except BaseException:
+        # A transfer left active would block finalizing the backup (and lock the disk).
+        engine.abandon_transfer(transfer.id, "download")
+        raise
+
+
+class _TransferAhead:
+    """The next disk's image transfer, opened in a thread of its own while a disk streams.
+
+    The engine spends seconds on a transfer (initializing: the host's NBD export, imageio's
+    tickets) before it is transferring. Opened ahead, its ticket idles until the disk before
+    it is read, and the engine would cancel a download idle longer than its
+    ``inactivity_timeout``: until taken, the thread touches it (imageio counts an OPTIONS
+    request as activity) at a third of that interval.
+    """
+
+    def __init__(self, open_transfer: Callable[[], Transfer], settings: TransferSettings,
+                 inactivity_timeout: int, what: str):
+        self._settings = settings
+        self._interval = inactivity_timeout / 3 if inactivity_timeout else None
+        self._what = what
+        self._taken = threading.Event()
+        self._opened: Future = Future()
+        self._thread = _in_thread("image-transfer-ahead", self._run, open_transfer)
+
+    def _run(self, open_transfer: Callable[[], Transfer]) -> None:
+        try:
+            transfer = open_transfer()
+        except BaseException as e:
+            self._opened.set_exception(e)
+            return
+        self._opened.set_result(transfer)
+        while not self._taken.wait(self._interval):
+            try:
+                with ImageioClient(transfer.transfer_url, transfer.proxy_url, self._settings) as client:
+                    client.options()
+            except OvirtBorgError as e:  # its reads will say what is wrong, if anything is
+                log.debug("image transfer of %s, opened ahead: keeping it alive failed: %s", self._what, e)
+
+    def take(self) -> Transfer:
+        """The open transfer (waiting for it), or the error that opening it raised."""
+        try:
+            _settle(self._opened, self._taken)
+            return self._opened.result()
+        finally:
+            self._taken.set()
+
+    def close(self, engine: Engine) -> None:
+        """End a transfer opened and not taken (in ``finally:``), waiting for the thread through
+        interrupts: it uses the engine until the transfer started or failed."""
+        self._taken.set()
+        _settle(self._thread, self._taken)
+        if self._opened.exception() is None:
+            engine.abandon_transfer(self._opened.result().id, "download")
+
+
+# -- a run: the VMs' phases overlapped ---------------------------------------------------------------
+
+#: The position in the run of the VM a log record is about (``_LogOrder``), None outside a VM.
+_LOG_SLOT: contextvars.ContextVar[int | None] = contextvars.ContextVar("ovirt_borg_backup_slot", default=None)
+
+
+class _LogOrder:
+    """Keeps a run's log in the VMs' order while their phases overlap.
+
+    A record about a VM (``_LOG_SLOT``) after the first VM not yet done is held back, with
+    the context it was logged in (``logs.context``: --log-json names its VM), and given to its
+    handler once every VM before it is done; records about no VM pass at once. Installed on
+    the root logger's handlers for the run (``installed``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._head = 0  # the first VM not done
+        self._done: set[int] = set()
+        self._held: dict[int, list[tuple[logging.Handler, logging.LogRecord, contextvars.Context]]] = {}
+        self._releasing = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Within the block, hold back records as the class says; release all at its end."""
+        gates = [(handler, _Gate(self, handler)) for handler in logging.getLogger().handlers]
+        for handler, gate in gates:
+            handler.addFilter(gate)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._release(max(self._held, default=-1))
+            for handler, gate in gates:
+                handler.removeFilter(gate)
+
+    def admit(self, handler: logging.Handler, record: logging.LogRecord) -> bool:
+        """Whether ``record`` goes to ``handler`` now; False when it is held back."""
+        slot = _LOG_SLOT.get()
+        with self._lock:
+            if self._releasing or slot is None or slot <= self._head:
+                return True
+            self._held.setdefault(slot, []).append((handler, record, contextvars.copy_context()))
+            return False
+
+    def done(self, slot: int) -> None:
+        """The VM at ``slot`` is done: the held records of the VMs after it, up to the next one
+        not done, go out."""
+        with self._lock:
+            self._done.add(slot)
+            while self._head in self._done:
+                self._head += 1
+            self._release(self._head)
+
+    def _release(self, upto: int) -> None:
+        """Hand on the held records of the VMs up to ``upto``, in order (the lock held)."""
+        self._releasing = True
+        try:
+            for slot in sorted(s for s in self._held if s <= upto):
+                for handler, record, context in self._held.pop(slot):
+                    context.run(handler.handle, record)
+        finally:
+            self._releasing = False
+
+
+class _Gate(logging.Filter):
+    """``_LogOrder``'s filter on one handler."""
+
+    def __init__(self, order: _LogOrder, handler: logging.Handler):
+        super().__init__()
+        self._order = order
+        self._handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self._order.admit(self._handler, record)
+
+
+class _SerialHooks:
+    """A run's hooks called one at a time: the plugins hear of VMs from the main thread
+    (``before_vm``, archive names) and from the thread that finishes them."""
+
+    def __init__(self, hooks: VmHooks):
+        self._hooks = hooks
+        self.lock = threading.RLock()
+
+    def before_vm(self, vm: VmInfo) -> list[str]:
+        with self.lock:
+            return self._hooks.before_vm(vm)
+
+    def vm_finished(self, vm: VmInfo, result: VmResult) -> None:
+        with self.lock:
+            self._hooks.vm_finished(vm, result)
+
+    def backup_failed(self, vm: VmInfo, error: str, exit_code: int) -> None:
+        with self.lock:
+            self._hooks.backup_failed(vm, error, exit_code)
+
+
+@dataclass
+class _Slot:
+    """One VM of a run and how far it got."""
+
+    index: int
+    vm: VmInfo
+    asked: bool = False  # before_vm was asked (and the archive named)
+    job: VmBackup | None = None
+    archive: str = ""
+    error: Exception | None = None
+    result: VmResult | None = None  # set when the VM is done, or skipped before any phase
+    preparing: Future | None = None  # its prepare ahead, in the prepare thread
+    finishing: Future | None = None  # its finish, in the finish thread
+    streamed: bool = False  # its turn came (streamed, or failed before)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Log lines inside are about this VM (``logs.context``, ``_LogOrder``)."""
+        fields = {"vm": self.vm.name, **({"archive": self.archive} if self.archive else {})}
+        token = _LOG_SLOT.set(self.index)
+        try:
+            with logs.context(**fields):
+                yield
+        finally:
+            _LOG_SLOT.reset(token)
+
+
+class _Pipeline:
+    """Runs the VMs' phases (``VmBackup``) overlapped: while one VM streams into the
+    repository (one writer, one archive at a time, in the main thread), the next
+    ``settings.prepare_ahead`` VMs are inspected and their engine backups started and awaited
+    until ready (the prepare thread), and the VMs before are finished: engine backup
+    finalized, checkpoints purged, plugins told (the finish thread). Each thread has an
+    engine connection of its own. With ``prepare_ahead`` 0 every phase runs in the main
+    thread, one VM and one disk after another.
+
+    One VM's failure is its own; whatever stops the run (an interrupt) first ends what is in
+    flight: prepares are stopped, every engine backup started is finalized, finishes are
+    waited for.
+    """
+
+    def __init__(self, engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
+                 vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks, *,
+                 force_full: bool, archives: frozenset[str] | None):
+        self.engine = engine
+        self.repo = repo
+        self.state = state
+        self.settings = settings
+        self.name_for = name_for
+        self.hooks = _SerialHooks(hooks)
+        self.force_full = force_full
+        self.archives = archives
+        self.ahead = settings.prepare_ahead
+        self.slots = [_Slot(index, vm) for index, vm in enumerate(vms)]
+        self._order = _LogOrder()
+        self._stop_preparing = threading.Event()
+        self._stop_finishing = threading.Event()
+        self._prepare_pool: ThreadPoolExecutor | None = None
+        self._finish_pool: ThreadPoolExecutor | None = None
+        self._connections: dict[str, Engine] = {}
+        self._connections_lock = threading.Lock()
+
+    def run(self) -> list[VmResult]:
+        """Back up every VM; return their results in the VMs' order. Interrupts propagate once
+        everything in flight is ended."""
+        if not self.ahead:
+            return self._run()
+        if self.archives is None:  # read now: the repository is locked while VMs are prepared
+            self.archives = archive.repository_view(self.repo).archives
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-prepare")
+        self._finish_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-finish")
+        try:
+            with self._order.installed():
+                return self._run()
+        finally:
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+            self._finish_pool.shutdown(wait=False, cancel_futures=True)
+            for connection in self._connections.values():
+                connection.close()
+
+    def _run(self) -> list[VmResult]:
+        try:
+            for slot in self.slots:
+                self._ask(slot)
+                for following in self.slots[slot.index + 1:slot.index + 1 + self.ahead]:
+                    self._ask(following)
+                    self._prepare_ahead(following)
+                self._turn(slot)
+                self._finish(slot)
+            for slot in self.slots:
+                if slot.finishing is not None:
+                    _settle(slot.finishing, self._stop_finishing)
+        except BaseException:
+            self._end_in_flight()
+            raise
+        return [slot.result for slot in self.slots]
+
+    # -- the phases ------------------------------------------------------------------------
+
+    def _ask(self, slot: _Slot) -> None:
+        """Ask the plugins whether to back the VM up (before anything is started for it), name
+        its archive and set its job up; a veto or an error is the VM's result."""
+        if slot.asked:
+            return
+        slot.asked = True
+        with slot.context():
+            try:
+                # A plugin that raises in before_vm (a bug, an unreachable service it asks) fails
+                # this VM, never the run.
+                skipped = _skipped(slot.vm, self.hooks)
+                if skipped:
+                    log.warning("VM %s skipped: %s", slot.vm.name, skipped)
+                    slot.result = VmResult(vm=slot.vm.name, vm_id=slot.vm.id, error=f"skipped: {skipped}",
+                                           exit_code=1)
+                    return
+                with self.hooks.lock:
+                    slot.archive = self.name_for(slot.vm)
+                slot.job = VmBackup(self.engine, self.repo, self.state, self.settings.for_vm(slot.vm.name),
+                                    slot.vm, slot.archive, force_full=self.force_full, archives=self.archives,
+                                    position=(slot.index + 1, len(self.slots)))
+            except Exception as e:
+                slot.error = e
+
+    def _prepare_ahead(self, slot: _Slot) -> None:
+        """Start the VM's prepare (inspect, engine backup until ready) in the prepare thread."""
+        if slot.job is None or slot.error is not None or slot.preparing is not None:
+            return
+        slot.preparing = self._prepare_pool.submit(self._in_slot, slot, self._prepare, slot)
+
+    def _prepare(self, slot: _Slot) -> bool:
+        """In the prepare thread: inspect the VM and start its engine backup; False when there
+        is nothing to back up."""
+        engine = self._connection("prepare")
+        if not slot.job.inspect(engine) or self._stop_preparing.is_set():
+            return False
+        slot.job.start_ahead(engine, self._stop_preparing)
+        return True
+
+    def _turn(self, slot: _Slot) -> None:
+        """The VM's turn, in the main thread: take its prepare (or inspect it now) and stream it."""
+        slot.streamed = True
+        if slot.job is None or slot.error is not None:
+            return
+        with slot.context():
+            try:
+                if slot.preparing is not None:
+                    _settle(slot.preparing, self._stop_preparing)
+                    ready = slot.preparing.result()
+                else:
+                    ready = slot.job.inspect(self.engine)
+                if ready:
+                    if self.ahead:
+                        slot.job.stream(self.engine, finalize_with=lambda backup_id: self._finish_pool.submit(
+                            self._in_slot, slot, self._finalize_backup, slot.vm.id, backup_id),
+                            transfers=lambda: self._connection("transfers"))
+                    else:
+                        slot.job.stream(self.engine)
+            except Exception as e:
+                slot.error = e
+
+    def _finish(self, slot: _Slot) -> None:
+        """Finish the VM (in the finish thread, or now without ``prepare_ahead``)."""
+        if self.ahead:
+            slot.finishing = self._finish_pool.submit(self._in_slot, slot, self._complete, slot)
+        else:
+            with slot.context():
+                self._complete(slot)
+
+    def _complete(self, slot: _Slot) -> None:
+        """Finish the VM's engine work, then report it: its result, its error line, the plugins."""
+        try:
+            job = slot.job
+            if job is not None:
+                try:
+                    job.finish(self._connection("finish") if self.ahead else self.engine, self._stop_finishing)
+                except Exception as e:
+                    slot.error = slot.error or e
+            if slot.result is not None:  # skipped before any phase: nothing to tell
+                return
+            if slot.error is None:
+                slot.result = job.result
+                self.hooks.vm_finished(slot.vm, slot.result)
+                return
+            e = slot.error
+            if isinstance(e, OvirtBorgError):
+                message, exit_code = str(e), e.exit_code
+            else:
+                log.debug("VM %s: unexpected error", slot.vm.name, exc_info=e)
+                message, exit_code = f"unexpected error (please report it; -v shows its trace): {e!r}", EXIT_ERROR
+            log.error("VM %s: backup failed: %s", slot.vm.name, message)
+            slot.result = job.result if job else VmResult(vm=slot.vm.name, vm_id=slot.vm.id)
+            slot.result.error, slot.result.exit_code = message, exit_code
+            self.hooks.backup_failed(slot.vm, message, exit_code)
+        finally:
+            self._order.done(slot.index)
+
+    def _finalize_backup(self, vm_id: str, backup_id: str) -> BackupEnd:
+        """In the finish thread: the finalize of a VM's engine backup beside its commit."""
+        return self._connection("finish").finalize_backup(vm_id, backup_id, self._stop_finishing)
+
+    def _end_in_flight(self) -> None:
+        """What stopped the run (an interrupt) stops its VMs: their prepares are stopped, every
+        engine backup they started (the streaming VM's, those prepared ahead) is finalized,
+        their finishes are waited for, through further interrupts (each ends the waits for the
+        engine)."""
+        self._stop_preparing.set()
+        for slot in self.slots:
+            if slot.preparing is not None and slot.preparing.cancel():
+                slot.preparing = None
+        pending = [slot for slot in self.slots if slot.job is not None and slot.finishing is None
+                   and slot.result is None]
+        for slot in pending:
+            if slot.preparing is not None:
+                self._settle_quietly(slot.preparing)
+            if slot.job.engine_backup is None:
+                continue
+            with slot.context():
+                if not slot.streamed:
+                    log.info("VM %s: engine backup %s, started ahead of its turn, is finalized: the run "
+                             "stops", slot.vm.name, slot.job.engine_backup)
+                if self.ahead:
+                    slot.finishing = self._finish_pool.submit(self._in_slot, slot, self._roll_back, slot)
+                else:
+                    self._settle_quietly(_in_thread("engine-finalize", slot.job.finish, self.engine,
+                                                    self._stop_finishing))
+        for slot in self.slots:
+            if slot.finishing is not None:
+                self._settle_quietly(slot.finishing)
+
+    def _roll_back(self, slot: _Slot) -> None:
+        """In the finish thread: finalize the engine backup of a VM the run stops."""
+        slot.job.finish(self._connection("finish"), self._stop_finishing)
+
+    def _settle_quietly(self, future: Future) -> None:
+        """Wait for ``future`` through interrupts, each of which ends the waits for the engine;
+        its outcome is left in it."""
+        while True:
+            try:
+                future.exception()
+                return
+            except Interrupted:
+                self._stop_preparing.set()
+                self._stop_finishing.set()
+            except CancelledError:
+                return
+
+    # -- threads and connections -------------------------------------------------------------
+
+    def _in_slot(self, slot: _Slot, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` with log lines about the slot's VM (for a pool's thread)."""
+        with slot.context():
+            return call(*args)
+
+    def _connection(self, role: str) -> Engine:
+        """The engine connection of a thread's ``role`` (prepare, finish, transfers), opened
+        at its first use: the SDK's connection is used by one thread at a time here."""
+        with self._connections_lock:
+            engine = self._connections.get(role)
+            if engine is None:
+                engine = Engine(self.engine.settings)
+                engine.open()
+                self._connections[role] = engine
+            return engine
 
 
 def _sha256(data: bytes) -> bytes:
@@ -991,42 +1592,6 @@ def _skipped(vm: VmInfo, hooks: VmHooks) -> str | None:
     return "; ".join(vetoes) if vetoes else None
 
 
-def _backup_vm(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings, vm: VmInfo,
-               name_for: Callable[[VmInfo], str], hooks: VmHooks, *, force_full: bool,
-               archives: frozenset[str] | None, position: tuple[int, int]) -> VmResult:
-    """Back up one VM of a run and tell the plugins; return its result, failed or not.
-
-    Any error of the VM, also an unexpected one (a bug: its trace is logged at debug level), is
-    that VM's failure (exit 2 for an unexpected one); an interrupt is raised.
-    """
-    job = None
-    try:
-        # Inside the try: a plugin that raises in before_vm (a bug, an unreachable service it
-        # asks) fails this VM, never the run.
-        skipped = _skipped(vm, hooks)
-        if skipped:
-            log.warning("VM %s skipped: %s", vm.name, skipped)
-            return VmResult(vm=vm.name, vm_id=vm.id, error=f"skipped: {skipped}", exit_code=1)
-        archive_name = name_for(vm)
-        logs.set_context(archive=archive_name)
-        job = VmBackup(engine, repo, state, settings.for_vm(vm.name), vm, archive_name, force_full=force_full,
-                       archives=archives, position=position)
-        result = job.run()  # an Interrupted is no Exception: it stops the run, not just this VM
-    except Exception as e:
-        if isinstance(e, OvirtBorgError):
-            message, exit_code = str(e), e.exit_code
-        else:
-            log.debug("VM %s: unexpected error", vm.name, exc_info=True)
-            message, exit_code = f"unexpected error (please report it; -v shows its trace): {e!r}", EXIT_ERROR
-        log.error("VM %s: backup failed: %s", vm.name, message)
-        failed = job.result if job else VmResult(vm=vm.name, vm_id=vm.id)
-        failed.error, failed.exit_code = message, exit_code
-        hooks.backup_failed(vm, message, exit_code)
-        return failed
-    hooks.vm_finished(vm, result)
-    return result
-
-
 def run_exit_code(codes: Iterable[int], warned: bool) -> int:
     """A run's exit code from its VMs' (pure): 0, 1 for warnings or skips only, the failed VMs'
     code, or 2 when they failed with different codes."""
@@ -1040,18 +1605,17 @@ def run_exit_code(codes: Iterable[int], warned: bool) -> int:
 def run_backups(engine: Engine, repo: archive.Repo, state: sc.StateDir, settings: BackupSettings,
                 vms: Sequence[VmInfo], name_for: Callable[[VmInfo], str], hooks: VmHooks = NO_HOOKS, *,
                 force_full: bool = False, archives: frozenset[str] | None = None) -> RunOutcome:
-    """Back up each VM in turn; one VM's failure does not stop the others.
+    """Back up the VMs, the next ``settings.prepare_ahead`` prepared while one streams
+    (``_Pipeline``); one VM's failure does not stop the others.
 
-    ``name_for(vm)`` gives the archive name; ``hooks`` tells the plugins (and may veto a VM);
-    ``archives`` the repository's archive names read at the start of the run (see
-    ``VmBackup``). Returns every VM's result and the run's exit code (``run_exit_code``).
-    Interrupts propagate at once.
+    ``name_for(vm)`` gives the archive name; ``hooks`` tells the plugins (and may veto a VM:
+    each is asked before anything is started for its VM); ``archives`` the repository's
+    archive names read at the start of the run (see ``VmBackup``). Returns every VM's result,
+    in the VMs' order, and the run's exit code (``run_exit_code``). An interrupt propagates
+    once every VM in flight is rolled back (no engine backup left open).
     """
-    results: list[VmResult] = []
-    for number, vm in enumerate(vms, 1):
-        with logs.context(vm=vm.name):
-            results.append(_backup_vm(engine, repo, state, settings, vm, name_for, hooks, force_full=force_full,
-                                      archives=archives, position=(number, len(vms))))
+    results = _Pipeline(engine, repo, state, settings, vms, name_for, hooks, force_full=force_full,
+                        archives=archives).run()
     return RunOutcome(results, run_exit_code((r.exit_code for r in results), any(r.warnings for r in results)))
 
 

@@ -92,7 +92,7 @@ def backup_settings(config: Config) -> backup.BackupSettings:
         full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,
         checkpoints_other_jobs_days=config.checkpoints.other_jobs_days,
-        foreign_stale_hours=config.backup.foreign_stale_hours,
+        foreign_stale_hours=config.backup.foreign_stale_hours, prepare_ahead=config.backup.prepare_ahead,
         inactivity_timeout=config.transfer.inactivity_timeout, transfer=transfer_settings(config))
 
 

@@ -100,3 +100,23 @@ def test_the_sample_is_written_private_and_never_over_a_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"], "no temporary file is left"
     with pytest.raises(ConfigError, match="cannot write the sample configuration"):
         config_mod.write_sample(tmp_path / "missing" / "job.toml")
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (1, True), (8, True), (-1, False), (9, False)])
+def test_prepare_ahead_is_from_0_to_8(value, ok):
+    data = {"engine": {"url": URL}, "backup": {"prepare_ahead": value}}
+    if ok:
+        assert config_mod.from_dict(data, "job.toml").backup.prepare_ahead == value
+    else:
+        with pytest.raises(ConfigError, match=rf"^job.toml: 'backup.prepare_ahead' must be from 0 to 8 "
+                                              rf"\(got {value}\)$"):
+            config_mod.from_dict(data, "job.toml")
+
+
+def test_prepare_ahead_defaults_to_1_and_reaches_the_backup_settings():
+    from ovirt_borg import jobs
+
+    config = config_mod.from_dict({"engine": {"url": URL}}, "job.toml")
+    assert config.backup.prepare_ahead == 1
+    assert jobs.backup_settings(config).prepare_ahead == 1
+    assert "#prepare_ahead = 1" in config_mod.sample_config()
