@@ -1249,8 +1249,11 @@ class _Pipeline:
             return self._run()
         if self.archives is None:  # read now: the repository is locked while VMs are prepared
             self.archives = archive.repository_view(self.repo).archives
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-prepare")
-        self._finish_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vm-finish")
+        # The engine's waits (a backup until ready, a finalize until the snapshot is removed)
+        # are seconds to a minute each on a real engine and use no CPU here: the VMs prepared
+        # ahead wait for them side by side, as do the VMs being finished.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=self.ahead, thread_name_prefix="vm-prepare")
+        self._finish_pool = ThreadPoolExecutor(max_workers=self.ahead + 1, thread_name_prefix="vm-finish")
         try:
             with self._order.installed():
                 return self._run()
@@ -1434,14 +1437,16 @@ class _Pipeline:
             return call(*args)
 
     def _connection(self, role: str) -> Engine:
-        """The engine connection of a thread's ``role`` (prepare, finish, transfers), opened
-        at its first use: the SDK's connection is used by one thread at a time here."""
+        """The engine connection of a pool thread of ``role`` (prepare, finish: one per thread)
+        or of the disks' transfers opened ahead (one), opened at its first use: the SDK's
+        connection is used by one thread at a time here."""
+        key = role if role == "transfers" else f"{role}:{threading.current_thread().name}"
         with self._connections_lock:
-            engine = self._connections.get(role)
+            engine = self._connections.get(key)
             if engine is None:
                 engine = Engine(self.engine.settings)
                 engine.open()
-                self._connections[role] = engine
+                self._connections[key] = engine
             return engine
 
 
