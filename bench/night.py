@@ -11,8 +11,8 @@ nothing deduplicates across VMs and the two sets' checkpoints never mix), and me
   VM of set a into one repository (a cron loop or a scheduler running one VM at a time);
 - one run: ``ovirt-borg backup --all`` of set b (the job's selection) into a new repository
   with a state of its own, with ``[backup] prepare_ahead`` when given;
-- the reference: the VMs' data phases (each disk's seconds in the JSON of the first way, less
-  the transfer's start and finalize figures) one after the other, plus one VM's engine
+- the reference: the VMs' data phases (each disk's seconds in the JSON of the first way: the
+  data path through the open transfer) one after the other, plus one VM's engine
   latency (``report.engine_latency``): what a run that hid every other VM's engine phases
   behind the data would take.
 

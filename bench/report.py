@@ -480,12 +480,11 @@ def engine_latency(latency: dict[str, float], disks: int = 1) -> float:
             + latency.get("backup_finalize", 0.0) + latency.get("checkpoint_delete", 0.0))
 
 
-def data_seconds(disk_seconds: list[float], latency: dict[str, float]) -> float:
+def data_seconds(disk_seconds: list[float]) -> float:
     """A VM's data phase: the sum over its disks of the seconds ovirt-borg reports per disk
-    (transfer start to transfer finalized: extents, reads, archive writes) less the transfer's
-    start and finalize figures, each disk at least 0."""
-    slow = latency.get("transfer", 0.0) + latency.get("transfer_finalize", 0.0)
-    return sum(max(0.0, seconds - slow) for seconds in disk_seconds)
+    (extents, reads, archive writes through a transfer already open; its start and finalize are
+    the engine's phases, outside these seconds)."""
+    return sum(disk_seconds)
 
 
 def night_reference(vm_disk_seconds: list[list[float]], latency: dict[str, float]) -> dict[str, Any]:
@@ -495,7 +494,7 @@ def night_reference(vm_disk_seconds: list[list[float]], latency: dict[str, float
     Given each VM's per-disk seconds of a backup alone and the latency figures; returns
     ``{"data_seconds", "vm_data_seconds", "engine_latency", "seconds"}``.
     """
-    per_vm = [data_seconds(seconds, latency) for seconds in vm_disk_seconds]
+    per_vm = [data_seconds(seconds) for seconds in vm_disk_seconds]
     slow = engine_latency(latency, max((len(seconds) for seconds in vm_disk_seconds), default=1))
     return {"data_seconds": round(sum(per_vm), 3), "vm_data_seconds": [round(s, 3) for s in per_vm],
             "engine_latency": round(slow, 3), "seconds": round(sum(per_vm) + slow, 3)}
