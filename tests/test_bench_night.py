@@ -65,7 +65,7 @@ def test_ratios_and_goals():
 
 def _results():
     latency = REAL.as_dict()
-    reference = report.night_reference([[5.5]] * 4, latency)
+    reference = report.night_reference([[0.5]] * 4, latency)
     row = {"wall": 0.0, "cpu_seconds": 2.0, "lab_cpu_seconds": 1.0, "moved": 192 * MiB, "stored": 160 * MiB}
     contenders = {report.NIGHT_SEQUENTIAL: dict(row, how="4 x ovirt-borg backup VM", wall=220.0),
                   report.NIGHT_ONE_RUN: dict(row, how="backup --all", wall=55.0)}
