@@ -188,6 +188,10 @@ class _InternalWriter(ArchiveWriter):
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
         self._write_behind: Callable[[], None] | None = None  # see _segment_write_behind
         self._zero_ids: dict[int, bytes] = {}
+        # length -> the id of the all-zero block of that length (base_block's holes; unlike
+        # _zero_ids, not a sign that the chunk was referenced in this archive)
+        self._zero_hashes: dict[int, bytes] = {}
+        self._opener: ChunkOpener | None = None  # decrypts base blocks (base_block)
         # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
         self._base_images: dict[str, bytes] = {}
         self._repository = None
@@ -357,6 +361,38 @@ class _InternalWriter(ArchiveWriter):
         if ids is None or not 0 <= index < len(ids) // _ID_SIZE:
             raise ValueError(f"block {index} of {path} is not in the accepted base image")
         return self._key.id_hash(data) == ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
+
+    def base_block(self, path: str, index: int) -> bytes:
+        # Runs in the thread that runs add_image, the only one that uses the repository object:
+        # a get between puts is what Borg's own recreate does (locally, a chunk in the segment
+        # being written is synced before it is read; remotely, the answers of the puts sent
+        # without waiting are kept apart from the get's). The workers compress and encrypt
+        # meanwhile: decompression takes their compression lock (Borg's compressors share one
+        # buffer), and decryption uses a cipher of its own (ChunkOpener), or their cipher lock
+        # for a key type whose cipher carries state.
+        self._require_open()
+        ids = self._base_images.get(path)
+        if ids is None or not 0 <= index < len(ids) // _ID_SIZE:
+            raise ValueError(f"block {index} of {path} is not in the accepted base image")
+        chunk_id = ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
+        with self._borg_errors():
+            entry = self._cache.chunks.get(chunk_id)
+            if entry is None:
+                raise ValueError(f"block {index} of {path}: chunk {_borg().bin_to_hex(chunk_id)} is not in "
+                                 f"{self.repo.location}")
+            length = entry.size
+            zero_id = self._zero_hashes.get(length)
+            if zero_id is None:
+                zero_id = self._zero_hashes[length] = self._key.id_hash(memoryview(_borg().zeros)[:length])
+            if chunk_id == zero_id:
+                return bytes(length)
+            if self._opener is None:
+                self._opener = ChunkOpener(self._key, compress_lock=self._compress_lock,
+                                           cipher_lock=self._cipher_lock)
+            data = self._opener.open(chunk_id, self._repository.get(chunk_id))
+        if len(data) != length:
+            raise ValueError(f"block {index} of {path}: {len(data)} bytes read, {length} recorded")
+        return data
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -767,16 +803,19 @@ class ChunkOpener:
     admits one thread at a time; so does the cipher of a key type this module does not know.
     """
 
-    def __init__(self, key):
+    def __init__(self, key, *, compress_lock: threading.Lock | None = None,
+                 cipher_lock: threading.Lock | None = None):
+        """``compress_lock`` and ``cipher_lock``: the locks of others using the same process's
+        compressors and ``key``'s cipher (an archive writer's), instead of locks of its own."""
         from borg.crypto.key import AuthenticatedKeyBase, Blake2AuthenticatedKey, PlaintextKey
 
         self._key = key
         self._local = threading.local()
-        self._compress_lock = threading.Lock()
+        self._compress_lock = compress_lock or threading.Lock()
         stateless = type(key).decrypt in (PlaintextKey.decrypt, AuthenticatedKeyBase.decrypt,
                                           Blake2AuthenticatedKey.decrypt)
         self._copies = _own_cipher(key) is not None
-        self._cipher_lock = None if stateless or self._copies else threading.Lock()
+        self._cipher_lock = None if stateless or self._copies else cipher_lock or threading.Lock()
 
     def _thread_key(self):
         if not self._copies:
