@@ -1,9 +1,14 @@
-"""Rebuilt blocks: which bytes of a changed block come from imageio, the base archive, or zeros."""
+"""Rebuilt blocks: which bytes of a changed block come from imageio, the base archive, or zeros;
+and when an incremental rebuilds them (``[repository] rebuild_blocks``)."""
 
 import random
 
 import pytest
 
+from ovirt_borg.archive import Repo
+from ovirt_borg.backup import rebuilds_blocks
+from ovirt_borg.config import from_dict, sample_config
+from ovirt_borg.errors import ConfigError
 from ovirt_borg.plan import Action, Extent, block_parts, plan_blocks, read_ranges, summarize
 
 K = 1 << 10
@@ -156,3 +161,29 @@ def test_rebuilt_blocks_equal_the_disk(seed):
     fetched = sum(n for s, n in read_ranges(blocks, 1 << 20))
     dirty_data = sum(e.length for e in extents if e.dirty and not e.zero)
     assert fetched <= dirty_data
+
+
+@pytest.mark.parametrize("setting, remote, rebuilds", [
+    ("auto", False, True), ("auto", True, False), ("always", True, True), ("always", False, True),
+    ("never", False, False), ("never", True, False)])
+def test_rebuild_setting_by_repository(setting, remote, rebuilds):
+    assert rebuilds_blocks(setting, remote) is rebuilds
+
+
+def test_a_bad_rebuild_setting_is_refused():
+    with pytest.raises(ValueError):
+        rebuilds_blocks("sometimes", False)
+    with pytest.raises(ConfigError, match="rebuild_blocks"):
+        from_dict({"engine": {"url": "https://e.example.com/ovirt-engine/api"},
+                   "repository": {"rebuild_blocks": "sometimes"}})
+    config = from_dict({"engine": {"url": "https://e.example.com/ovirt-engine/api"}})
+    assert config.repository.rebuild_blocks == "auto"
+    assert 'rebuild_blocks = "auto"' in sample_config()
+
+
+@pytest.mark.parametrize("location, remote", [
+    ("/srv/borg", False), ("relative/repo", False), ("file:///srv/borg", False),
+    ("ssh://backup@borg.example.com/./ovirt", True), ("ssh://h:2222/srv/borg", True),
+    ("backup@borg.example.com:ovirt", True)])
+def test_remote_repositories(location, remote):
+    assert Repo(location, {}).remote is remote
