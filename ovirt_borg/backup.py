@@ -85,6 +85,9 @@ class BackupSettings:
     transfer: TransferSettings = field(default_factory=TransferSettings)
     #: VMs prepared (engine backup started and ready) while one streams; 0: one after another.
     prepare_ahead: int = 1
+    #: Blocks changed in part rebuilt from their dirty bytes and the base archive's chunk:
+    #: "auto" (``rebuild_blocks``), "always" or "never" (read whole).
+    rebuild_blocks: str = "auto"
 
     def for_vm(self, name: str) -> BackupSettings:
         """These settings with the block size of the VM ``name`` (pure)."""
@@ -114,6 +117,24 @@ def transfer_inactivity_timeout(settings: BackupSettings, lock_wait: int) -> int
     return max(settings.inactivity_timeout, math.ceil(max(pauses)) + IDLE_SLACK)
 
 
+REBUILD_CHOICES = ("auto", "always", "never")
+
+
+def rebuilds_blocks(setting: str, remote: bool) -> bool:
+    """Whether an incremental rebuilds its blocks changed in part (pure).
+
+    Given the ``rebuild_blocks`` setting and whether the repository is remote: a rebuilt block
+    costs a read of the base archive's chunk for the block from the repository instead of
+    reading the block's clean bytes from imageio. ``auto`` rebuilds for a local repository
+    only: from a remote one each such chunk is a synchronous round trip to ``borg serve`` that
+    moves about as many bytes over the repository's link, usually the slower one, as imageio
+    would have sent.
+    """
+    if setting not in REBUILD_CHOICES:
+        raise ValueError(f"rebuild_blocks must be one of {', '.join(REBUILD_CHOICES)}, not {setting!r}")
+    return setting == "always" or (setting == "auto" and not remote)
+
+
 @dataclass(frozen=True)
 class ModeDecision:
     mode: str  # "full" or "incremental"
@@ -133,6 +154,8 @@ class DiskResult:
     stored: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    #: Of the ``stored`` blocks, those changed in part whose clean bytes came from the base archive.
+    rebuilt: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -845,21 +868,23 @@ class VmBackup:
                     incremental = False
             if not incremental:
                 extents = zero_extents()
+            rebuild = incremental and rebuilds_blocks(self.settings.rebuild_blocks, self.repo.remote)
             blocks = _plan_disk(disk, size, block_size, extents,
-                                base_size=base_record.provisioned_size if incremental else None)
+                                base_size=base_record.provisioned_size if incremental else None, rebuild=rebuild)
             if incremental and self.settings.verify_sample and not self._check_sample(
                     client, writer, base_record.image, blocks, disk):
-                incremental = False
+                incremental = rebuild = False
                 blocks = _plan_disk(disk, size, block_size, zero_extents())
             summary = plan.summarize(blocks)
             checked = client.bytes_read  # the clean blocks re-read to check the dirty bitmap
-            log.debug("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes)%s", self.vm.name,
-                      disk.alias, summary.blocks, summary.holes, summary.reused, summary.read,
-                      summary.bytes_to_read,
+            log.debug("VM %s disk %s: %d blocks: %d holes, %d reused, %d to read (%d bytes, %d of them rebuilt "
+                      "on their base blocks)%s", self.vm.name, disk.alias, summary.blocks, summary.holes,
+                      summary.reused, summary.read, summary.bytes_to_read, summary.rebuilt,
                       f", after {checked} bytes read to check the dirty bitmap" if checked else "")
             progress = Progress(f"VM {self.position[0]} of {self.position[1]}, {self.vm.name}/{disk.alias}", size)
             sha256s = None if writer.gives_chunk_ids else bytearray()
-            stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress))
+            base_block = (lambda index: writer.base_block(path, index)) if rebuild else None
+            stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress, base_block))
             progress.finish()
             bytes_read = client.bytes_read
             seconds = time.monotonic() - t0
@@ -873,7 +898,7 @@ class VmBackup:
             digest_bytes, kind = bytes(sha256s), sc.BLOCKS_SHA256
         mode = "incremental" if incremental else "full"
         result = DiskResult(disk.id, disk.alias, mode, size, stats.blocks, stats.holes, stats.reused,
-                            stats.stored, bytes_read, round(time.monotonic() - t0, 3))
+                            stats.stored, bytes_read, round(time.monotonic() - t0, 3), summary.rebuilt)
         self.result.disks.append(result)
         record = sc.DiskRecord(
             id=disk.id, alias=disk.alias, format=disk.format, provisioned_size=size, backup_mode=mode,
@@ -924,16 +949,20 @@ class VmBackup:
         return True
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], sha256s: bytearray | None,
-                progress: Progress) -> Iterator[Holes | Reuse | bytes]:
+                progress: Progress, base_block: Callable[[int], bytes] | None = None
+                ) -> Iterator[Holes | Reuse | bytes]:
         """Yield the writer's blocks in order, reading the data blocks from imageio.
+
+        ``base_block(index)`` gives a REBUILD block's data in the base archive (the writer's
+        ``base_block``, called here, in the thread that runs ``add_image``).
 
         With ``sha256s`` (for a writer that gives no chunk ids, which never reuses blocks), it
         holds each block's sha256 once all are taken. Data blocks are hashed in a thread of
         their own (hashlib releases the GIL), so this thread, which feeds the writer, never
         waits for a digest.
         """
-        reads = [b for b in blocks if b.action is plan.Action.READ]
-        data_iter = _assemble(client, reads, self.settings.block_size)
+        reads = [b for b in blocks if b.action is plan.Action.READ or b.action is plan.Action.REBUILD]
+        data_iter = _assemble(client, reads, self.settings.block_size, base_block)
         parts: list[bytes | Future[bytes]] = []
         hashing: deque[Future[bytes]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
@@ -968,10 +997,10 @@ class _IncrementalUnusable(TransferError):
 
 
 def _plan_disk(disk: DiskInfo, size: int, block_size: int, extents: list[plan.Extent],
-               base_size: int | None = None) -> list[plan.Block]:
+               base_size: int | None = None, rebuild: bool = False) -> list[plan.Block]:
     """``plan.plan_blocks``; extents that do not cover the disk fail it as a transfer error."""
     try:
-        return plan.plan_blocks(size, block_size, extents, base_size=base_size)
+        return plan.plan_blocks(size, block_size, extents, base_size=base_size, rebuild=rebuild)
     except ValueError as e:
         raise TransferError(f"disk {disk.alias}: imageio's extents do not cover the disk ({e}); was it "
                             "resized during the backup? The next run reads it again") from None
@@ -1454,8 +1483,11 @@ def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: int) -> Iterator[bytes]:
-    """Read the data segments of READ blocks and yield each whole block (zeros filled in).
+def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: int,
+              base_block: Callable[[int], bytes] | None = None) -> Iterator[bytes]:
+    """Read the data segments of READ and REBUILD blocks and yield each whole block (zeros
+    filled in; a REBUILD block's ``base`` ranges taken from ``base_block(index)``, its data in
+    the base archive).
 
     Data running across consecutive blocks is read in requests of up to ``READ_REQUEST``
     bytes, which the client cuts at block boundaries: a block read whole is given on as the
@@ -1466,13 +1498,22 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
     piece_offset = 0
     for block in blocks:
         whole = block.segments == ((block.offset, block.length),)
-        if not piece:
+        if not piece and block.segments:
             piece_offset, data = next(pieces)
             if whole and len(data) == block.length and piece_offset == block.offset:
                 yield data  # a piece of exactly this block: no copy
                 continue
             piece = memoryview(data)
         buffer = bytearray(block.length)
+        if block.base:
+            if base_block is None:
+                raise AssertionError(f"block {block.index} is to be rebuilt, but no base block is given")
+            base = memoryview(base_block(block.index))
+            if len(base) != block.length:
+                raise AssertionError(f"base block {block.index} has {len(base)} bytes, not {block.length}")
+            for start, length in block.base:
+                at = start - block.offset
+                buffer[at:at + length] = base[at:at + length]
         for start, length in block.segments:
             while length:
                 if not piece:

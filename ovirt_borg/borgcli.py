@@ -69,6 +69,14 @@ class Repo:
     lock_wait: int = 60
     compression: str = "lz4"
 
+    @property
+    def remote(self) -> bool:
+        """Whether Borg reaches the repository through ``borg serve`` (``ssh://``, or the
+        ``user@host:path`` form), not as a local path (``file://`` included)."""
+        if "://" in self.location:
+            return not self.location.startswith("file://")
+        return ":" in self.location.split("/", 1)[0]
+
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -205,9 +213,7 @@ def lock_holders(repo: Repo, *, writers_only: bool = False) -> list[str]:
     Reads Borg's lock roster and exclusive lock directory; returns an empty list for a
     repository that is not locked, cannot be read, or is remote (``ssh://``, ``user@host:path``).
     """
-    if "://" in repo.location and not repo.location.startswith("file://"):
-        return []
-    if ":" in repo.location.split("/", 1)[0]:
+    if repo.remote:
         return []
     base = Path(repo.location.removeprefix("file://"))
     owners: list[tuple] = []

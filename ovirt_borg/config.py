@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ovirt_borg import archive
+from ovirt_borg.backup import REBUILD_CHOICES
 from ovirt_borg.errors import ConfigError, nearest_hint
 
 DEFAULT_CONFIG_DIR = Path("/etc/ovirt-borg")
@@ -102,6 +103,11 @@ class RepositoryConfig:
                                          "small scattered writes; changing it makes a VM's next "
                                          "backup a full read", {"db-*": "256K"})
     writer: str = opt("internal", "'internal' (synthetic full, incremental) or 'cli' (borg import-tar, full reads)")
+    rebuild_blocks: str = opt("auto", "a block an incremental finds changed in part: 'always' reads only its dirty "
+                              "bytes from imageio and takes the rest from the previous archive's chunk for "
+                              "the block (read from the repository), 'never' reads the whole block from "
+                              "imageio, 'auto' rebuilds with a local repository and reads whole blocks "
+                              "with a remote (ssh://) one", "always")
     lock_wait: int = opt(60, "seconds to wait for the repository lock held by another borg", minimum=0)
 
     @property
@@ -341,6 +347,10 @@ def _validate(config: Config, source: str) -> None:
     if keep_within and not re.fullmatch(r"0*[1-9][0-9]*[Hdwmy]", keep_within):
         raise ConfigError(f"{source}: 'retention.keep_within' must be a number of hours, days, weeks, "
                           f"months or years, as 36H, 2d, 4w, 6m, 1y (got {keep_within!r})")
+    if repo.rebuild_blocks not in REBUILD_CHOICES:
+        raise ConfigError(f"{source}: 'repository.rebuild_blocks' must be "
+                          f"{', '.join(map(repr, REBUILD_CHOICES[:-1]))} or {REBUILD_CHOICES[-1]!r} "
+                          f"(got {repo.rebuild_blocks!r})")
     if repo.writer not in archive.WRITERS:
         raise ConfigError(f"{source}: 'repository.writer' must be {' or '.join(map(repr, archive.WRITERS))} "
                           f"(got {repo.writer!r})")

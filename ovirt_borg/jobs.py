@@ -87,7 +87,7 @@ def backup_settings(config: Config) -> backup.BackupSettings:
     the repository's id)."""
     return backup.BackupSettings(
         block_size=config.repository.block_bytes, vm_block_sizes=config.repository.vm_block_bytes(),
-        writer=config.repository.writer,
+        writer=config.repository.writer, rebuild_blocks=config.repository.rebuild_blocks,
         enable_incremental=config.backup.enable_incremental, verify_sample=config.backup.verify_sample,
         full_every_days=config.backup.full_every_days, cold_backup=config.backup.cold_backup,
         exclude_disks=tuple(config.selection.exclude_disks), checkpoints_keep=config.checkpoints.keep,

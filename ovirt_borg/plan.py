@@ -11,6 +11,12 @@ one may be short). Given imageio's extents, each block becomes:
   bitmap (``choose_sample``).
 - ``READ``: the block is read from imageio and stored. Only its non-zero ``segments`` are
   fetched; the zero parts are filled in locally, so zero extents never cross the wire.
+- ``REBUILD`` (planned only when asked, ``rebuild=True``): the block changed in part and the
+  base archive holds it with the same length. Only its dirty data (``segments``) is fetched
+  from imageio; its clean data (``base``) is taken from the base archive's chunk for the block,
+  its zero parts (dirty or clean) are filled in locally; the rebuilt block is stored. A block
+  whose every data byte is dirty is a READ block: nothing of the base is needed.
+  ``block_parts`` tells the three kinds of ranges of a block apart.
 
 Consecutive HOLE blocks, and consecutive REUSE blocks, of the same length are planned as one
 run (``Block.count`` > 1), so planning, memory and the writer's work grow with the number of
@@ -30,6 +36,7 @@ class Action(enum.Enum):
     HOLE = "hole"
     REUSE = "reuse"
     READ = "read"
+    REBUILD = "rebuild"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +63,9 @@ class Extent:
 @dataclass(frozen=True, slots=True)
 class Block:
     """Planned blocks: the first one's index and offset, each one's length, their action, how
-    many (``count``, a run of HOLE or REUSE blocks; always 1 for READ) and the data segments
-    in them (what a READ block fetches; where a REUSE run holds data)."""
+    many (``count``, a run of HOLE or REUSE blocks; always 1 for READ and REBUILD), the data
+    segments in them (what a READ or REBUILD block fetches; where a REUSE run holds data) and,
+    for a REBUILD block, the ranges (``base``, disk offsets) taken from the base archive."""
 
     index: int
     offset: int
@@ -65,6 +73,7 @@ class Block:
     action: Action
     segments: tuple[tuple[int, int], ...] = ()
     count: int = 1
+    base: tuple[tuple[int, int], ...] = ()
 
     @property
     def bytes_to_read(self) -> int:
@@ -77,11 +86,27 @@ class Block:
 
 @dataclass(frozen=True)
 class PlanSummary:
+    """Blocks by action; ``read`` counts the blocks stored (READ and REBUILD), ``rebuilt`` the
+    REBUILD ones among them; ``bytes_to_read`` what is fetched from imageio."""
+
     blocks: int
     holes: int
     reused: int
     read: int
     bytes_to_read: int
+    rebuilt: int = 0
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The byte ranges of one block by where their bytes come from, each as (disk offset,
+    length) in order, neighbours of a kind joined: ``fetch``, dirty data read from imageio;
+    ``base``, clean data as the base archive holds it; ``zero``, what reads as zeros now (a
+    zero write, a discard, a hole), never read from anywhere."""
+
+    fetch: tuple[tuple[int, int], ...]
+    base: tuple[tuple[int, int], ...]
+    zero: tuple[tuple[int, int], ...]
 
 
 def block_count(size: int, block_size: int) -> int:
@@ -106,6 +131,7 @@ def plan_blocks(
     extents: Sequence[Extent],
     *,
     base_size: int | None = None,
+    rebuild: bool = False,
 ) -> list[Block]:
     """Plan every block of a disk.
 
@@ -113,8 +139,9 @@ def plan_blocks(
     (for a full backup from ``context=zero``, all marked dirty; for an incremental from
     ``context=dirty``) and ``base_size``, the size of the disk in the base archive (None when
     there is no usable base), return the planned blocks in order, runs of HOLE and REUSE blocks
-    as one Block each (see the module docstring). Raises ValueError on extents that do not
-    cover the disk.
+    as one Block each (see the module docstring). With ``rebuild``, a block that changed in
+    part and that the base holds with the same length is planned REBUILD (only its dirty data
+    fetched), else READ. Raises ValueError on extents that do not cover the disk.
     """
     check_extents(extents, size)
     base_blocks = block_count(base_size, block_size) if base_size is not None else 0
@@ -146,13 +173,13 @@ def plan_blocks(
                 blocks.append(Block(i, i * block_size, block_size, Action.READ, ((i * block_size, block_size),)))
             index += inside
             continue
-        _append(blocks, _plan_one(index, block_size, size, extents, position, base_blocks, base_size))
+        _append(blocks, _plan_one(index, block_size, size, extents, position, base_blocks, base_size, rebuild))
         index += 1
     return blocks
 
 
 def _plan_one(index: int, block_size: int, size: int, extents: Sequence[Extent], position: int,
-              base_blocks: int, base_size: int | None) -> Block:
+              base_blocks: int, base_size: int | None, rebuild: bool) -> Block:
     """Plan block ``index``, which extents[position] and its followers cover in part each."""
     offset = index * block_size
     end = min(offset + block_size, size)
@@ -167,13 +194,39 @@ def _plan_one(index: int, block_size: int, size: int, extents: Sequence[Extent],
             _add_segment(segments, seg_start, seg_end - seg_start)
         cursor += 1
     length = end - offset
+    in_base = index < base_blocks and _base_block_length(index, base_size, block_size) == length
     if not segments:
-        action = Action.HOLE
-    elif not dirty and index < base_blocks and _base_block_length(index, base_size, block_size) == length:
-        action = Action.REUSE
-    else:
-        action = Action.READ
-    return Block(index, offset, length, action, tuple(segments))
+        return Block(index, offset, length, Action.HOLE)
+    if not dirty and in_base:
+        return Block(index, offset, length, Action.REUSE, tuple(segments))
+    if rebuild and in_base:
+        parts = block_parts(offset, end, extents, position)
+        if parts.base:
+            return Block(index, offset, length, Action.REBUILD, parts.fetch, base=parts.base)
+    return Block(index, offset, length, Action.READ, tuple(segments))
+
+
+def block_parts(offset: int, end: int, extents: Sequence[Extent], position: int = 0) -> BlockParts:
+    """Split the block [``offset``, ``end``) by where its bytes come from (``BlockParts``).
+
+    Given the block's bounds, the extents of the disk in order (dirty-context extents: each
+    with its ``dirty`` and ``zero`` flags) covering the block, and the index of an extent at or
+    before the first one that overlaps it. Extents may begin before the block and end after
+    it: only their part inside counts. A clean zero range is zeros, as the base holds it.
+    """
+    fetch: list[tuple[int, int]] = []
+    base: list[tuple[int, int]] = []
+    zero: list[tuple[int, int]] = []
+    cursor = position
+    while cursor < len(extents) and extents[cursor].start < end:
+        extent = extents[cursor]
+        cursor += 1
+        start, stop = max(offset, extent.start), min(end, extent.end)
+        if start >= stop:
+            continue
+        kind = zero if extent.zero else fetch if extent.dirty else base
+        _add_segment(kind, start, stop - start)
+    return BlockParts(tuple(fetch), tuple(base), tuple(zero))
 
 
 def _add_segment(segments: list[tuple[int, int]], start: int, length: int) -> None:
@@ -186,7 +239,7 @@ def _add_segment(segments: list[tuple[int, int]], start: int, length: int) -> No
 
 def _append(blocks: list[Block], block: Block) -> None:
     """Append ``block``, joining it to the previous run of the same kind if it follows it."""
-    if blocks and block.action is not Action.READ:
+    if blocks and block.action in (Action.HOLE, Action.REUSE):
         last = blocks[-1]
         if last.action is block.action and last.length == block.length and last.end == block.offset:
             segments = list(last.segments)
@@ -242,8 +295,8 @@ def choose_sample(blocks: Sequence[Block], count: int, rng: random.Random) -> li
 
 
 def summarize(blocks: Iterable[Block]) -> PlanSummary:
-    """Count holes, reused and read blocks, and the bytes that will be read."""
-    holes = reused = read = to_read = total = 0
+    """Count holes, reused, read and rebuilt blocks, and the bytes that will be read."""
+    holes = reused = read = rebuilt = to_read = total = 0
     for block in blocks:
         total += block.count
         if block.action is Action.HOLE:
@@ -252,19 +305,20 @@ def summarize(blocks: Iterable[Block]) -> PlanSummary:
             reused += block.count
         else:
             read += block.count
+            rebuilt += block.count if block.action is Action.REBUILD else 0
             to_read += block.bytes_to_read
-    return PlanSummary(total, holes, reused, read, to_read)
+    return PlanSummary(total, holes, reused, read, to_read, rebuilt)
 
 
 def read_ranges(blocks: Iterable[Block], max_range: int) -> list[tuple[int, int]]:
-    """The (offset, length) requests for all READ blocks' segments, in order.
+    """The (offset, length) requests for all READ and REBUILD blocks' segments, in order.
 
     Data that continues from one block into the next is read in one request, so the request
     size does not depend on the block size; no request is longer than ``max_range``.
     """
     ranges: list[tuple[int, int]] = []
     for block in blocks:
-        if block.action is not Action.READ:
+        if block.action is not Action.READ and block.action is not Action.REBUILD:
             continue
         for start, length in block.segments:
             if ranges and ranges[-1][0] + ranges[-1][1] == start and ranges[-1][1] < max_range:

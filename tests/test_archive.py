@@ -307,6 +307,45 @@ def test_is_base_block_compares_data_with_a_block_of_the_base_image(local_repo):
     run_borg(local_repo, "check", "--verify-data", "{repo}")
 
 
+@pytest.mark.parametrize("where", ["local", "ssh", "repokey", "none"])
+def test_base_blocks_are_read_between_writes(request, tmp_path, borg_env, where):
+    """Blocks rebuilt on the base image's blocks, read through the writer's own repository
+    while its workers encrypt and (remotely) its puts are under way: each equals the base's
+    block, a hole is zeros, the short last block is whole; base written with another
+    compression."""
+    if where in ("local", "ssh"):
+        repo = request.getfixturevalue(f"{where}_repo")
+    else:
+        env = dict(borg_env, BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")
+        repo = Repo(str(tmp_path / where), env, lock_wait=5)
+        run_borg(repo, "init", "--encryption", where, "{repo}")
+    assert repo.remote is (where == "ssh")
+    blocks, image = make_image(30, "D" * 10 + "Z" + "DD")
+    zstd = Repo(repo.location, repo.env, repo.lock_wait, compression="zstd,3")
+    stats, _ = write_archive(zstd, "base", blocks, len(image))
+    expected = bytearray(image)
+    with open_writer(repo, "rebuilt", block_size=BLOCK, base_archive="base") as writer:
+        with pytest.raises(ValueError):
+            writer.base_block(DISK, 0)
+        assert writer.base_image(DISK, len(image), stats.chunk_ids)
+
+        def rebuilt():
+            for position, block in enumerate(blocks):
+                base = writer.base_block(DISK, position)
+                assert base == (block if block is not None else bytes(BLOCK))
+                data = bytearray(base)
+                data[100:100 + 4096] = random.Random(position).randbytes(4096)  # a dirty part
+                expected[position * BLOCK + 100:position * BLOCK + 100 + 4096] = data[100:100 + 4096]
+                yield data
+
+        writer.add_image(DISK, len(image), rebuilt())
+        with pytest.raises(ValueError):
+            writer.base_block(DISK, len(blocks))
+        writer.commit()
+    assert file_sha256(extract(repo, "rebuilt", tmp_path / "r")) == sha256(bytes(expected))
+    run_borg(repo, "check", "--verify-data", "{repo}")
+
+
 def test_writer_and_borg_mount(local_repo, tmp_path):
     if not Path("/dev/fuse").exists():
         pytest.fail("/dev/fuse is missing: borg mount cannot be tested on this machine")

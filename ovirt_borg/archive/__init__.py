@@ -253,6 +253,19 @@ class ArchiveWriter(ABC):
         """
         raise ValueError(f"{path} has no usable base image in this writer")
 
+    def base_block(self, path: str, index: int) -> bytes:
+        """Return block ``index`` of the image ``path`` as the base archive holds it.
+
+        Only after ``base_image(path, size)`` returned True; for a block changed in part, whose
+        clean parts are taken from it (``plan.Action.REBUILD``). Called from the thread that
+        runs ``add_image`` (its block iterator calls it): the repository is read through the
+        writer's own open repository and key, between its writes. A hole (the all-zero chunk)
+        gives zeros without a read; any other block is read from the repository, decrypted and
+        checked against its chunk id. Raises ``ValueError`` when the image was not accepted as
+        a base or has no such block, typed errors for repository failures.
+        """
+        raise ValueError(f"{path} has no usable base image in this writer")
+
     def add_image(self, path: str, size: int, blocks: Iterable[Block]) -> ImageStats:
         """Add the image ``path`` of ``size`` bytes, given as its blocks in order.
 

@@ -181,13 +181,21 @@ class _InternalWriter(ArchiveWriter):
         self._stack = contextlib.ExitStack()
         self._pool: ThreadPoolExecutor | None = None
         # Borg's compressors share one output buffer: one thread at a time. The cipher lock
-        # guards the key's nonce counter and Borg's own encryptions (items, manifest). Taken
-        # in this order when both are needed.
+        # guards the key's nonce counter and Borg's own encryptions (items, manifest). The
+        # repository lock keeps the calls to the repository object (which talks to one borg
+        # serve over one pipe) one at a time: the calling thread's puts and gets, and the
+        # nonce reservations a worker's encryption makes now and then (Borg's NonceManager
+        # calls the repository). Taken in this order when more than one is needed.
         self._compress_lock = threading.Lock()
         self._cipher_lock = threading.Lock()
+        self._repository_lock = threading.Lock()
         self._seal = None  # the cipher step of key.encrypt, when it can be run on its own
         self._write_behind: Callable[[], None] | None = None  # see _segment_write_behind
         self._zero_ids: dict[int, bytes] = {}
+        # length -> the id of the all-zero block of that length (base_block's holes; unlike
+        # _zero_ids, not a sign that the chunk was referenced in this archive)
+        self._zero_hashes: dict[int, bytes] = {}
+        self._opener: ChunkOpener | None = None  # decrypts base blocks (base_block)
         # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
         self._base_images: dict[str, bytes] = {}
         self._repository = None
@@ -267,7 +275,7 @@ class _InternalWriter(ArchiveWriter):
         with _environment(self._secrets):
             self._manifest, self._key = borg.Manifest.load(self._repository, (borg.Manifest.Operation.WRITE,))
         self._key.compressor = self._compressor
-        self._seal = _sealer(self._key, self._cipher_lock)
+        self._seal = _sealer(self._key, self._cipher_lock, self._repository_lock)
         self._cache = self._stack.enter_context(
             borg.Cache(self._repository, self._key, self._manifest, lock_wait=self.repo.lock_wait))
         # Leaving with an exception must undo the chunk references counted in this transaction.
@@ -358,6 +366,41 @@ class _InternalWriter(ArchiveWriter):
             raise ValueError(f"block {index} of {path} is not in the accepted base image")
         return self._key.id_hash(data) == ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
 
+    def base_block(self, path: str, index: int) -> bytes:
+        # Runs in the thread that runs add_image, which puts the blocks: a get between puts is
+        # what Borg's own recreate does (locally, a chunk in the segment being written is
+        # synced before it is read; remotely, the answers of the puts sent without waiting are
+        # kept apart from the get's). The workers compress and encrypt meanwhile: the get takes
+        # the repository lock (a worker's nonce reservation calls the repository too),
+        # decompression their compression lock (Borg's compressors share one buffer), and
+        # decryption uses a cipher of its own (ChunkOpener), or their cipher lock for a key
+        # type whose cipher carries state.
+        self._require_open()
+        ids = self._base_images.get(path)
+        if ids is None or not 0 <= index < len(ids) // _ID_SIZE:
+            raise ValueError(f"block {index} of {path} is not in the accepted base image")
+        chunk_id = ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
+        with self._borg_errors():
+            entry = self._cache.chunks.get(chunk_id)
+            if entry is None:
+                raise ValueError(f"block {index} of {path}: chunk {_borg().bin_to_hex(chunk_id)} is not in "
+                                 f"{self.repo.location}")
+            length = entry.size
+            zero_id = self._zero_hashes.get(length)
+            if zero_id is None:
+                zero_id = self._zero_hashes[length] = self._key.id_hash(memoryview(_borg().zeros)[:length])
+            if chunk_id == zero_id:
+                return bytes(length)
+            if self._opener is None:
+                self._opener = ChunkOpener(self._key, compress_lock=self._compress_lock,
+                                           cipher_lock=self._cipher_lock)
+            with self._repository_lock:
+                stored = self._repository.get(chunk_id)
+            data = self._opener.open(chunk_id, stored)
+        if len(data) != length:
+            raise ValueError(f"block {index} of {path}: {len(data)} bytes read, {length} recorded")
+        return data
+
     # -- writing ---------------------------------------------------------------------------
 
     def _write_directory(self, path: str) -> None:
@@ -392,7 +435,7 @@ class _InternalWriter(ArchiveWriter):
         types whose ``encrypt`` this module does not know, ``key.encrypt`` runs under both locks.
         """
         if self._seal is None:
-            with self._compress_lock, self._cipher_lock:
+            with self._compress_lock, self._cipher_lock, self._repository_lock:
                 return self._key.encrypt(data)
         with self._compress_lock:
             compressed = self._key.compressor.compress(data)
@@ -411,12 +454,14 @@ class _InternalWriter(ArchiveWriter):
         if not cache.txn_active:
             cache.begin_txn()
         stored_size = len(prepared.encrypted)
-        self._repository.put(prepared.chunk_id, prepared.encrypted, wait=False)
-        if self._write_behind is not None:
-            self._write_behind()
+        with self._repository_lock:
+            self._repository.put(prepared.chunk_id, prepared.encrypted, wait=False)
+            if self._write_behind is not None:
+                self._write_behind()
         cache.chunks.add(prepared.chunk_id, 1, prepared.size, stored_size)
         self._archive.stats.update(prepared.size, stored_size, True)
-        self._repository.async_response(wait=False)
+        with self._repository_lock:
+            self._repository.async_response(wait=False)
         counters["bytes_stored"] += stored_size
         return borg.ChunkListEntry(prepared.chunk_id, prepared.size, stored_size)
 
@@ -567,16 +612,17 @@ def _own_cipher(key):
     return key.CIPHERSUITE(mac_key=key.enc_hmac_key, enc_key=key.enc_key, header_len=1, aad_offset=1)
 
 
-def _sealer(key, nonce_lock: threading.Lock):
+def _sealer(key, nonce_lock: threading.Lock, repository_lock: threading.Lock):
     """Return the step of ``key.encrypt`` after compression, as a thread-safe function, or None.
 
     ``AESKeyBase.encrypt`` (all encrypting key types of Borg 1.4) is: compress, reserve nonces,
     ``cipher.encrypt``. Here each thread encrypts with a cipher of its own; the nonces are
     still taken, under ``nonce_lock``, from ``key.cipher``'s counter (advanced as if it had
     encrypted), so that Borg's own encryptions (items, manifest), made under the same lock,
-    continue after them and no counter value is ever used twice. The plaintext and
-    authenticated-only key types prefix the type byte to the compressed data. Any other
-    ``encrypt`` is not split (None).
+    continue after them and no counter value is ever used twice. A reservation of nonces
+    may call the repository (Borg's NonceManager, every 2**28 cipher blocks): that is made
+    under ``repository_lock`` too. The plaintext and authenticated-only key types prefix the
+    type byte to the compressed data. Any other ``encrypt`` is not split (None).
     """
     from borg.crypto.key import AuthenticatedKeyBase, PlaintextKey
 
@@ -589,7 +635,7 @@ def _sealer(key, nonce_lock: threading.Lock):
             if cipher is None:
                 cipher = local.cipher = _own_cipher(key)
             blocks = cipher.block_count(len(compressed))
-            with nonce_lock:
+            with nonce_lock, repository_lock:
                 iv = key.nonce_manager.ensure_reservation(key.cipher.next_iv(), blocks)
                 key.cipher.set_iv(iv + blocks)
             return cipher.encrypt(compressed, header=key.TYPE_STR, iv=iv)
@@ -767,16 +813,19 @@ class ChunkOpener:
     admits one thread at a time; so does the cipher of a key type this module does not know.
     """
 
-    def __init__(self, key):
+    def __init__(self, key, *, compress_lock: threading.Lock | None = None,
+                 cipher_lock: threading.Lock | None = None):
+        """``compress_lock`` and ``cipher_lock``: the locks of others using the same process's
+        compressors and ``key``'s cipher (an archive writer's), instead of locks of its own."""
         from borg.crypto.key import AuthenticatedKeyBase, Blake2AuthenticatedKey, PlaintextKey
 
         self._key = key
         self._local = threading.local()
-        self._compress_lock = threading.Lock()
+        self._compress_lock = compress_lock or threading.Lock()
         stateless = type(key).decrypt in (PlaintextKey.decrypt, AuthenticatedKeyBase.decrypt,
                                           Blake2AuthenticatedKey.decrypt)
         self._copies = _own_cipher(key) is not None
-        self._cipher_lock = None if stateless or self._copies else threading.Lock()
+        self._cipher_lock = None if stateless or self._copies else cipher_lock or threading.Lock()
 
     def _thread_key(self):
         if not self._copies:
