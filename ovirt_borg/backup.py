@@ -84,7 +84,7 @@ class BackupSettings:
     inactivity_timeout: int = 120
     transfer: TransferSettings = field(default_factory=TransferSettings)
     #: VMs prepared (engine backup started and ready) while one streams; 0: one after another.
-    prepare_ahead: int = 1
+    prepare_ahead: int = 4
     #: Blocks changed in part rebuilt from their dirty bytes and the base archive's chunk:
     #: "auto" (``rebuild_blocks``), "always" or "never" (read whole).
     rebuild_blocks: str = "auto"

@@ -794,7 +794,7 @@ def slow_vm(job, lab_clean):
                                             (signal.SIGTERM, "cli")])
 def test_signal_during_transfer_aborts_cleanly(job, slow_vm, signum, writer):
     """Stopped while reading the first of two VMs: clean abort; the second VM's engine backup,
-    started ahead ([backup] prepare_ahead, 1 by default), is finalized, and nothing else of it
+    started ahead ([backup] prepare_ahead, 4 by default), is finalized, and nothing else of it
     starts (test_overlap has prepare_ahead = 0, where it does not start at all).
 
     With the ``cli`` writer the image streams into a ``borg import-tar`` child, which must roll

@@ -113,10 +113,10 @@ def test_prepare_ahead_is_from_0_to_8(value, ok):
             config_mod.from_dict(data, "job.toml")
 
 
-def test_prepare_ahead_defaults_to_1_and_reaches_the_backup_settings():
+def test_prepare_ahead_defaults_to_4_and_reaches_the_backup_settings():
     from ovirt_borg import jobs
 
     config = config_mod.from_dict({"engine": {"url": URL}}, "job.toml")
-    assert config.backup.prepare_ahead == 1
-    assert jobs.backup_settings(config).prepare_ahead == 1
-    assert "#prepare_ahead = 1" in config_mod.sample_config()
+    assert config.backup.prepare_ahead == 4
+    assert jobs.backup_settings(config).prepare_ahead == 4
+    assert "#prepare_ahead = 4" in config_mod.sample_config()
