@@ -29,6 +29,7 @@ from bench.image import Change
 from bench.night import Night, NightOptions
 from bench.run import Bench, Options
 from ovirt_borg.errors import ConfigError
+from ovirt_borg.lab.cli import latency_spec
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,6 @@ def _percents(text: str) -> tuple[float, ...]:
     return values
 
 
-def _latency(text: str) -> str:
-    from ovirt_borg.lab.latency import LatencyError, parse_latency
-
-    try:
-        parse_latency(text)
-    except LatencyError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
 #: The options of ``--case night`` alone.
 NIGHT_ONLY = ("vms", "prepare_ahead", "latency", "latency_scale")
 
@@ -74,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vms", type=int, default=None, help="night: VMs of each contender (default 20; 4 with --quick)")
     p.add_argument("--prepare-ahead", type=int, default=None, metavar="K",
                    help="night: write [backup] prepare_ahead = K into the one run's job (default: not written)")
-    p.add_argument("--latency", type=_latency, default=None, metavar="SPEC",
+    p.add_argument("--latency", type=latency_spec, default=None, metavar="SPEC",
                    help="night: the lab engine's latency, as ovirt-borg-lab up --latency (default real)")
     p.add_argument("--latency-scale", type=float, default=None, metavar="F",
                    help="night: multiply every latency figure by F (default 1; 0.1 with --quick)")

@@ -31,7 +31,9 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def _latency(text: str) -> str:
+def latency_spec(text: str) -> str:
+    """An argparse type: ``text`` if it is a valid ``--latency`` value (as ``parse_latency``
+    takes it), else ArgumentTypeError with the reason."""
     try:
         parse_latency(text)
     except LatencyError as e:
@@ -50,7 +52,7 @@ def _scale(text: str) -> float:
 
 
 def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--latency", type=_latency, default="none", metavar="SPEC",
+    p.add_argument("--latency", type=latency_spec, default="none", metavar="SPEC",
                    help="how long the engine's slow phases last: none (default), real (a real "
                         "oVirt 4.5 engine's figures), or PHASE=SECONDS,... overriding those "
                         f"(after 'none', starting from zero); phases: {', '.join(PHASES)}")
