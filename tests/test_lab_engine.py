@@ -699,12 +699,13 @@ def test_engine_cancels_a_transfer_whose_ticket_idles(mlab, conn, tmp_path):
         response = session.get(url, headers={"Range": "bytes=0-65535"})
         assert response.status_code == 206
 
-    # Reads keep it alive, for longer than the timeout in all.
-    started = time.monotonic()
-    while time.monotonic() - started < 5:
+    # Reads keep it alive, for longer than the timeout in all (reads close together: a machine
+    # under load must not leave the ticket idle for the timeout between two of them).
+    keep_reading_until = time.monotonic() + 5  # two and a half times the inactivity timeout
+    while time.monotonic() < keep_reading_until:
         read(transfer.transfer_url)
         assert transfer_service.get().phase == types.ImageTransferPhase.TRANSFERRING
-        time.sleep(0.5)
+        time.sleep(0.1)
     # Extents queries alone do not: the engine stops it and ends it.
     def extents_then_phase():
         assert session.get(transfer.transfer_url + "/extents").status_code in (200, 403)
