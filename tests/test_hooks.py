@@ -29,17 +29,14 @@ def toml_table(name: str, options: dict) -> str:
     return f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
 
 
-
 def hook_job(lab, directory: Path, name: str, options: dict) -> Job:
     return make_job(lab, directory, toml_table(f"hooks.{name}", options))
-
 
 
 def set_hook_options(job: Job, name: str, options: dict) -> None:
     text = job.config.read_text()
     start = text.index(f"[hooks.{name}]")
     job.config.write_text(text[:start] + toml_table(f"hooks.{name}", options))
-
 
 
 # -- healthchecks ------------------------------------------------------------------------------
@@ -74,7 +71,6 @@ def test_healthchecks_through_backups(lab_clean, lab_vm, tmp_path, endpoint):
     assert f"healthchecks: the start ping to http://127.0.0.1:{port}/**** failed: ConnectionError" in proc.stderr
     assert f"healthchecks: the success ping to http://127.0.0.1:{port}/**** failed" in proc.stderr
     assert SECRET not in proc.stderr
-
 
 
 # -- prometheus --------------------------------------------------------------------------------
@@ -126,7 +122,6 @@ def test_prometheus_through_backups(lab_clean, two_vms, tmp_path):
     assert now_good["ovirt_borg_blocks_reused"] == sum(d["reused"] for d in results[good]["disks"]) > 0
 
 
-
 # -- command -----------------------------------------------------------------------------------
 
 
@@ -162,7 +157,6 @@ def test_command_hooks_through_backups(lab_clean, two_vms, tmp_path):
     error = json.loads(proc.stdout)["archives"][0]["error"]
     assert log.read_text().splitlines() == [
         f"before_run {a}", f"before_vm {a} {a}", f"on_failure {a} 4 {error}", "after_run 4 after_run"]
-
 
 
 # -- webhook / ntfy ----------------------------------------------------------------------------

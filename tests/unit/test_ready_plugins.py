@@ -42,7 +42,6 @@ def test_plugin_options_fills_defaults_and_refuses_bad_options():
         plugins.plugin_options({"url": "u", "items": 3}, spec)
 
 
-
 def test_secret_url_masks_path_query_and_password():
     shown = plugins.secret_url(f"https://user:pw-{SECRET}@hc.example.com:8443/ping/{SECRET}?token=tok-{SECRET}")
     assert shown == "https://hc.example.com:8443/****"
@@ -50,7 +49,6 @@ def test_secret_url_masks_path_query_and_password():
     assert SECRET not in text
     with pytest.raises(ValueError, match="option 'url' must be an http:// or https:// URL"):
         plugins.secret_url(f"ftp://example.com/{SECRET}")
-
 
 
 def test_notify_lets_an_interrupt_through_but_no_other_error():
@@ -67,7 +65,6 @@ def test_notify_lets_an_interrupt_through_but_no_other_error():
     plugin.error = Interrupted(15)
     with pytest.raises(Interrupted):
         plugins.notify(pm, "ovirt_borg_run_started", config=CONFIG, command="backup", vms=[VM])
-
 
 
 # -- healthchecks ------------------------------------------------------------------------------
@@ -90,7 +87,6 @@ def test_healthchecks_keeps_the_query_and_warns_on_http_errors(endpoint, caplog)
     assert SECRET not in caplog.text
 
 
-
 def test_healthchecks_timeout_is_short_and_only_warns(endpoint, caplog):
     endpoint.answering.clear()  # the request arrives, its answer is held back
     pm = manager("healthchecks", {"url": f"{endpoint.url}/{SECRET}", "timeout": 0.3})
@@ -108,13 +104,11 @@ def test_healthchecks_down_only_warns_and_never_logs_the_secret(caplog):
     assert "Max retries exceeded" in caplog.text and SECRET not in caplog.text
 
 
-
 def test_healthchecks_ignores_other_commands(endpoint):
     pm = manager("healthchecks", {"url": f"{endpoint.url}/{SECRET}"})
     plugins.notify(pm, "ovirt_borg_run_started", config=CONFIG, command="prune", vms=[])
     plugins.notify(pm, "ovirt_borg_run_finished", config=CONFIG, command="prune", results=[], exit_code=0)
     assert endpoint.requests == []
-
 
 
 @pytest.mark.parametrize("options, message", [
@@ -126,7 +120,6 @@ def test_healthchecks_ignores_other_commands(endpoint):
 def test_healthchecks_refuses_bad_options(options, message):
     with pytest.raises(ConfigError, match=re.escape(f"[hooks.healthchecks]: {message}")):
         manager("healthchecks", options)
-
 
 
 # -- prometheus --------------------------------------------------------------------------------
@@ -154,7 +147,6 @@ def test_prometheus_keeps_other_vms_and_survives_a_damaged_file(tmp_path, caplog
     assert "line 5 does not parse" in caplog.text
 
 
-
 def test_prometheus_write_failure_only_warns(tmp_path, caplog):
     textdir = tmp_path / "textfile"
     textdir.mkdir()
@@ -163,7 +155,6 @@ def test_prometheus_write_failure_only_warns(tmp_path, caplog):
     plugins.notify(pm, "ovirt_borg_run_finished", config=CONFIG, command="backup",
                    results=[ok_result()], exit_code=0)
     assert "prometheus: cannot write" in caplog.text
-
 
 
 @pytest.mark.parametrize("options, message", [
@@ -175,7 +166,6 @@ def test_prometheus_write_failure_only_warns(tmp_path, caplog):
 def test_prometheus_refuses_bad_options(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         manager("prometheus", options)
-
 
 
 # -- command -----------------------------------------------------------------------------------
@@ -193,7 +183,6 @@ def test_command_variables_are_quoted_for_the_shell(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("PWNED*"))
 
 
-
 def test_command_leaves_other_braces_alone_and_gives_vms_one_a_line(tmp_path):
     out = tmp_path / "out"
     pm = manager("command", {"before_run": [
@@ -202,7 +191,6 @@ def test_command_leaves_other_braces_alone_and_gives_vms_one_a_line(tmp_path):
     vms = [VmInfo(id="1", name="x 1", status="up"), VmInfo(id="2", name="y", status="up")]
     plugins.notify(pm, "ovirt_borg_run_started", config=CONFIG, command="backup", vms=vms)
     assert out.read_text() == "b\nx 1\ny|x 1|y|"
-
 
 
 def test_command_before_vm_timeout_vetoes_and_kills_the_group(tmp_path):
@@ -235,7 +223,6 @@ def test_command_failures_outside_before_vm_only_warn(tmp_path, caplog):
     assert pm.hook.ovirt_borg_before_vm(config=CONFIG, vm=VM) == []
 
 
-
 @pytest.mark.parametrize("options, message", [
     ({"before_vm": "echo {archive}"}, "option 'before_vm': {archive} is not known there; "
                                       "its variables are {config}, {vm}, {vm_id}"),
@@ -247,7 +234,6 @@ def test_command_failures_outside_before_vm_only_warn(tmp_path, caplog):
 def test_command_refuses_bad_options(options, message):
     with pytest.raises(ConfigError, match=re.escape(f"[hooks.command]: {message}")):
         manager("command", options)
-
 
 
 # -- webhook / ntfy ----------------------------------------------------------------------------
@@ -272,7 +258,6 @@ def test_webhook_ntfy_always(endpoint):
         "db1: FAILED: the engine failed (HTTP 500)"]
 
 
-
 def test_webhook_warning_status_and_errors_only_warn(endpoint, caplog, tmp_path):
     token = tmp_path / "token"
     token.write_text(f"tk_{SECRET}")
@@ -289,7 +274,6 @@ def test_webhook_warning_status_and_errors_only_warn(endpoint, caplog, tmp_path)
     assert SECRET not in caplog.text
 
 
-
 @pytest.mark.parametrize("options, message", [
     ({}, "missing required option 'url'"),
     ({"url": "https://x.example/h", "when": "sometimes"}, "option 'when' must be one of failure, always"),
@@ -303,7 +287,6 @@ def test_webhook_warning_status_and_errors_only_warn(endpoint, caplog, tmp_path)
 def test_webhook_refuses_bad_options(options, message):
     with pytest.raises(ConfigError, match=re.escape(f"[hooks.webhook]: {message}")):
         manager("webhook", options)
-
 
 
 # -- the docs ----------------------------------------------------------------------------------
@@ -322,7 +305,6 @@ def test_every_ready_plugin_and_option_is_documented():
         for option in module.OPTIONS:
             assert f"`{option}`" in section, f"option {option} of {name} is not documented"
         assert (module.__doc__ or "").strip() and module.configure.__doc__
-
 
 
 def test_config_examples_in_the_docs_are_valid():
