@@ -655,15 +655,22 @@ def test_cli_abort_deletes_a_checkpoint_archive_borg_made(local_repo, caplog):
     indexes_before = set(repo_dir.glob("index.*"))
     rnd = random.Random(90)
 
+    def committed() -> bool:
+        return set(repo_dir.glob("index.*")) != indexes_before
+
     def blocks(writer):
         for position in range(40):
             if position == 2:
                 writer._process.proc.send_signal(signal.SIGINT)
-            if position > 2 and set(repo_dir.glob("index.*")) != indexes_before:
-                # borg committed a checkpoint transaction: now give up.
-                raise Boom("disk read failed")
             if position > 2:
-                time.sleep(0.1)
+                # borg writes its checkpoint as it goes on reading: before each further block,
+                # a while for it to do so (however slow the machine, at most 37 of these)
+                deadline = time.monotonic() + 1
+                while not committed() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                if committed():
+                    # borg committed a checkpoint transaction: now give up.
+                    raise Boom("disk read failed")
             yield rnd.randbytes(BLOCK)
 
     caplog.set_level(logging.INFO, logger="ovirt_borg")
