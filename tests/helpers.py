@@ -1,6 +1,6 @@
 """Helpers shared by the test modules: file digests, temporary lab VMs, processes that hold a
-repository lock, the TCP peers of a process, and waits on a state with a deadline
-(``from helpers import ...``)."""
+repository lock, the page cache a file takes, the TCP peers of a process, and waits on a state
+with a deadline (``from helpers import ...``)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def page_cache_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the file at ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", os.fspath(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
 
 
 def tcp_peer_ports(pid: int) -> set[int]:
