@@ -346,7 +346,7 @@ def test_hung_imageio_beyond_the_retry_budget_fails_cleanly(job, lab_clean):
             wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
             with stopped(lab.stats()["imageio.host.pid"]):
                 # Resumed once the run has given up reading (a range used its two attempts), not
-                # before: a daemon back in time would serve the second attempt. The engine cannot
+                # before: a daemon resumed earlier could serve the second attempt. The engine cannot
                 # be asked meanwhile: it waits for the stopped daemon too.
                 wait_for(lambda: proc.logged(READS_ENDED), what="the reads given up")
             done = finished(proc)
@@ -1246,17 +1246,14 @@ def test_eight_vms_in_one_run_with_bounded_memory(job, lab_clean):
     try:
         proc = start(job, "backup", *names, "--json")
         output: dict[str, str] = {}
-        readers = [threading.Thread(target=lambda n=n, f=f: output.__setitem__(n, f.read()))
-                   for n, f in (("out", proc.stdout), ("err", proc.stderr))]
-        for reader in readers:
-            reader.start()
+        reader = threading.Thread(target=lambda: output.__setitem__("out", proc.stdout.read()))
+        reader.start()
         # wait4 on this child alone: its peak RSS (and its borg children's), not the session's
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        for reader in readers:
-            reader.join()
+        reader.join()
         proc.stdout.close()
-        proc.stderr.close()
+        output["err"] = proc.stderr_file.read_text(errors="replace")
         assert proc.returncode == 0, output["err"]
         peak_mib = usage.ru_maxrss / 1024
         assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB"
