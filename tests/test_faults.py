@@ -224,7 +224,7 @@ def host_bytes(lab) -> int:
 
 def assert_resumed(stderr: str, result: dict) -> None:
     """Failed ranges were resumed, not read again: the bytes received are the bytes planned."""
-    planned = [int(n) for n in re.findall(r"to read \((\d+) bytes\)", stderr)]
+    planned = [int(n) for n in re.findall(r"to read \((\d+) bytes[,)]", stderr)]
     assert planned and sum(planned) == sum(d["bytes_read"] for d in result["disks"]), (planned, result)
 
 
