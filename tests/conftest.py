@@ -1,6 +1,7 @@
 """Shared fixtures: the lab (fixtures_lab), real Borg repositories (fixtures_borg), the data
-plane (fixtures_dataplane), and ``job``: an ovirt-borg job against the session lab with a
-repository and state directory of its own."""
+plane (fixtures_dataplane), ``job``: an ovirt-borg job against the session lab with a
+repository and state directory of its own, and ``endpoint``: an HTTP server on 127.0.0.1 that
+records what the plugins send."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import file_sha256
+from hook_helpers import Endpoint
 
 pytest_plugins = ["fixtures_lab", "fixtures_borg", "fixtures_dataplane"]
 
@@ -137,3 +139,13 @@ def two_vms(lab_clean):
 def job(lab_clean, tmp_path) -> Job:
     """A job against the session lab with its own repository and state directory."""
     return make_job(lab_clean, tmp_path / "job")
+
+
+@pytest.fixture
+def endpoint() -> Endpoint:
+    """An HTTP server on 127.0.0.1 recording every request (``hook_helpers.Endpoint``); closed afterwards."""
+    server = Endpoint()
+    try:
+        yield server
+    finally:
+        server.close()

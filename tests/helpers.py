@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: file digests, temporary lab VMs, processes that hold a
-repository lock, and waits on a state with a deadline (``from helpers import ...``)."""
+repository lock, the page cache a file takes, the TCP peers of a process, and waits on a state
+with a deadline (``from helpers import ...``)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,34 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, interval: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+def page_cache_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the file at ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", os.fspath(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def tcp_peer_ports(pid: int) -> set[int]:
+    """The remote ports of the TCP sockets process ``pid`` holds open (any state), read from /proc.
+
+    A socket the process has closed is not among them, even while the kernel still ends it.
+    """
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @contextlib.contextmanager

@@ -146,7 +146,6 @@ def test_missing_archive_falls_back_to_full(job, lab_vm):
     job.assert_identical(result)
 
 
-
 def test_base_archive_deleted_during_the_run_is_read_in_full(job, lab_vm):
     """The run lists the repository's archives once; a base archive deleted after that (here
     by a before_vm command) is found out by the writer: the disks are read in full."""
@@ -304,21 +303,3 @@ def test_list_shows_this_jobs_archives_with_mode_and_checkpoint(job, lab_vm, tmp
     assert rows[1]["size"] == 16 << 20 and rows[1]["bytes_read"] > 0
 
 
-def test_the_inactivity_timeout_given_to_the_engine_outlasts_ovirt_borgs_pauses():
-    """imageio counts only running reads as activity: the engine's inactivity_timeout must exceed
-    the extents query, a bandwidth-limited wait and (cli writer) a borg waiting for its lock."""
-    from ovirt_borg.backup import IDLE_SLACK, BackupSettings, transfer_inactivity_timeout
-    from ovirt_borg.imageio import TransferSettings
-
-    def timeout(**kw):
-        transfer = TransferSettings(**{k: v for k, v in kw.items() if k in ("extents_timeout", "bandwidth_limit")})
-        settings = BackupSettings(**{k: v for k, v in kw.items() if k in ("inactivity_timeout", "writer")},
-                                  transfer=transfer)
-        return transfer_inactivity_timeout(settings, lock_wait=kw.get("lock_wait", 60))
-
-    assert timeout(inactivity_timeout=120, extents_timeout=600.0) == 600 + IDLE_SLACK
-    assert timeout(inactivity_timeout=3600, extents_timeout=600.0) == 3600
-    assert timeout(inactivity_timeout=1, extents_timeout=1.0, bandwidth_limit=256 << 10) == 16 + IDLE_SLACK
-    assert timeout(inactivity_timeout=1, extents_timeout=1.0, writer="cli", lock_wait=300) == 300 + IDLE_SLACK
-    assert timeout(inactivity_timeout=1, extents_timeout=1.0, writer="internal", lock_wait=300) == 1 + IDLE_SLACK
-    assert timeout(inactivity_timeout=0) == 0  # no limit stays no limit

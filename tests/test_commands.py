@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from ovirt_borg.cli import COMMANDS, WITHOUT_CONFIG
 from ovirt_borg.progress import human_size
 
 from conftest import make_job
 from helpers import file_sha256
 
 OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
-README = Path(__file__).resolve().parent.parent / "README.md"
 _names = itertools.count(1)
 # Lab calls that start, change or end something on the engine.
 READS = re.compile(r"(\.get|\.list|\.disks|^sso\..*)$")
@@ -324,14 +322,6 @@ def test_mount_of_a_missing_archive_is_exit_11(job, lab_vm, tmp_path):
     proc = job.run("mount", f"ovirt-{lab_vm['name']}-2020-01-01T00:00:00Z", str(tmp_path / "mnt"), expect=11)
     assert "does not exist" in one_error_line(proc)
     assert not (tmp_path / "mnt").exists()
-
-
-def test_the_readme_command_table_lists_every_command():
-    text = README.read_text()
-    table = text[text.index("## Commands"):text.index("### Exit codes")]
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
-    for command in [*COMMANDS, *WITHOUT_CONFIG]:
-        assert any(f"`{command} " in row or f"`{command}`" in row for row in rows), command
 
 
 def test_checkpoints_purge_keeps_what_another_job_needs(lab_clean, lab_vm, tmp_path):

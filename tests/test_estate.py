@@ -267,18 +267,6 @@ def test_two_jobs_on_one_vm_both_stay_incremental(lab_clean, tmp_path):
         assert open_on_engine(lab, vm) == ([], [])
 
 
-def test_checkpoint_purge_keeps_what_any_job_needs():
-    """Pure: only the head of the chain before the oldest checkpoint any job needs goes."""
-    from ovirt_borg.engine import checkpoints_to_purge
-
-    chain = ["c1", "c2", "c3", "c4", "c5"]
-    assert checkpoints_to_purge(chain, "c5") == ["c1", "c2", "c3", "c4"]
-    assert checkpoints_to_purge(chain, "c5", also_keep=["c3"]) == ["c1", "c2"]
-    assert checkpoints_to_purge(chain, "c5", keep=2, also_keep=["c3"]) == ["c1"]
-    assert checkpoints_to_purge(chain, "c4", also_keep=["gone", "c5"]) == ["c1", "c2", "c3"]
-    assert checkpoints_to_purge(chain, "missing", also_keep=["c3"]) == []
-
-
 # -- two certificate authorities -----------------------------------------------------------------
 
 

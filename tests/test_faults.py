@@ -25,9 +25,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 import typing
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from ovirt_borg.config import toml_value
 
 from conftest import Job, make_job
 from fixtures_borg import lock_holder
-from helpers import holding_lock, temporary_vm, wait_for
+from helpers import holding_lock, tcp_peer_ports, temporary_vm, wait_for
 from ovirt_borg import config as config_mod
 from ovirt_borg.borgcli import Repo
 
@@ -170,16 +170,33 @@ def recover(job: Job, vm: str, mode: str = "incremental") -> dict:
     return result
 
 
-def start(job: Job, *args: str, ignoring: tuple[int, ...] = ()) -> subprocess.Popen:
+_runs = itertools.count(1)
+
+
+class Run(subprocess.Popen):
+    """A background ovirt-borg run whose stderr goes to a file, so that a test can read the log
+    while the run goes on (``logged``) without a reader thread."""
+
+    def __init__(self, args: list[str], *, stderr_file: Path, **options):
+        self.stderr_file = stderr_file
+        with open(stderr_file, "wb") as stderr:
+            super().__init__(args, stderr=stderr, **options)
+
+    def logged(self, pattern: str) -> bool:
+        """True once a line of the run's log so far matches ``pattern``."""
+        return re.search(pattern, self.stderr_file.read_text(errors="replace"), re.M) is not None
+
+
+def start(job: Job, *args: str, ignoring: tuple[int, ...] = ()) -> Run:
     """Start ``ovirt-borg -c CONFIG ARGS`` in the background (its own process group), with the
     signals ``ignoring`` ignored from the start (as ``nohup`` does)."""
     def ignore() -> None:
         for signum in ignoring:
             signal.signal(signum, signal.SIG_IGN)
 
-    return subprocess.Popen([OVIRT_BORG, "-c", str(job.config), *args], env=job.env, text=True,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, preexec_fn=ignore if ignoring else None)
+    return Run([OVIRT_BORG, "-c", str(job.config), *args], stderr_file=job.dir / f"run-{next(_runs)}.stderr",
+               env=job.env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+               start_new_session=True, preexec_fn=ignore if ignoring else None)
 
 
 @contextlib.contextmanager
@@ -195,6 +212,12 @@ def running(job: Job, *args: str, ignoring: tuple[int, ...] = ()):
         proc.communicate()
 
 
+# What a -v run logs when a read timed out and is retried, and once a disk's reads ended
+# (imageio.ImageioClient.read_ranges: every reader finished, whether the reads failed or not).
+TIMED_OUT_AND_RETRIED = r"^WARNING .*failed \(attempt \d+ of \d+\): .*timed out.*; retrying in "
+READS_ENDED = r"^DEBUG .*: read \d+ ranges, \d+ bytes in "
+
+
 def host_bytes(lab) -> int:
     return lab.stats()["imageio.host.bytes"]
 
@@ -205,9 +228,10 @@ def assert_resumed(stderr: str, result: dict) -> None:
     assert planned and sum(planned) == sum(d["bytes_read"] for d in result["disks"]), (planned, result)
 
 
-def finished(proc: subprocess.Popen, timeout: float = 120) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def finished(proc: Run, timeout: float = 120) -> subprocess.CompletedProcess:
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out,
+                                       proc.stderr_file.read_text(errors="replace"))
 
 
 @contextlib.contextmanager
@@ -294,7 +318,8 @@ def test_hung_imageio_read_times_out_and_resumes(job, lab_clean):
         with running(job, "-v", "backup", name, "--json") as proc:  # -v: each disk's planned reads
             wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
             with stopped(lab.stats()["imageio.host.pid"]):
-                time.sleep(1.5)
+                # resumed once a read has timed out and waits for its retry
+                wait_for(lambda: proc.logged(TIMED_OUT_AND_RETRIED), what="a read timing out")
             done = finished(proc)
         assert done.returncode == 0, done.stderr
         assert re.search(r"timed out|TimeoutError", done.stderr), done.stderr
@@ -314,13 +339,16 @@ def test_hung_imageio_beyond_the_retry_budget_fails_cleanly(job, lab_clean):
         lab.write(name, disk=1, percent=40)
         was = before(job, name)
         configure(job, transfer={"read_timeout": 0.3, "connect_timeout": 0.3, "retries": 1,
-                                 "bandwidth_limit": "16M"})
+                                 "bandwidth_limit": "16M"},
+                  backup={"verify_sample": 0})  # no check of the dirty bitmap: the disk's reads are one
         start_bytes = host_bytes(lab)
-        with running(job, "backup", name) as proc:
+        with running(job, "-v", "backup", name) as proc:  # -v: the end of the reads is logged
             wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
             with stopped(lab.stats()["imageio.host.pid"]):
-                # two attempts of 0.3 s and a backoff of 0.5 s: the run gives up meanwhile
-                time.sleep(2.5)
+                # Resumed once the run has given up reading (a range used its two attempts), not
+                # before: a daemon resumed earlier could serve the second attempt. The engine cannot
+                # be asked meanwhile: it waits for the stopped daemon too.
+                wait_for(lambda: proc.logged(READS_ENDED), what="the reads given up")
             done = finished(proc)
         assert_failed_cleanly(job, name, done, 8, was, r"after 2 attempts.*(timed out|Timeout)")
         configure(job, transfer={"retries": 5, "bandwidth_limit": ""})
@@ -594,7 +622,9 @@ def test_signal_while_a_transfer_starts_cancels_it(job, backed_up, signum):
     job.lab.fault("transfer_stuck")
     with running(job, "backup", vm) as proc:
         wait_for(lambda: open_on_engine(job.lab, vm)[1], what="the image transfer started")
-        time.sleep(0.2)  # a few polls of its phase
+        polls = job.lab.stats()["calls"].get("transfer.get", 0)
+        wait_for(lambda: job.lab.stats()["calls"].get("transfer.get", 0) >= polls + 3,
+                 what="a few polls of the transfer's phase")
         assert proc.poll() is None, "the run must still wait for the transfer"
         os.kill(proc.pid, signum)
         done = finished(proc)
@@ -879,12 +909,14 @@ def test_repository_locked_or_wrong_passphrase(job, backed_up, tmp_path):
     for writer, holder in itertools.product(("internal", "cli"), (lock_holder, shared_lock_holder)):
         configure(job, repository={"writer": writer})
         backups_added = job.lab.stats()["calls"].get("backups.add", 0)
-        with holder(job_repo(job)):
-            started = time.monotonic()
+        with holder(job_repo(job)) as holding:
             proc = job.run("backup", vm, expect=None)
-            elapsed = time.monotonic() - started
+            # exit 6 comes from waiting lock_wait, not from the holder's end: it holds the lock still
+            still_held = holding.poll() is None
         try:
-            assert 2 <= elapsed < 2 + 10, f"exit 6 must come after waiting lock_wait ({elapsed:.1f} s)"
+            assert still_held, "the lock holder ended before the run gave up"
+            assert re.search(r"INFO .*locked by another borg process.*; waiting up to 2 s for its lock",
+                             proc.stderr), proc.stderr
             assert_failed_cleanly(job, vm, proc, 6, was, r"busy: another borg process holds its lock",
                                   check_repository=False)
             # the lock is taken before the engine is asked: no backup, no new checkpoint
@@ -1065,8 +1097,12 @@ def test_upload_failing_midway_removes_the_new_disks(job, lab_clean):
             # the second disk's upload is under way: the first one is complete
             wait_for(lambda: lab.stats()["imageio.host.bytes_written"] > written + 3 * MiB,
                      what="the second disk's upload")
+            port = urllib.parse.urlsplit(lab.stats()["imageio.host.url"]).port
             with stopped(lab.stats()["imageio.host.pid"]):
-                time.sleep(2)
+                # Resumed once the run has given up the upload: with no retries a timed-out write
+                # ends it, and its connections to the daemon are closed before the transfer is
+                # ended (which waits for the stopped daemon on the engine's side).
+                wait_for(lambda: port not in tcp_peer_ports(proc.pid), what="the upload given up")
             done = finished(proc)
         assert done.returncode == 8, done.stderr
         assert re.search(r"imageio .*failed", check_log_lines(done.stderr)[-1]), done.stderr
@@ -1210,17 +1246,14 @@ def test_eight_vms_in_one_run_with_bounded_memory(job, lab_clean):
     try:
         proc = start(job, "backup", *names, "--json")
         output: dict[str, str] = {}
-        readers = [threading.Thread(target=lambda n=n, f=f: output.__setitem__(n, f.read()))
-                   for n, f in (("out", proc.stdout), ("err", proc.stderr))]
-        for reader in readers:
-            reader.start()
+        reader = threading.Thread(target=lambda: output.__setitem__("out", proc.stdout.read()))
+        reader.start()
         # wait4 on this child alone: its peak RSS (and its borg children's), not the session's
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-        for reader in readers:
-            reader.join()
+        reader.join()
         proc.stdout.close()
-        proc.stderr.close()
+        output["err"] = proc.stderr_file.read_text(errors="replace")
         assert proc.returncode == 0, output["err"]
         peak_mib = usage.ru_maxrss / 1024
         assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB"

@@ -8,7 +8,6 @@ import logging
 import socket
 import subprocess
 import threading
-import time
 import uuid
 
 import pytest
@@ -362,17 +361,38 @@ def test_force_proxy_and_settings(source, nbd_exports, publish, imageio_host, im
         ImageioClient(urls.transfer_url, None, TransferSettings(ca_file="/nonexistent/ca.pem"))
 
 
-def test_bandwidth_limit_slows_reads(source, nbd_exports, publish, lab_pki):
-    disk, _, _ = source
+class _StoppedClock:
+    """Stands in for the ``time`` module of ovirt_borg.imageio: the clock stands still and the
+    sleeps asked for are recorded instead of slept, so that what the bandwidth limit asks of
+    the readers is seen whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        return 0.0
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.sleeps.append(seconds)
+
+
+def test_bandwidth_limit_slows_reads(source, nbd_exports, publish, lab_pki, monkeypatch):
+    from ovirt_borg import imageio
+
+    disk, raw, _ = source
     export = nbd_exports(disk.path, fmt="qcow2")
     urls = publish(export, disk.size)
+    clock = _StoppedClock()
+    monkeypatch.setattr(imageio, "time", clock)
     limited = _settings(lab_pki, readers=4, bandwidth_limit=16 * MiB)
     with ImageioClient(urls.transfer_url, None, limited) as client:
-        started = time.monotonic()
-        list(client.read_ranges(_blocks(8 * MiB, 1 * MiB)))
-        elapsed = time.monotonic() - started
-    # Eight 1 MiB ranges at 16 MiB/s: the last one may start no earlier than 7/16 s.
-    assert elapsed >= 0.4
+        data = b"".join(piece for _, piece in client.read_ranges(_blocks(8 * MiB, 1 * MiB)))
+    assert data == raw.read_bytes()[:8 * MiB]
+    # Eight 1 MiB ranges at 16 MiB/s, shared by four readers: each range starts 1/16 s after
+    # the one before (the first at once), the last 7/16 s after the first.
+    assert sorted(clock.sleeps) == pytest.approx([k / 16 for k in range(1, 8)])
 
 
 # Writes (restore)

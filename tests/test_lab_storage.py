@@ -15,7 +15,7 @@ import pytest
 
 from ovirt_borg.errors import TransferError
 from ovirt_borg.imageio import ImageioClient, TransferSettings
-from ovirt_borg.lab.model import MIB, StorageDomain, block_volume_size
+from ovirt_borg.lab.model import MIB
 
 GiB = 1 << 30
 _names = itertools.count(1)
@@ -77,28 +77,6 @@ def measure_required(tmp_path, data: bytes, size: int) -> int:
     out = subprocess.run(["qemu-img", "measure", "-f", "raw", "-O", "qcow2", "--output=json", os.fspath(raw)],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)["required"]
-
-
-def test_block_volume_sizes_follow_vdsm():
-    block = StorageDomain(id="sd", name="block", path="/nowhere", type="iscsi")
-    # A thin qcow2 without an initial size: one chunk (2560 MiB), at most its virtual size,
-    # in whole 128 MiB extents.
-    assert block_volume_size(block, fmt="cow", sparse=True, capacity=10 * GiB, initial_size=None) == 2560 * MIB
-    assert block_volume_size(block, fmt="cow", sparse=True, capacity=1 * GiB, initial_size=None) == 1 * GiB
-    assert block_volume_size(block, fmt="cow", sparse=True, capacity=100 * MIB, initial_size=None) == 128 * MIB
-    # Older hosts (volume_utilization_chunk_mb = 1024).
-    old = StorageDomain(id="sd", name="old", path="/nowhere", type="iscsi", chunk_size=1024 * MIB)
-    assert block_volume_size(old, fmt="cow", sparse=True, capacity=10 * GiB, initial_size=None) == 1 * GiB
-    # With an initial size: 1.1 times it, in whole MiB, in whole extents.
-    assert block_volume_size(block, fmt="cow", sparse=True, capacity=4 * GiB, initial_size=952320) == 128 * MIB
-    assert block_volume_size(block, fmt="cow", sparse=True, capacity=4 * GiB, initial_size=3 * GiB) == 27 * 128 * MIB
-    # Preallocated volumes: their virtual size.
-    assert block_volume_size(block, fmt="raw", sparse=False, capacity=200 * MIB, initial_size=None) == 256 * MIB
-    # vdsm refuses an initial size above the volume's max size, and any for a raw volume.
-    with pytest.raises(ValueError, match="bigger than the max size"):
-        block_volume_size(block, fmt="cow", sparse=True, capacity=1 * GiB, initial_size=2 * GiB)
-    with pytest.raises(ValueError, match="raw"):
-        block_volume_size(block, fmt="raw", sparse=False, capacity=1 * GiB, initial_size=MIB)
 
 
 def test_the_lab_has_a_file_and_a_block_domain(conn):

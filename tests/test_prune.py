@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ovirt_borg.naming import vm_of_archive
 
 RETENTION = "[retention]\nkeep_daily = 1\nkeep_weekly = 0\nkeep_monthly = 0\n"
-
-
-def test_vm_of_archive_is_strict():
-    assert vm_of_archive("ovirt-web-2-2026-11-26T03:00:00Z", "ovirt-") == "web-2"
-    assert vm_of_archive("ovirt-web-2026-11-26T03:00:00Z.checkpoint", "ovirt-") is None
-    assert vm_of_archive("host-etc-2026-11-26T03:00:00Z", "ovirt-") is None
-    assert vm_of_archive("ovirt-web-2026-11-26T03:00:00Z.weekly", "ovirt-") == "web"
-    assert vm_of_archive("ovirt-web", "ovirt-") is None
 
 
 def test_prune_keeps_foreign_archives_and_prunes_per_vm(job, lab_vm, tmp_path):

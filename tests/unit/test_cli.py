@@ -1,4 +1,5 @@
-"""The command line: complete help for every command, documented exit codes."""
+"""The command line: complete help for every command, documented exit codes, every command in
+the README's table."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ovirt_borg import errors, logs
 from ovirt_borg.cli import COMMANDS, WITHOUT_CONFIG, build_parser
 
 OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def help_text(*args: str) -> str:
@@ -69,3 +71,11 @@ def test_verbose_adds_ovirt_borgs_debug_output_and_twice_the_libraries(verbose, 
         assert logging.getLogger("ovirt_borg.backup").isEnabledFor(logging.INFO)
         for library in ("ovirtsdk4", "borg.repository", "urllib3"):
             assert logging.getLogger(library).isEnabledFor(logging.DEBUG) is libraries, library
+
+
+def test_the_readme_command_table_lists_every_command():
+    text = README.read_text()
+    table = text[text.index("## Commands"):text.index("### Exit codes")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    for command in [*COMMANDS, *WITHOUT_CONFIG]:
+        assert any(f"`{command} " in row or f"`{command}`" in row for row in rows), command

@@ -1,9 +1,8 @@
 """Full or incremental: the pure decision from the sidecar, the engine and the repository."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from ovirt_borg.backup import PATH_BACKUP, PATH_ENGINE_TRANSFER, decide_mode
-from ovirt_borg.naming import unused_timestamp, vm_archive_glob
 from ovirt_borg.sidecar import Sidecar
 
 NOW = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
@@ -52,23 +51,3 @@ def test_periodic_full_not_due_yet():
     assert decide(sidecar(), full_every_days=7).mode == "incremental"
 
 
-def test_vm_glob_does_not_match_similar_names():
-    import fnmatch
-
-    glob = vm_archive_glob("ovirt-", "web")
-    assert fnmatch.fnmatchcase("ovirt-web-2026-11-26T03:00:00Z", glob)
-    assert not fnmatch.fnmatchcase("ovirt-web-2-2026-11-26T03:00:00Z", glob)
-
-
-def test_unused_timestamp_waits_for_the_next_second_when_taken():
-    clock = [datetime(2026, 11, 26, 3, 0, 0, 900000, tzinfo=timezone.utc)]
-    slept = []
-
-    def sleep(seconds):
-        slept.append(seconds)
-        clock[0] += timedelta(seconds=seconds)
-
-    taken = ["ovirt-vm1-2026-11-26T03:00:00Z", "ovirt-vm2-2026-11-26T03:00:00Z.tag", "foreign"]
-    assert unused_timestamp(taken, now=lambda: clock[0], sleep=sleep) == "2026-11-26T03:00:01Z"
-    assert 0 < sum(slept) <= 0.15
-    assert unused_timestamp([], now=lambda: clock[0], sleep=sleep) == "2026-11-26T03:00:01Z"
