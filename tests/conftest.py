@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import file_sha256
+from helpers import file_sha256, temporary_vms
 from hook_helpers import Endpoint
 
 pytest_plugins = ["fixtures_lab", "fixtures_borg", "fixtures_dataplane"]
@@ -124,15 +124,8 @@ _two_vms_numbers = itertools.count(1)
 @pytest.fixture
 def two_vms(lab_clean):
     """Two fresh up VMs (one 8 MiB disk each), 'P-a' and 'P-b'; deleted afterwards."""
-    base = f"p{next(_two_vms_numbers)}-{os.getpid()}"
-    names = [f"{base}-a", f"{base}-b"]
-    for name in names:
-        lab_clean.add_vm(name, disks=1, size="8M")
-    try:
+    with temporary_vms(lab_clean, f"p{next(_two_vms_numbers)}", "ab", disks=1, size="8M") as names:
         yield names
-    finally:
-        for name in names:
-            lab_clean.delete_vm(name)
 
 
 @pytest.fixture

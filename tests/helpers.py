@@ -111,6 +111,27 @@ def temporary_vm(lab, prefix: str = "t", *, ignore_delete_errors: bool = False, 
 
 
 @contextlib.contextmanager
+def temporary_vms(lab, base: str, letters: str, *, ignore_delete_errors: bool = False,
+                  **options) -> Iterator[list[str]]:
+    """Add one VM per letter, ``<base>-<pid>-<letter>`` (``options`` as ``lab.add_vm`` takes
+    them), yield their names in that order, and delete them afterwards."""
+    names = [f"{base}-{os.getpid()}-{letter}" for letter in letters]
+    added = []
+    try:
+        for name in names:
+            lab.add_vm(name, **options)
+            added.append(name)
+        yield names
+    finally:
+        for name in added:
+            if ignore_delete_errors:
+                with contextlib.suppress(Exception):
+                    lab.delete_vm(name)
+            else:
+                lab.delete_vm(name)
+
+
+@contextlib.contextmanager
 def holding_lock(command: list[str], env: dict[str, str], locked: Callable[[], bool], *,
                  what: str, timeout: float = 30.0) -> Iterator[subprocess.Popen]:
     """Run ``command`` (a process that takes a repository lock and keeps it) in a session of its

@@ -228,6 +228,18 @@ def assert_resumed(stderr: str, result: dict) -> None:
     assert planned and sum(planned) == sum(d["bytes_read"] for d in result["disks"]), (planned, result)
 
 
+def signalled_while_reading(job: Job, signum: int, *args: str,
+                            ignoring: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ovirt-borg with ``args`` in the background, send it ``signum`` once it has read its
+    first bytes from imageio (still running), and return the finished run."""
+    start_bytes = host_bytes(job.lab)
+    with running(job, *args, ignoring=ignoring) as proc:
+        wait_for(lambda: host_bytes(job.lab) > start_bytes, what="the first bytes read")
+        assert proc.poll() is None, "the run must still be reading"
+        os.kill(proc.pid, signum)
+        return finished(proc)
+
+
 def finished(proc: Run, timeout: float = 120) -> subprocess.CompletedProcess:
     out, _ = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out,
@@ -838,12 +850,7 @@ def test_signal_during_transfer_aborts_cleanly(job, slow_vm, signum, writer):
     try:
         was = before(job, vm)
         backups_added = lab.stats()["calls"].get("backups.add", 0)
-        start_bytes = host_bytes(lab)
-        with running(job, "backup", vm, other) as proc:
-            wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
-            assert proc.poll() is None, "the run must still be reading"
-            os.kill(proc.pid, signum)
-            done = finished(proc)
+        done = signalled_while_reading(job, signum, "backup", vm, other)
         name = signal.Signals(signum).name
         assert_failed_cleanly(job, vm, done, 128 + signum, was, rf"interrupted by {name}")
         assert lab.stats()["calls"]["backups.add"] <= backups_added + 2, "at most the next VM is prepared"
@@ -858,11 +865,7 @@ def test_signal_during_transfer_aborts_cleanly(job, slow_vm, signum, writer):
 def test_a_signal_ignored_at_start_stays_ignored(job, slow_vm):
     """Under ``nohup`` (SIGHUP ignored when ovirt-borg starts) a closed session does not stop the run."""
     vm = slow_vm
-    start_bytes = host_bytes(job.lab)
-    with running(job, "backup", vm, "--json", ignoring=(signal.SIGHUP,)) as proc:
-        wait_for(lambda: host_bytes(job.lab) > start_bytes, what="the first bytes read")
-        os.kill(proc.pid, signal.SIGHUP)
-        done = finished(proc)
+    done = signalled_while_reading(job, signal.SIGHUP, "backup", vm, "--json", ignoring=(signal.SIGHUP,))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["archives"][0]
     assert result["mode"] == "incremental"

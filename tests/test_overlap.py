@@ -18,8 +18,9 @@ import signal
 
 import pytest
 
+from helpers import temporary_vms
 from test_faults import (before, checkpoint_ids, configure, finished, host_bytes, open_on_engine, running,
-                         state_files, wait_for)
+                         signalled_while_reading, state_files, wait_for)
 
 pytestmark = pytest.mark.faults
 
@@ -29,16 +30,8 @@ _names = itertools.count(1)
 @pytest.fixture
 def vms(lab_clean):
     """Three fresh up VMs with two 8 MiB disks each (several disks: transfers opened ahead)."""
-    base = f"ov{next(_names)}-{os.getpid()}"
-    names = [f"{base}-{letter}" for letter in "abc"]
-    for name in names:
-        lab_clean.add_vm(name, disks=2, size="8M")
-    try:
+    with temporary_vms(lab_clean, f"ov{next(_names)}", "abc", ignore_delete_errors=True, disks=2, size="8M") as names:
         yield names
-    finally:
-        for name in names:
-            with contextlib.suppress(Exception):
-                lab_clean.delete_vm(name)
 
 
 def log_records(stderr: str) -> list[dict]:
@@ -223,12 +216,7 @@ def test_prepare_ahead_0_is_one_vm_after_another(job, slow_pair, tmp_path):
     configure(job, transfer={"bandwidth_limit": "4M"})
     was = before(job, a)
     backups_added = lab.stats()["calls"].get("backups.add", 0)
-    start_bytes = host_bytes(lab)
-    with running(job, "backup", a, b) as proc:
-        wait_for(lambda: host_bytes(lab) > start_bytes, what="the first bytes read")
-        assert proc.poll() is None, "the run must still be reading"
-        os.kill(proc.pid, signal.SIGTERM)
-        done = finished(proc)
+    done = signalled_while_reading(job, signal.SIGTERM, "backup", a, b)
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert lab.stats()["calls"]["backups.add"] == backups_added + 1, "the next VM must not start"
     assert job.archives() == was.archives and state_files(job) == was.state
