@@ -124,7 +124,8 @@ _two_vms_numbers = itertools.count(1)
 @pytest.fixture
 def two_vms(lab_clean):
     """Two fresh up VMs (one 8 MiB disk each), 'P-a' and 'P-b'; deleted afterwards."""
-    with temporary_vms(lab_clean, f"p{next(_two_vms_numbers)}", "ab", disks=1, size="8M") as names:
+    base = f"p{next(_two_vms_numbers)}-{os.getpid()}"
+    with temporary_vms(lab_clean, [f"{base}-a", f"{base}-b"], disks=1, size="8M") as names:
         yield names
 
 

@@ -98,24 +98,19 @@ def temporary_vm(lab, prefix: str = "t", *, ignore_delete_errors: bool = False, 
 
     ``ignore_delete_errors`` is for tests that may leave the lab unable to delete it.
     """
-    name = f"{prefix}-v{next(_vm_numbers)}-{os.getpid()}"
-    lab.add_vm(name, **options)
-    try:
+    with temporary_vms(lab, [f"{prefix}-v{next(_vm_numbers)}-{os.getpid()}"],
+                       ignore_delete_errors=ignore_delete_errors, **options) as (name,):
         yield name
-    finally:
-        if ignore_delete_errors:
-            with contextlib.suppress(Exception):
-                lab.delete_vm(name)
-        else:
-            lab.delete_vm(name)
 
 
 @contextlib.contextmanager
-def temporary_vms(lab, base: str, letters: str, *, ignore_delete_errors: bool = False,
+def temporary_vms(lab, names: list[str], *, ignore_delete_errors: bool = False,
                   **options) -> Iterator[list[str]]:
-    """Add one VM per letter, ``<base>-<pid>-<letter>`` (``options`` as ``lab.add_vm`` takes
-    them), yield their names in that order, and delete them afterwards."""
-    names = [f"{base}-{os.getpid()}-{letter}" for letter in letters]
+    """Add the VMs ``names`` to the lab (``options`` as ``lab.add_vm`` takes them), yield their
+    names, and delete those added afterwards, even with a backup still open.
+
+    ``ignore_delete_errors`` is for tests that may leave the lab unable to delete them.
+    """
     added = []
     try:
         for name in names:
@@ -129,6 +124,14 @@ def temporary_vms(lab, base: str, letters: str, *, ignore_delete_errors: bool = 
                     lab.delete_vm(name)
             else:
                 lab.delete_vm(name)
+
+
+def lab_engine_settings(lab):
+    """ovirt-borg's engine settings for the lab's engine (short polls, a 30 s timeout)."""
+    from ovirt_borg.engine import EngineSettings
+
+    return EngineSettings(url=lab.url, user=lab.user, password=lab.password_file.read_text().strip(),
+                          ca_file=str(lab.ca_file), poll_interval=0.05, timeout=30)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from ovirt_borg.config import toml_value
 
 from conftest import Job, make_job
 from fixtures_borg import lock_holder
-from helpers import holding_lock, tcp_peer_ports, temporary_vm, wait_for
+from helpers import holding_lock, lab_engine_settings, tcp_peer_ports, temporary_vm, wait_for
 from ovirt_borg import config as config_mod
 from ovirt_borg.borgcli import Repo
 
@@ -737,7 +737,7 @@ def test_a_lost_finalize_reply_is_taken_as_done(job, backed_up, call):
 def test_backup_finalize_waits_for_a_transfer_still_ending(lab_clean):
     """StopVmBackupCommand refuses (409) while a transfer of the backup is not finished_*; a
     cancel takes the engine several steps: the finalize is repeated until the engine took them."""
-    from ovirt_borg.engine import Engine, EngineSettings
+    from ovirt_borg.engine import Engine
 
     import ovirtsdk4.types as types
 
@@ -745,8 +745,7 @@ def test_backup_finalize_waits_for_a_transfer_still_ending(lab_clean):
     vm = f"end{next(_names)}-{os.getpid()}"
     lab.add_vm(vm, disks=1, size="8M")
     try:
-        settings = EngineSettings(url=lab.url, user=lab.user, password=lab.password_file.read_text().strip(),
-                                  ca_file=str(lab.ca_file), poll_interval=0.05, timeout=30)
+        settings = lab_engine_settings(lab)
         with Engine(settings) as engine, lab.connection() as connection:
             info = lab.vm_info(vm)
             backup_id = engine.start_backup(info["id"], [info["disks"][0]["id"]], None)

@@ -18,7 +18,7 @@ import signal
 
 import pytest
 
-from helpers import temporary_vms
+from helpers import lab_engine_settings, temporary_vms
 from test_faults import (before, checkpoint_ids, configure, finished, host_bytes, open_on_engine, running,
                          signalled_while_reading, state_files, wait_for)
 
@@ -30,7 +30,9 @@ _names = itertools.count(1)
 @pytest.fixture
 def vms(lab_clean):
     """Three fresh up VMs with two 8 MiB disks each (several disks: transfers opened ahead)."""
-    with temporary_vms(lab_clean, f"ov{next(_names)}", "abc", ignore_delete_errors=True, disks=2, size="8M") as names:
+    base = f"ov{next(_names)}-{os.getpid()}"
+    with temporary_vms(lab_clean, [f"{base}-{letter}" for letter in "abc"], ignore_delete_errors=True,
+                       disks=2, size="8M") as names:
         yield names
 
 
@@ -228,15 +230,14 @@ def test_a_transfer_opened_ahead_is_kept_alive_until_taken(lab_clean):
     ahead (``_TransferAhead``) idles while the disk before it streams, and is touched meanwhile.
     Beside it, a transfer of the same backup left alone is cancelled."""
     from ovirt_borg.backup import _TransferAhead
-    from ovirt_borg.engine import Engine, EngineSettings
+    from ovirt_borg.engine import Engine
     from ovirt_borg.imageio import ImageioClient, TransferSettings
 
     lab = lab_clean
     vm = f"ova{next(_names)}-{os.getpid()}"
     lab.add_vm(vm, disks=2, size="8M")
     try:
-        settings = EngineSettings(url=lab.url, user=lab.user, password=lab.password_file.read_text().strip(),
-                                  ca_file=str(lab.ca_file), poll_interval=0.05, timeout=30)
+        settings = lab_engine_settings(lab)
         data_path = TransferSettings(ca_file=str(lab.ca_file))
         info = lab.vm_info(vm)
         kept_disk, idle_disk = (d["id"] for d in info["disks"])
