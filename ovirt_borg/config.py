@@ -146,9 +146,10 @@ class BackupConfig:
                                      "once it is this old with no active image transfer (0: at once, as "
                                      "if it were this job's; for estates where ovirt-borg is the only tool)",
                                      minimum=0)
-    prepare_ahead: int = opt(1, "VMs whose engine backup is started and awaited until ready while the VM "
-                             "before them streams into the repository (and finalized beside the next one, "
-                             "each disk's image transfer opened while the disk before it streams); the "
+    prepare_ahead: int = opt(1, "VMs whose engine backup is started and awaited until ready, and their first "
+                             "disk's image transfer opened, while the VM before them streams into the "
+                             "repository (and finalized beside the next one, each disk's image transfer "
+                             "opened while the disk before it streams and its end awaited there); the "
                              "engine holds at most this many backups prepared ahead besides the streaming "
                              "one and those finalizing (0: one VM and one disk after another)", 2,
                              minimum=0, maximum=8)
