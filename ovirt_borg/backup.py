@@ -773,13 +773,13 @@ class VmBackup:
 
     @contextlib.contextmanager
     def _reading(self, transfer: Transfer, disk: DiskInfo, *, background: bool) -> Iterator[None]:
-        """Around reading ``disk`` through its open download ``transfer``: an error ends the
-        transfer here (``abandon_transfer``); once every byte is read, the transfer is finalized
-        and waited for here (``_finalized``) or, ``background``, only asked to finalize, its end
-        waited for by ``_end_transfers`` in the finish phase, off the streaming thread.
+        """Around reading ``disk`` through its open download ``transfer``: once every byte is
+        read, the transfer is finalized and waited for here (``_finalized``) or, ``background``,
+        only asked to finalize, its end waited for by ``_end_transfers`` in the finish phase,
+        off the streaming thread.
 
-        A finalize the engine refuses then does not fail the disk: its data is read (see
-        ``_end_transfers``); the transfer is ended in the finish phase and the refusal reported.
+        An error, or a finalize the engine does not take (the disk fails, as with
+        ``_finalized``: nothing is committed yet), ends the transfer here (``abandon_transfer``).
         """
         if not background:
             with _finalized(self.engine, transfer):
@@ -787,17 +787,12 @@ class VmBackup:
             return
         try:
             yield
+            self.engine.request_transfer_finalize(transfer.id)
         except BaseException:
+            # A transfer left active would block finalizing the backup (and lock the disk).
             self.engine.abandon_transfer(transfer.id, "download")
             raise
-        ending = _Ending(transfer.id, disk.alias)
-        self._ending.append(ending)  # before the request: an interrupt in it leaves it to be ended
-        try:
-            self.engine.request_transfer_finalize(transfer.id)
-        except OvirtBorgError as e:
-            ending.refused = str(e)
-        else:
-            ending.requested = True
+        self._ending.append(_Ending(transfer.id, disk.alias))
 
     def _end_transfers(self, engine: Engine, stop: threading.Event) -> None:
         """Wait until every image transfer of the VM has ended, on ``engine`` (the finish
@@ -807,7 +802,7 @@ class VmBackup:
         its transfers is not finished (StopVmBackupCommand.validate,
         ImageTransferPhase.isFinished; ``finalize_backup`` would repeat the refused finalize
         until ``timeout``). A first disk's transfer opened ahead and never taken is ended, as
-        is one whose finalize the engine refused or that does not end (``abandon_transfer``).
+        is one that does not end (``abandon_transfer``).
         ``stop`` ends the wait (the next run ends what is left: ``finalize_stale_backups``).
 
         Every byte of a transfer waited for here was read before its finalize was asked for:
@@ -825,25 +820,19 @@ class VmBackup:
         while self._ending:
             ending = self._ending[0]
             what = f"VM {self.vm.name} disk {ending.alias}: image transfer {ending.transfer_id}"
-            if not ending.requested:
+            try:
+                phase = engine.wait_transfer_end(ending.transfer_id, stop)
+            except WaitStopped:
+                log.info("%s: no longer waiting for it to end; the next run ends it", what)
+                return
+            except OvirtBorgError as e:
+                self._transfer_problems.append(f"{what} did not end after every byte was read ({e}); "
+                                               "it was ended")
                 engine.abandon_transfer(ending.transfer_id, "download")  # logs, never raises
-                if ending.refused:
-                    self._transfer_problems.append(f"{what}: finalizing it failed after every byte was read "
-                                                   f"({ending.refused}); it was ended")
             else:
-                try:
-                    phase = engine.wait_transfer_end(ending.transfer_id, stop)
-                except WaitStopped:
-                    log.info("%s: no longer waiting for it to end; the next run ends it", what)
-                    return
-                except OvirtBorgError as e:
-                    self._transfer_problems.append(f"{what} did not end after every byte was read ({e}); "
-                                                   "it was ended")
-                    engine.abandon_transfer(ending.transfer_id, "download")
-                else:
-                    if phase != "finished_success":
-                        self._transfer_problems.append(f"{what} ended in phase {phase} after every byte was "
-                                                       "read (see the engine's events)")
+                if phase != "finished_success":
+                    self._transfer_problems.append(f"{what} ended in phase {phase} after every byte was read "
+                                                   "(see the engine's events)")
             self._ending.pop(0)
 
     def _end_and_finalize(self, engine: Engine, backup_id: str, stop: threading.Event) -> BackupEnd:
@@ -1119,15 +1108,13 @@ class _IncrementalUnusable(TransferError):
     """The engine stopped an incremental disk's transfer before it started: its bitmap is bad."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Ending:
-    """A disk's image transfer read through, its finalize asked for (``requested``) or refused
-    (``refused``: why), until ``_end_transfers`` sees it ended."""
+    """A disk's image transfer read through and asked to finalize, until ``_end_transfers``
+    sees it ended."""
 
     transfer_id: str
     alias: str
-    requested: bool = False
-    refused: str = ""
 
 
 def _plan_disk(disk: DiskInfo, size: int, block_size: int, extents: list[plan.Extent],
