@@ -16,9 +16,10 @@ open on the engine.
 
 A run overlaps its VMs (``_Pipeline``, ``backup.prepare_ahead``): a VM's lifecycle is split into
 phases (``VmBackup``: inspect and start its engine backup, stream its archive, finish), and
-while one VM streams (one writer, one archive at a time) the next VMs are prepared and the ones
-before finished in threads of their own, each disk's image transfer opened while the disk
-before it streams. Results, log lines and plugin calls stay per VM, in the VMs' order.
+while one VM streams (one writer, one archive at a time) the next VMs are prepared (their first
+disk's image transfer opened) and the ones before finished in threads of their own, each disk's
+image transfer opened while the disk before it streams and its end awaited by the VM's finish.
+Results, log lines and plugin calls stay per VM, in the VMs' order.
 """
 
 from __future__ import annotations
@@ -343,6 +344,12 @@ class VmBackup:
         self._to_checkpoint: str | None = None
         self._modes: dict[str, str] = {}
         self._finalizing: Future | None = None  # the finalize started beside the commit
+        # The first disk's image transfer, opened by start_ahead and kept alive until the turn.
+        self._first_transfer: _TransferAhead | None = None
+        # Transfers whose every byte was read and whose finalize was asked for, not yet seen ended
+        # (``_end_transfers``), and what went wrong ending them (reported by ``finish``).
+        self._ending: list[_Ending] = []
+        self._transfer_problems: list[str] = []
         self._stop_finalizing = threading.Event()
         self._stored = False  # the archive is committed and its sidecar stored: the backup stands
 
@@ -489,26 +496,37 @@ class VmBackup:
             return True
 
     def start_ahead(self, engine: Engine, stop: threading.Event) -> None:
-        """Phase 2 ahead of the VM's turn: start its engine backup and wait until it is ready.
+        """Phase 2 ahead of the VM's turn: start its engine backup, wait until it is ready and
+        open its first disk's image transfer, kept alive until the VM streams (``_TransferAhead``;
+        an error opening it is raised when the VM streams, where an incremental disk's is
+        handled).
 
-        ``stop`` ends the wait (WaitStopped). A backup started is finalized by ``finish``,
-        whatever happens here. Raises typed errors.
+        ``stop`` ends the wait (WaitStopped). A backup started and a transfer opened are ended
+        by ``finish``, whatever happens here. Raises typed errors.
         """
         self.engine = engine
         with self._busy():
             self._start_engine_backup()
             if self._backup_id is not None:
                 self._to_checkpoint, self._modes = self._backup_ready(self._backup_id, stop)
+                if not stop.is_set():
+                    self._first_transfer = self._transfer_ahead(lambda: engine, self._disks_chosen[0])
+                    # The engine connection is this thread's: free once the transfer is open.
+                    self._first_transfer.wait_opened()
 
-    def stream(self, engine: Engine, *, finalize_with: Callable[[str], Future] | None = None,
+    def stream(self, engine: Engine, *,
+               finalize_with: Callable[[Callable[[Engine, threading.Event], BackupEnd]], Future] | None = None,
                transfers: Callable[[], Engine] | None = None) -> None:
         """Phase 3: write the VM's archive (its engine backup started now, after the
         repository's lock was taken, unless ``start_ahead`` did it), commit it, store the sidecar.
 
-        ``finalize_with(backup_id)`` starts the engine backup's finalize beside the commit and
-        returns its future, which ``finish`` takes (default: a thread of its own on ``engine``,
-        which nothing else uses meanwhile). With ``transfers``, a connection of its own for
-        that, each disk's image transfer is opened while the disk before it streams. Raises an
+        Once every disk is read, the engine backup's finalize starts beside the commit:
+        ``finalize_with(call)`` runs ``call(engine, stop)`` in a thread with an engine connection
+        and a stop event of its own and returns its future, which ``finish`` takes (default: a
+        thread of its own on ``engine``, which nothing else uses meanwhile). With
+        ``transfers``, a connection of its own for that, each disk's image transfer is opened
+        while the disk before it streams, and a disk read through is only asked to finalize:
+        the wait for its transfer's end is left to that call (``_end_transfers``). Raises an
         OvirtBorgError when nothing was committed; an interrupt after logging whether the
         archive was committed. ``finish`` must follow, whatever happens.
         """
@@ -534,9 +552,9 @@ class VmBackup:
             raise
 
     def finish(self, engine: Engine, stop: threading.Event) -> None:
-        """Phase 4, after ``stream`` (or instead of it, when the VM is not streamed): finalize
-        the engine backup, then, when the archive stands, purge old checkpoints and complete
-        ``result``.
+        """Phase 4, after ``stream`` (or instead of it, when the VM is not streamed): wait for
+        the VM's image transfers to end and finalize the engine backup, then, when the archive
+        stands, purge old checkpoints and complete ``result``.
 
         ``stop`` ends a wait for the engine's finalize (the next run finishes it). Problems
         here never undo a committed backup: they are warnings (``result.warnings``), and before
@@ -548,6 +566,8 @@ class VmBackup:
             if self._backup_id is not None:
                 backup_id, self._backup_id = self._backup_id, None
                 self._finalize(backup_id, self._finalizing, stop)
+            self._end_transfers(engine, stop)  # a VM read through engine image transfers: no backup
+            self._report_transfer_problems()
             if not self._stored:
                 return
             if self._to_checkpoint:
@@ -569,6 +589,11 @@ class VmBackup:
     def engine_backup(self) -> str | None:
         """The id of the engine backup this VM holds open (started, not yet finalized), or None."""
         return self._backup_id
+
+    @property
+    def holds_transfers(self) -> bool:
+        """Whether image transfers of this VM may still be open on the engine (``finish`` ends them)."""
+        return self._first_transfer is not None or bool(self._ending)
 
     @contextlib.contextmanager
     def _busy(self) -> Iterator[None]:
@@ -669,10 +694,11 @@ class VmBackup:
                     log.debug("VM %s: every disk is read; finalizing engine backup %s beside the commit",
                               self.vm.name, backup_id)
                     if finalize_with is not None:
-                        self._finalizing = finalize_with(backup_id)
+                        self._finalizing = finalize_with(
+                            lambda engine, stop: self._end_and_finalize(engine, backup_id, stop))
                     else:
                         # Nothing else uses the engine connection until finish has waited for it.
-                        self._finalizing = _in_thread("engine-finalize", self.engine.finalize_backup, self.vm.id,
+                        self._finalizing = _in_thread("engine-finalize", self._end_and_finalize, self.engine,
                                                       backup_id, self._stop_finalizing)
                 finished = utc_now()
                 last_full = naming.timestamp(self._started)
@@ -713,10 +739,12 @@ class VmBackup:
         """Stream each disk into ``writer``; return their records and block digests.
 
         With ``transfers`` (a connection for it), the next disk's image transfer is opened
-        while a disk streams (``_TransferAhead``); one opened and not used is ended.
+        while a disk streams (``_TransferAhead``; the first disk's may have been opened by
+        ``start_ahead``), and a transfer read through is only asked to finalize
+        (``_reading``); one opened and not used is ended.
         """
         records, digests = [], {}
-        ahead: _TransferAhead | None = None
+        ahead, self._first_transfer = self._first_transfer, None
         try:
             for index, disk in enumerate(disks):
                 mode = self._modes.get(disk.id, "full")
@@ -725,13 +753,9 @@ class VmBackup:
                     ahead = None
                 else:
                     transfer = self._open_transfer(self.engine, disk, mode)
-                with _finalized(self.engine, transfer):
+                with self._reading(transfer, disk, background=transfers is not None):
                     if transfers is not None and index + 1 < len(disks):
-                        following = disks[index + 1]
-                        ahead = _TransferAhead(
-                            lambda d=following: self._open_transfer(transfers(), d, self._modes.get(d.id, "full")),
-                            self._transfer_settings(), self._inactivity_timeout(),
-                            f"{self.vm.name} disk {following.alias}")
+                        ahead = self._transfer_ahead(transfers, disks[index + 1])
                     record, disk_digests = self._disk(writer, disk, transfer, mode, previous, base_ids.get(disk.id))
                 records.append(record)
                 digests[disk.id] = disk_digests
@@ -739,6 +763,93 @@ class VmBackup:
             if ahead is not None:
                 ahead.close(self.engine)
         return records, digests
+
+    def _transfer_ahead(self, engine: Callable[[], Engine], disk: DiskInfo) -> _TransferAhead:
+        """The image transfer of ``disk`` opened in a thread of its own on ``engine()`` and kept
+        alive until taken (``_TransferAhead``)."""
+        return _TransferAhead(lambda: self._open_transfer(engine(), disk, self._modes.get(disk.id, "full")),
+                              self._transfer_settings(), self._inactivity_timeout(),
+                              f"{self.vm.name} disk {disk.alias}")
+
+    @contextlib.contextmanager
+    def _reading(self, transfer: Transfer, disk: DiskInfo, *, background: bool) -> Iterator[None]:
+        """Around reading ``disk`` through its open download ``transfer``: once every byte is
+        read, the transfer is finalized and waited for here (``_finalized``) or, ``background``,
+        only asked to finalize, its end waited for by ``_end_transfers`` in the finish phase,
+        off the streaming thread.
+
+        An error, or a finalize the engine does not take (the disk fails, as with
+        ``_finalized``: nothing is committed yet), ends the transfer here (``abandon_transfer``).
+        """
+        if not background:
+            with _finalized(self.engine, transfer):
+                yield
+            return
+        try:
+            yield
+            self.engine.request_transfer_finalize(transfer.id)
+        except BaseException:
+            # A transfer left active would block finalizing the backup (and lock the disk).
+            self.engine.abandon_transfer(transfer.id, "download")
+            raise
+        self._ending.append(_Ending(transfer.id, disk.alias))
+
+    def _end_transfers(self, engine: Engine, stop: threading.Event) -> None:
+        """Wait until every image transfer of the VM has ended, on ``engine`` (the finish
+        phase's); never raises an OvirtBorgError.
+
+        Before its engine backup is finalized: the engine refuses to stop a backup while one of
+        its transfers is not finished (StopVmBackupCommand.validate,
+        ImageTransferPhase.isFinished; ``finalize_backup`` would repeat the refused finalize
+        until ``timeout``). A first disk's transfer opened ahead and never taken is ended, as
+        is one that does not end (``abandon_transfer``).
+        ``stop`` ends the wait (the next run ends what is left: ``finalize_stale_backups``).
+
+        Every byte of a transfer waited for here was read before its finalize was asked for:
+        each read of imageio was complete or failed the disk, before anything was committed.
+        How the transfer then ends says nothing of that data. The engine checks an image on
+        finalize only for an upload; for a download it only ends the imageio session (its
+        tickets) and tears the image down (TransferDiskImageCommand.handleFinalizingSuccess),
+        and a download can always be finalized (the SDK's helpers/imagetransfer.py). So an end
+        other than ``finished_success`` does not undo the archive: it is a problem to report
+        (``_report_transfer_problems``), the engine having left something to look at.
+        """
+        if self._first_transfer is not None:
+            first, self._first_transfer = self._first_transfer, None
+            first.close(engine)
+        while self._ending:
+            ending = self._ending[0]
+            what = f"VM {self.vm.name} disk {ending.alias}: image transfer {ending.transfer_id}"
+            try:
+                phase = engine.wait_transfer_end(ending.transfer_id, stop)
+            except WaitStopped:
+                log.info("%s: no longer waiting for it to end; the next run ends it", what)
+                return
+            except OvirtBorgError as e:
+                self._transfer_problems.append(f"{what} did not end after every byte was read ({e}); "
+                                               "it was ended")
+                engine.abandon_transfer(ending.transfer_id, "download")  # logs, never raises
+            else:
+                if phase != "finished_success":
+                    self._transfer_problems.append(f"{what} ended in phase {phase} after every byte was read "
+                                                   "(see the engine's events)")
+            self._ending.pop(0)
+
+    def _end_and_finalize(self, engine: Engine, backup_id: str, stop: threading.Event) -> BackupEnd:
+        """The VM's image transfers ended (``_end_transfers``), then its engine backup finalized."""
+        self._end_transfers(engine, stop)
+        return engine.finalize_backup(self.vm.id, backup_id, stop)
+
+    def _report_transfer_problems(self) -> None:
+        """Report what went wrong ending the VM's transfers: a warning once the archive is
+        committed (it holds every byte read, ``_end_transfers``), else logged."""
+        problems, self._transfer_problems = self._transfer_problems, []
+        for problem in problems:
+            if self._committed():
+                self._warn(f"{problem}; archive {self.archive_name} holds every byte of the disk (the "
+                           "engine's finalize of a download does not touch its data)")
+            else:
+                log.warning("%s", problem)
 
     def _inactivity_timeout(self) -> int:
         return transfer_inactivity_timeout(self.settings, self.repo.lock_wait)
@@ -797,6 +908,7 @@ class VmBackup:
         """
         try:
             if finalizing is None:
+                self._end_transfers(self.engine, stop)
                 end = self.engine.finalize_backup(self.vm.id, backup_id)
             else:
                 _settle(finalizing, stop)
@@ -996,6 +1108,15 @@ class _IncrementalUnusable(TransferError):
     """The engine stopped an incremental disk's transfer before it started: its bitmap is bad."""
 
 
+@dataclass(frozen=True)
+class _Ending:
+    """A disk's image transfer read through and asked to finalize, until ``_end_transfers``
+    sees it ended."""
+
+    transfer_id: str
+    alias: str
+
+
 def _plan_disk(disk: DiskInfo, size: int, block_size: int, extents: list[plan.Extent],
                base_size: int | None = None, rebuild: bool = False) -> list[plan.Block]:
     """``plan.plan_blocks``; extents that do not cover the disk fail it as a transfer error."""
@@ -1062,7 +1183,8 @@ def _finalized(engine: Engine, transfer: Transfer) -> Iterator[Transfer]:
 
 
 class _TransferAhead:
-    """The next disk's image transfer, opened in a thread of its own while a disk streams.
+    """The next disk's image transfer, opened in a thread of its own while a disk streams (or a
+    VM's first disk's, opened while the VM is prepared ahead of its turn).
 
     The engine spends seconds on a transfer (initializing: the host's NBD export, imageio's
     tickets) before it is transferring. Opened ahead, its ticket idles until the disk before
@@ -1093,6 +1215,10 @@ class _TransferAhead:
                     client.options()
             except OvirtBorgError as e:  # its reads will say what is wrong, if anything is
                 log.debug("image transfer of %s, opened ahead: keeping it alive failed: %s", self._what, e)
+
+    def wait_opened(self) -> None:
+        """Wait until the transfer is open or opening it failed (``take`` gives the outcome)."""
+        self._opened.exception()
 
     def take(self) -> Transfer:
         """The open transfer (waiting for it), or the error that opening it raised."""
@@ -1239,9 +1365,10 @@ class _Slot:
 class _Pipeline:
     """Runs the VMs' phases (``VmBackup``) overlapped: while one VM streams into the
     repository (one writer, one archive at a time, in the main thread), the next
-    ``settings.prepare_ahead`` VMs are inspected and their engine backups started and awaited
-    until ready (the prepare thread), and the VMs before are finished: engine backup
-    finalized, checkpoints purged, plugins told (the finish thread). Each thread has an
+    ``settings.prepare_ahead`` VMs are inspected, their engine backups started and awaited
+    until ready and their first disk's image transfer opened (the prepare thread), and the VMs
+    before are finished: image transfers awaited until ended, engine backup finalized,
+    checkpoints purged, plugins told (the finish thread). Each thread has an
     engine connection of its own. With ``prepare_ahead`` 0 every phase runs in the main
     thread, one VM and one disk after another.
 
@@ -1336,14 +1463,14 @@ class _Pipeline:
                 slot.error = e
 
     def _prepare_ahead(self, slot: _Slot) -> None:
-        """Start the VM's prepare (inspect, engine backup until ready) in the prepare thread."""
+        """Start the VM's prepare (inspect, engine backup until ready, first image transfer) in the prepare thread."""
         if slot.job is None or slot.error is not None or slot.preparing is not None:
             return
         slot.preparing = self._prepare_pool.submit(self._in_slot, slot, self._prepare, slot)
 
     def _prepare(self, slot: _Slot) -> bool:
-        """In the prepare thread: inspect the VM and start its engine backup; False when there
-        is nothing to back up."""
+        """In the prepare thread: inspect the VM, start its engine backup and open its first
+        disk's image transfer; False when there is nothing to back up."""
         engine = self._connection("prepare")
         if not slot.job.inspect(engine) or self._stop_preparing.is_set():
             return False
@@ -1364,8 +1491,8 @@ class _Pipeline:
                     ready = slot.job.inspect(self.engine)
                 if ready:
                     if self.ahead:
-                        slot.job.stream(self.engine, finalize_with=lambda backup_id: self._finish_pool.submit(
-                            self._in_slot, slot, self._finalize_backup, slot.vm.id, backup_id),
+                        slot.job.stream(self.engine, finalize_with=lambda call: self._finish_pool.submit(
+                            self._in_slot, slot, self._in_finish_thread, call),
                             transfers=lambda: self._connection("transfers"))
                     else:
                         slot.job.stream(self.engine)
@@ -1408,9 +1535,10 @@ class _Pipeline:
         finally:
             self._order.done(slot.index)
 
-    def _finalize_backup(self, vm_id: str, backup_id: str) -> BackupEnd:
-        """In the finish thread: the finalize of a VM's engine backup beside its commit."""
-        return self._connection("finish").finalize_backup(vm_id, backup_id, self._stop_finishing)
+    def _in_finish_thread(self, call: Callable[[Engine, threading.Event], Any]) -> Any:
+        """In the finish thread: ``call(engine, stop)`` (a VM's transfers ended and its engine
+        backup finalized beside its commit) on the thread's connection."""
+        return call(self._connection("finish"), self._stop_finishing)
 
     def _end_in_flight(self) -> None:
         """What stopped the run (an interrupt) stops its VMs: their prepares are stopped, every
@@ -1426,10 +1554,10 @@ class _Pipeline:
         for slot in pending:
             if slot.preparing is not None:
                 self._settle_quietly(slot.preparing)
-            if slot.job.engine_backup is None:
+            if slot.job.engine_backup is None and not slot.job.holds_transfers:
                 continue
             with slot.context():
-                if not slot.streamed:
+                if not slot.streamed and slot.job.engine_backup is not None:
                     log.info("VM %s: engine backup %s, started ahead of its turn, is finalized: the run "
                              "stops", slot.vm.name, slot.job.engine_backup)
                 if self.ahead:

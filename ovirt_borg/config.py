@@ -147,11 +147,12 @@ class BackupConfig:
                                      "if it were this job's; for estates where ovirt-borg is the only tool)",
                                      minimum=0)
     prepare_ahead: int = opt(4, "VMs whose engine backups are started and awaited until ready, side by side, "
-                             "while the VM before them streams into the repository (the VMs before are "
-                             "finalized side by side too, each disk's image transfer is opened while the "
-                             "disk before it streams); the engine holds at most this many backups prepared "
-                             "ahead, one streaming and this many + 1 finalizing (0: one VM and one disk "
-                             "after another)", 2,
+                             "and their first disk's image transfer opened, while the VM before them "
+                             "streams into the repository (the VMs before are finalized side by side too; "
+                             "each disk's image transfer is opened while the disk before it streams, its "
+                             "end awaited when the VM is finished); the engine holds at most this many "
+                             "backups prepared ahead, one streaming and this many + 1 finalizing (0: one VM "
+                             "and one disk after another)", 2,
                              minimum=0, maximum=8)
 
 

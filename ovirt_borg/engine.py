@@ -775,14 +775,29 @@ class Engine:
 
     def finalize_transfer(self, transfer_id: str) -> None:
         """Finalize a transfer and wait for finished_success; raises TransferError otherwise."""
+        self.request_transfer_finalize(transfer_id)
+        end = self.wait_transfer_end(transfer_id)
+        if end != "finished_success":
+            raise TransferError(f"image transfer {transfer_id} ended in phase {end}")
+
+    def request_transfer_finalize(self, transfer_id: str) -> None:
+        """Ask the engine to finalize a transfer, without waiting for it to end
+        (``wait_transfer_end``); raises typed errors when the engine does not take the request."""
         service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with _calling(f"finalizing image transfer {transfer_id}"):
             self._retry(service.finalize, f"finalizing image transfer {transfer_id}")
+
+    def wait_transfer_end(self, transfer_id: str, stop: threading.Event | None = None) -> str:
+        """Wait until a transfer being finalized (or stopped) is finished; return its last phase,
+        ``finished_success`` or ``finished_failure``.
+
+        Setting ``stop`` (from another thread) ends the wait with WaitStopped; raises
+        EngineError when it is not finished within ``timeout``, else typed errors.
+        """
+        service = self.system.image_transfers_service().image_transfer_service(transfer_id)
         with _calling(f"waiting for image transfer {transfer_id} to finish"):
-            end = self._poll(lambda: self._transfer_phase(service), lambda p: p in _TRANSFER_FINISHED,
-                             f"finalizing image transfer {transfer_id}")
-        if end != "finished_success":
-            raise TransferError(f"image transfer {transfer_id} ended in phase {end}")
+            return self._poll(lambda: self._transfer_phase(service), lambda p: p in _TRANSFER_FINISHED,
+                              f"finalizing image transfer {transfer_id}", stop=stop)
 
     def abandon_transfer(self, transfer_id: str, direction: str = "download") -> None:
         """End a transfer given up on a failure path and wait until it is finished_*; logs, never raises.

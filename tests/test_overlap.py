@@ -1,9 +1,11 @@
 """VMs backed up overlapped (``[backup] prepare_ahead``), through the real program and the lab.
 
-While one VM streams into the repository the next VMs' engine backups are prepared and the VMs
-before are finished. The promises: images identical to the disks, results and log lines in
-the VMs' order, one VM's failure its own, an interruption that leaves nothing open on the
-engine and nothing half written, and ``prepare_ahead = 0`` as one VM after another.
+While one VM streams into the repository the next VMs' engine backups are prepared (their first
+disk's image transfer opened) and the VMs before are finished (their transfers awaited until
+ended, then their engine backups finalized). The promises: images identical to the disks,
+results and log lines in the VMs' order, one VM's failure its own, an interruption that leaves
+nothing open on the engine and nothing half written, and ``prepare_ahead = 0`` as one VM after
+another.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import signal
 
 import pytest
 
+from conftest import make_job
 from helpers import lab_engine_settings, temporary_vms
+from ovirt_borg.lab.control import Lab
 from test_faults import (before, checkpoint_ids, configure, finished, host_bytes, open_on_engine, running,
-                         signalled_while_reading, state_files, wait_for)
+                         signalled_while_reading, state_files, vm_disk_ids, wait_for)
 
 pytestmark = pytest.mark.faults
 
@@ -267,3 +271,138 @@ def test_a_transfer_opened_ahead_is_kept_alive_until_taken(lab_clean):
         assert_nothing_open(lab, [vm])
     finally:
         lab.delete_vm(vm)
+
+
+def test_a_refused_transfer_finalize_fails_its_vm_alone(job, vms):
+    """The engine does not take a disk's transfer finalize (500 through every retry): as with
+    prepare_ahead = 0, the disk fails its VM before anything of it is committed, the transfer
+    is ended; the other VMs, whose transfers end in their finish phase, are backed up."""
+    lab = job.lab
+    configure(job, backup={"prepare_ahead": 2})
+    lab.fault("engine_500:transfer.finalize", times=4)  # retries = 3: the first finalize, every attempt
+    proc = job.run("--log-json", "backup", *vms, "--json", expect=4)
+    assert lab.faults()["active"] == {}, "the fault was hit"
+    results = json.loads(proc.stdout)["archives"]
+    assert [r["vm"] for r in results] == vms
+    assert not results[0]["ok"] and results[0]["exit_code"] == 4, results[0]
+    assert re.search(r"finalizing image transfer .*HTTP 500", results[0]["error"]), results[0]
+    for result in results[1:]:
+        assert result["ok"] and result["warnings"] == [], result
+        job.assert_identical(result)
+    assert [a for a in job.archives() if vms[0] in a] == []
+    assert_in_vm_order(log_records(proc.stderr), vms)
+    assert_nothing_open(lab, vms)
+
+    results = job.backup(*vms)
+    for name in vms:
+        assert results[name]["ok"], results[name]
+        job.assert_identical(results[name])
+    assert_nothing_open(lab, vms)
+
+
+# Engine latency as a real engine's, scaled down, with a transfer's finalize long enough that a
+# transfer is seen finalizing while the next disk streams.
+SLOW_LATENCY = "real,transfer_finalize=30"
+SLOW_SCALE = 0.05
+
+
+@pytest.fixture(scope="module")
+def slow_lab(tmp_path_factory):
+    lab = Lab.up(tmp_path_factory.mktemp("overlap-slow-lab"), vms=1, disk_size="8M",
+                 latency=SLOW_LATENCY, latency_scale=SLOW_SCALE)
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def slow_job(slow_lab, tmp_path):
+    slow_lab.clear_faults()
+    try:
+        yield make_job(slow_lab, tmp_path / "job")
+    finally:
+        slow_lab.clear_faults()
+
+
+def transfers_of(lab, vm: str, phase: str) -> list[dict]:
+    """The VM's image transfers open on the engine in ``phase``."""
+    disks = vm_disk_ids(lab, vm)
+    return [t for t in lab.stats()["open_transfers"] if t["disk"] in disks and t["phase"] == phase]
+
+
+def test_transfers_end_in_the_finish_phase_under_latency(slow_job):
+    """Under an engine's latency, with prepare_ahead = 2: each VM's first transfer opened
+    while it is prepared, each disk's transfer ended in the finish phase, images identical,
+    nothing left open; an incremental night the same."""
+    lab = slow_job.lab
+    base = f"ovl{next(_names)}-{os.getpid()}"
+    names = [f"{base}-{letter}" for letter in "abc"]
+    for name in names:
+        lab.add_vm(name, disks=2, size="8M")
+    try:
+        configure(slow_job, backup={"prepare_ahead": 2})
+        for night in range(2):
+            proc = slow_job.run("--log-json", "backup", *names, "--json")
+            results = json.loads(proc.stdout)["archives"]
+            assert [r["vm"] for r in results] == names
+            for result in results:
+                assert result["ok"] and result["warnings"] == [], result
+                assert result["mode"] == ("full" if night == 0 else "incremental"), result
+                slow_job.assert_identical(result)
+            assert_in_vm_order(log_records(proc.stderr), names)
+            assert_nothing_open(lab, names)
+            for name in names:
+                lab.write(name, disk=2, percent=5)
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):
+                lab.delete_vm(name)
+
+
+def test_interrupt_while_transfers_end_in_the_background(slow_job):
+    """Stopped while the first VM's first disk's transfer is finalizing (its end awaited off
+    the streaming path) as its second disk streams, and the next VM, prepared ahead, holds its
+    first disk's transfer open: everything is ended and finalized, nothing committed, and the
+    next run backs both up."""
+    lab = slow_job.lab
+    base = f"ovi{next(_names)}-{os.getpid()}"
+    a, b = names = [f"{base}-a", f"{base}-b"]
+    lab.add_vm(a, disks=2, size="32M")
+    lab.add_vm(b, disks=1, size="8M")
+    try:
+        first = slow_job.backup(a, b)
+        lab.write(a, disk=1, percent=40)
+        lab.write(a, disk=2, percent=40)
+        lab.write(b, disk=1, percent=10)
+        configure(slow_job, backup={"prepare_ahead": 2}, transfer={"bandwidth_limit": "4M"})
+        was = {name: before(slow_job, name) for name in names}
+
+        with running(slow_job, "backup", a, b) as proc:
+            wait_for(lambda: transfers_of(lab, a, "finalizing_success") and transfers_of(lab, a, "transferring")
+                     and transfers_of(lab, b, "transferring"), timeout=60,
+                     what="VM a's first transfer finalizing, its second disk and VM b's first disk open")
+            assert proc.poll() is None, "the run must still be reading"
+            os.kill(proc.pid, signal.SIGTERM)
+            done = finished(proc)
+        assert done.returncode == 128 + signal.SIGTERM, done.stderr
+        assert re.search(rf"ERROR .*{a}: stopped before archive .* was committed", done.stderr), done.stderr
+        assert "Traceback" not in done.stderr
+        assert slow_job.archives() == was[a].archives, "no archive, not even a Borg checkpoint"
+        assert state_files(slow_job) == was[a].state, "no sidecar advanced"
+        assert_nothing_open(lab, names)
+        for name in names:
+            assert was[name].checkpoint in checkpoint_ids(lab, name), "the checkpoint in use is still there"
+
+        configure(slow_job, transfer={"bandwidth_limit": ""})
+        results = slow_job.backup(a, b)
+        for name in names:
+            assert results[name]["mode"] == "incremental", results[name]["reason"]
+            assert results[name]["warnings"] == [], results[name]
+            slow_job.assert_identical(results[name])
+            assert results[name]["checkpoint"] != first[name]["checkpoint"]
+        assert_nothing_open(lab, names)
+    finally:
+        for name in names:
+            with contextlib.suppress(Exception):
+                lab.delete_vm(name)
