@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -124,6 +125,27 @@ def temporary_vms(lab, names: list[str], *, ignore_delete_errors: bool = False,
                     lab.delete_vm(name)
             else:
                 lab.delete_vm(name)
+
+
+# A process forked from pytest counts pytest's memory in its peak RSS (the kernel keeps the higher
+# of the old and the new image's high-water marks across exec): a program's own peak is read
+# from a grandchild forked by a small Python, which writes it (KiB) to a file and exits as the
+# program did.
+_PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def with_peak_rss(command: list[str], peak_file: Path) -> list[str]:
+    """``command`` run so that its peak RSS (KiB, its own and its children's) ends in ``peak_file``."""
+    return [sys.executable, "-c", _PEAK_RSS, str(peak_file), *command]
 
 
 def lab_engine_settings(lab):

@@ -24,7 +24,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import tomllib
 import typing
 import urllib.parse
@@ -37,7 +36,7 @@ from ovirt_borg.config import toml_value
 
 from conftest import Job, make_job
 from fixtures_borg import lock_holder
-from helpers import holding_lock, lab_engine_settings, tcp_peer_ports, temporary_vm, wait_for
+from helpers import holding_lock, lab_engine_settings, tcp_peer_ports, temporary_vm, wait_for, with_peak_rss
 from ovirt_borg import config as config_mod
 from ovirt_borg.borgcli import Repo
 
@@ -1246,18 +1245,12 @@ def test_eight_vms_in_one_run_with_bounded_memory(job, lab_clean):
     for index, name in enumerate(names):
         lab.add_vm(name, disks=2 + index % 2, size="8M")
     try:
-        proc = start(job, "backup", *names, "--json")
-        output: dict[str, str] = {}
-        reader = threading.Thread(target=lambda: output.__setitem__("out", proc.stdout.read()))
-        reader.start()
-        # wait4 on this child alone: its peak RSS (and its borg children's), not the session's
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        reader.join()
-        proc.stdout.close()
-        output["err"] = proc.stderr_file.read_text(errors="replace")
+        peak_file = job.dir / "peak-rss"
+        proc = subprocess.run(with_peak_rss([OVIRT_BORG, "-c", str(job.config), "backup", *names, "--json"],
+                                            peak_file), env=job.env, text=True, capture_output=True, timeout=600)
+        output = {"out": proc.stdout, "err": proc.stderr}
         assert proc.returncode == 0, output["err"]
-        peak_mib = usage.ru_maxrss / 1024
+        peak_mib = int(peak_file.read_text()) / 1024
         assert peak_mib < 400, f"peak RSS {peak_mib:.0f} MiB"
         results = {r["vm"]: r for r in json.loads(output["out"])["archives"]}
         assert sorted(results) == sorted(names) and all(r["mode"] == "full" for r in results.values())
