@@ -883,8 +883,11 @@ class VmBackup:
                       f", after {checked} bytes read to check the dirty bitmap" if checked else "")
             progress = Progress(f"VM {self.position[0]} of {self.position[1]}, {self.vm.name}/{disk.alias}", size)
             sha256s = None if writer.gives_chunk_ids else bytearray()
-            base_block = (lambda index: writer.base_block(path, index)) if rebuild else None
-            stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress, base_block))
+            rebuilt = [block.index for block in blocks if block.action is plan.Action.REBUILD]
+            # The base blocks are read ahead (threads of the writer) while imageio's reads of the
+            # dirty parts and the writer's work go on; leaving stops and awaits the reads.
+            with (writer.base_blocks(path, rebuilt) if rebuilt else contextlib.nullcontext()) as base_blocks:
+                stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress, base_blocks))
             progress.finish()
             bytes_read = client.bytes_read
             seconds = time.monotonic() - t0
@@ -949,12 +952,12 @@ class VmBackup:
         return True
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], sha256s: bytearray | None,
-                progress: Progress, base_block: Callable[[int], bytes] | None = None
+                progress: Progress, base_blocks: Iterator[tuple[int, bytes]] | None = None
                 ) -> Iterator[Holes | Reuse | bytes]:
         """Yield the writer's blocks in order, reading the data blocks from imageio.
 
-        ``base_block(index)`` gives a REBUILD block's data in the base archive (the writer's
-        ``base_block``, called here, in the thread that runs ``add_image``).
+        ``base_blocks`` gives the REBUILD blocks' data in the base archive, in order, as
+        ``(index, data)`` (the writer's ``base_blocks``).
 
         With ``sha256s`` (for a writer that gives no chunk ids, which never reuses blocks), it
         holds each block's sha256 once all are taken. Data blocks are hashed in a thread of
@@ -962,7 +965,7 @@ class VmBackup:
         waits for a digest.
         """
         reads = [b for b in blocks if b.action is plan.Action.READ or b.action is plan.Action.REBUILD]
-        data_iter = _assemble(client, reads, self.settings.block_size, base_block)
+        data_iter = _assemble(client, reads, self.settings.block_size, base_blocks)
         parts: list[bytes | Future[bytes]] = []
         hashing: deque[Future[bytes]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
@@ -1484,10 +1487,10 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: int,
-              base_block: Callable[[int], bytes] | None = None) -> Iterator[bytes]:
+              base_blocks: Iterator[tuple[int, bytes]] | None = None) -> Iterator[bytes]:
     """Read the data segments of READ and REBUILD blocks and yield each whole block (zeros
-    filled in; a REBUILD block's ``base`` ranges taken from ``base_block(index)``, its data in
-    the base archive).
+    filled in; a REBUILD block's ``base`` ranges taken from its data in the base archive, the
+    next ``(index, data)`` of ``base_blocks``, which gives the REBUILD blocks in order).
 
     Data running across consecutive blocks is read in requests of up to ``READ_REQUEST``
     bytes, which the client cuts at block boundaries: a block read whole is given on as the
@@ -1506,9 +1509,10 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
             piece = memoryview(data)
         buffer = bytearray(block.length)
         if block.base:
-            if base_block is None:
-                raise AssertionError(f"block {block.index} is to be rebuilt, but no base block is given")
-            base = memoryview(base_block(block.index))
+            index, base_data = next(base_blocks, (None, b"")) if base_blocks is not None else (None, b"")
+            if index != block.index:
+                raise AssertionError(f"block {block.index} is to be rebuilt, but the base block given is {index}")
+            base = memoryview(base_data)
             if len(base) != block.length:
                 raise AssertionError(f"base block {block.index} has {len(base)} bytes, not {block.length}")
             for start, length in block.base:
