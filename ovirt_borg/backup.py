@@ -1507,7 +1507,7 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
                 yield data  # a piece of exactly this block: no copy
                 continue
             piece = memoryview(data)
-        buffer = bytearray(block.length)
+        base = None
         if block.base:
             index, base_data = next(base_blocks, (None, b"")) if base_blocks is not None else (None, b"")
             if index != block.index:
@@ -1515,10 +1515,18 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
             base = memoryview(base_data)
             if len(base) != block.length:
                 raise AssertionError(f"base block {block.index} has {len(base)} bytes, not {block.length}")
-            for start, length in block.base:
-                at = start - block.offset
-                buffer[at:at + length] = base[at:at + length]
-        for start, length in block.segments:
+        # The block's parts in order (fetched data, base data, zeros in the gaps), joined by one
+        # copy into the block given to the writer.
+        parts: list[bytes | memoryview] = []
+        position = block.offset
+        for start, length, from_base in sorted([(s, n, False) for s, n in block.segments]
+                                               + [(s, n, True) for s, n in block.base]):
+            if start > position:
+                parts.append(bytes(start - position))
+            position = start + length
+            if from_base:
+                parts.append(base[start - block.offset:position - block.offset])
+                continue
             while length:
                 if not piece:
                     piece_offset, data = next(pieces)
@@ -1526,11 +1534,13 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
                 if piece_offset != start:
                     raise AssertionError(f"read {piece_offset} where block {block.index} needs {start}")
                 taken = min(length, len(piece))
-                buffer[start - block.offset:start - block.offset + taken] = piece[:taken]
+                parts.append(piece[:taken])
                 piece, piece_offset = piece[taken:], piece_offset + taken
                 start += taken
                 length -= taken
-        yield bytes(buffer)
+        if position < block.offset + block.length:
+            parts.append(bytes(block.offset + block.length - position))
+        yield b"".join(parts)
     if piece:
         raise AssertionError(f"{len(piece)} bytes read at {piece_offset} belong to no block")
 
