@@ -124,11 +124,11 @@ def rebuilds_blocks(setting: str, remote: bool) -> bool:
     """Whether an incremental rebuilds its blocks changed in part (pure).
 
     Given the ``rebuild_blocks`` setting and whether the repository is remote: a rebuilt block
-    costs a read of the base archive's chunk for the block from the repository instead of
-    reading the block's clean bytes from imageio. ``auto`` rebuilds for a local repository
-    only: from a remote one each such chunk is a synchronous round trip to ``borg serve`` that
-    moves about as many bytes over the repository's link, usually the slower one, as imageio
-    would have sent.
+    costs a read of the base archive's chunk for the block from the repository, and its
+    decryption, instead of reading the block's clean bytes from imageio. ``auto`` rebuilds for
+    a local repository only: from a remote one each such chunk (its get sent ahead with the
+    next ones', not a round trip each) moves about as many bytes over the repository's link,
+    usually the slower one, as imageio would have sent, and ``borg serve`` reads it too.
     """
     if setting not in REBUILD_CHOICES:
         raise ValueError(f"rebuild_blocks must be one of {', '.join(REBUILD_CHOICES)}, not {setting!r}")
