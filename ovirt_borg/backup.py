@@ -125,11 +125,11 @@ def rebuilds_blocks(setting: str, remote: bool) -> bool:
     """Whether an incremental rebuilds its blocks changed in part (pure).
 
     Given the ``rebuild_blocks`` setting and whether the repository is remote: a rebuilt block
-    costs a read of the base archive's chunk for the block from the repository instead of
-    reading the block's clean bytes from imageio. ``auto`` rebuilds for a local repository
-    only: from a remote one each such chunk is a synchronous round trip to ``borg serve`` that
-    moves about as many bytes over the repository's link, usually the slower one, as imageio
-    would have sent.
+    costs a read of the base archive's chunk for the block from the repository, and its
+    decryption, instead of reading the block's clean bytes from imageio. ``auto`` rebuilds for
+    a local repository only: from a remote one each such chunk (its get sent ahead with the
+    next ones', not a round trip each) moves about as many bytes over the repository's link,
+    usually the slower one, as imageio would have sent, and ``borg serve`` reads it too.
     """
     if setting not in REBUILD_CHOICES:
         raise ValueError(f"rebuild_blocks must be one of {', '.join(REBUILD_CHOICES)}, not {setting!r}")
@@ -995,8 +995,11 @@ class VmBackup:
                       f", after {checked} bytes read to check the dirty bitmap" if checked else "")
             progress = Progress(f"VM {self.position[0]} of {self.position[1]}, {self.vm.name}/{disk.alias}", size)
             sha256s = None if writer.gives_chunk_ids else bytearray()
-            base_block = (lambda index: writer.base_block(path, index)) if rebuild else None
-            stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress, base_block))
+            rebuilt = [block.index for block in blocks if block.action is plan.Action.REBUILD]
+            # The base blocks are read ahead (threads of the writer) while imageio's reads of the
+            # dirty parts and the writer's work go on; leaving stops and awaits the reads.
+            with (writer.base_blocks(path, rebuilt) if rebuilt else contextlib.nullcontext()) as base_blocks:
+                stats = writer.add_image(path, size, self._stream(client, blocks, sha256s, progress, base_blocks))
             progress.finish()
             bytes_read = client.bytes_read
             seconds = time.monotonic() - t0
@@ -1061,12 +1064,12 @@ class VmBackup:
         return True
 
     def _stream(self, client: ImageioClient, blocks: Sequence[plan.Block], sha256s: bytearray | None,
-                progress: Progress, base_block: Callable[[int], bytes] | None = None
+                progress: Progress, base_blocks: Iterator[tuple[int, bytes]] | None = None
                 ) -> Iterator[Holes | Reuse | bytes]:
         """Yield the writer's blocks in order, reading the data blocks from imageio.
 
-        ``base_block(index)`` gives a REBUILD block's data in the base archive (the writer's
-        ``base_block``, called here, in the thread that runs ``add_image``).
+        ``base_blocks`` gives the REBUILD blocks' data in the base archive, in order, as
+        ``(index, data)`` (the writer's ``base_blocks``).
 
         With ``sha256s`` (for a writer that gives no chunk ids, which never reuses blocks), it
         holds each block's sha256 once all are taken. Data blocks are hashed in a thread of
@@ -1074,7 +1077,7 @@ class VmBackup:
         waits for a digest.
         """
         reads = [b for b in blocks if b.action is plan.Action.READ or b.action is plan.Action.REBUILD]
-        data_iter = _assemble(client, reads, self.settings.block_size, base_block)
+        data_iter = _assemble(client, reads, self.settings.block_size, base_blocks)
         parts: list[bytes | Future[bytes]] = []
         hashing: deque[Future[bytes]] = deque()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-digest") as hasher:
@@ -1612,10 +1615,10 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: int,
-              base_block: Callable[[int], bytes] | None = None) -> Iterator[bytes]:
+              base_blocks: Iterator[tuple[int, bytes]] | None = None) -> Iterator[bytes]:
     """Read the data segments of READ and REBUILD blocks and yield each whole block (zeros
-    filled in; a REBUILD block's ``base`` ranges taken from ``base_block(index)``, its data in
-    the base archive).
+    filled in; a REBUILD block's ``base`` ranges taken from its data in the base archive, the
+    next ``(index, data)`` of ``base_blocks``, which gives the REBUILD blocks in order).
 
     Data running across consecutive blocks is read in requests of up to ``READ_REQUEST``
     bytes, which the client cuts at block boundaries: a block read whole is given on as the
@@ -1632,17 +1635,26 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
                 yield data  # a piece of exactly this block: no copy
                 continue
             piece = memoryview(data)
-        buffer = bytearray(block.length)
+        base = None
         if block.base:
-            if base_block is None:
-                raise AssertionError(f"block {block.index} is to be rebuilt, but no base block is given")
-            base = memoryview(base_block(block.index))
+            index, base_data = next(base_blocks, (None, b"")) if base_blocks is not None else (None, b"")
+            if index != block.index:
+                raise AssertionError(f"block {block.index} is to be rebuilt, but the base block given is {index}")
+            base = memoryview(base_data)
             if len(base) != block.length:
                 raise AssertionError(f"base block {block.index} has {len(base)} bytes, not {block.length}")
-            for start, length in block.base:
-                at = start - block.offset
-                buffer[at:at + length] = base[at:at + length]
-        for start, length in block.segments:
+        # The block's parts in order (fetched data, base data, zeros in the gaps), joined by one
+        # copy into the block given to the writer.
+        parts: list[bytes | memoryview] = []
+        position = block.offset
+        for start, length, from_base in sorted([(s, n, False) for s, n in block.segments]
+                                               + [(s, n, True) for s, n in block.base]):
+            if start > position:
+                parts.append(bytes(start - position))
+            position = start + length
+            if from_base:
+                parts.append(base[start - block.offset:position - block.offset])
+                continue
             while length:
                 if not piece:
                     piece_offset, data = next(pieces)
@@ -1650,11 +1662,13 @@ def _assemble(client: ImageioClient, blocks: Sequence[plan.Block], block_size: i
                 if piece_offset != start:
                     raise AssertionError(f"read {piece_offset} where block {block.index} needs {start}")
                 taken = min(length, len(piece))
-                buffer[start - block.offset:start - block.offset + taken] = piece[:taken]
+                parts.append(piece[:taken])
                 piece, piece_offset = piece[taken:], piece_offset + taken
                 start += taken
                 length -= taken
-        yield bytes(buffer)
+        if position < block.offset + block.length:
+            parts.append(bytes(block.offset + block.length - position))
+        yield b"".join(parts)
     if piece:
         raise AssertionError(f"{len(piece)} bytes read at {piece_offset} belong to no block")
 

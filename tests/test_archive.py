@@ -26,6 +26,10 @@ KINDS = ["internal", "cli"]
 # helpers
 
 
+class Boom(Exception):
+    pass
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -273,6 +277,115 @@ def test_base_blocks_are_read_between_writes(request, tmp_path, borg_env, where)
     run_borg(repo, "check", "--verify-data", "{repo}")
 
 
+def _base_readers() -> list:
+    """The threads of ``base_blocks`` alive in this process."""
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("borg-base-blocks")]
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_base_blocks_are_read_ahead_in_order(request, tmp_path, where):
+    """``base_blocks`` reads a base image's blocks ahead while ``add_image`` writes (reused
+    blocks between): asked with gaps, a hole, two blocks of one chunk and the short last
+    block, each comes as (index, data) equal to the base's; the rebuilt archive extracts as
+    expected and no thread of the reads outlives it."""
+    repo = request.getfixturevalue(f"{where}_repo")
+    blocks, _ = make_image(31, "D" * 14 + "Z" + "D" * 4)
+    blocks[9] = blocks[3]
+    image = b"".join(bytes(BLOCK) if b is None else b for b in blocks)
+    stats, _ = write_archive(repo, "base", blocks, len(image))
+    rebuilt = [0, 2, 3, 9, 10, 11, 12, 13, 14, 16, 18]
+    expected = bytearray(image)
+    with open_writer(repo, "rebuilt", block_size=BLOCK, base_archive="base") as writer:
+        assert writer.base_image(DISK, len(image), stats.chunk_ids)
+        with writer.base_blocks(DISK, rebuilt) as reader:
+
+            def rebuilding():
+                for position, block in enumerate(blocks):
+                    if position not in rebuilt:
+                        yield Reuse(position, 1)
+                        continue
+                    index, base = next(reader)
+                    assert index == position
+                    assert base == (block if block is not None else bytes(BLOCK))
+                    data = bytearray(base)
+                    data[200:200 + 4096] = random.Random(position).randbytes(4096)  # a dirty part
+                    expected[position * BLOCK:position * BLOCK + len(data)] = data
+                    yield data
+
+            stats = writer.add_image(DISK, len(image), rebuilding())
+            assert next(reader, None) is None
+        assert stats.reused == len(blocks) - len(rebuilt)
+        writer.commit()
+    assert not _base_readers()
+    assert file_sha256(extract(repo, "rebuilt", tmp_path / "r")) == sha256(bytes(expected))
+    run_borg(repo, "check", "--verify-data", "{repo}")
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+@pytest.mark.parametrize("exc_type", [Boom, KeyboardInterrupt])
+def test_failure_while_base_blocks_are_read_ahead_leaves_no_thread_and_no_archive(request, tmp_path, where,
+                                                                                   exc_type):
+    """The block iterator fails (or is interrupted) with base blocks still being read ahead:
+    no archive, no thread of the reads left, the repository's lock free, and a rebuild on the
+    same base right after gives the base's image."""
+    repo = request.getfixturevalue(f"{where}_repo")
+    blocks, image = make_image(32, "D" * 16, tail=0)
+    stats, _ = write_archive(repo, "base", blocks, len(image))
+    with pytest.raises(exc_type):
+        with open_writer(repo, "broken", block_size=BLOCK, base_archive="base") as writer:
+            assert writer.base_image(DISK, len(image), stats.chunk_ids)
+            with writer.base_blocks(DISK, range(len(blocks))) as reader:
+
+                def failing():
+                    for position, (_, base) in enumerate(reader):
+                        if position == 3:
+                            assert _base_readers()  # the blocks ahead are under way or done
+                            raise exc_type("reading the disk failed")
+                        yield base
+
+                writer.add_image(DISK, len(image), failing())
+    assert not _base_readers()
+    assert archive_names(repo) == ["base"]
+    with open_writer(Repo(repo.location, repo.env, lock_wait=0), "after", block_size=BLOCK,
+                     base_archive="base") as writer:
+        assert writer.base_image(DISK, len(image), stats.chunk_ids)
+        with writer.base_blocks(DISK, range(len(blocks))) as reader:
+            writer.add_image(DISK, len(image), (base for _, base in reader))
+        writer.commit()
+    assert not _base_readers()
+    assert file_sha256(extract(repo, "after", tmp_path / "a")) == sha256(image)
+    run_borg(repo, "check", "--verify-data", "{repo}")
+
+
+def test_a_base_block_failing_its_check_fails_when_taken(local_repo):
+    """A base chunk replaced by another valid one (its MAC checks out) fails the id check when
+    its block is taken, after the blocks before it: no archive, no thread left."""
+    from borg.repository import Repository
+
+    blocks, image = make_image(33, "D" * 10, tail=0)
+    stats, _ = write_archive(local_repo, "base", blocks, len(image))
+    with Repository(local_repo.location, exclusive=True) as repository:
+        repository.put(stats.chunk_ids[5 * 32:6 * 32], repository.get(stats.chunk_ids[32:64]))
+        repository.commit(compact=False)
+    taken = []
+    with pytest.raises(OvirtBorgError, match="id verification failed"):
+        with open_writer(local_repo, "rebuilt", block_size=BLOCK, base_archive="base") as writer:
+            assert writer.base_image(DISK, len(image), stats.chunk_ids)
+            with writer.base_blocks(DISK, range(len(blocks))) as reader:
+
+                def rebuilding():
+                    for index, base in reader:
+                        taken.append(index)
+                        yield base
+
+                writer.add_image(DISK, len(image), rebuilding())
+    assert taken == [0, 1, 2, 3, 4]
+    assert not _base_readers()
+    assert archive_names(local_repo) == ["base"]
+
+
 def test_writer_and_borg_mount(local_repo, tmp_path):
     if not Path("/dev/fuse").exists():
         pytest.fail("/dev/fuse is missing: borg mount cannot be tested on this machine")
@@ -412,10 +525,6 @@ def test_reading_the_repository_inside_an_open_writer_is_refused_not_a_hang(loca
 
 # --------------------------------------------------------------------------------------------
 # failures: nothing committed, repository consistent, lock released
-
-
-class Boom(Exception):
-    pass
 
 
 @pytest.mark.parametrize("kind", KINDS)

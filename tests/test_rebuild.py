@@ -11,10 +11,18 @@ newest archive of a chain of rebuilt incrementals.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from conftest import make_job
-from helpers import file_sha256, temporary_vm
+from helpers import file_sha256, temporary_vm, wait_for
+
+OVIRT_BORG = str(Path(sys.executable).parent / "ovirt-borg")
 
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = MiB  # the default block_size
@@ -138,3 +146,37 @@ def test_deleted_base_archive_is_read_in_full(lab_clean, vm, tmp_path):
     third = job.backup(vm)[vm]
     assert third["mode"] == "incremental" and third["disks"][0]["rebuilt"] > 0
     job.assert_identical(third)
+
+
+def test_interrupted_while_base_blocks_are_read_leaves_no_archive(lab_clean, vm, tmp_path):
+    """SIGINT while an incremental rebuilds (its dirty parts trickling in under a bandwidth
+    limit while the base blocks are read ahead): the run stops with 130 and leaves no
+    archive; the next one is an incremental that rebuilds, its image equal to the disk."""
+    job = _job(lab_clean, tmp_path / "job", "always")
+    job.backup(vm)
+    archives = job.archives()
+    guest_writes(lab_clean, vm, seed=9)
+    settings = job.config.read_text()
+    # No bitmap check first: the first bytes served are the rebuilt blocks' dirty parts.
+    job.config.write_text(settings.replace(f"verify_sample = {SAMPLE}", "verify_sample = 0")
+                          + '[transfer]\nbandwidth_limit = "128K"\n')
+    start_bytes = host_bytes(lab_clean)
+    proc = subprocess.Popen([OVIRT_BORG, "-c", str(job.config), "backup", vm], env=job.env, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: host_bytes(lab_clean) > start_bytes, what="the first dirty bytes read")
+        assert proc.poll() is None, "the run must still be reading"
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err, err
+    assert job.archives() == archives
+    job.config.write_text(settings)
+    result = job.backup(vm)[vm]
+    assert result["mode"] == "incremental", result["reason"]
+    assert result["disks"][0]["rebuilt"] > 0
+    job.assert_identical(result)

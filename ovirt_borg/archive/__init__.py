@@ -46,7 +46,7 @@ import math
 import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Union
 
@@ -54,7 +54,7 @@ from ovirt_borg import borgcli
 from ovirt_borg.borgcli import Repo
 from ovirt_borg.errors import ConfigError
 
-__all__ = ["WRITERS", "ArchiveWriter", "Block", "Holes", "ImageStats", "Repo", "RepositoryView", "Reuse",
+__all__ = ["WRITERS", "ArchiveWriter", "BaseBlocks", "Block", "Holes", "ImageStats", "Repo", "RepositoryView", "Reuse",
            "check_compression", "image_chunk_ids", "image_data_extents", "open_writer", "read_file",
            "read_image", "read_image_with_ids", "read_top_files", "repository_id", "repository_view"]
 
@@ -140,6 +140,38 @@ def check_compression(spec: str) -> None:
     that a bad spec fails before any backup starts.
     """
     importlib.import_module(f"{__name__}.borg14").check_compression(spec)
+
+
+class BaseBlocks:
+    """Blocks of a base image in the order asked, as ``(index, data)``; from
+    ``ArchiveWriter.base_blocks``. An iterator and a context manager: leaving it, or
+    ``close()``, stops the blocks read ahead and waits for the reads under way, so that nothing
+    reads the repository after it (closing twice is harmless).
+
+    This one reads each block when it is asked for (``read(index)``); a writer that can read
+    ahead gives a subclass of its own.
+    """
+
+    def __init__(self, read: Callable[[int], bytes], indexes: Sequence[int]):
+        self._read = read
+        self._indexes = iter(indexes)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        return self
+
+    def __next__(self) -> tuple[int, bytes]:
+        index = next(self._indexes)
+        return index, self._read(index)
+
+    def close(self) -> None:
+        """Stop reading; return once no read of this object is under way."""
+        self._indexes = iter(())
+
+    def __enter__(self) -> BaseBlocks:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -257,14 +289,27 @@ class ArchiveWriter(ABC):
         """Return block ``index`` of the image ``path`` as the base archive holds it.
 
         Only after ``base_image(path, size)`` returned True; for a block changed in part, whose
-        clean parts are taken from it (``plan.Action.REBUILD``). Called from the thread that
-        runs ``add_image`` (its block iterator calls it): the repository is read through the
-        writer's own open repository and key, between its writes. A hole (the all-zero chunk)
+        clean parts are taken from it (``plan.Action.REBUILD``). Called while ``add_image``
+        runs (by its block iterator, or by ``base_blocks`` reading ahead in threads of the
+        writer): the repository is read through the writer's own open repository and key,
+        between its writes. A hole (the all-zero chunk)
         gives zeros without a read; any other block is read from the repository, decrypted and
         checked against its chunk id. Raises ``ValueError`` when the image was not accepted as
         a base or has no such block, typed errors for repository failures.
         """
         raise ValueError(f"{path} has no usable base image in this writer")
+
+    def base_blocks(self, path: str, indexes: Sequence[int]) -> BaseBlocks:
+        """Return blocks ``indexes`` (in that order) of the image ``path`` as the base archive
+        holds them, as ``base_block`` gives each; a writer may read them ahead, a bounded
+        number at a time, in threads of its own, while ``add_image`` runs.
+
+        Only after ``base_image(path, size)`` returned True. Use it as a context manager
+        around the ``add_image`` whose block iterator takes the blocks. Iterating raises what
+        ``base_block`` raises, for the block that failed.
+        """
+        self._require_open()
+        return BaseBlocks(lambda index: self.base_block(path, index), indexes)
 
     def add_image(self, path: str, size: int, blocks: Iterable[Block]) -> ImageStats:
         """Add the image ``path`` of ``size`` bytes, given as its blocks in order.

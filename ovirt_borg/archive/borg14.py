@@ -27,12 +27,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 from ovirt_borg import borgcli, pagecache
-from ovirt_borg.archive import DIR_MODE, FILE_MODE, OWNER, ArchiveWriter, Block, Holes, ImageStats, Reuse
+from ovirt_borg.archive import DIR_MODE, FILE_MODE, OWNER, ArchiveWriter, BaseBlocks, Block, Holes, ImageStats, Reuse
 from ovirt_borg.borgcli import SECRET_ENV, Repo
 from ovirt_borg.errors import ConfigError, NotFound, OvirtBorgError, RepositoryError
 
@@ -47,6 +47,12 @@ WORKERS = max(1, min(2, os.cpu_count() or 1))
 #: Data blocks in flight (each holds its data and, once encrypted, its ciphertext). More (tried:
 #: 32 MiB worth of 1 MiB blocks) made backup and restore slower, not faster.
 IN_FLIGHT = 2 * WORKERS + 2
+#: Threads reading and decrypting the base chunks of rebuilt blocks ahead (``base_blocks``):
+#: the MAC and id checks release the GIL, so two decrypt side by side.
+BASE_READERS = WORKERS
+#: Base blocks read ahead of the one the block iterator needs (each held whole until taken),
+#: and so also the preloaded gets a remote repository has under way at a time.
+BASE_AHEAD = 2 * BASE_READERS + 2
 # Seconds a remote repository may take to open before the log says it may be locked.
 _REMOTE_WAIT_NOTICE = 2.0
 # Borg 1.x chunk ids are 32 bytes (keyed BLAKE2b-256 or HMAC-SHA256).
@@ -183,9 +189,10 @@ class _InternalWriter(ArchiveWriter):
         # Borg's compressors share one output buffer: one thread at a time. The cipher lock
         # guards the key's nonce counter and Borg's own encryptions (items, manifest). The
         # repository lock keeps the calls to the repository object (which talks to one borg
-        # serve over one pipe) one at a time: the calling thread's puts and gets, and the
-        # nonce reservations a worker's encryption makes now and then (Borg's NonceManager
-        # calls the repository). Taken in this order when more than one is needed.
+        # serve over one pipe) one at a time: the calling thread's puts, the gets of base
+        # blocks (read ahead in threads of their own, _BaseBlockReader), and the nonce
+        # reservations a worker's encryption makes now and then (Borg's NonceManager calls the
+        # repository). Taken in this order when more than one is needed.
         self._compress_lock = threading.Lock()
         self._cipher_lock = threading.Lock()
         self._repository_lock = threading.Lock()
@@ -196,6 +203,7 @@ class _InternalWriter(ArchiveWriter):
         # _zero_ids, not a sign that the chunk was referenced in this archive)
         self._zero_hashes: dict[int, bytes] = {}
         self._opener: ChunkOpener | None = None  # decrypts base blocks (base_block)
+        self._opener_lock = threading.Lock()
         # path -> the chunk ids (32 bytes each, in block order) of an image base_image() accepted
         self._base_images: dict[str, bytes] = {}
         self._repository = None
@@ -306,7 +314,7 @@ class _InternalWriter(ArchiveWriter):
         self._require_open()
         borg = _borg()
         try:
-            with self._borg_errors(), self._compress_lock, self._cipher_lock:
+            with self._borg_errors(), self._compress_lock, self._cipher_lock, self._repository_lock:
                 self._archive.save(comment=self.comment)
             archive_id = borg.bin_to_hex(self._archive.id)
         except BaseException:
@@ -367,20 +375,25 @@ class _InternalWriter(ArchiveWriter):
         return self._key.id_hash(data) == ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
 
     def base_block(self, path: str, index: int) -> bytes:
-        # Runs in the thread that runs add_image, which puts the blocks: a get between puts is
-        # what Borg's own recreate does (locally, a chunk in the segment being written is
-        # synced before it is read; remotely, the answers of the puts sent without waiting are
-        # kept apart from the get's). The workers compress and encrypt meanwhile: the get takes
-        # the repository lock (a worker's nonce reservation calls the repository too),
-        # decompression their compression lock (Borg's compressors share one buffer), and
-        # decryption uses a cipher of its own (ChunkOpener), or their cipher lock for a key
-        # type whose cipher carries state.
         self._require_open()
+        chunk_id, length = self._base_chunk(path, index)
+        return self._read_base(chunk_id, length, path, index)
+
+    def base_blocks(self, path: str, indexes: Sequence[int]) -> BaseBlocks:
+        self._require_open()
+        reader = _BaseBlockReader(self, path, indexes)
+        self._stack.callback(reader.close)  # never a read after the writer is closed
+        return reader
+
+    def _base_chunk(self, path: str, index: int) -> tuple[bytes | None, int]:
+        """The chunk id and length of block ``index`` of the accepted base image ``path``; a
+        hole's chunk id is None. Raises ValueError for a block the base image does not have."""
         ids = self._base_images.get(path)
         if ids is None or not 0 <= index < len(ids) // _ID_SIZE:
             raise ValueError(f"block {index} of {path} is not in the accepted base image")
         chunk_id = ids[index * _ID_SIZE:(index + 1) * _ID_SIZE]
         with self._borg_errors():
+            # A look-up in Borg's C hash index is atomic under the GIL (see _prepare).
             entry = self._cache.chunks.get(chunk_id)
             if entry is None:
                 raise ValueError(f"block {index} of {path}: chunk {_borg().bin_to_hex(chunk_id)} is not in "
@@ -389,17 +402,42 @@ class _InternalWriter(ArchiveWriter):
             zero_id = self._zero_hashes.get(length)
             if zero_id is None:
                 zero_id = self._zero_hashes[length] = self._key.id_hash(memoryview(_borg().zeros)[:length])
-            if chunk_id == zero_id:
-                return bytes(length)
-            if self._opener is None:
-                self._opener = ChunkOpener(self._key, compress_lock=self._compress_lock,
-                                           cipher_lock=self._cipher_lock)
+        return (None if chunk_id == zero_id else chunk_id), length
+
+    def _read_base(self, chunk_id: bytes | None, length: int, path: str, index: int, *,
+                   preloaded: bool = False) -> bytes:
+        """Read, decrypt and check the base chunk ``chunk_id`` of block ``index`` (zeros for
+        None); ``preloaded``: the repository was asked to preload it (``repository.preload``).
+
+        Any thread: the repository is called under the repository lock, so a get falls between
+        the writer's puts (what Borg's own recreate does: locally, a chunk in the segment being
+        written is synced before it is read; remotely, the answers of the puts sent without
+        waiting are kept apart from the get's), and the nonce reservations a worker's
+        encryption makes. Decompression takes the compression lock (Borg's compressors share
+        one buffer); decryption uses a cipher of the thread's own (ChunkOpener), or the cipher
+        lock for a key type whose cipher carries state.
+        """
+        if chunk_id is None:
+            return bytes(length)
+        with self._borg_errors():
             with self._repository_lock:
-                stored = self._repository.get(chunk_id)
-            data = self._opener.open(chunk_id, stored)
+                if preloaded:
+                    # Run to its end here, under the lock (a generator left open would finish
+                    # later, in whichever thread collects it).
+                    [stored] = self._repository.get_many([chunk_id], is_preloaded=True)
+                else:
+                    stored = self._repository.get(chunk_id)
+            data = self._chunk_opener().open(chunk_id, stored)
         if len(data) != length:
             raise ValueError(f"block {index} of {path}: {len(data)} bytes read, {length} recorded")
         return data
+
+    def _chunk_opener(self) -> ChunkOpener:
+        with self._opener_lock:
+            if self._opener is None:
+                self._opener = ChunkOpener(self._key, compress_lock=self._compress_lock,
+                                           cipher_lock=self._cipher_lock)
+            return self._opener
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -412,7 +450,7 @@ class _InternalWriter(ArchiveWriter):
 
     def _add_item(self, item) -> None:
         # A full item buffer is written out as a chunk: that encrypts in this thread.
-        with self._compress_lock, self._cipher_lock:
+        with self._compress_lock, self._cipher_lock, self._repository_lock:
             self._archive.add_item(item, show_progress=False)
 
     def _prepare(self, data: bytes) -> _Prepared:
@@ -474,7 +512,7 @@ class _InternalWriter(ArchiveWriter):
             self._zero_ids[length] = chunk_id
             # add_chunk stores the all-zero chunk if the repository does not have it yet; it
             # encrypts in this thread, so it takes its turn with the workers.
-            with self._compress_lock, self._cipher_lock:
+            with self._compress_lock, self._cipher_lock, self._repository_lock:
                 entry = self._cache.add_chunk(chunk_id, zero_block, self._archive.stats, wait=False)
         else:
             entry = self._cache.chunk_incref(chunk_id, self._archive.stats)
@@ -594,6 +632,83 @@ class _InternalWriter(ArchiveWriter):
                   "%.1f MiB/s", path, result.blocks, result.holes, result.reused, result.stored,
                   result.deduplicated, result.bytes_new, result.bytes_new / (1 << 20) / elapsed if elapsed > 0 else 0.0)
         return result
+
+
+class _BaseBlockReader(BaseBlocks):
+    """``base_blocks`` of the internal writer: the blocks read ahead in order, ``BASE_AHEAD``
+    at a time, by ``BASE_READERS`` threads (``_InternalWriter._read_base``).
+
+    Each block's chunk is looked up in the calling thread (the one running ``add_image``),
+    which also asks the repository to preload it: a remote repository then sends the gets
+    of the blocks ahead while it waits for the answer to the first, instead of one round trip
+    per block (a local repository ignores preloading). A block whose read failed raises when
+    it is taken; then, and on ``close()``, the reads not started are cancelled, those under
+    way awaited, and the preloads not yet sent withdrawn.
+    """
+
+    def __init__(self, writer: _InternalWriter, path: str, indexes: Sequence[int]):
+        super().__init__(lambda index: writer.base_block(path, index), indexes)
+        self._writer = writer
+        self._path = path
+        self._ahead: deque[tuple[int, bytes | None, Future[bytes]]] = deque()  # (index, chunk id, read)
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=BASE_READERS,
+                                                                   thread_name_prefix="borg-base-blocks")
+        try:
+            self._read_ahead()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_ahead(self) -> None:
+        writer = self._writer
+        while len(self._ahead) < BASE_AHEAD:
+            index = next(self._indexes, None)
+            if index is None:
+                return
+            chunk_id, length = writer._base_chunk(self._path, index)
+            if chunk_id is not None:
+                with writer._borg_errors(), writer._repository_lock:
+                    writer._repository.preload([chunk_id])
+            read = self._pool.submit(writer._read_base, chunk_id, length, self._path, index, preloaded=True)
+            self._ahead.append((index, chunk_id, read))
+
+    def __next__(self) -> tuple[int, bytes]:
+        if not self._ahead:
+            raise StopIteration
+        index, _, read = self._ahead.popleft()
+        try:
+            data = read.result()
+            self._read_ahead()
+        except BaseException:
+            self.close()
+            raise
+        return index, data
+
+    def close(self) -> None:
+        if self._pool is None:
+            return
+        self._indexes = iter(())
+        for _, _, read in self._ahead:
+            read.cancel()
+        self._pool.shutdown(wait=True)
+        self._pool = None
+        withdrawn = [chunk_id for _, chunk_id, read in self._ahead if read.cancelled() and chunk_id is not None]
+        self._ahead.clear()
+        if withdrawn:
+            _withdraw_preloads(self._writer._repository, withdrawn, self._writer._repository_lock)
+
+
+def _withdraw_preloads(repository, chunk_ids: list[bytes], repository_lock: threading.Lock) -> None:
+    """Take ``chunk_ids`` off a remote repository's preloads not yet sent, so that its later
+    calls do not send gets nobody will take. (A get already sent is answered into the
+    repository's table of answers, a block each, and dropped with the connection.)"""
+    with repository_lock:
+        waiting = getattr(repository, "preload_ids", None)  # RemoteRepository's list, in Borg 1.4
+        if not isinstance(waiting, list):
+            return
+        for chunk_id in chunk_ids:
+            with contextlib.suppress(ValueError):
+                waiting.remove(chunk_id)
 
 
 def _own_cipher(key):

@@ -187,3 +187,55 @@ def test_a_bad_rebuild_setting_is_refused():
     ("backup@borg.example.com:ovirt", True)])
 def test_remote_repositories(location, remote):
     assert Repo(location, {}).remote is remote
+
+
+class _Disk:
+    """Stands in for ImageioClient.read_ranges over the bytes of a disk (pieces cut at block
+    boundaries, as the client does)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read_ranges(self, ranges, piece_size=None):
+        for start, length in ranges:
+            while length:
+                taken = min(length, piece_size - start % piece_size) if piece_size else length
+                yield start, self.data[start:start + taken]
+                start += taken
+                length -= taken
+
+
+def test_rebuilt_blocks_are_assembled_from_fetched_base_and_zero_parts():
+    from ovirt_borg.backup import _assemble
+
+    rng = random.Random(5)
+    base_disk = rng.randbytes(4 * B)
+    now = bytearray(base_disk)
+    extents = []
+    position = 0
+    # Per block: clean data, dirty data, a zero write, clean data again, in granules.
+    for _ in range(4 * B // G):
+        zero, dirty = rng.random() < 0.15, rng.random() < 0.3
+        if zero:
+            now[position:position + G] = bytes(G)
+        elif dirty:
+            now[position:position + G] = rng.randbytes(G)
+        extents.append(Extent(position, G, zero=zero, dirty=dirty or zero))
+        position += G
+    blocks = [b for b in plan_blocks(4 * B, B, extents, base_size=4 * B, rebuild=True)
+              if b.action in (Action.READ, Action.REBUILD)]
+    assert any(b.action is Action.REBUILD for b in blocks)
+    bases = ((b.index, base_disk[b.offset:b.end]) for b in blocks if b.action is Action.REBUILD)
+    for block, data in zip(blocks, _assemble(_Disk(bytes(now)), blocks, B, bases), strict=True):
+        assert data == bytes(now[block.offset:block.end]), block.index
+
+
+def test_a_base_block_given_out_of_order_is_refused():
+    from ovirt_borg.backup import _assemble
+
+    extents = [Extent(0, G, zero=False, dirty=True), Extent(G, 2 * B - G, zero=False, dirty=False),
+               Extent(2 * B, G, zero=False, dirty=True), Extent(2 * B + G, B - G, zero=False, dirty=False)]
+    blocks = [b for b in plan_blocks(3 * B, B, extents, base_size=3 * B, rebuild=True) if b.action is Action.REBUILD]
+    assert [b.index for b in blocks] == [0, 2]
+    with pytest.raises(AssertionError, match="base block given is 2"):
+        list(_assemble(_Disk(bytes(3 * B)), blocks, B, iter([(2, bytes(B)), (0, bytes(B))])))
